@@ -1,0 +1,47 @@
+"""`raylm` command line: argument parsing only; the work lives in the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from raylm.errors import RaylmError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides: train.max_steps=50 optimizer.lr=3e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylm", description="Train Llama-style language models on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (tokenizer first when the config names none)")
+    _config_args(p)
+    p.add_argument("--local", action="store_true", help="run in this process without Ray (default corpus only)")
+
+    p = sub.add_parser("config", help="print the fully resolved config")
+    _config_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from raylm.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            print(cfg.to_yaml(), end="")
+        elif args.command == "train":
+            from raylm.train.single import train_single_process
+
+            train_single_process(cfg)
+    except RaylmError as e:
+        print(f"raylm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raylm: interrupted", file=sys.stderr)
+        return 130
+    return 0

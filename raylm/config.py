@@ -1,0 +1,464 @@
+"""Typed run configuration: nested dataclasses loaded from YAML plus dotted overrides.
+
+One loader (`load_config`) and one override syntax (`section.key=value`, the value read as a
+YAML scalar or flow collection) serve the CLI, Ray Train workers and Tune sweeps alike.
+Every key is checked against the dataclass fields: an unknown key, a wrong type or an
+impossible value raises `ConfigError` with one line naming the key, the value and what is
+valid. This module imports neither torch nor Ray beyond the model's config class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from raylm.errors import ConfigError
+from raylm.model import ModelConfig
+
+STDLIB_CORPUS = "python-stdlib"
+"""Source path naming the default corpus: the running interpreter's standard library."""
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None
+    """An existing sentencepiece `.model` file; None trains one from the corpus."""
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    """Sentencepiece algorithm."""
+    byte_fallback: bool = True
+    """Encode characters outside the vocabulary as bytes instead of <unk>."""
+    character_coverage: float = 0.9995
+    """Fraction of characters covered by single-character pieces."""
+    sample_docs: int = 20000
+    """Documents sampled (seeded) from the training split to train the tokenizer."""
+    sample_bytes: int = 4_000_000
+    """Upper bound on the bytes of text handed to the sentencepiece trainer."""
+    max_piece_length: int = 16
+    """Longest piece, in characters."""
+    seed: int = 0
+    """Seed of the document sample."""
+
+    def vocab_size_ok(self, vocab_size: int) -> bool:
+        # An existing tokenizer brings its own vocabulary (checked when it is loaded).
+        return self.path is not None or not self.byte_fallback or vocab_size >= 260
+
+
+@dataclass
+class SourceConfig:
+    path: str = STDLIB_CORPUS
+    """A file, directory, glob or URI (s3://, gs://, file://); `python-stdlib` is the default corpus."""
+    format: Literal["text", "lines", "jsonl", "parquet"] = "text"
+    """text: one document per file; lines: one per line; jsonl: `field` of each record; parquet: `column`."""
+    field: str = "text"
+    """JSONL key holding the document text."""
+    column: str = "text"
+    """Parquet column holding the document text."""
+    weight: float = 1.0
+    """Mixture weight: this source's share of training tokens is weight / sum(weights)."""
+    max_bytes: int | None = None
+    """Read at most this many bytes of the source (files in sorted order); None reads all."""
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    """Corpora to train on; see SourceConfig."""
+    seq_len: int = 256
+    """Tokens per packed training sequence (each row holds seq_len + 1 for shifted targets)."""
+    add_bos: bool = True
+    """Start every document with BOS; every document always ends with EOS."""
+    val_fraction: float = 0.02
+    """Share of documents held out for validation, chosen by a stable hash of the document id."""
+    seed: int = 0
+    """Seed of the sequence order (per-epoch permutation)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad input (malformed record, invalid UTF-8, binary or empty file): stop, or skip and count."""
+    prepared_path: str | None = None
+    """Directory of tokenised, packed shards written by `raylm prepare`; None tokenises on the fly."""
+    tokenize_actors: int = 2
+    """Size of the Ray Data actor pool that runs the tokenizer."""
+    tokenize_cpus: float = 0.5
+    """CPUs reserved per tokenizer actor (fractional so small machines keep room for reading)."""
+    tokenize_batch_docs: int = 256
+    """Documents per `map_batches` batch."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    """Optimizer steps."""
+    global_batch_tokens: int = 8192
+    """Tokens per optimizer step over all workers; gradient accumulation is derived from it."""
+    micro_batch_size: int = 8
+    """Sequences per worker per forward/backward."""
+    eval_every: int = 50
+    """Evaluate held-out loss every N steps (and at the end); 0 only at the end."""
+    eval_batches: int = 8
+    """Micro-batches of held-out data per evaluation."""
+    log_every: int = 10
+    """Print a progress line every N steps (metrics.jsonl gets every step)."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every N steps; 0 saves only at the end."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    seed: int = 1234
+    """Seed of weight initialisation and sampling."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available (and scaling.use_gpu on Ray), else cpu."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    activation_checkpointing: str = "none"
+    """none, full, or selective:N (checkpoint every N-th block)."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; None uses the bf16 peak of the detected GPU kind."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """The schedule decays to lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    """Linear warmup from 0 to lr."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """After warmup: cosine decay, warmup-stable-decay (last `decay_fraction` of steps), or constant."""
+    decay_fraction: float = 0.2
+    """For wsd: fraction of steps spent in the final linear decay."""
+    weight_decay: float = 0.1
+    """AdamW decay on matrices; norms, and embeddings, are not decayed."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    """Ray Train workers (one per GPU on a GPU cluster)."""
+    use_gpu: bool = False
+    """Give each worker one GPU (nccl); otherwise CPU workers (gloo)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources per worker, e.g. {"trainer": 1}."""
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None
+    """Run name; None makes a unique one from the config name and the time."""
+    output_dir: str = "runs"
+    """Where run directories (config, metrics, checkpoints) are written; may be a shared path."""
+    resume_from: str | None = None
+    """A run directory or checkpoint to continue from; None starts fresh."""
+    keep_checkpoints: int = 3
+    """Keep the last K checkpoints."""
+    max_failures: int = 0
+    """Worker-group restarts from the latest checkpoint before the run fails."""
+    sample_prompts: list[str] = field(
+        default_factory=lambda: ["def fibonacci(n):", "import os\n", "class Stack:\n    def push(self"]
+    )
+    """Prompts continued after training to show what the model learned."""
+    sample_tokens: int = 64
+    """Tokens generated per prompt."""
+    temperature: float = 0.8
+    """Sampling temperature; 0 is greedy."""
+    top_k: int = 40
+    """Sample from the k most likely tokens; 0 disables."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    config_name: str = "raylm"
+    """Stem of the YAML file the config came from (run names start with it)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.train.global_batch_tokens // self.data.seq_len
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per worker per optimizer step, so the global batch is world-size independent."""
+        per_round = self.train.micro_batch_size * world_size
+        if self.sequences_per_step % per_round:
+            raise ConfigError(
+                f"train.global_batch_tokens={self.train.global_batch_tokens}: "
+                f"{self.sequences_per_step} sequences of data.seq_len={self.data.seq_len} per step do not split "
+                f"into micro-batches of train.micro_batch_size={self.train.micro_batch_size} on {world_size} "
+                f"worker(s); use a multiple of {per_round * self.data.seq_len} tokens"
+            )
+        return self.sequences_per_step // per_round
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: YAML file -> raw dict -> overrides applied -> dataclasses built and checked.
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load `path` (YAML; None = built-in defaults), apply `key.sub=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    name = "raylm"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded or {}
+        name = path.stem
+    raw.setdefault("config_name", name)
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.max_steps=50")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # not YAML: take the text as it is (e.g. a prompt with a colon)
+    return key.split("."), parsed
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set a dotted key (list items by index: data.sources.0.path=...) in the raw config dict."""
+    parts, value = parse_override(item)
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: i + 1]), create=True)
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, ".".join(parts))] = value
+    else:
+        node[last] = value
+
+
+def _child(node: Any, part: str, key: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, key)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"{key}: cannot set a sub-key of a {type(node).__name__} value")
+    if part not in node or node[part] is None:
+        if key == "data.sources":  # overriding data.sources.0.x starts from the default list
+            node[part] = [dataclasses.asdict(s) for s in DataConfig().sources]
+        else:
+            node[part] = {}
+    return node[part]
+
+
+def _index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{key}: list index {part!r} out of range (the list has {len(node)} item(s))")
+    return int(part)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    raw = dict(raw)
+    model_raw = raw.pop("model", None) or {}
+    if not isinstance(model_raw, dict):
+        raise ConfigError(f"model: expected a mapping, got {model_raw!r}")
+    model_raw = dict(model_raw)
+    preset = model_raw.pop("preset", None)
+    if preset is not None:
+        try:
+            base = ModelConfig.preset(str(preset))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        model_raw = {**dataclasses.asdict(base), **model_raw}
+    cfg = _build(Config, raw, "")
+    cfg.model = _build(ModelConfig, model_raw, "model")
+    validate(cfg)
+    return cfg
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{dotted}: unknown key; valid keys here: {', '.join(sorted(names))}")
+        if cls is Config and key == "model":
+            continue
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return [_coerce(args[0], v, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)  # 1e6 in YAML is a float
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return str(value)
+    if tp is Any:
+        return value
+    raise TypeError(f"config field {key} has unsupported type {tp}")  # a bug in this module
+
+
+# ---------------------------------------------------------------------------------------
+# Validation of values: every check names the key, the value and what is valid.
+
+
+def _require(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {valid}")
+
+
+def validate(cfg: Config) -> None:
+    try:
+        cfg.model.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    t, o, d, s, r = cfg.train, cfg.optimizer, cfg.data, cfg.scaling, cfg.run
+
+    for key, value in [
+        ("data.seq_len", d.seq_len),
+        ("data.tokenize_actors", d.tokenize_actors),
+        ("data.tokenize_batch_docs", d.tokenize_batch_docs),
+        ("train.max_steps", t.max_steps),
+        ("train.global_batch_tokens", t.global_batch_tokens),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.eval_batches", t.eval_batches),
+        ("train.log_every", t.log_every),
+        ("scaling.num_workers", s.num_workers),
+        ("run.keep_checkpoints", r.keep_checkpoints),
+        ("tokenizer.sample_docs", cfg.tokenizer.sample_docs),
+        ("tokenizer.sample_bytes", cfg.tokenizer.sample_bytes),
+        ("tokenizer.max_piece_length", cfg.tokenizer.max_piece_length),
+    ]:
+        _require(value > 0, key, value, "must be a positive integer")
+    for key, value in [
+        ("train.eval_every", t.eval_every),
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("optimizer.warmup_steps", o.warmup_steps),
+        ("run.max_failures", r.max_failures),
+        ("run.sample_tokens", r.sample_tokens),
+        ("run.top_k", r.top_k),
+    ]:
+        _require(value >= 0, key, value, "must be >= 0")
+
+    _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
+    _require(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _require(0 < o.decay_fraction <= 1, "optimizer.decay_fraction", o.decay_fraction, "must be in (0, 1]")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+    _require(0 <= o.beta1 < 1, "optimizer.beta1", o.beta1, "must be in [0, 1)")
+    _require(0 <= o.beta2 < 1, "optimizer.beta2", o.beta2, "must be in [0, 1)")
+    _require(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
+    _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
+    _require(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", t.peak_flops, "must be > 0 or null")
+    ac = t.activation_checkpointing
+    _require(
+        ac in ("none", "full") or (ac.startswith("selective:") and ac[10:].isdigit() and int(ac[10:]) > 0),
+        "train.activation_checkpointing",
+        ac,
+        "must be none, full or selective:N with N >= 1",
+    )
+    _require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
+    _require(d.tokenize_cpus > 0, "data.tokenize_cpus", d.tokenize_cpus, "must be > 0")
+    _require(len(d.sources) > 0, "data.sources", d.sources, "must name at least one source")
+    for i, src in enumerate(d.sources):
+        _require(bool(src.path), f"data.sources.{i}.path", src.path, "must be a path or URI")
+        _require(src.weight > 0, f"data.sources.{i}.weight", src.weight, "must be > 0")
+        _require(src.max_bytes is None or src.max_bytes > 0, f"data.sources.{i}.max_bytes", src.max_bytes,
+                 "must be > 0 or null")
+    _require(
+        d.seq_len <= cfg.model.max_seq_len,
+        "data.seq_len",
+        d.seq_len,
+        f"must be <= model.max_seq_len={cfg.model.max_seq_len}",
+    )
+    _require(
+        t.global_batch_tokens % d.seq_len == 0,
+        "train.global_batch_tokens",
+        t.global_batch_tokens,
+        f"must be a multiple of data.seq_len={d.seq_len}",
+    )
+    cfg.grad_accum_steps(s.num_workers)  # raises if the batch cannot split over the workers
+    _require(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", s.cpus_per_worker, "must be >= 0")
+    _require(r.temperature >= 0, "run.temperature", r.temperature, "must be >= 0 (0 is greedy)")
+    _require(cfg.tokenizer.vocab_size_ok(cfg.model.vocab_size), "model.vocab_size", cfg.model.vocab_size,
+             "must be >= 260 (sentencepiece needs room for 256 byte pieces and 4 special tokens)")
+    if r.name is not None:
+        _require(
+            bool(r.name) and "/" not in r.name and r.name not in (".", ".."),
+            "run.name",
+            r.name,
+            "must be a non-empty name without '/'",
+        )
+

@@ -1,0 +1,1 @@
+"""Corpus reading, tokenisation, packing and the sequence order the trainer resumes from."""

@@ -1,0 +1,78 @@
+"""Run metrics: metrics.jsonl and TensorBoard events in the run directory, MFU and memory.
+
+Only rank 0 writes. metrics.jsonl is appended to, so a resumed run continues the same file
+(each record carries its step; a resumed run repeats the steps after its checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+}
+
+
+def device_peak_flops(device: torch.device, configured: float | None) -> float | None:
+    """Peak FLOP/s for MFU: the configured value, else the datasheet value of the GPU kind."""
+    if configured is not None:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for kind, flops in PEAK_BF16_FLOPS.items():
+        if kind in name:
+            return flops
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str | Path | None, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled and run_dir is not None
+        self._file = None
+        self._tb = None
+        if not self.enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where used
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        if self._tb is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
