@@ -224,7 +224,7 @@ def test_small_model_overfits_one_fixed_batch():
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     batch = torch.randint(0, config.vocab_size, (4, 33))
     inputs, targets = batch[:, :-1], batch[:, 1:]  # (4, 32) each
-    for _ in range(150):
+    for _ in range(60):
         logits = model(inputs)
         loss = F.cross_entropy(logits.reshape(-1, config.vocab_size), targets.reshape(-1))
         optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""The deterministic order of packed sequences and its split over workers.
+"""The deterministic order of packed sequences, the data position, and the split over workers.
 
 Every training sequence has a global index 0, 1, 2, ... Optimizer step s consumes exactly
 the indices [s*G, (s+1)*G) for G = global batch in sequences, whatever the world size, so
@@ -8,13 +8,51 @@ this depends on neither the gradient accumulation nor the step, so a run resumed
 different number of workers continues with the next unseen sequence.
 
 Index i maps to a packed row through a seeded permutation per epoch (epoch = i // N).
+
+The data position of a run is a `DataPosition`: every index below `watermark` is consumed,
+plus a few consumed indices above it (`extra`; empty with the formula above, non-empty when
+a streaming split hands rows out in a different order). It is rank-agnostic, so a run
+resumed on any number of workers trains every unseen sequence once and no seen one again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
+
+
+@dataclass
+class DataPosition:
+    watermark: int = 0
+    """Every global index below this has been trained on."""
+    extra: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """Sorted consumed indices >= watermark."""
+
+    def consumed(self) -> int:
+        return self.watermark + int(self.extra.size)
+
+    def advance(self, indices) -> DataPosition:
+        """The position after also consuming `indices` (any order, from any ranks)."""
+        new = np.unique(np.concatenate([self.extra, np.asarray(indices, dtype=np.int64).ravel()]))
+        new = new[new >= self.watermark]
+        watermark = self.watermark
+        # the longest run of consecutive indices starting at the watermark moves it forward
+        run = np.flatnonzero(new != watermark + np.arange(new.size))
+        n_prefix = int(run[0]) if run.size else int(new.size)
+        return DataPosition(watermark + n_prefix, new[n_prefix:])
+
+    def is_consumed(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        return (indices < self.watermark) | np.isin(indices, self.extra)
+
+    def state_dict(self) -> dict:
+        return {"watermark": self.watermark, "extra": self.extra.tolist()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> DataPosition:
+        return cls(int(state["watermark"]), np.asarray(state.get("extra", []), dtype=np.int64))
 
 
 def micro_batch_indices(start: int, k: int, rank: int, world_size: int, micro_batch_size: int) -> np.ndarray:
@@ -65,9 +103,30 @@ class PackedDataset:
     def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         return {"tokens": self.rows[self.order.rows(indices)], "index": np.asarray(indices, dtype=np.int64)}
 
-    def micro_batches(self, start: int, rank: int, world_size: int, micro_batch_size: int) -> Iterator[dict]:
-        """This rank's micro-batches from global index `start` on, without end (epochs repeat)."""
-        k = 0
-        while True:
-            yield self.take(micro_batch_indices(start, k, rank, world_size, micro_batch_size))
-            k += 1
+    def micro_batches(self, position: DataPosition, rank: int, world_size: int, micro_batch_size: int) -> Iterator[dict]:
+        """This rank's micro-batches after `position`, without end (epochs repeat)."""
+        yield from (self.take(ix) for ix in unseen_micro_batches(position, rank, world_size, micro_batch_size))
+
+
+def unseen_micro_batches(position: DataPosition, rank: int, world_size: int, micro_batch_size: int) -> Iterator[np.ndarray]:
+    """Global indices of rank's micro-batches over the indices `position` has not consumed.
+
+    Index j of the unseen sequence (watermark, watermark+1, ... minus `extra`) is laid out by
+    `micro_batch_indices`, so with an empty `extra` step s covers [s*G, (s+1)*G) exactly.
+    """
+    extra = position.extra
+    k = 0
+    while True:
+        virtual = micro_batch_indices(0, k, rank, world_size, micro_batch_size)
+        if extra.size == 0:
+            yield virtual + position.watermark
+        else:
+            # j-th unseen index = watermark + j + (number of extras at or below it)
+            real = virtual + position.watermark
+            for _ in range(extra.size + 1):
+                shifted = virtual + position.watermark + np.searchsorted(extra, real, side="right")
+                if np.array_equal(shifted, real):
+                    break
+                real = shifted
+            yield real
+        k += 1

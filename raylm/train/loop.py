@@ -1,9 +1,10 @@
 """The per-rank training loop: runs in one plain process, under torchrun, or in a Ray Train worker.
 
 It knows nothing of Ray. Its seams are:
-- data in: `train_data.micro_batches(start, rank, world_size, micro_batch_size)` yields this
-  rank's micro-batches `{"tokens": (B, L+1), "index": (B,)}` from global sequence `start` on
-  (see raylm.data.order); `val_data` the same for held-out data, read from 0 at each eval;
+- data in: `train_data.micro_batches(position, rank, world_size, micro_batch_size)` yields
+  this rank's micro-batches `{"tokens": (B, L+1), "index": (B,)}` of the sequences that
+  `position` (a `DataPosition`) has not consumed (see raylm.data.order); `val_data` the same
+  for held-out data, read from the start at each evaluation;
 - metrics out: every record goes to `hooks.on_metrics` (rank 0 writes metrics.jsonl);
 - checkpoints out: `hooks.save_checkpoint(state, metrics)` every `train.checkpoint_every`
   steps and at the end, on every rank (saving is a collective).
@@ -16,16 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from raylm.config import Config
+from raylm.data.order import DataPosition
 from raylm.optim import lr_at, set_lr
 from raylm.train.metrics import device_peak_flops, peak_memory_bytes
 from raylm.train.step import evaluate, train_step
 
 
 class BatchSource(Protocol):
-    def micro_batches(self, start: int, rank: int, world_size: int, micro_batch_size: int): ...
+    def micro_batches(self, position: DataPosition, rank: int, world_size: int, micro_batch_size: int): ...
 
 
 @dataclass
@@ -45,18 +49,40 @@ class TrainState:
 
     step: int = 0
     """Optimizer steps completed."""
-    sequences_consumed: int = 0
-    """Global sequence indices [0, sequences_consumed) have been trained on."""
     tokens_consumed: int = 0
     """Training tokens (targets) seen over all workers."""
+    data_position: DataPosition = field(default_factory=DataPosition)
+    """Which global sequence indices have been trained on (up to the last `sync_position`)."""
+    pending_indices: list = field(default_factory=list)
+    """This rank's consumed indices not yet merged into data_position."""
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "sequences_consumed": self.sequences_consumed, "tokens_consumed": self.tokens_consumed}
+    def sync_position(self) -> None:
+        """Merge every rank's consumed indices into data_position (a collective when distributed)."""
+        local = np.concatenate([np.asarray(i, dtype=np.int64).ravel() for i in self.pending_indices]) \
+            if self.pending_indices else np.zeros(0, dtype=np.int64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local.tolist())
+            local = np.asarray([i for part in gathered for i in part], dtype=np.int64)
+        self.data_position = self.data_position.advance(local)
+        self.pending_indices = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints and lists only: checkpoints never need to unpickle objects."""
+        return {"step": self.step, "tokens_consumed": self.tokens_consumed, **_prefixed(self.data_position)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.sequences_consumed = int(state["sequences_consumed"])
         self.tokens_consumed = int(state["tokens_consumed"])
+        self.data_position = DataPosition.from_state_dict(
+            {"watermark": state["data_watermark"], "extra": state.get("data_extra", [])}
+        )
+        self.pending_indices = []
+
+
+def _prefixed(position: DataPosition) -> dict[str, Any]:
+    state = position.state_dict()
+    return {"data_watermark": state["watermark"], "data_extra": state["extra"]}
 
 
 @dataclass
@@ -103,7 +129,7 @@ def run_training(
     peak_flops = device_peak_flops(env.device, t.peak_flops)
     log = hooks.log if env.is_main else (lambda line: None)
 
-    batches = train_data.micro_batches(state.sequences_consumed, env.rank, W, B)
+    batches = train_data.micro_batches(state.data_position, env.rank, W, B)
     model.train()
     last: dict = {}
     if state.step == 0 and t.eval_every and val_data is not None:
@@ -119,8 +145,9 @@ def run_training(
             wait_start = time.perf_counter()
             micro.append(next(batches))
             wait_s += time.perf_counter() - wait_start
+        indices = np.concatenate([np.asarray(m["index"]).ravel() for m in micro])
         if hooks.on_indices is not None:
-            hooks.on_indices(state.step, [m["index"] for m in micro])
+            hooks.on_indices(state.step, indices)
         lr = lr_at(state.step, t.max_steps, cfg.optimizer)
         set_lr(optimizer, lr)
         stats = train_step(model, optimizer, micro, env.device, t.precision, t.grad_clip, W)
@@ -129,7 +156,7 @@ def run_training(
         step_s = time.perf_counter() - step_start
 
         state.step += 1
-        state.sequences_consumed += cfg.sequences_per_step
+        state.pending_indices.append(indices)
         state.tokens_consumed += stats.tokens * W
         worker_tps = stats.tokens / step_s
         record = {
@@ -157,7 +184,9 @@ def run_training(
         if hooks.save_checkpoint is not None and (
             is_last or (t.checkpoint_every and state.step % t.checkpoint_every == 0)
         ):
+            state.sync_position()
             hooks.save_checkpoint(state, record)
+    state.sync_position()
     return last
 
 
