@@ -7,12 +7,12 @@ Design choices, and why
 -----------------------
 * **Pre-norm residual blocks** (``x + f(norm(x))``): the residual stream is never normalised,
   so gradients reach early layers unattenuated and deep stacks train without warm-up tricks.
-* **RMSNorm instead of LayerNorm**: re-centring (mean subtraction) buys nothing measurable in
-  LMs, and dropping it removes a reduction and the bias. The statistics are computed in fp32
+* **RMSNorm instead of LayerNorm**: LMs train as well without re-centring (Zhang & Sennrich,
+  2019), and dropping it saves a reduction and the bias. The statistics are computed in fp32
   because bf16 sums of squares lose precision over thousands of channels.
 * **Rotary position embeddings (RoPE)**: positions enter as rotations of query/key pairs, so
-  ``q_i . k_j`` depends only on ``i - j`` (tested). No learned position table means no
-  parameters tied to a maximum length and better behaviour past the training length. The
+  ``q_i . k_j`` depends only on ``i - j`` (tested). Relative positions suit language, and
+  with no learned position table there are no parameters tied to a maximum length. The
   cos/sin tables are *non-persistent* buffers: they are derived from the config, so keeping
   them out of ``state_dict`` keeps checkpoints small and lets them be recomputed after a meta
   device build. Pairs are adjacent channels ``(0, 1), (2, 3), ...`` as in Meta's reference
@@ -23,8 +23,8 @@ Design choices, and why
 * **SwiGLU feed-forward** ``w2(silu(w1 x) * w3 x)``: a gated MLP that beats GELU at equal
   compute. The hidden size is 2/3 of the usual 4*dim so the three matrices cost about the same
   as two 4*dim ones, then rounded up to ``multiple_of`` for matmul-friendly shapes.
-* **No biases anywhere**: they add parameters and memory traffic without improving loss at
-  this scale, and they complicate sharding.
+* **No biases anywhere** (as in Llama): they add parameters, optimizer state and memory
+  traffic without improving loss, and every tensor is one more thing to shard and checkpoint.
 * **Untied output head by default**: Llama uses separate input and output embeddings; tying
   saves ``vocab * dim`` parameters, which matters only for small models, so it is an option
   (``tie_embeddings``).
@@ -36,7 +36,8 @@ Design choices, and why
 Note for FSDP2 mixed precision: the rope cos/sin tables are passed to every block as forward
 arguments, so ``MixedPrecisionPolicy(cast_forward_inputs=True)`` delivers them to the blocks in
 the parameter dtype (bf16). ``apply_rope`` still rotates in fp32; only the table entries are
-rounded, which is what Hugging Face Llama does anyway.
+rounded, which is what Hugging Face Llama does anyway. The same holds after
+``model.to(torch.bfloat16)``, which casts the buffers; ``init_weights`` rebuilds them in fp32.
 
 FLOPs are counted in exactly one place, ``ModelConfig.flops_per_token``.
 """
@@ -44,6 +45,7 @@ FLOPs are counted in exactly one place, ``ModelConfig.flops_per_token``.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 import torch
@@ -80,6 +82,9 @@ _SDPA_HAS_ENABLE_GQA = torch.__version__ >= "2.5"
 
 @dataclass
 class ModelConfig:
+    """Shape of a Transformer. Field defaults are a small model; see ``preset`` for named
+    shapes. Only ``validate`` decides what is legal (``Transformer`` calls it)."""
+
     dim: int = 256
     """Width of the residual stream (embedding size)."""
     n_layers: int = 4
@@ -226,7 +231,7 @@ class ModelConfig:
 
         This is the one place in the project where FLOPs are counted.
         """
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len <= 0:
             raise ValueError(f"seq_len={seq_len!r}: must be a positive integer")
         matmul_params = self.n_layers * self._block_matmul_params() + self.vocab_size * self.dim
         attention = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len

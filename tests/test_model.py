@@ -283,3 +283,15 @@ def test_unknown_preset_lists_valid_names():
     for name in ModelConfig.preset_names():
         assert name in str(excinfo.value)
     assert set(ModelConfig.preset_names()) == {"debug", "tiny", "125m", "1b", "llama2-7b"}
+
+
+def test_bf16_forward_uses_native_gqa_and_stays_close_to_fp32():
+    torch.manual_seed(0)
+    config = small_config()
+    model = Transformer(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (2, 16))
+    with torch.no_grad():
+        reference = model(tokens)
+        logits = model.to(torch.bfloat16)(tokens)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, atol=2e-2, rtol=0)

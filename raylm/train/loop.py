@@ -191,7 +191,7 @@ def run_training(
 
 
 def _evaluate(cfg, model, val_data, env, state, hooks, log, emit: bool = True) -> dict:
-    it = val_data.micro_batches(0, env.rank, env.world_size, cfg.train.micro_batch_size)
+    it = val_data.micro_batches(DataPosition(), env.rank, env.world_size, cfg.train.micro_batch_size)
     result = evaluate(model, (next(it) for _ in range(cfg.train.eval_batches)), env.device, cfg.train.precision)
     if result:
         log(f"eval at step {state.step}: held-out loss {result['val_loss']:.4f}, "
