@@ -17,9 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylm", description="Train Llama-style language models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model (tokenizer first when the config names none)")
+    p = sub.add_parser("train", help="train on Ray (RAY_ADDRESS, else a local cluster); tokenizer first if none")
     _config_args(p)
-    p.add_argument("--local", action="store_true", help="run in this process without Ray (default corpus only)")
+    p.add_argument("--local", action="store_true", help="run in this process without Ray (local files only)")
+
+    p = sub.add_parser("prepare", help="tokenise and pack the corpus once into Parquet shards + manifest")
+    _config_args(p)
 
     p = sub.add_parser("config", help="print the fully resolved config")
     _config_args(p)
@@ -34,10 +37,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(cfg.to_yaml(), end="")
-        elif args.command == "train":
+        elif args.command == "prepare":
+            from raylm.data.prepare import prepare_main
+
+            return prepare_main(cfg)
+        elif args.command == "train" and args.local:
             from raylm.train.single import train_single_process
 
             train_single_process(cfg)
+        elif args.command == "train":
+            from raylm.train.ray_trainer import train_on_ray
+
+            train_on_ray(cfg)
     except RaylmError as e:
         print(f"raylm: error: {e}", file=sys.stderr)
         return 2

@@ -87,6 +87,12 @@ class DataConfig:
     """CPUs reserved per tokenizer actor (fractional so small machines keep room for reading)."""
     tokenize_batch_docs: int = 256
     """Documents per `map_batches` batch."""
+    read_cpus: float = 0.2
+    """CPUs reserved per Ray Data read-and-parse task (fractional: reading is mostly I/O)."""
+    max_document_bytes: int = 16 * 2**20
+    """Longest document (a file, line, record or cell) accepted; a longer one is bad input."""
+    stream_passes: int | None = None
+    """Passes over the corpus in one streaming execution; None derives enough for train.max_steps."""
 
 
 @dataclass
@@ -436,6 +442,10 @@ def validate(cfg: Config) -> None:
     )
     _require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
     _require(d.tokenize_cpus > 0, "data.tokenize_cpus", d.tokenize_cpus, "must be > 0")
+    _require(d.read_cpus > 0, "data.read_cpus", d.read_cpus, "must be > 0")
+    _require(d.max_document_bytes > 0, "data.max_document_bytes", d.max_document_bytes, "must be a positive integer")
+    _require(d.stream_passes is None or d.stream_passes > 0, "data.stream_passes", d.stream_passes,
+             "must be a positive integer or null")
     _require(len(d.sources) > 0, "data.sources", d.sources, "must name at least one source")
     for i, src in enumerate(d.sources):
         _require(bool(src.path), f"data.sources.{i}.path", src.path, "must be a path or URI")

@@ -1,30 +1,43 @@
-"""Single-process data path: the default corpus tokenised and packed in memory, no Ray.
+"""Single-process data path: the corpus tokenised and packed in memory, no Ray.
 
-Used by `raylm train --local`, the torch-core tests and GPU benchmarks under torchrun. The
-Ray Data pipeline (`raylm.data.pipeline`) produces the same rows for the same config.
+Used by `raylm train --local`, the torch-core tests and GPU benchmarks under torchrun. It
+walks the same file plan (`raylm.data.sources.plan_files`) with the same parser, samples the
+tokenizer the same way and packs with the same functions, so its rows equal the Ray Data
+pipeline's (`raylm.data.pipeline`) row for row. Local paths only (no URIs) in practice.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from raylm.config import STDLIB_CORPUS, Config
-from raylm.data.corpus import Document, stdlib_documents
+from collections import Counter
+
+from raylm.config import Config
+from raylm.data.corpus import Document, is_validation
 from raylm.data.order import PackedDataset
+from raylm.data.parse import parse_file, sample_priority
+from raylm.data.sources import plan_files
 from raylm.data.transforms import TOKEN_DTYPE, tokenize_and_pack
 from raylm.errors import DataError
 from raylm.tokenizer import Tokenizer
 
 
-def local_documents(cfg: Config, split: str) -> list[Document]:
+def local_documents(cfg: Config, split: str, *, mixture: bool = True) -> list[Document]:
+    """The documents of `split` in the order the Ray Data pipeline reads them (same file plan, same parser)."""
+    plan = plan_files(cfg, split, mixture=mixture)
+    problems = list(plan.problems)
     docs: list[Document] = []
-    for i, src in enumerate(cfg.data.sources):
-        if src.path != STDLIB_CORPUS:
-            raise DataError(
-                f"data.sources.{i}.path={src.path!r}: the single-process path reads only {STDLIB_CORPUS!r}; "
-                "other corpora stream through Ray Data (run without --local)"
-            )
-        docs.extend(stdlib_documents(split, cfg.data.val_fraction, src.max_bytes))
+    for f in plan.files:
+        with plan.filesystem.open_input_stream(f.path) as stream:
+            parsed, bad = parse_file(stream.read(), f.spec)
+        if bad and cfg.data.on_error == "raise":
+            raise DataError(bad[0][1])
+        problems.extend(bad)
+        docs.extend(Document(doc_id, text) for doc_id, text in parsed
+                    if is_validation(doc_id, cfg.data.val_fraction) == (split == "validation"))
+    if problems:
+        kinds = Counter(kind for kind, _ in dict.fromkeys(problems))
+        print(f"raylm: skipped bad input: {', '.join(f'{n} {k}' for k, n in kinds.items())} ({problems[0][1]})")
     return docs
 
 
@@ -44,13 +57,10 @@ def pack_documents(docs: list[Document], tokenizer: Tokenizer, seq_len: int, add
 
 
 def train_tokenizer_local(cfg: Config) -> Tokenizer:
-    docs = local_documents(cfg, "train")
-    rng = np.random.default_rng(cfg.tokenizer.seed)
-    if len(docs) > cfg.tokenizer.sample_docs:
-        picked = np.sort(rng.choice(len(docs), cfg.tokenizer.sample_docs, replace=False))
-        docs = [docs[i] for i in picked]
-    else:
-        docs = [docs[i] for i in rng.permutation(len(docs))]
+    """The tokenizer `raylm.data.pipeline.get_tokenizer` trains, without Ray (same seeded sample)."""
+    docs = local_documents(cfg, "train", mixture=False)
+    seed = cfg.tokenizer.seed
+    docs = sorted(docs, key=lambda d: (sample_priority(seed, d.doc_id), d.doc_id))[: cfg.tokenizer.sample_docs]
     t = cfg.tokenizer
     return Tokenizer.train(
         (d.text for d in docs),

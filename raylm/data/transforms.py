@@ -12,6 +12,7 @@ and a long document simply continues into the next row.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 
 import numpy as np
 
@@ -20,17 +21,23 @@ TOKEN_DTYPE = np.int32  # vocabularies up to 2**31; halves memory and Parquet si
 
 def frame_documents(token_lists: Sequence[Sequence[int]], bos_id: int, eos_id: int, add_bos: bool) -> np.ndarray:
     """Concatenate documents as one stream: [BOS] doc [EOS] for each (BOS optional)."""
-    if not token_lists:
+    n = len(token_lists)
+    if n == 0:
         return np.zeros(0, dtype=TOKEN_DTYPE)
-    parts = []
-    bos = np.array([bos_id], dtype=TOKEN_DTYPE)
-    eos = np.array([eos_id], dtype=TOKEN_DTYPE)
-    for tokens in token_lists:
-        if add_bos:
-            parts.append(bos)
-        parts.append(np.asarray(tokens, dtype=TOKEN_DTYPE))
-        parts.append(eos)
-    return np.concatenate(parts)
+    lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=n)
+    flat = np.fromiter(chain.from_iterable(token_lists), dtype=TOKEN_DTYPE, count=int(lengths.sum()))
+    framed = lengths + 1 + int(add_bos)
+    ends = np.cumsum(framed)  # exclusive end of each framed document
+    out = np.empty(int(ends[-1]), dtype=TOKEN_DTYPE)
+    is_token = np.ones(out.size, dtype=bool)
+    if add_bos:
+        starts = ends - framed
+        out[starts] = bos_id
+        is_token[starts] = False
+    out[ends - 1] = eos_id
+    is_token[ends - 1] = False
+    out[is_token] = flat
+    return out
 
 
 def pack(stream: np.ndarray, seq_len: int, carry: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -67,3 +74,15 @@ def tokenize_and_pack(
     stream = frame_documents(encode(list(texts)), bos_id, eos_id, add_bos)
     rows, carry = pack(stream, seq_len, carry)
     return rows, carry, int(stream.size)
+
+
+def index_rows(rows: np.ndarray, first_index: int, skip=None) -> tuple[np.ndarray, np.ndarray]:
+    """Give rows the global indices first_index, first_index+1, ...; drop those `skip` consumed.
+
+    `skip` is a `DataPosition` (or None). Returns (rows, indices (int64)).
+    """
+    index = np.arange(first_index, first_index + len(rows), dtype=np.int64)
+    if skip is None or not len(rows):
+        return rows, index
+    keep = ~skip.is_consumed(index)
+    return (rows, index) if keep.all() else (rows[keep], index[keep])

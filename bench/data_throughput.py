@@ -1,0 +1,181 @@
+"""Data pipeline benchmark: Ray Data tokenise+pack vs a single-process sentencepiece loop; data wait in training.
+
+    python bench/data_throughput.py [--corpus-bytes N] [--steps N]
+
+1. Corpus: every .py file of the interpreter's standard library (tests included,
+   site-packages excluded, ~30 MB; copied to a temp dir once), read as a `text` source
+   with data.on_error=skip (a few test files are deliberately not UTF-8).
+2. Single process: the documents already in memory, encoded in batches with one
+   sentencepiece thread, framed and packed by the same functions: tokens/s.
+3. Ray Data: the streaming pipeline (read + parse tasks, tokenizer actor pool, packing
+   actor) iterated on the driver, from the first request to the last row: tokens/s,
+   end to end including Ray Data's start-up (worker processes, actor pools), and the rate
+   from the first packed row to the last.
+4. Data wait: one Ray Train worker trains the debug model with `run_training` on the
+   streaming source; the loop's `data_wait_fraction` is averaged over steps after warm-up.
+Tokens are counted as packed sequences x seq_len in both paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+import numpy as np  # noqa: E402
+
+from raylm.config import load_config  # noqa: E402
+from raylm.data.corpus import stdlib_root  # noqa: E402
+from raylm.data.local import local_documents  # noqa: E402
+from raylm.data.transforms import frame_documents, pack  # noqa: E402
+from raylm.tokenizer import Tokenizer  # noqa: E402
+
+
+def stdlib_copy() -> Path:
+    """Every .py file of the standard library, tests included, site-packages excluded (copied once)."""
+    root = stdlib_root()
+    out = Path(tempfile.gettempdir()) / f"raylm-bench-stdlib-{platform.python_version()}"
+    if not (out / ".complete").exists():
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root)
+            if {"site-packages", "dist-packages", "__pycache__"} & set(rel.parts):
+                continue
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(path.read_bytes())
+        (out / ".complete").write_text("")
+    return out
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def single_process(docs, tok, seq_len, batch_docs=256) -> tuple[int, float]:
+    start = time.perf_counter()
+    carry, rows = None, 0
+    for i in range(0, len(docs), batch_docs):
+        ids = tok.sp.encode([d.text for d in docs[i : i + batch_docs]], out_type=int, num_threads=1)
+        r, carry = pack(frame_documents(ids, tok.bos_id, tok.eos_id, True), seq_len, carry)
+        rows += len(r)
+    return rows * seq_len, time.perf_counter() - start
+
+
+def ray_pipeline(cfg, tok) -> tuple[int, float, float, float]:
+    from raylm.data.pipeline import iter_rows, packed_dataset
+
+    ds = packed_dataset(cfg, tok, "train")
+    start = time.perf_counter()
+    marks = []
+    rows = 0
+    for batch in iter_rows(ds, batch_rows=4096):
+        rows += len(batch["index"])
+        marks.append((time.perf_counter(), rows))
+    total_s = time.perf_counter() - start
+    t_first, r_first = marks[0]
+    streaming = (rows - r_first) * cfg.data.seq_len / (marks[-1][0] - t_first)
+    return rows * cfg.data.seq_len, total_s, t_first - start, streaming
+
+
+def train_and_wait(config: dict) -> None:
+    """Ray Train worker: the real loop on the streaming source; write per-step metrics."""
+    import torch
+
+    from raylm.data.pipeline import worker_batch_source
+    from raylm.model import Transformer
+    from raylm.optim import build_optimizer
+    from raylm.train.loop import Hooks, RankEnv, run_training
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, config["overrides"])
+    model = Transformer(cfg.model)
+    model.init_weights()
+    records = []
+    run_training(cfg, model, build_optimizer(model, cfg.optimizer, "cpu"), worker_batch_source(cfg, "train"), None,
+                 RankEnv(), hooks=Hooks(on_metrics=records.append, log=lambda line: None))
+    Path(config["out"]).write_text(json.dumps(records))
+
+
+def data_wait(overrides, tok, steps) -> dict:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raylm.data.pipeline import data_config, trainer_datasets
+
+    cfg = load_config(None, overrides)
+    out = Path(tempfile.mkdtemp()) / "metrics.json"
+    TorchTrainer(
+        train_and_wait,
+        train_loop_config={"overrides": overrides, "out": str(out)},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=f"bench-data-{int(time.time())}", storage_path=tempfile.mkdtemp()),
+        datasets=trainer_datasets(cfg, tok),
+        dataset_config=data_config(cfg),
+    ).fit()
+    records = [r for r in json.loads(out.read_text()) if "data_wait_fraction" in r]
+    warm = records[len(records) // 5 :]
+    waits = np.array([r["data_wait_fraction"] for r in warm])
+    return {"steps": len(records), "mean": float(waits.mean()), "median": float(np.median(waits)),
+            "max": float(waits.max()), "step_s": float(np.mean([r["step_time_s"] for r in warm])),
+            "first_step_wait_fraction": records[0]["data_wait_fraction"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus-bytes", type=int, default=None, help="cap on corpus bytes (default: all)")
+    parser.add_argument("--steps", type=int, default=60, help="training steps for the data-wait measurement")
+    args = parser.parse_args()
+
+    import ray
+
+    seq_len = 256
+    source = {"path": str(stdlib_copy()), "format": "text", "max_bytes": args.corpus_bytes}
+    overrides = ["model.preset=debug", "model.vocab_size=4096", f"data.seq_len={seq_len}", "data.val_fraction=0",
+                 "data.on_error=skip", "data.tokenize_batch_docs=32", "data.sources=" + json.dumps([source])]
+    cfg = load_config(None, overrides)
+    docs = local_documents(cfg, "train")
+    corpus_bytes = sum(len(d.text.encode()) for d in docs)
+    tok = Tokenizer.train((d.text for d in docs[::7]), 4096, max_bytes=4_000_000)
+
+    tokens_sp, seconds_sp = single_process(docs, tok, seq_len)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1_000_000_000, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    tokens_ray, seconds_ray, first_row_s, steady = ray_pipeline(cfg, tok)
+    assert tokens_ray == tokens_sp, (tokens_ray, tokens_sp)
+
+    wait_overrides = ["model.preset=debug", "model.vocab_size=4096", "data.seq_len=256", "data.on_error=skip",
+                      "data.val_fraction=0", f"train.max_steps={args.steps}", "train.global_batch_tokens=2048",
+                      "train.micro_batch_size=8", "train.eval_every=0", "scaling.cpus_per_worker=0.5",
+                      "data.sources=" + json.dumps([source])]
+    wait = data_wait(wait_overrides, tok, args.steps)
+    ray.shutdown()
+
+    sp_rate, ray_rate = tokens_sp / seconds_sp, tokens_ray / seconds_ray
+    print(f"machine: {os.cpu_count()} cores, {cpu_model()}; Python {platform.python_version()}, Ray {ray.__version__}")
+    print(f"corpus: {len(docs):,} stdlib .py files (tests included), {corpus_bytes / 1e6:.1f} MB -> {tokens_sp:,} tokens "
+          f"(vocab 4096, seq_len {seq_len})")
+    print(f"{'path':<44}{'seconds':>9}{'tokens/s':>13}{'ratio':>8}")
+    print(f"{'single process (1 sentencepiece thread)':<44}{seconds_sp:>9.2f}{sp_rate:>13,.0f}{1.0:>8.2f}")
+    print(f"{'Ray Data pipeline, end to end':<44}{seconds_ray:>9.2f}{ray_rate:>13,.0f}{ray_rate / sp_rate:>8.2f}")
+    print(f"{'Ray Data pipeline, after its first row':<44}{seconds_ray - first_row_s:>9.2f}{steady:>13,.0f}"
+          f"{steady / sp_rate:>8.2f}")
+    print(f"(Ray Data start-up: {first_row_s:.2f} s from the first request to the first packed row)")
+    print(f"data wait (1 Ray Train worker, debug model, {wait['steps']} steps of {wait['step_s'] * 1e3:.0f} ms, "
+          f"after 20% warm-up): mean {100 * wait['mean']:.2f}%, median {100 * wait['median']:.2f}%, "
+          f"max {100 * wait['max']:.2f}% (first step {100 * wait['first_step_wait_fraction']:.0f}%)")
+
+
+if __name__ == "__main__":
+    main()

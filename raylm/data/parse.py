@@ -1,0 +1,179 @@
+"""Corpus files to documents: decode, split into records, and classify bad input (no Ray, no torch).
+
+`parse_file` turns the bytes of one file into `(doc_id, text)` documents plus a list of
+problems, each `(kind, one-line message naming the file and line)`. The Ray Data pipeline
+calls it inside its read tasks and the single-process path calls it directly, so both see
+the same documents. What happens to a problem (raise or skip and count) is the caller's
+choice (`data.on_error`).
+
+Document ids are stable across machines and runs: the path relative to the source root for
+`text`, `path:line` for `lines` and `jsonl` (1-based), `path:row` for `parquet` (0-based).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+
+BAD_INPUT_KINDS = (
+    "missing_path",
+    "empty_file",
+    "binary_file",
+    "unreadable_file",
+    "invalid_utf8",
+    "malformed_json",
+    "missing_field",
+    "missing_column",
+    "empty_document",
+    "oversized_document",
+)
+"""Every kind of bad input, in the order summaries list them."""
+
+_BINARY_PROBE_BYTES = 8192
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """How to read one file: where it is shown, its format and how its documents are named."""
+
+    path: str
+    """The path as the filesystem knows it (shown in messages)."""
+    format: str
+    """text | lines | jsonl | parquet"""
+    id_base: str
+    """Document id of the file (text) or the prefix of its documents' ids."""
+    field: str = "text"
+    column: str = "text"
+    max_document_bytes: int = 16 * 2**20
+    lenient: bool = False
+    """The default corpus: undecodable bytes are replaced and empty files skipped silently, as
+    `raylm.data.corpus` has always read the standard library."""
+
+
+Problem = tuple[str, str]  # (kind, message)
+
+
+def parse_file(data: bytes, spec: FileSpec) -> tuple[list[tuple[str, str]], list[Problem]]:
+    """The documents of one file in file order, and the problems met (never raises on bad input)."""
+    if spec.lenient:
+        text = data.decode("utf-8", errors="replace")
+        return ([(spec.id_base, text)] if text.strip() else []), []
+    if not data:
+        return [], [("empty_file", f"{spec.path}: empty file")]
+    if spec.format == "parquet":
+        return _parse_parquet(data, spec)
+    nul = data.find(b"\0", 0, _BINARY_PROBE_BYTES)
+    if nul >= 0:
+        return [], [("binary_file", f"{spec.path}: binary file (NUL byte at offset {nul}), not {spec.format} text")]
+    if spec.format == "text":
+        return _parse_text(data, spec)
+    return _parse_lines(data, spec)
+
+
+def _too_big(size: int, spec: FileSpec, where: str) -> Problem:
+    return ("oversized_document",
+            f"{where}: document of {size:,} bytes exceeds data.max_document_bytes={spec.max_document_bytes:,}")
+
+
+def _decode(data: bytes, where: str) -> tuple[str | None, Problem | None]:
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, ("invalid_utf8", f"{where}: invalid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})")
+
+
+def _parse_text(data: bytes, spec: FileSpec):
+    if len(data) > spec.max_document_bytes:
+        return [], [_too_big(len(data), spec, spec.path)]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return [], [("invalid_utf8", f"{spec.path}:{line}: invalid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})")]
+    if not text.strip():
+        return [], [("empty_document", f"{spec.path}: empty document (only whitespace)")]
+    return [(spec.id_base, text)], []
+
+
+def _parse_lines(data: bytes, spec: FileSpec):
+    docs, problems = [], []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue  # blank lines separate records; they are not documents
+        where = f"{spec.path}:{number}"
+        if len(raw) > spec.max_document_bytes:
+            problems.append(_too_big(len(raw), spec, where))
+            continue
+        line, problem = _decode(raw.rstrip(b"\r"), where)
+        if problem is not None:
+            problems.append(problem)
+            continue
+        doc_id = f"{spec.id_base}:{number}"
+        if spec.format == "lines":
+            docs.append((doc_id, line))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(("malformed_json", f"{where}: malformed JSON ({e.msg} at column {e.colno})"))
+            continue
+        if not isinstance(record, dict) or spec.field not in record:
+            what = "record" if isinstance(record, dict) else f"JSON {type(record).__name__}, not an object,"
+            problems.append(("missing_field", f"{where}: {what} has no field {spec.field!r} (data.sources.*.field)"))
+            continue
+        value = record[spec.field]
+        if not isinstance(value, str):
+            problems.append(("missing_field",
+                             f"{where}: field {spec.field!r} holds {type(value).__name__}, expected a string"))
+        elif not value.strip():
+            problems.append(("empty_document", f"{where}: empty document (field {spec.field!r} is blank)"))
+        elif len(value) > spec.max_document_bytes:
+            problems.append(_too_big(len(value.encode()), spec, where))
+        else:
+            docs.append((doc_id, value))
+    return docs, problems
+
+
+def _parse_parquet(data: bytes, spec: FileSpec):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as e:
+        return [], [("unreadable_file", f"{spec.path}: not a Parquet file ({str(e).splitlines()[0]})")]
+    if spec.column not in schema.names:
+        return [], [("missing_column", f"{spec.path}: no column {spec.column!r} (columns: {', '.join(schema.names)})")]
+    column_type = schema.field(spec.column).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+            or pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)):
+        return [], [("missing_column", f"{spec.path}: column {spec.column!r} has type {column_type}, expected string")]
+    values = pq.read_table(io.BytesIO(data), columns=[spec.column]).column(0).to_pylist()
+    if not values:
+        return [], [("empty_file", f"{spec.path}: empty file (no rows)")]
+    docs, problems = [], []
+    for row, value in enumerate(values):
+        where = f"{spec.path}:row {row}"
+        if isinstance(value, bytes):
+            if len(value) > spec.max_document_bytes:
+                problems.append(_too_big(len(value), spec, where))
+                continue
+            value, problem = _decode(value, where)
+            if problem is not None:
+                problems.append(problem)
+                continue
+        if value is None or not value.strip():
+            problems.append(("empty_document", f"{where}: empty document (column {spec.column!r} is null or blank)"))
+        elif len(value) > spec.max_document_bytes:
+            problems.append(_too_big(len(value.encode()), spec, where))
+        else:
+            docs.append((f"{spec.id_base}:{row}", value))
+    return docs, problems
+
+
+def sample_priority(seed: int, doc_id: str) -> float:
+    """A seeded uniform number per document: the tokenizer sample is the lowest-priority documents."""
+    digest = hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64

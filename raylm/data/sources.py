@@ -1,0 +1,222 @@
+"""Which files a run reads, in which order, and their documents as a Ray Data Dataset.
+
+The file plan is plain Python (pyarrow filesystems; Ray is imported only to build a Dataset)
+so the single-process path walks exactly the same files in the same order:
+
+- a source's files are listed and sorted by path (a file, a directory, a glob, or a URI
+  such as s3://bucket/prefix/*.jsonl), capped by its `max_bytes`; `python-stdlib` is the
+  default corpus of `raylm.data.corpus`;
+- `text` files (one document each) are assigned to train or validation by their document
+  id before they are read, so neither split reads the other's files;
+- with several sources, the training plan interleaves files by a deterministic weighted
+  round robin on bytes, repeating the files of a source whose share of bytes is below its
+  weight (upsampling). The mixture is therefore exact in bytes and, for sources of similar
+  bytes per token, within a few percent in tokens; its granularity is one file, so a
+  source held in a single huge file mixes coarsely (split such files);
+- the validation plan is every source once, in config order, without weights.
+
+Files are read whole by `ray.data.read_binary_files` (with their paths) and parsed in the
+same fused task by `raylm.data.parse.parse_file`; with `preserve_order` the documents
+come out in plan order. Bad input either raises `DataError` inside the task (unwrapped to
+one line at the driver, see `raylm.data.pipeline.unwrap_data_error`) or is counted by kind
+in a `BadInputCounter` actor and skipped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from raylm.config import STDLIB_CORPUS, Config
+from raylm.data.corpus import is_validation, stdlib_files, stdlib_root
+from raylm.data.parse import FileSpec, Problem
+from raylm.data.stages import parse_batch
+from raylm.errors import DataError
+
+_GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    path: str
+    """The path as `filesystem` knows it."""
+    size: int
+    source: int
+    """Index in data.sources."""
+    spec: FileSpec
+
+
+@dataclass
+class FilePlan:
+    filesystem: pafs.FileSystem
+    files: list[PlannedFile]
+    problems: list[Problem]
+    """Bad input found while listing (paths that do not exist)."""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" not in path:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    static = path
+    cut = min((path.find(c) for c in _GLOB_CHARS if c in path), default=-1)
+    if cut >= 0:
+        static = path[:cut]
+    fs, fs_path = pafs.FileSystem.from_uri(static)
+    return fs, fs_path + path[len(static):] if cut >= 0 else fs_path
+
+
+def _visible(path: str) -> bool:
+    return not any(part.startswith((".", "_")) for part in path.split("/")[-1:])
+
+
+def list_source(cfg: Config, i: int) -> tuple[pafs.FileSystem, list[PlannedFile]]:
+    """Source i's files in sorted order, capped by max_bytes; DataError if it names nothing."""
+    src, d = cfg.data.sources[i], cfg.data
+    key = f"data.sources.{i}.path={src.path!r}"
+    if src.path == STDLIB_CORPUS:
+        root = stdlib_root()
+        files = [(str(p), p.stat().st_size, p.relative_to(root).as_posix()) for p in stdlib_files(src.max_bytes)]
+        fs, lenient = pafs.LocalFileSystem(), True
+    else:
+        fs, fs_path = _resolve(src.path)
+        lenient = False
+        if any(c in fs_path for c in _GLOB_CHARS):
+            base = fs_path[: min(fs_path.find(c) for c in _GLOB_CHARS if c in fs_path)].rsplit("/", 1)[0] or "/"
+            if isinstance(fs, pafs.LocalFileSystem):
+                names = [p for p in glob.glob(fs_path, recursive=True) if os.path.isfile(p)]
+                infos = fs.get_file_info(names)
+            else:
+                infos = [f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+                         if f.type == pafs.FileType.File and fnmatch.fnmatch(f.path, fs_path)]
+        else:
+            info = fs.get_file_info(fs_path)
+            if info.type == pafs.FileType.NotFound:
+                raise DataError(f"{key}: no such file or directory")
+            if info.type == pafs.FileType.Directory:
+                base = fs_path
+                infos = [f for f in fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
+                         if f.type == pafs.FileType.File]
+            else:
+                base, infos = posixpath.dirname(fs_path), [info]
+        infos = sorted((f for f in infos if _visible(f.path)), key=lambda f: f.path)
+        files = [(f.path, f.size, posixpath.relpath(f.path, base)) for f in infos]
+        if not files:
+            raise DataError(f"{key}: matches no files")
+        if src.max_bytes is not None:
+            kept, total = [], 0
+            for f in files:
+                if total + f[1] > src.max_bytes and kept:
+                    break
+                kept.append(f)
+                total += f[1]
+            files = kept
+    specs = [
+        PlannedFile(path, size, i, FileSpec(path, src.format, rel, src.field, src.column, d.max_document_bytes, lenient))
+        for path, size, rel in files
+    ]
+    return fs, specs
+
+
+def plan_files(cfg: Config, split: str, *, mixture: bool = True, passes: int = 1) -> FilePlan:
+    """The files `split` reads, in read order (see the module docstring)."""
+    filesystem, per_source, problems = pafs.LocalFileSystem(), [], []
+    first_fs = None
+    for i in range(len(cfg.data.sources)):
+        try:
+            fs, files = list_source(cfg, i)
+        except DataError as e:
+            if cfg.data.on_error == "raise" or "no such file" not in str(e) and "matches no files" not in str(e):
+                raise
+            problems.append(("missing_path", str(e)))
+            per_source.append([])
+            continue
+        if first_fs is None:
+            first_fs = filesystem = fs
+        elif fs.type_name != filesystem.type_name:
+            raise DataError(f"data.sources.{i}.path={cfg.data.sources[i].path!r}: all sources of a run must be on "
+                            f"one filesystem ({filesystem.type_name}), this one is on {fs.type_name}")
+        vf = cfg.data.val_fraction
+        files = [f for f in files
+                 if f.spec.format != "text" or is_validation(f.spec.id_base, vf) == (split == "validation")]
+        per_source.append(files)
+    if not any(per_source) and split == "train":
+        if problems:
+            raise DataError(f"data.sources: no source can be read ({problems[0][1]})")
+        raise DataError(f"data.sources: the {split} split holds no files (data.val_fraction={cfg.data.val_fraction})")
+    if split == "train" and mixture:
+        files = interleave([f for f in per_source], [s.weight for s in cfg.data.sources])
+    else:
+        files = [f for fs_ in per_source for f in fs_]
+    return FilePlan(filesystem, files * passes, problems)
+
+
+def interleave(per_source: list[list[PlannedFile]], weights: list[float]) -> list[PlannedFile]:
+    """Merge per-source file lists so each source's share of bytes is weight / sum(weights).
+
+    The source that is largest relative to its weight is read once; the others are cycled
+    (upsampled) until they reach their quota. The next file always comes from the source
+    furthest behind its weight (smooth weighted round robin), so the mix holds all along.
+    """
+    active = [s for s, files in enumerate(per_source) if files]
+    if len(active) == 1:
+        return list(per_source[active[0]])
+    totals = {s: sum(max(f.size, 1) for f in per_source[s]) for s in active}
+    scale = max(totals[s] / weights[s] for s in active)
+    quota = {s: scale * weights[s] for s in active}
+    emitted = {s: 0.0 for s in active}
+    cursor = {s: 0 for s in active}
+    out: list[PlannedFile] = []
+    while True:
+        best, best_key = None, None
+        for s in active:
+            f = per_source[s][cursor[s] % len(per_source[s])]
+            half = max(f.size, 1) / 2
+            if emitted[s] + half > quota[s]:
+                continue
+            key = (emitted[s] + half) / weights[s]
+            if best_key is None or key < best_key:
+                best, best_key = s, key
+        if best is None:
+            return out
+        f = per_source[best][cursor[best] % len(per_source[best])]
+        out.append(f)
+        emitted[best] += max(f.size, 1)
+        cursor[best] += 1
+
+
+# ---------------------------------------------------------------------------------------
+# Ray Data: the plan as a Dataset of documents.
+
+
+def documents_dataset(cfg: Config, split: str, counter, *, mixture: bool = True, passes: int = 1,
+                      with_priority: bool = False):
+    """Rows {"doc_id", "text"} (plus "priority" when sampling) of `split`, in plan order."""
+    import ray
+
+    plan = plan_files(cfg, split, mixture=mixture, passes=passes)
+    if not plan.files:
+        raise DataError(f"data.sources: the {split} split holds no files (data.val_fraction={cfg.data.val_fraction})")
+    if plan.problems:
+        ray.get(counter.add.remote(plan.problems))
+    specs = {f.path: f.spec for f in plan.files}
+    d = cfg.data
+    ds = ray.data.read_binary_files(
+        [f.path for f in plan.files], include_paths=True, filesystem=plan.filesystem, num_cpus=d.read_cpus,
+    )
+    return ds.map_batches(
+        parse_batch,
+        fn_kwargs=dict(specs=specs, split=split, val_fraction=d.val_fraction, on_error=d.on_error,
+                       counter=counter, priority_seed=cfg.tokenizer.seed if with_priority else None),
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=d.read_cpus,
+    )

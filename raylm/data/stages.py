@@ -1,0 +1,91 @@
+"""The functions and classes Ray Data runs in its tasks and actors (light imports: no torch, no config).
+
+Ray starts fresh worker processes for tasks and actors; everything here imports only numpy,
+sentencepiece and the pure data modules, so a worker is ready in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from raylm.data.corpus import is_validation
+from raylm.data.order import DataPosition
+from raylm.data.parse import BAD_INPUT_KINDS, parse_file, sample_priority
+from raylm.data.transforms import TOKEN_DTYPE, frame_documents, index_rows, pack
+from raylm.errors import DataError
+from raylm.tokenizer import BOS_ID, EOS_ID
+
+
+class BadInputCounter:
+    """Actor: bad input skipped (distinct messages per kind) and documents read, for the summary."""
+
+    def __init__(self):
+        self.messages: dict[str, dict[str, None]] = {}
+        self.documents = 0
+
+    def add(self, problems, documents: int = 0) -> None:
+        self.documents += documents
+        for kind, message in problems:
+            self.messages.setdefault(kind, {})[message] = None
+
+    def report(self) -> dict:
+        kinds = [k for k in BAD_INPUT_KINDS if k in self.messages]
+        return {
+            "documents": self.documents,
+            "skipped": {k: len(self.messages[k]) for k in kinds},
+            "examples": {k: next(iter(self.messages[k])) for k in kinds},
+        }
+
+
+def parse_batch(batch, specs, split, val_fraction, on_error, counter, priority_seed):
+    """Read task: files {"bytes", "path"} -> documents {"doc_id", "text"} of `split` (+ "priority")."""
+    import ray
+
+    ids, texts, problems = [], [], []
+    for data, path in zip(batch["bytes"], batch["path"]):
+        spec = specs.get(path) or specs[str(path).removeprefix("file://")]
+        docs, bad = parse_file(bytes(data), spec)
+        if bad and on_error == "raise":
+            raise DataError(bad[0][1])
+        problems.extend(bad)
+        for doc_id, text in docs:
+            if is_validation(doc_id, val_fraction) == (split == "validation"):
+                ids.append(doc_id)
+                texts.append(text)
+    ray.get(counter.add.remote(problems, len(ids)))  # before the rows move on: the driver's report is complete
+    out = {"doc_id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object)}
+    if priority_seed is not None:
+        out["priority"] = np.array([sample_priority(priority_seed, i) for i in ids], dtype=np.float64)
+    return out
+
+
+class TokenizeFrame:
+    """Actor: encode a batch of documents and frame them into one token stream (one output row)."""
+
+    def __init__(self, tokenizer, add_bos: bool):
+        self.sp = tokenizer.sp  # loaded once per actor (the Tokenizer pickles as its model bytes)
+        self.add_bos = add_bos
+
+    def __call__(self, batch: dict) -> dict:
+        ids = self.sp.encode(list(batch["text"]), out_type=int, num_threads=1)  # the pool is the parallelism
+        stream = frame_documents(ids, BOS_ID, EOS_ID, self.add_bos)
+        return {"stream": stream[None, :], "documents": np.array([len(ids)], dtype=np.int64)}
+
+
+class PackIndex:
+    """The single sequential actor: keeps the carry across batches, numbers rows, drops consumed ones."""
+
+    def __init__(self, seq_len: int, skip: dict | None):
+        self.seq_len = seq_len
+        self.skip = DataPosition.from_state_dict(skip) if skip else None
+        self.carry = None
+        self.next_index = 0
+
+    def __call__(self, batch: dict) -> dict:
+        parts = [np.asarray(s, dtype=TOKEN_DTYPE).ravel() for s in batch["stream"]]
+        stream = np.concatenate(parts) if parts else np.zeros(0, dtype=TOKEN_DTYPE)
+        rows, self.carry = pack(stream, self.seq_len, self.carry)
+        first = self.next_index
+        self.next_index += int(rows.shape[0])
+        rows, index = index_rows(rows, first, self.skip)
+        return {"tokens": rows, "index": index}

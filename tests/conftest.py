@@ -1,0 +1,43 @@
+"""Shared fixtures: one local Ray cluster (2 CPUs) for the whole session, started on first use.
+
+RAY_AUTH_MODE=disabled is set at import so every Ray client of the session agrees (Ray
+2.59+ turns on token auth for new local clusters), and the repository root is put on
+PYTHONPATH (with tests/) so Ray's worker processes import the same `raylm` and test modules.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["PYTHONPATH"] = os.pathsep.join(  # train functions defined in test modules unpickle in workers
+    p for p in (str(REPO_ROOT), str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH")) if p
+)
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster with 2 CPUs and 400 MB of object store, shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=400 * 2**20,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,128 @@
+"""Pure data functions (parse, frame, pack, index, interleave, local path) with Ray unimportable."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raylm.data.order import DataPosition
+from raylm.data.parse import FileSpec, parse_file
+from raylm.data.sources import PlannedFile, interleave
+from raylm.data.transforms import frame_documents, index_rows, pack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_data_core_runs_with_ray_unimportable():
+    """parse, plan, tokenise and pack (the local path end to end) need no Ray."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["ray"] = None
+        from raylm.config import load_config
+        from raylm.data.local import local_documents, pack_documents, train_tokenizer_local
+        import raylm.data.stages
+        cfg = load_config(None, ["data.sources.0.max_bytes=150000", "model.vocab_size=512",
+                                 "tokenizer.sample_bytes=100000"])
+        tok = train_tokenizer_local(cfg)
+        rows = pack_documents(local_documents(cfg, "train"), tok, 64, True)
+        assert rows.shape[1] == 65 and len(rows) > 100, rows.shape
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+
+
+def spec(fmt, **kw):
+    return FileSpec(path="c/f", format=fmt, id_base="f", **kw)
+
+
+def test_pack_is_independent_of_batch_boundaries():
+    """Packing a stream in any number of pieces (with the carry) gives the same rows as in one piece."""
+    stream = np.arange(1000, dtype=np.int32)
+    whole, _ = pack(stream, 16)
+    rows, carry = [], None
+    for piece in np.array_split(stream, [3, 50, 51, 400, 999]):
+        r, carry = pack(piece, 16, carry)
+        rows.append(r)
+    assert np.array_equal(np.concatenate(rows), whole)
+    assert np.array_equal(whole[1, 0], whole[0, -1])  # rows overlap by one token: every token is a target once
+
+
+def test_frame_puts_bos_and_eos_around_every_document_including_empty():
+    assert frame_documents([[5, 6], [], [7]], 1, 2, True).tolist() == [1, 5, 6, 2, 1, 2, 1, 7, 2]
+    assert frame_documents([[5, 6], [7]], 1, 2, False).tolist() == [5, 6, 2, 7, 2]
+
+
+def test_index_rows_drops_exactly_the_consumed_indices():
+    rows = np.zeros((6, 3), np.int32) + np.arange(6)[:, None]
+    position = DataPosition().advance([10, 12, 13])
+    kept, index = index_rows(rows, 10, position)
+    assert index.tolist() == [11, 14, 15] and kept[:, 0].tolist() == [1, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "fmt,data,kind,where",
+    [
+        ("jsonl", b'{"text": "a"}\n{"text": \n', "malformed_json", "c/f:2:"),
+        ("lines", b"ok\n\xff\xfe bad\n", "invalid_utf8", "c/f:2:"),
+        ("text", b"line\n\xc3\x28\n", "invalid_utf8", "c/f:2:"),
+        ("text", b"", "empty_file", "c/f:"),
+        ("jsonl", b'{"text": "  "}\n', "empty_document", "c/f:1:"),
+        ("text", b"\x00\x01\x02binary", "binary_file", "c/f:"),
+        ("jsonl", b'{"body": "x"}\n', "missing_field", "c/f:1:"),
+        ("lines", b"x" * 2000 + b"\n", "oversized_document", "c/f:1:"),
+    ],
+)
+def test_each_bad_input_is_one_problem_naming_file_and_line(fmt, data, kind, where):
+    docs, problems = parse_file(data, spec(fmt, max_document_bytes=1000))
+    assert [k for k, _ in problems] == [kind]
+    message = problems[0][1]
+    assert message.startswith(where) and "\n" not in message
+
+
+def test_valid_records_around_bad_ones_are_kept():
+    data = b'{"text": "one"}\nnot json\n\n{"text": "three"}\n'
+    docs, problems = parse_file(data, spec("jsonl"))
+    assert docs == [("f:1", "one"), ("f:4", "three")] and len(problems) == 1
+
+
+def test_parquet_rows_and_missing_column():
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"content": ["a doc", None, "another"]}), buf)
+    docs, problems = parse_file(buf.getvalue(), spec("parquet", column="content"))
+    assert docs == [("f:0", "a doc"), ("f:2", "another")] and [k for k, _ in problems] == ["empty_document"]
+    docs, problems = parse_file(buf.getvalue(), spec("parquet", column="text"))
+    assert docs == [] and problems[0][0] == "missing_column" and "content" in problems[0][1]
+
+
+def test_interleave_matches_weights_in_bytes_and_upsamples_the_small_source():
+    def files(src, n, size):
+        return [PlannedFile(f"s{src}/{i}", size, src, spec("text")) for i in range(n)]
+
+    out = interleave([files(0, 40, 100), files(1, 5, 100)], [3.0, 1.0])
+    share = sum(f.size for f in out if f.source == 0) / sum(f.size for f in out)
+    assert abs(share - 0.75) < 0.02
+    assert [f.source for f in out[:8]].count(1) == 2  # mixed from the start, not source after source
+    assert len({f.path for f in out if f.source == 1}) == 5  # the small source is repeated
+
+
+def test_local_rows_equal_reading_stdlib_in_order(tmp_path):
+    """The single-process documents of the default corpus are the stdlib files in sorted order."""
+    from raylm.config import load_config
+    from raylm.data.corpus import stdlib_documents
+    from raylm.data.local import local_documents
+
+    cfg = load_config(None, ["data.sources.0.max_bytes=200000"])
+    assert local_documents(cfg, "train") == list(stdlib_documents("train", cfg.data.val_fraction, 200000))

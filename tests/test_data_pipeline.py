@@ -1,0 +1,236 @@
+"""The Ray Data pipeline on a real 2-CPU local cluster: formats, order, mixture, prepared mode, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raylm.config import load_config
+from raylm.data.corpus import is_validation
+from raylm.errors import DataError
+from raylm.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.ray
+
+BASE = ["model.preset=debug", "model.vocab_size=512", "data.seq_len=32", "train.global_batch_tokens=256",
+        "train.micro_batch_size=4", "data.tokenize_batch_docs=16", "tokenizer.sample_bytes=100000",
+        "train.max_steps=20"]
+
+
+def config(*overrides, sources=None):
+    cfg = load_config(None, [*BASE, *overrides])
+    if sources is not None:
+        cfg = load_config(None, [*BASE, *overrides, "data.sources=" + json.dumps(sources)])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from raylm.data.corpus import stdlib_documents
+
+    docs = stdlib_documents("train", 0.0, max_bytes=200_000)
+    return Tokenizer.train((d.text for d in docs), 512, max_bytes=100_000)
+
+
+def words(rng, n):
+    vocab = ["alpha", "beta", "gamma", "delta", "def", "return", "import", "class", "self", "value"]
+    return " ".join(rng.choice(vocab, size=n))
+
+
+def rows_of(ds):
+    from raylm.data.pipeline import iter_rows
+
+    tokens, index = [], []
+    for batch in iter_rows(ds):
+        tokens.append(batch["tokens"])
+        index.append(batch["index"])
+    return np.concatenate(tokens), np.concatenate(index)
+
+
+def docs_of(cfg, split="train", mixture=True):
+    from raylm.data.pipeline import _counter, data_errors
+    from raylm.data.sources import documents_dataset
+
+    ds = documents_dataset(cfg, split, _counter(), mixture=mixture)
+    ds.context.execution_options.preserve_order = True
+    with data_errors():
+        return [(r["doc_id"], r["text"]) for r in ds.iter_rows()]
+
+
+def test_default_corpus_rows_equal_the_single_process_pack(ray_cluster, tokenizer):
+    """Ray Data rows (read, actor-pool tokenise, sequential pack) == local rows, indices 0..N-1."""
+    from raylm.data.local import local_datasets
+    from raylm.data.pipeline import packed_dataset
+
+    cfg = config("data.sources.0.max_bytes=300000")
+    tokens, index = rows_of(packed_dataset(cfg, tokenizer, "train"))
+    local_train, _ = local_datasets(cfg, tokenizer)
+    assert np.array_equal(index, np.arange(len(index)))
+    assert np.array_equal(tokens, local_train.rows)
+
+
+def test_every_source_format_reads_documents_in_file_order(ray_cluster, tmp_path):
+    rng = np.random.default_rng(0)
+    texts = [words(rng, 20) for _ in range(6)]
+    (tmp_path / "txt" / "sub").mkdir(parents=True)
+    for i, t in enumerate(texts[:3]):
+        (tmp_path / "txt" / ("sub" if i == 2 else "") / f"{i}.txt").write_text(t)
+    (tmp_path / "l.txt").write_text("\n".join(texts) + "\n")
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"body": t, "n": i}) + "\n" for i, t in enumerate(texts)))
+    pq.write_table(pa.table({"content": texts}), tmp_path / "p.parquet")
+    cases = [
+        ({"path": str(tmp_path / "txt"), "format": "text"}, [("0.txt", texts[0]), ("1.txt", texts[1]),
+                                                            ("sub/2.txt", texts[2])]),
+        ({"path": str(tmp_path / "txt" / "*.txt"), "format": "text"}, [("0.txt", texts[0]), ("1.txt", texts[1])]),
+        ({"path": str(tmp_path / "l.txt"), "format": "lines"}, [(f"l.txt:{i + 1}", t) for i, t in enumerate(texts)]),
+        ({"path": "file://" + str(tmp_path / "r.jsonl"), "format": "jsonl", "field": "body"},
+         [(f"r.jsonl:{i + 1}", t) for i, t in enumerate(texts)]),
+        ({"path": str(tmp_path / "p.parquet"), "format": "parquet", "column": "content"},
+         [(f"p.parquet:{i}", t) for i, t in enumerate(texts)]),
+    ]
+    for source, expected in cases:
+        assert docs_of(config("data.val_fraction=0", sources=[source])) == expected, source
+
+
+def test_mixture_token_share_follows_weights(ray_cluster, tmp_path, tokenizer):
+    """Two sources weighted 3:1 (the small one upsampled): training tokens split 75/25 within 3 points."""
+    rng = np.random.default_rng(1)
+    for name, n_files in (("a", 30), ("b", 6)):
+        (tmp_path / name).mkdir()
+        for i in range(n_files):
+            (tmp_path / name / f"{name}{i:02d}.txt").write_text(words(rng, int(rng.integers(100, 300))))
+    cfg = config("data.val_fraction=0", sources=[
+        {"path": str(tmp_path / "a"), "weight": 3.0}, {"path": str(tmp_path / "b"), "weight": 1.0}])
+    docs = docs_of(cfg)
+    counts = {"a": 0, "b": 0}
+    for doc_id, text in docs:
+        counts[doc_id[0]] += len(tokenizer.encode_one(text)) + 2
+    share = counts["a"] / (counts["a"] + counts["b"])
+    assert abs(share - 0.75) < 0.03, counts
+    assert {d for d, _ in docs if d[0] == "b"} == {f"b{i:02d}.txt" for i in range(6)}
+
+
+def test_validation_is_held_out_by_document_hash(ray_cluster, tmp_path):
+    rng = np.random.default_rng(2)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": words(rng, 5)}) + "\n" for _ in range(300)))
+    cfg = config("data.val_fraction=0.2", sources=[{"path": str(tmp_path / "c.jsonl"), "format": "jsonl"}])
+    train, val = docs_of(cfg, "train"), docs_of(cfg, "validation")
+    assert len(train) + len(val) == 300 and 30 < len(val) < 90
+    assert all(is_validation(d, 0.2) for d, _ in val) and not any(is_validation(d, 0.2) for d, _ in train)
+
+
+def test_ray_trained_tokenizer_equals_the_local_one(ray_cluster, tmp_path):
+    """The tokenizer sample streamed through Ray Data is the local path's sample: same model bytes."""
+    from raylm.data.local import train_tokenizer_local
+    from raylm.data.pipeline import get_tokenizer
+
+    cfg = config("data.sources.0.max_bytes=200000", "tokenizer.sample_docs=8")
+    ray_tok = get_tokenizer(cfg, tmp_path)
+    assert (tmp_path / "tokenizer.model").is_file()
+    assert ray_tok.sha256 == train_tokenizer_local(cfg).sha256
+
+
+def test_prepared_shards_hold_the_streaming_sequences(ray_cluster, tmp_path, tokenizer):
+    """prepare writes rows equal to the streaming rows by index; it refuses other tokenizers/seq_len/dirs."""
+    from raylm.data.pipeline import PreparedSource, check_prepared, packed_dataset
+    from raylm.data.prepare import prepare
+
+    tok_path = tokenizer.save(tmp_path / "tok.model")
+    out = tmp_path / "prep"
+    cfg = config("data.sources.0.max_bytes=200000", f"tokenizer.path={tok_path}", f"data.prepared_path={out}",
+                 "data.val_fraction=0.1")
+    lines = []
+    prepare(cfg, log=lines.append)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer_sha256"] == tokenizer.sha256 and manifest["seq_len"] == 32
+    stream_tokens, _ = rows_of(packed_dataset(cfg, tokenizer, "train"))
+    prepared = PreparedSource(out, "train", shuffle=False)
+    assert np.array_equal(prepared.rows, stream_tokens)
+    assert manifest["splits"]["validation"]["sequences"] > 0
+
+    check_prepared(cfg, Tokenizer.load(out / "tokenizer.model"))
+    other = Tokenizer.train(["something else entirely " * 50], 300)
+    with pytest.raises(DataError, match="tokenizer sha256"):
+        check_prepared(cfg, other)
+    with pytest.raises(DataError, match="data.seq_len=32"):
+        check_prepared(config(f"data.prepared_path={out}", "data.seq_len=64"), tokenizer)
+    prepare(cfg, log=lines.append)  # identical config: nothing to do
+    assert "nothing to do" in lines[-1]
+    with pytest.raises(DataError, match="already exists"):
+        prepare(config(f"tokenizer.path={tok_path}", f"data.prepared_path={out}"), log=lines.append)
+
+
+BAD_INPUTS = {
+    "malformed_json": ("jsonl", b'{"text": "fine"}\n{"text": oops}\n', "bad.jsonl:2: malformed JSON"),
+    "invalid_utf8": ("lines", b"fine\nbad \xff\xfe here\n", "bad.jsonl:2: invalid UTF-8"),
+    "empty_file": ("text", b"", "bad.jsonl: empty file"),
+    "empty_document": ("jsonl", b'{"text": "fine"}\n{"text": ""}\n', "bad.jsonl:2: empty document"),
+    "binary_file": ("text", bytes(range(256)) * 4, "bad.jsonl: binary file"),
+    "missing_field": ("jsonl", b'{"text": "fine"}\n{"body": "x"}\n', "bad.jsonl:2: record has no field 'text'"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+def test_bad_input_raises_one_line_or_is_skipped_and_counted(ray_cluster, tmp_path, kind, tokenizer):
+    from raylm.data.pipeline import bad_input_report, packed_dataset
+
+    fmt, data, message = BAD_INPUTS[kind]
+    (tmp_path / "bad.jsonl").write_bytes(data)
+    good = tmp_path / "good.txt"
+    good.write_text(words(np.random.default_rng(3), 400))
+    sources = [{"path": str(good)}, {"path": str(tmp_path / "bad.jsonl"), "format": fmt}]
+    with pytest.raises(DataError) as err:
+        rows_of(packed_dataset(config("data.val_fraction=0", sources=sources), tokenizer, "train"))
+    assert type(err.value) is DataError and message in str(err.value) and "\n" not in str(err.value)
+    ds = packed_dataset(config("data.val_fraction=0", "data.on_error=skip", sources=sources), tokenizer, "train")
+    tokens, _ = rows_of(ds)
+    report = bad_input_report(ds)
+    assert report["skipped"] == {kind: 1} and len(tokens) > 0
+    assert report["documents"] >= 1  # the valid documents were kept
+
+
+def test_missing_column_and_missing_path(ray_cluster, tmp_path, tokenizer):
+    from raylm.data.pipeline import bad_input_report, packed_dataset
+
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
+    good = tmp_path / "good.txt"
+    good.write_text(words(np.random.default_rng(4), 400))
+    src = [{"path": str(good)}, {"path": str(tmp_path / "t.parquet"), "format": "parquet"}]
+    with pytest.raises(DataError, match=r"t.parquet: no column 'text' \(columns: body\)"):
+        rows_of(packed_dataset(config("data.val_fraction=0", sources=src), tokenizer, "train"))
+    missing = [{"path": str(good)}, {"path": str(tmp_path / "nope" / "*.txt")}]
+    with pytest.raises(DataError, match="data.sources.1.path=.*matches no files"):
+        packed_dataset(config("data.val_fraction=0", sources=missing), tokenizer, "train")
+    missing[1]["path"] = str(tmp_path / "nope.txt")
+    with pytest.raises(DataError, match="data.sources.1.path=.*no such file or directory"):
+        packed_dataset(config("data.val_fraction=0", sources=missing), tokenizer, "train")
+    ds = packed_dataset(config("data.val_fraction=0", "data.on_error=skip", sources=missing), tokenizer, "train")
+    assert len(rows_of(ds)[0]) > 0 and bad_input_report(ds)["skipped"] == {"missing_path": 1}
+
+
+def test_a_50mb_line_is_refused_without_hanging(ray_cluster, tmp_path, tokenizer):
+    from raylm.data.pipeline import bad_input_report, packed_dataset
+
+    with open(tmp_path / "huge.txt", "wb") as f:
+        f.write(b"short line\n")
+        f.write(b"x" * (50 * 2**20) + b"\n")
+        f.write(b"another short line\n")
+    src = [{"path": str(tmp_path / "huge.txt"), "format": "lines"}]
+    with pytest.raises(DataError, match=r"huge.txt:2: document of 52,428,800 bytes exceeds data.max_document_bytes"):
+        rows_of(packed_dataset(config("data.val_fraction=0", "data.seq_len=4", sources=src), tokenizer, "train"))
+    ds = packed_dataset(config("data.val_fraction=0", "data.seq_len=4", "data.on_error=skip", sources=src),
+                        tokenizer, "train")
+    assert len(rows_of(ds)[0]) > 0 and bad_input_report(ds)["skipped"] == {"oversized_document": 1}
+
+
+def test_cluster_too_small_fails_before_workers_start(ray_cluster):
+    from raylm.data.pipeline import check_cluster_fits
+
+    with pytest.raises(DataError, match=r"the Ray cluster has 2 CPUs but this run needs 3.45: .*scaling.num_workers=2"):
+        check_cluster_fits(config("scaling.num_workers=2", "scaling.cpus_per_worker=1"))
+    check_cluster_fits(config("scaling.num_workers=2", "scaling.cpus_per_worker=0.25"))
