@@ -76,7 +76,9 @@ class DataConfig:
     val_fraction: float = 0.02
     """Share of documents held out for validation, chosen by a stable hash of the document id."""
     seed: int = 0
-    """Seed of the sequence order (per-epoch permutation)."""
+    """Seed of the sequence order (file order per pass, row permutation per epoch of prepared data)."""
+    shuffle_files: bool = True
+    """Read training files in a seeded random order, a new one each pass (documents within a file keep their order)."""
     on_error: Literal["raise", "skip"] = "raise"
     """Bad input (malformed record, invalid UTF-8, binary or empty file): stop, or skip and count."""
     prepared_path: str | None = None

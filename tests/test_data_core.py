@@ -119,10 +119,16 @@ def test_interleave_matches_weights_in_bytes_and_upsamples_the_small_source():
 
 
 def test_local_rows_equal_reading_stdlib_in_order(tmp_path):
-    """The single-process documents of the default corpus are the stdlib files in sorted order."""
+    """The single-process documents of the default corpus are the stdlib files in sorted order
+    (with data.shuffle_files off; on, the same files in a seeded order)."""
     from raylm.config import load_config
     from raylm.data.corpus import stdlib_documents
     from raylm.data.local import local_documents
 
-    cfg = load_config(None, ["data.sources.0.max_bytes=200000"])
-    assert local_documents(cfg, "train") == list(stdlib_documents("train", cfg.data.val_fraction, 200000))
+    cfg = load_config(None, ["data.sources.0.max_bytes=200000", "data.shuffle_files=false"])
+    in_order = list(stdlib_documents("train", cfg.data.val_fraction, 200000))
+    assert local_documents(cfg, "train") == in_order
+    cfg.data.shuffle_files = True
+    shuffled = local_documents(cfg, "train")
+    assert shuffled != in_order and sorted(shuffled, key=lambda d: d.doc_id) == in_order
+    assert local_documents(cfg, "train") == shuffled  # seeded: the same order every time

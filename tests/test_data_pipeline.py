@@ -94,7 +94,7 @@ def test_every_source_format_reads_documents_in_file_order(ray_cluster, tmp_path
          [(f"p.parquet:{i}", t) for i, t in enumerate(texts)]),
     ]
     for source, expected in cases:
-        assert docs_of(config("data.val_fraction=0", sources=[source])) == expected, source
+        assert docs_of(config("data.val_fraction=0", "data.shuffle_files=false", sources=[source])) == expected, source
 
 
 def test_mixture_token_share_follows_weights(ray_cluster, tmp_path, tokenizer):

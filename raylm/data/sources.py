@@ -13,6 +13,8 @@ so the single-process path walks exactly the same files in the same order:
   weight (upsampling). The mixture is therefore exact in bytes and, for sources of similar
   bytes per token, within a few percent in tokens; its granularity is one file, so a
   source held in a single huge file mixes coarsely (split such files);
+- training files are read in a seeded random order (`data.shuffle_files`), a new one per
+  pass over the corpus, so the model does not see one package or topic at a time;
 - the validation plan is every source once, in config order, without weights.
 
 Files are read whole by `ray.data.read_binary_files` (with their paths) and parsed in the
@@ -30,6 +32,7 @@ import os
 import posixpath
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow.fs as pafs
 
 from raylm.config import STDLIB_CORPUS, Config
@@ -152,11 +155,21 @@ def plan_files(cfg: Config, split: str, *, mixture: bool = True, passes: int = 1
         if problems:
             raise DataError(f"data.sources: no source can be read ({problems[0][1]})")
         raise DataError(f"data.sources: the {split} split holds no files (data.val_fraction={cfg.data.val_fraction})")
-    if split == "train" and mixture:
-        files = interleave([f for f in per_source], [s.weight for s in cfg.data.sources])
-    else:
-        files = [f for fs_ in per_source for f in fs_]
-    return FilePlan(filesystem, files * passes, problems)
+    if split != "train":
+        return FilePlan(filesystem, [f for fs_ in per_source for f in fs_] * passes, problems)
+    files = []
+    for p in range(passes):
+        order = [_shuffled(fs_, cfg.data.seed, i, p) if cfg.data.shuffle_files else fs_
+                 for i, fs_ in enumerate(per_source)]
+        files += interleave(order, [s.weight for s in cfg.data.sources]) if mixture else [f for o in order for f in o]
+    return FilePlan(filesystem, files, problems)
+
+
+def _shuffled(files: list[PlannedFile], seed: int, source: int, pass_: int) -> list[PlannedFile]:
+    """A seeded permutation per source and pass: sorted file names are a poor curriculum
+    (a model trained on them in order sees one package at a time)."""
+    perm = np.random.default_rng([seed, source, pass_]).permutation(len(files))
+    return [files[k] for k in perm]
 
 
 def interleave(per_source: list[list[PlannedFile]], weights: list[float]) -> list[PlannedFile]:

@@ -26,6 +26,7 @@ the shards are initialised in place with DTensor's sharded RNG.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from raylm.config import Config
+
+# On a CPU mesh, FSDP2 materialises and initialises weights like one process (tested), so
+# DTensor's warning about CPU random ops says nothing a user can act on.
+warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support on cpu")
 from raylm.model import ModelConfig, Transformer
 
 

@@ -25,6 +25,7 @@ is where the resumed run continues.
 from __future__ import annotations
 
 import contextlib
+import logging
 import dataclasses
 import math
 import os
@@ -136,7 +137,19 @@ def connect(cfg: Config) -> bool:
         root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True)
+    quiet_console()
     return True
+
+
+def quiet_console() -> None:
+    """Keep the console to raylm's progress lines: Ray Data's per-dataset progress reports and
+    Ray Train's per-report INFO lines repeat what metrics.jsonl and the dashboard hold."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()  # captured by trainer.fit() and sent to the workers
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def check_cluster(cfg: Config) -> None:
@@ -181,7 +194,7 @@ def driver_data(cfg: Config, run_dir: Path, position: DataPosition | None, log=p
 
 
 def make_trainer(cfg: Config, run_dir: Path, tokenizer, datasets: dict, dataset_config, initial: Path | None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     s = cfg.scaling
@@ -203,6 +216,7 @@ def make_trainer(cfg: Config, run_dir: Path, tokenizer, datasets: dict, dataset_
             storage_path=cfg.run.output_dir,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets or None,
         dataset_config=dataset_config,
@@ -262,6 +276,12 @@ def train_func(config: dict[str, Any]) -> None:
     import ray.train
 
     cfg: Config = config["cfg"]
+    # Each report would otherwise print its whole metrics dict; raylm prints its own lines.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    with contextlib.suppress(ImportError):  # Ray 2.60 names this logger by its file path
+        from ray.train.v2._internal.execution import context as _train_context
+
+        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
