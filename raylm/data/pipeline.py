@@ -56,6 +56,8 @@ from raylm.tokenizer import Tokenizer
 
 PACK_CPUS = 0.05
 """The packing actor only concatenates arrays; it needs a sliver of a CPU."""
+FREE_CPU_WAIT_S = 60.0
+"""How long a run waits for the CPUs it needs to be free before it fails with one line."""
 PASS_OFFSET = 2**40
 """Index offset of each further execution of the training Dataset on a worker."""
 _READS_IN_FLIGHT = 2
@@ -150,11 +152,21 @@ def validation_dataset(cfg: Config, tokenizer: Tokenizer):
         if "holds no files" in str(e):
             return None
         raise
+    import ray
+
     counter = ds._raylm_counter  # noqa: SLF001
+    # Iterated to the end on the driver, then handed on as plain rows: a `.materialize()` of a
+    # limited pipeline can leave its tokenizer actors alive, holding CPUs a later run needs
+    # (seen as a hang on 2 CPUs); an exhausted iterator shuts its executor down.
     with data_errors():
-        ds = _ordered(ds.limit(validation_rows_needed(cfg))).materialize()
+        parts = list(_ordered(ds.limit(validation_rows_needed(cfg))).iter_batches(batch_size=None,
+                                                                                 batch_format="numpy"))
+    rows = [{"tokens": t, "index": int(i)} for p in parts for t, i in zip(p["tokens"], p["index"])]
+    if not rows:
+        return None
+    ds = ray.data.from_items(rows)
     ds._raylm_counter = counter  # noqa: SLF001
-    return ds if ds.count() > 0 else None
+    return ds
 
 
 def trainer_datasets(cfg: Config, tokenizer: Tokenizer, position: DataPosition | None = None) -> dict:
@@ -197,6 +209,23 @@ def check_cluster_fits(cfg: Config) -> None:
             f"the Ray cluster has {have:g} CPUs but this run needs {need:g}: scaling.num_workers={s.num_workers} x "
             f"scaling.cpus_per_worker={s.cpus_per_worker:g}{data}; lower scaling.cpus_per_worker or data.tokenize_cpus"
         )
+    _wait_for_free_cpus(need, have)
+
+
+def _wait_for_free_cpus(need: float, have: float, timeout_s: float = FREE_CPU_WAIT_S) -> None:
+    """Wait until `need` CPUs are free: actors of a previous run in this driver (a retry, a
+    sweep) release theirs shortly after it ends, and starting before would hang silently."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while (free := ray.available_resources().get("CPU", 0.0)) + 1e-9 < need:
+        if time.monotonic() > deadline:
+            raise DataError(f"this run needs {need:g} CPUs but only {free:g} of the cluster's {have:g} have been free "
+                            f"for {timeout_s:g} s (other jobs or actors hold the rest); wait, or lower "
+                            f"scaling.cpus_per_worker or data.tokenize_cpus")
+        time.sleep(0.5)
 
 
 def data_config(cfg: Config):
