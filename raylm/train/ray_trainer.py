@@ -77,13 +77,17 @@ def train_on_ray(cfg: Config, log=print) -> Path:
         trainer = make_trainer(cfg, run_dir, tokenizer, datasets, dataset_config, initial)
         created = False  # from here on the run directory holds a real run
         with _sigterm_as_interrupt(), _data_errors():
+            hint = f"interrupted: the newest complete checkpoint is kept; continue with run.resume_from={run_dir}"
             try:
                 result = trainer.fit()
-            except KeyboardInterrupt:
-                log(f"interrupted: the newest complete checkpoint is kept; continue with "
-                    f"run.resume_from={run_dir}")
-                raise
+            except (KeyboardInterrupt, SystemExit):  # Ray's own Ctrl-C handler aborts with sys.exit
+                log(hint)
+                raise KeyboardInterrupt from None
         final = result.checkpoint
+        marker = ckpt.read_marker(final.path) if final is not None and os.path.isdir(final.path) else None
+        if marker is not None and marker["train_state"]["step"] < cfg.train.max_steps:
+            log(hint)  # fit() returned early: Ray's Ctrl-C handler aborted the run gracefully
+            raise KeyboardInterrupt
         if final is None:
             log("no checkpoint was reported")
             return run_dir
@@ -293,12 +297,21 @@ def train_func(config: dict[str, Any]) -> None:
     model, _ = build_model(cfg, device)
     optimizer = build_optimizer(model, cfg.optimizer, device.type)
     state = TrainState()
+    # Start from the newer of Ray's latest reported checkpoint (a restart after a failure, a
+    # run resumed in place) and the one the driver chose: a checkpoint completed on disk while
+    # the driver was interrupted is newer than any Ray recorded.
+    initial = config["initial_checkpoint"]
+    initial_step = ((ckpt.read_marker(initial) or {}).get("train_state") or {}).get("step", -1) if initial else -1
+    loaded = False
     restored = ray.train.get_checkpoint()
-    if restored is not None:  # a restart after a failure, or the run resumed in place
+    if restored is not None:
         with restored.as_directory() as path:
-            state.load_state_dict(ckpt.load_checkpoint(path, model, optimizer))
-    elif config["initial_checkpoint"]:
-        state.load_state_dict(ckpt.load_checkpoint(config["initial_checkpoint"], model, optimizer))
+            marker = ckpt.read_marker(path)
+            if marker is None or marker["train_state"]["step"] >= initial_step:
+                state.load_state_dict(ckpt.load_checkpoint(path, model, optimizer))
+                loaded = True
+    if not loaded and initial:
+        state.load_state_dict(ckpt.load_checkpoint(initial, model, optimizer))
 
     train_data, val_data = worker_data(cfg, config["tokenizer"], config["datasets"])
     writer = MetricsWriter(config["run_dir"], enabled=rank == 0)
