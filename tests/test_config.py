@@ -38,7 +38,8 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(ROOT / "configs/demo.yaml", ["train.max_steps=7"])
     cfg.save(tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
-    assert again.to_dict() == {**cfg.to_dict(), "config_name": "config"} or again.train.max_steps == 7
+    assert again.to_dict() == cfg.to_dict()  # config_name included: a reloaded run keeps its name
+    assert again.train.max_steps == 7
     assert again.model == cfg.model and again.data == cfg.data and again.train == cfg.train
 
 

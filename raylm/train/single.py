@@ -9,12 +9,12 @@ import torch
 from raylm.config import Config
 from raylm.data.local import local_datasets, train_tokenizer_local
 from raylm.errors import DataError
-from raylm.model import Transformer
 from raylm.optim import build_optimizer
 from raylm.runs import create_run_dir
 from raylm.tokenizer import Tokenizer
 from raylm.train.loop import Hooks, RankEnv, resolve_device, run_training, seed_everything
 from raylm.train.metrics import MetricsWriter
+from raylm.train.parallel import build_model
 from raylm.use.sample import sample
 
 
@@ -59,8 +59,7 @@ def train_single_process(cfg: Config, log=print) -> Path:
 
     device = resolve_device(cfg)
     seed_everything(cfg.train.seed)
-    model = Transformer(cfg.model).to(device)
-    model.init_weights()
+    model, _ = build_model(cfg, device)  # the same build as a Ray worker's: meta, checkpointing, compile, init
     optimizer = build_optimizer(model, cfg.optimizer, device.type)
     writer = MetricsWriter(run_dir)
     try:
