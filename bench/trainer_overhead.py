@@ -66,7 +66,9 @@ def main() -> None:
     import ray
 
     from raylm.data.prepare import prepare
+    from raylm.ray_env import configure_local_cluster
 
+    configure_local_cluster()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     prepared = f"data.prepared_path={out / 'prepared'}"
     prepare(load_config(args.config, common + [prepared]), log=quiet)

@@ -91,6 +91,8 @@ class DataConfig:
     """Documents per `map_batches` batch."""
     read_cpus: float = 0.2
     """CPUs reserved per Ray Data read-and-parse task (fractional: reading is mostly I/O)."""
+    read_tasks: int = 2
+    """Read-and-parse tasks running at once (raise it for object stores with high latency)."""
     max_document_bytes: int = 16 * 2**20
     """Longest document (a file, line, record or cell) accepted; a longer one is bad input."""
     stream_passes: int | None = None
@@ -404,6 +406,7 @@ def validate(cfg: Config) -> None:
         ("data.seq_len", d.seq_len),
         ("data.tokenize_actors", d.tokenize_actors),
         ("data.tokenize_batch_docs", d.tokenize_batch_docs),
+        ("data.read_tasks", d.read_tasks),
         ("train.max_steps", t.max_steps),
         ("train.global_batch_tokens", t.global_batch_tokens),
         ("train.micro_batch_size", t.micro_batch_size),

@@ -28,7 +28,10 @@ def ray_cluster():
     """A local Ray cluster with 2 CPUs and 400 MB of object store, shut down at the end."""
     import ray
 
+    from raylm.ray_env import configure_local_cluster
+
     if not ray.is_initialized():
+        configure_local_cluster()
         ray.init(
             num_cpus=2,
             include_dashboard=False,

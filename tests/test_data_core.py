@@ -132,3 +132,27 @@ def test_local_rows_equal_reading_stdlib_in_order(tmp_path):
     shuffled = local_documents(cfg, "train")
     assert shuffled != in_order and sorted(shuffled, key=lambda d: d.doc_id) == in_order
     assert local_documents(cfg, "train") == shuffled  # seeded: the same order every time
+
+
+def test_validation_plan_samples_every_source_and_file_in_a_seeded_order(tmp_path):
+    """Evaluation reads the first held-out rows, so the validation plan must not start with
+    the alphabetical beginning of the first source."""
+    import json
+
+    from raylm.config import load_config
+    from raylm.data.sources import plan_files
+
+    for name in ("a", "b"):
+        for i in range(40):
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / f"{i:03d}.txt").write_text(f"document {name} {i}\n")
+    sources = [{"path": str(tmp_path / "a"), "format": "text"}, {"path": str(tmp_path / "b"), "format": "text"}]
+    cfg = load_config(None, ["data.val_fraction=0.5", "data.sources=" + json.dumps(sources)])
+    plan = plan_files(cfg, "validation")
+    held_out = {s: sorted(f.path for f in plan.files if f.source == s) for s in (0, 1)}
+    assert len(held_out[0]) > 5 and len(held_out[1]) > 5
+    assert [f.source for f in plan.files[:10]] == [0, 1] * 5  # sources in turn
+    assert [f.path for f in plan.files if f.source == 0] != held_out[0]  # not alphabetical
+    assert [f.path for f in plan.files] == [f.path for f in plan_files(cfg, "validation").files]  # seeded
+    train = {f.path for f in plan_files(cfg, "train").files}
+    assert not train & {f.path for f in plan.files}

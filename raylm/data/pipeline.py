@@ -22,14 +22,15 @@ resume point (prepared mode seeks instantly). If an execution runs out, the work
 another one whose indices are offset by `pass_offset * 2**40` (a second execution only
 drops what the driver-side position consumed, in index space of the first).
 
-Validation: the held-out documents (corpus.is_validation), packed the same way, cut to the
+Validation: the held-out documents (corpus.is_validation), in a seeded order that spreads
+over every source and file (`sources._validation_order`), packed the same way, cut to the
 rows evaluation reads (train.eval_batches x micro_batch_size x num_workers) and materialised
 on the driver; every worker reads it whole and evaluates its stride from the beginning.
 
 Sizing on a small cluster (the rule `ray_cluster_cpus_needed` checks): Ray Train workers
 hold scaling.num_workers x scaling.cpus_per_worker CPUs for the whole run; Ray Data needs
 data.tokenize_actors x data.tokenize_cpus for the tokenizer pool, PACK_CPUS for the packer
-and data.read_cpus per read task, of which it must be able to run at least one. If the
+and data.read_tasks x data.read_cpus for the read tasks (their Ray Data concurrency). If the
 sum exceeds the cluster's CPUs the run would hang silently, so it fails first with one line.
 `data_config` caps Ray Data at exactly its share. On 2 CPUs: 2 workers x 0.25 + 2 actors
 x 0.5 + 0.05 + 2 reads x 0.2 = 1.95 fits.
@@ -60,7 +61,6 @@ FREE_CPU_WAIT_S = 60.0
 """How long a run waits for the CPUs it needs to be free before it fails with one line."""
 PASS_OFFSET = 2**40
 """Index offset of each further execution of the training Dataset on a worker."""
-_READS_IN_FLIGHT = 2
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def trainer_datasets(cfg: Config, tokenizer: Tokenizer, position: DataPosition |
 def data_cpus(cfg: Config) -> float:
     """CPUs Ray Data needs in streaming mode (see the module docstring)."""
     d = cfg.data
-    return d.tokenize_actors * d.tokenize_cpus + PACK_CPUS + _READS_IN_FLIGHT * d.read_cpus
+    return d.tokenize_actors * d.tokenize_cpus + PACK_CPUS + d.read_tasks * d.read_cpus
 
 
 def ray_cluster_cpus_needed(cfg: Config) -> float:
@@ -204,7 +204,8 @@ def check_cluster_fits(cfg: Config) -> None:
         d, s = cfg.data, cfg.scaling
         data = "" if d.prepared_path else (
             f" + Ray Data {data_cpus(cfg):g} (data.tokenize_actors={d.tokenize_actors} x data.tokenize_cpus="
-            f"{d.tokenize_cpus:g} + packer {PACK_CPUS:g} + {_READS_IN_FLIGHT} x data.read_cpus={d.read_cpus:g})")
+            f"{d.tokenize_cpus:g} + packer {PACK_CPUS:g} + data.read_tasks={d.read_tasks} x data.read_cpus="
+            f"{d.read_cpus:g})")
         raise DataError(
             f"the Ray cluster has {have:g} CPUs but this run needs {need:g}: scaling.num_workers={s.num_workers} x "
             f"scaling.cpus_per_worker={s.cpus_per_worker:g}{data}; lower scaling.cpus_per_worker or data.tokenize_cpus"

@@ -27,6 +27,7 @@ import numpy as np
 import raylm
 from raylm.config import Config
 from raylm.errors import DataError
+from raylm.ray_env import configure_local_cluster
 
 SHARD_ROWS = 16384
 
@@ -178,6 +179,8 @@ def prepare_main(cfg: Config) -> int:
     started = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if not os.environ.get("RAY_ADDRESS"):
+            configure_local_cluster()
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
         started = True
     ctx = ray.data.DataContext.get_current()

@@ -15,10 +15,13 @@ so the single-process path walks exactly the same files in the same order:
   source held in a single huge file mixes coarsely (split such files);
 - training files are read in a seeded random order (`data.shuffle_files`), a new one per
   pass over the corpus, so the model does not see one package or topic at a time;
-- the validation plan is every source once, in config order, without weights.
+- the validation plan is every source once, without weights: each source's held-out files
+  in a seeded order, the sources taken in turn file by file, so that the rows evaluation
+  reads (the first ones) sample the whole held-out set.
 
 Files are read whole by `ray.data.read_binary_files` (with their paths) and parsed in the
-same fused task by `raylm.data.parse.parse_file`; with `preserve_order` the documents
+same fused task by `raylm.data.parse.parse_file`, data.read_tasks of them at once (each new
+task process costs a second of CPU to start, so more only pays on high-latency stores); with `preserve_order` the documents
 come out in plan order. Bad input either raises `DataError` inside the task (unwrapped to
 one line at the driver, see `raylm.data.pipeline.unwrap_data_error`) or is counted by kind
 in a `BadInputCounter` actor and skipped.
@@ -156,7 +159,7 @@ def plan_files(cfg: Config, split: str, *, mixture: bool = True, passes: int = 1
             raise DataError(f"data.sources: no source can be read ({problems[0][1]})")
         raise DataError(f"data.sources: the {split} split holds no files (data.val_fraction={cfg.data.val_fraction})")
     if split != "train":
-        return FilePlan(filesystem, [f for fs_ in per_source for f in fs_] * passes, problems)
+        return FilePlan(filesystem, _validation_order(per_source, cfg.data.seed) * passes, problems)
     files = []
     for p in range(passes):
         order = [_shuffled(fs_, cfg.data.seed, i, p) if cfg.data.shuffle_files else fs_
@@ -165,11 +168,23 @@ def plan_files(cfg: Config, split: str, *, mixture: bool = True, passes: int = 1
     return FilePlan(filesystem, files, problems)
 
 
-def _shuffled(files: list[PlannedFile], seed: int, source: int, pass_: int) -> list[PlannedFile]:
+def _shuffled(files: list[PlannedFile], seed: int, source: int, pass_: int, *salt: int) -> list[PlannedFile]:
     """A seeded permutation per source and pass: sorted file names are a poor curriculum
     (a model trained on them in order sees one package at a time)."""
-    perm = np.random.default_rng([seed, source, pass_]).permutation(len(files))
+    perm = np.random.default_rng([seed, source, pass_, *salt]).permutation(len(files))
     return [files[k] for k in perm]
+
+
+def _validation_order(per_source: list[list[PlannedFile]], seed: int) -> list[PlannedFile]:
+    """Held-out files: each source in its own seeded order, sources taken in turn, file by file.
+
+    Evaluation reads the first rows of the validation split, so those must be a sample of
+    the whole held-out set (every source, files from everywhere), not its alphabetical start.
+    The order is fixed by data.seed, so every evaluation of a run reads the same rows.
+    """
+    shuffled = [_shuffled(files, seed, i, 0, 1) for i, files in enumerate(per_source)]
+    longest = max((len(files) for files in shuffled), default=0)
+    return [files[k] for k in range(longest) for files in shuffled if k < len(files)]
 
 
 def interleave(per_source: list[list[PlannedFile]], weights: list[float]) -> list[PlannedFile]:
@@ -224,12 +239,14 @@ def documents_dataset(cfg: Config, split: str, counter, *, mixture: bool = True,
     d = cfg.data
     ds = ray.data.read_binary_files(
         [f.path for f in plan.files], include_paths=True, filesystem=plan.filesystem, num_cpus=d.read_cpus,
+        concurrency=d.read_tasks,
     )
     return ds.map_batches(
         parse_batch,
-        fn_kwargs=dict(specs=specs, split=split, val_fraction=d.val_fraction, on_error=d.on_error,
+        fn_kwargs=dict(specs=ray.put(specs), split=split, val_fraction=d.val_fraction, on_error=d.on_error,
                        counter=counter, priority_seed=cfg.tokenizer.seed if with_priority else None),
         batch_size=None,
         batch_format="numpy",
         num_cpus=d.read_cpus,
+        concurrency=d.read_tasks,  # the same as the read's, so that Ray Data fuses the two into one task
     )

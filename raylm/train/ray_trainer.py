@@ -42,6 +42,7 @@ from raylm.config import Config
 from raylm.data.order import DataPosition
 from raylm.errors import ConfigError
 from raylm.optim import build_optimizer
+from raylm.ray_env import configure_local_cluster
 from raylm.runs import create_run_dir
 from raylm.train import checkpoint as ckpt
 from raylm.train.loop import Hooks, RankEnv, TrainState, run_training
@@ -140,6 +141,7 @@ def connect(cfg: Config) -> bool:
         # Workers must import raylm even where it is not installed (a source checkout).
         root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        configure_local_cluster()
         ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True)
     quiet_console()
     return True
