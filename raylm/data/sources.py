@@ -248,5 +248,5 @@ def documents_dataset(cfg: Config, split: str, counter, *, mixture: bool = True,
         batch_size=None,
         batch_format="numpy",
         num_cpus=d.read_cpus,
-        concurrency=d.read_tasks,  # the same as the read's, so that Ray Data fuses the two into one task
+        compute=ray.data.TaskPoolStrategy(size=d.read_tasks),  # as the read's: Ray Data fuses the two into one task
     )
