@@ -1,5 +1,6 @@
 """Configs: YAML + dotted overrides load into typed sections; bad input is one clear line."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,7 @@ def test_resolved_config_round_trips(tmp_path):
         ("data.sources.3.path=x", "data.sources.3: list index '3' out of range"),
         ("train.activation_checkpointing=some", "train.activation_checkpointing='some'"),
         ("nonsense", "override 'nonsense': expected section.key=value"),
+        ("data.read_tasks=0", "data.read_tasks=0: must be a positive integer"),
     ],
 )
 def test_bad_config_is_one_line_naming_key_and_value(override, expected):
@@ -98,3 +100,15 @@ def test_grad_accumulation_follows_world_size():
     assert [cfg.grad_accum_steps(w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
     with pytest.raises(ConfigError):
         cfg.grad_accum_steps(3)
+
+
+def test_local_cluster_keeps_idle_workers_unless_the_environment_says_otherwise(monkeypatch):
+    from raylm.ray_env import WORKERS_SOFT_LIMIT_VAR, configure_local_cluster, workers_soft_limit
+
+    monkeypatch.delenv(WORKERS_SOFT_LIMIT_VAR, raising=False)
+    configure_local_cluster()
+    assert os.environ[WORKERS_SOFT_LIMIT_VAR] == str(workers_soft_limit()) and workers_soft_limit(2) == 16
+    assert workers_soft_limit(64) == 128
+    monkeypatch.setenv(WORKERS_SOFT_LIMIT_VAR, "5")
+    configure_local_cluster()
+    assert os.environ[WORKERS_SOFT_LIMIT_VAR] == "5"

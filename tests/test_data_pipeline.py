@@ -234,3 +234,6 @@ def test_cluster_too_small_fails_before_workers_start(ray_cluster):
     with pytest.raises(DataError, match=r"the Ray cluster has 2 CPUs but this run needs 3.45: .*scaling.num_workers=2"):
         check_cluster_fits(config("scaling.num_workers=2", "scaling.cpus_per_worker=1"))
     check_cluster_fits(config("scaling.num_workers=2", "scaling.cpus_per_worker=0.25"))
+    # every read task the pipeline may run at once (data.read_tasks) holds data.read_cpus
+    with pytest.raises(DataError, match=r"needs 2.35: .*data.read_tasks=4 x data.read_cpus=0.2"):
+        check_cluster_fits(config("scaling.num_workers=2", "scaling.cpus_per_worker=0.25", "data.read_tasks=4"))
