@@ -87,8 +87,8 @@ class DataConfig:
     """Size of the Ray Data actor pool that runs the tokenizer."""
     tokenize_cpus: float = 0.5
     """CPUs reserved per tokenizer actor (fractional so small machines keep room for reading)."""
-    tokenize_batch_docs: int = 256
-    """Documents per `map_batches` batch."""
+    tokenize_batch_docs: int | None = None
+    """Documents per tokenizer batch; null: about 1 MiB of text per batch, estimated from the files."""
     read_cpus: float = 0.2
     """CPUs reserved per Ray Data read-and-parse task (fractional: reading is mostly I/O)."""
     read_tasks: int = 2
@@ -405,7 +405,6 @@ def validate(cfg: Config) -> None:
     for key, value in [
         ("data.seq_len", d.seq_len),
         ("data.tokenize_actors", d.tokenize_actors),
-        ("data.tokenize_batch_docs", d.tokenize_batch_docs),
         ("data.read_tasks", d.read_tasks),
         ("train.max_steps", t.max_steps),
         ("train.global_batch_tokens", t.global_batch_tokens),
@@ -448,6 +447,8 @@ def validate(cfg: Config) -> None:
     _require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
     _require(d.tokenize_cpus > 0, "data.tokenize_cpus", d.tokenize_cpus, "must be > 0")
     _require(d.read_cpus > 0, "data.read_cpus", d.read_cpus, "must be > 0")
+    _require(d.tokenize_batch_docs is None or d.tokenize_batch_docs > 0, "data.tokenize_batch_docs",
+             d.tokenize_batch_docs, "must be a positive integer or null")
     _require(d.max_document_bytes > 0, "data.max_document_bytes", d.max_document_bytes, "must be a positive integer")
     _require(d.stream_passes is None or d.stream_passes > 0, "data.stream_passes", d.stream_passes,
              "must be a positive integer or null")

@@ -156,3 +156,22 @@ def test_validation_plan_samples_every_source_and_file_in_a_seeded_order(tmp_pat
     assert [f.path for f in plan.files] == [f.path for f in plan_files(cfg, "validation").files]  # seeded
     train = {f.path for f in plan_files(cfg, "train").files}
     assert not train & {f.path for f in plan.files}
+
+
+def test_tokenizer_batches_hold_about_a_mebibyte_and_read_blocks_feed_every_actor():
+    from raylm.config import Config
+    from raylm.data.sources import FilePlan, read_blocks, tokenize_batch_docs
+
+    def plan(fmt, n, size):
+        return FilePlan(None, [PlannedFile(f"f{i}", size, 0, spec(fmt)) for i in range(n)], [])
+
+    cfg = Config()
+    assert cfg.data.tokenize_batch_docs is None
+    assert tokenize_batch_docs(cfg, plan("text", 100, 16 * 1024)) == 64  # 64 files of 16 KiB
+    assert tokenize_batch_docs(cfg, plan("jsonl", 3, 10 * 2**20)) == 1024  # records assumed 1 KiB
+    assert tokenize_batch_docs(cfg, plan("text", 3, 50 * 2**20)) == 16  # never fewer than 16
+    cfg.data.tokenize_batch_docs = 7
+    assert tokenize_batch_docs(cfg, plan("text", 100, 16 * 1024)) == 7  # the config wins
+    assert read_blocks(plan("text", 4000, 17_000), 2) == 17  # 68 MB in ~4 MiB blocks
+    assert read_blocks(plan("text", 100, 10_000), 2) == 8  # a small corpus still feeds both actors
+    assert read_blocks(plan("text", 3, 10_000), 2) == 3  # at most one block per file

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from raylm.config import Config
 from raylm.data.order import DataPosition, PackedDataset, SequenceOrder, unseen_micro_batches
-from raylm.data.sources import documents_dataset, plan_files
+from raylm.data.sources import documents_dataset, plan_files, tokenize_batch_docs
 from raylm.data.stages import BadInputCounter, PackIndex, TokenizeFrame
 from raylm.data.transforms import TOKEN_DTYPE
 from raylm.errors import DataError
@@ -89,13 +89,14 @@ def packed_dataset(cfg: Config, tokenizer: Tokenizer, split: str, *, passes: int
 
     d = cfg.data
     counter = _counter()
-    docs = documents_dataset(cfg, split, counter, passes=passes)
+    plan = plan_files(cfg, split, passes=passes)
+    docs = documents_dataset(cfg, split, counter, passes=passes, plan=plan)
     ds = docs.map_batches(
         TokenizeFrame,
         fn_constructor_kwargs=dict(tokenizer=tokenizer, add_bos=d.add_bos),
         compute=ray.data.ActorPoolStrategy(size=d.tokenize_actors),
         num_cpus=d.tokenize_cpus,
-        batch_size=d.tokenize_batch_docs,
+        batch_size=tokenize_batch_docs(cfg, plan),
         batch_format="numpy",
     )
     ds = ds.map_batches(
