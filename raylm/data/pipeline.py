@@ -82,6 +82,10 @@ def _ordered(ds):
     return ds
 
 
+ACTOR_START_TIMEOUT_S = 120
+"""How long an execution waits for its tokenizer and packing actors before it reads."""
+
+
 def packed_dataset(cfg: Config, tokenizer: Tokenizer, split: str, *, passes: int = 1,
                    skip: DataPosition | None = None):
     """Rows {"tokens": int32 (seq_len + 1,), "index": int64} of `split`, in global index order."""
@@ -108,6 +112,10 @@ def packed_dataset(cfg: Config, tokenizer: Tokenizer, split: str, *, passes: int
         batch_format="numpy",
     )
     ds = _ordered(ds)
+    # Start reading only once the actors are up. Otherwise bad input in the first file fails
+    # the execution while they are still pending, and Ray Data's shutdown could leave one
+    # alive holding its CPUs (seen on 2 CPUs: the next run then waited for them in vain).
+    ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     ds._raylm_counter = counter  # noqa: SLF001 -- read by bad_input_report
     return ds
 
