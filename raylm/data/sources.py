@@ -21,8 +21,8 @@ so the single-process path walks exactly the same files in the same order:
 
 Files are read whole by `ray.data.read_binary_files` (with their paths) and parsed in the
 same fused task by `raylm.data.parse.parse_file`, data.read_tasks of them at once (each new
-task process costs a second of CPU to start, so more only pays on high-latency stores); with `preserve_order` the documents
-come out in plan order. Bad input either raises `DataError` inside the task (unwrapped to
+task process costs a second of CPU to start, so more only pays on high-latency stores);
+with `preserve_order` the documents come out in plan order. Bad input either raises `DataError` inside the task (unwrapped to
 one line at the driver, see `raylm.data.pipeline.unwrap_data_error`) or is counted by kind
 in a `BadInputCounter` actor and skipped.
 """
