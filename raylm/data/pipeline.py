@@ -94,7 +94,7 @@ def packed_dataset(cfg: Config, tokenizer: Tokenizer, split: str, *, passes: int
     d = cfg.data
     counter = _counter()
     plan = plan_files(cfg, split, passes=passes)
-    docs = documents_dataset(cfg, split, counter, passes=passes, plan=plan)
+    docs = documents_dataset(cfg, split, counter, plan=plan)
     ds = docs.map_batches(
         TokenizeFrame,
         fn_constructor_kwargs=dict(tokenizer=tokenizer, add_bos=d.add_bos),

@@ -48,8 +48,6 @@ def _plan_specs(ref) -> dict:
     """
     import ray
 
-    if not isinstance(ref, ray.ObjectRef):
-        return ref
     key = ref.hex()
     if key not in _PLAN_SPECS:
         _PLAN_SPECS.clear()  # one plan at a time: a worker does not hoard old plans
@@ -60,7 +58,7 @@ def _plan_specs(ref) -> dict:
 def parse_batch(batch, specs, split, val_fraction, on_error, counter, priority_seed):
     """Read task: files {"bytes", "path"} -> documents {"doc_id", "text"} of `split` (+ "priority").
 
-    `specs`: {path: FileSpec}, or an object reference to it (see `_plan_specs`).
+    `specs`: an object reference to the plan's {path: FileSpec} (see `_plan_specs`).
     """
     import ray
 
