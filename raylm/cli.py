@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train on Ray (RAY_ADDRESS, else a local cluster); tokenizer first if none")
     _config_args(p)
-    p.add_argument("--local", action="store_true", help="run in this process without Ray (local files only)")
+    p.add_argument("--local", action="store_true",
+                   help="train in this process (or each torchrun rank) without Ray (local files only)")
 
     p = sub.add_parser("prepare", help="tokenise and pack the corpus once into Parquet shards + manifest")
     _config_args(p)
@@ -46,21 +47,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(cfg.to_yaml(), end="")
         elif args.command == "prepare":
-            from raylm.data.prepare import prepare_main
+            from raylm.data.prepared import summary_lines
+            from raylm.ray.connect import ray_session
+            from raylm.ray.prepare import prepare
 
-            return prepare_main(cfg)
+            with ray_session(progress_bars=True):
+                out = prepare(cfg)
+            print("\n".join(summary_lines(out)))
         elif args.command == "train" and args.local:
-            from raylm.train.single import train_single_process
+            from raylm.train.local import train_local
 
-            train_single_process(cfg)
+            train_local(cfg)
         elif args.command == "train":
-            from raylm.train.ray_trainer import train_on_ray
+            from raylm.ray.train import train_command
 
-            train_on_ray(cfg)
+            train_command(cfg)
     except RaylmError as e:
         print(f"raylm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("raylm: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        run_dir = getattr(e, "run_dir", None)
+        if run_dir:
+            print(f"raylm: interrupted: the newest good checkpoint is kept; continue with run.resume_from={run_dir}",
+                  file=sys.stderr)
+        else:
+            print("raylm: interrupted", file=sys.stderr)
         return 130
     return 0

@@ -10,6 +10,7 @@ valid. This module imports neither torch nor Ray beyond the model's config class
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ class TokenizerConfig:
 
     def vocab_size_ok(self, vocab_size: int) -> bool:
         # An existing tokenizer brings its own vocabulary (checked when it is loaded).
-        return self.path is not None or not self.byte_fallback or vocab_size >= 260
+        return self.path is not None or not self.byte_fallback or vocab_size >= 262
 
 
 @dataclass
@@ -129,6 +130,9 @@ class TrainConfig:
     """torch.compile each transformer block."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device for MFU; None uses the bf16 peak of the detected GPU kind."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss or gradient is not finite is skipped (no update) and counted; this
+    many in a row stop the run with one line (its checkpoints so far are kept)."""
 
 
 @dataclass
@@ -169,7 +173,10 @@ class RunConfig:
     output_dir: str = "runs"
     """Where run directories (config, metrics, checkpoints) are written; may be a shared path."""
     resume_from: str | None = None
-    """A run directory or checkpoint to continue from; None starts fresh."""
+    """A run directory (continued in place) or a checkpoint (a new run starts from it); None starts fresh."""
+    resume_changes: list[Literal["tokenizer", "seq_len", "data"]] = field(default_factory=list)
+    """What a resumed run may change from its checkpoint: a different tokenizer, data.seq_len or
+    corpus (sources and their files) is an error unless listed here."""
     keep_checkpoints: int = 3
     """Keep the last K checkpoints."""
     max_failures: int = 0
@@ -444,6 +451,8 @@ def validate(cfg: Config) -> None:
         ac,
         "must be none, full or selective:N with N >= 1",
     )
+    _require(0.98 <= cfg.tokenizer.character_coverage <= 1, "tokenizer.character_coverage",
+             cfg.tokenizer.character_coverage, "must be in [0.98, 1] (sentencepiece refuses less)")
     _require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
     _require(d.tokenize_cpus > 0, "data.tokenize_cpus", d.tokenize_cpus, "must be > 0")
     _require(d.read_cpus > 0, "data.read_cpus", d.read_cpus, "must be > 0")
@@ -474,12 +483,18 @@ def validate(cfg: Config) -> None:
     _require(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", s.cpus_per_worker, "must be >= 0")
     _require(r.temperature >= 0, "run.temperature", r.temperature, "must be >= 0 (0 is greedy)")
     _require(cfg.tokenizer.vocab_size_ok(cfg.model.vocab_size), "model.vocab_size", cfg.model.vocab_size,
-             "must be >= 260 (sentencepiece needs room for 256 byte pieces and 4 special tokens)")
+             "must be >= 262 (sentencepiece needs room for 256 byte pieces, 4 special tokens, newline and tab)")
     if r.name is not None:
-        _require(
-            bool(r.name) and "/" not in r.name and r.name not in (".", ".."),
-            "run.name",
-            r.name,
-            "must be a non-empty name without '/'",
-        )
+        _require(is_plain_name(r.name), "run.name", r.name, NAME_RULE)
+    _require(is_plain_name(cfg.config_name), "config_name", cfg.config_name, NAME_RULE)
+    _require(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", t.max_nonfinite_steps,
+             "must be a positive integer")
+
+
+NAME_RULE = "must be a plain name (letters, digits, '.', '_', '-'; not starting with '.')"
+
+
+def is_plain_name(name: str) -> bool:
+    """Names that become one directory level: no separators, no '..', nothing hidden."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,199}", name))
 

@@ -20,3 +20,23 @@ class DataError(RaylmError):
 
 class CheckpointError(RaylmError):
     """A checkpoint is missing, incomplete or does not match the run."""
+
+
+class SourceNotFound(DataError):
+    """A data source's path, directory or glob names no file."""
+
+
+class EmptySplit(DataError):
+    """A split (train or validation) holds no files or no sequences."""
+
+
+class TrainingError(RaylmError):
+    """Training cannot go on (for example the loss stayed non-finite); checkpoints so far are kept."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run stopped before train.max_steps (Ctrl-C, SIGTERM); its good checkpoints are kept."""
+
+    def __init__(self, run_dir: str):
+        super().__init__(run_dir)
+        self.run_dir = run_dir

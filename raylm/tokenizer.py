@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 
 from raylm.errors import DataError
+
+if TYPE_CHECKING:
+    from raylm.config import Config
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 _MAX_SENTENCE_CHARS = 8192
@@ -61,29 +66,34 @@ class Tokenizer:
         if not chunks:
             raise DataError("tokenizer training: the corpus sample holds no text")
         out = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(chunks),
-            model_writer=out,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            byte_fallback=byte_fallback,
-            character_coverage=character_coverage,
-            max_sentencepiece_length=max_piece_length,
-            max_sentence_length=_MAX_SENTENCE_CHARS * 4,  # bytes
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            user_defined_symbols=["\n", "\t"],
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            pad_id=PAD_ID,
-            hard_vocab_limit=False,
-            num_threads=num_threads,
-            minloglevel=2,
-        )
+        user_symbols = ["\n", "\t"]
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(chunks),
+                model_writer=out,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                byte_fallback=byte_fallback,
+                character_coverage=character_coverage,
+                max_sentencepiece_length=max_piece_length,
+                max_sentence_length=_MAX_SENTENCE_CHARS * 4,  # bytes
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                add_dummy_prefix=False,
+                allow_whitespace_only_pieces=True,
+                split_digits=True,
+                user_defined_symbols=user_symbols,
+                unk_id=UNK_ID,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                pad_id=PAD_ID,
+                hard_vocab_limit=False,
+                num_threads=num_threads,
+                minloglevel=2,
+            )
+        except RuntimeError as e:  # sentencepiece's failed CHECKs: the settings do not fit this sample
+            fixed_pieces = 4 + len(user_symbols) + (256 if byte_fallback else 0)
+            raise DataError(_training_error(str(e), chunks, vocab_size, character_coverage, fixed_pieces)) from None
         return cls(out.getvalue())
 
     def save(self, path: str | Path) -> Path:
@@ -94,6 +104,10 @@ class Tokenizer:
         tmp.replace(path)  # atomic: a crash never leaves half a tokenizer
         self.source = str(path)
         return path
+
+    def to_bytes(self) -> bytes:
+        """The sentencepiece model file's bytes (what `save` writes)."""
+        return self._proto
 
     @property
     def vocab_size(self) -> int:
@@ -116,6 +130,50 @@ class Tokenizer:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["proto"], state["source"])
+
+
+def _training_error(message: str, chunks: list[str], vocab_size: int, character_coverage: float,
+                    fixed_pieces: int) -> str:
+    """One line for a sentencepiece training failure, in config keys rather than its flags and C++ checks."""
+    # e.g. "INTERNAL: src/trainer_interface.cc(638) [<check>] Vocabulary size is smaller than required_chars.
+    # 300 vs 570. Increase vocab_size or decrease character_coverage with --character_coverage option."
+    first = message.strip().splitlines()[0] if message.strip() else "no message"
+    check = re.match(r"[A-Z_]+: \S+\(\d+\) \[(.*?)\] ?(.*)", first)
+    detail = (check.group(2) or f"check failed: {check.group(1)}") if check else first
+    detail = detail.split(" Increase vocab_size")[0].rstrip(". ")
+    too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", detail)
+    if too_small is None:  # e.g. tokenizer.character_coverage outside [0.98, 1]
+        return (f"tokenizer training failed with model.vocab_size={vocab_size}, "
+                f"tokenizer.character_coverage={character_coverage} (sentencepiece: {detail})")
+    needed = int(too_small.group(1))
+    characters = len(set().union(*map(set, chunks)))
+    fixed = f"special, newline, tab{', 256 bytes' if fixed_pieces > 256 else ''}"
+    return (f"model.vocab_size={vocab_size} is too small for the {characters:,} distinct characters of the "
+            f"tokenizer sample (sentencepiece: {detail}; {needed} = {fixed_pieces} fixed pieces ({fixed}) + "
+            f"{needed - fixed_pieces} characters); raise model.vocab_size to at least {needed} or lower "
+            f"tokenizer.character_coverage={character_coverage} (0.98 at the least)")
+
+
+def load_or_train(cfg: Config, sample: Callable[[], Iterable[str]], log: Callable[[str], None] = print,
+                  *keep: Path | None) -> Tokenizer:
+    """The one load-or-train: tokenizer.path, else the first existing file of `keep` (a resumed
+    checkpoint's tokenizer, the prepared data's), else a new one trained on `sample()`."""
+    t = cfg.tokenizer
+    existing = next((Path(p) for p in keep if p is not None and Path(p).is_file()), None)
+    if t.path is not None:
+        tokenizer = Tokenizer.load(t.path)
+    elif existing is not None:
+        tokenizer = Tokenizer.load(existing)
+    else:
+        log(f"training a {t.model_type} tokenizer with {cfg.model.vocab_size} pieces ...")
+        tokenizer = Tokenizer.train(
+            sample(), cfg.model.vocab_size, model_type=t.model_type, byte_fallback=t.byte_fallback,
+            character_coverage=t.character_coverage, max_piece_length=t.max_piece_length, max_bytes=t.sample_bytes,
+        )
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} pieces but model.vocab_size="
+                        f"{cfg.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
+    return tokenizer
 
 
 def _training_chunks(texts: Iterable[str], max_bytes: int) -> Iterator[str]:

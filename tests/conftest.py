@@ -28,7 +28,7 @@ def ray_cluster():
     """A local Ray cluster with 2 CPUs and 400 MB of object store, shut down at the end."""
     import ray
 
-    from raylm.ray_env import configure_local_cluster
+    from raylm.ray.connect import configure_local_cluster
 
     if not ray.is_initialized():
         configure_local_cluster()

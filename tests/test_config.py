@@ -65,6 +65,11 @@ def test_resolved_config_round_trips(tmp_path):
         ("train.activation_checkpointing=some", "train.activation_checkpointing='some'"),
         ("nonsense", "override 'nonsense': expected section.key=value"),
         ("data.read_tasks=0", "data.read_tasks=0: must be a positive integer"),
+        ("config_name=../../../tmp/x", "config_name='../../../tmp/x': must be a plain name"),
+        ("config_name=.hidden", "config_name='.hidden': must be a plain name"),
+        ("run.name=a/b", "run.name='a/b': must be a plain name"),
+        ("run.resume_changes=[vocab]", "run.resume_changes.0='vocab': must be one of tokenizer, seq_len, data"),
+        ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps=0: must be a positive integer"),
     ],
 )
 def test_bad_config_is_one_line_naming_key_and_value(override, expected):
@@ -103,7 +108,7 @@ def test_grad_accumulation_follows_world_size():
 
 
 def test_local_cluster_keeps_idle_workers_unless_the_environment_says_otherwise(monkeypatch):
-    from raylm.ray_env import WORKERS_SOFT_LIMIT_VAR, configure_local_cluster, workers_soft_limit
+    from raylm.ray.connect import WORKERS_SOFT_LIMIT_VAR, configure_local_cluster, workers_soft_limit
 
     monkeypatch.delenv(WORKERS_SOFT_LIMIT_VAR, raising=False)
     configure_local_cluster()

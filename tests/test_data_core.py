@@ -6,14 +6,14 @@ import io
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from raylm.data.order import DataPosition
-from raylm.data.parse import FileSpec, parse_file
-from raylm.data.sources import PlannedFile, interleave
+from raylm.data.parse import BadInputTally, FileSpec, parse_file
 from raylm.data.transforms import frame_documents, index_rows, pack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,6 @@ def test_data_core_runs_with_ray_unimportable():
         sys.modules["ray"] = None
         from raylm.config import load_config
         from raylm.data.local import local_documents, pack_documents, train_tokenizer_local
-        import raylm.data.stages
         cfg = load_config(None, ["data.sources.0.max_bytes=150000", "model.vocab_size=512",
                                  "tokenizer.sample_bytes=100000"])
         tok = train_tokenizer_local(cfg)
@@ -79,11 +78,16 @@ def test_index_rows_drops_exactly_the_consumed_indices():
         ("jsonl", b'{"text": "  "}\n', "empty_document", "c/f:1:"),
         ("text", b"\x00\x01\x02binary", "binary_file", "c/f:"),
         ("jsonl", b'{"body": "x"}\n', "missing_field", "c/f:1:"),
-        ("lines", b"x" * 2000 + b"\n", "oversized_document", "c/f:1:"),
+        ("lines", b"x" * (2**20 + 1) + b"\n", "oversized_document", "c/f:1:"),
+        ("jsonl", b'{"text": "a"}\n' + b"[" * 100_000 + b"\n", "malformed_json", "c/f:2:"),
+        ("jsonl", b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "malformed_json", "c/f:1:"),
+        ("jsonl", b'{"text": "a", "n": ' + b"7" * 5000 + b"}\n", "malformed_json", "c/f:1:"),
+        ("jsonl", b'{"text": "a"}\n\n{"text": "a\\ud800b"}\n', "invalid_utf8", "c/f:3:"),
+        ("jsonl", b'{"text": "\\udc00"}\n', "invalid_utf8", "c/f:1:"),
     ],
 )
 def test_each_bad_input_is_one_problem_naming_file_and_line(fmt, data, kind, where):
-    docs, problems = parse_file(data, spec(fmt, max_document_bytes=1000))
+    docs, problems = parse_file(data, spec(fmt, max_document_bytes=2**20))
     assert [k for k, _ in problems] == [kind]
     message = problems[0][1]
     assert message.startswith(where) and "\n" not in message
@@ -93,6 +97,55 @@ def test_valid_records_around_bad_ones_are_kept():
     data = b'{"text": "one"}\nnot json\n\n{"text": "three"}\n'
     docs, problems = parse_file(data, spec("jsonl"))
     assert docs == [("f:1", "one"), ("f:4", "three")] and len(problems) == 1
+
+
+def test_deep_nesting_and_lone_surrogates_cost_only_their_own_records():
+    """100,000-deep JSON and half surrogate pairs are problems of their lines, found in
+    milliseconds; the records around them, deep-but-legal nesting and real pairs included, are
+    kept, and the interpreter recurses as before afterwards."""
+    deep = b"[" * 100_000
+    legal = b'{"meta": ' + b"[" * 50 + b"]" * 50 + b', "text": "nested meta"}'
+    data = b"\n".join([b'{"text": "one"}', deep, b'{"text": "a\\ud800b"}', legal, b'{"text": "\\ud83d\\ude00"}']
+                      + [deep] * 20 + [b'{"text": "last"}'])
+    start = time.perf_counter()
+    docs, problems = parse_file(data, spec("jsonl"))
+    assert time.perf_counter() - start < 1.0
+    assert docs == [("f:1", "one"), ("f:4", "nested meta"), ("f:5", "\U0001f600"), ("f:26", "last")]
+    assert problems[:2] == [
+        ("malformed_json", "c/f:2: malformed JSON (nested too deeply)"),
+        ("invalid_utf8", "c/f:3: invalid text (lone surrogate \\ud800 at character 1)"),
+    ]
+    assert [k for k, _ in problems[2:]] == ["malformed_json"] * 20
+    assert parse_file(data, spec("jsonl")) == (docs, problems)  # the recursion depth was given back
+
+    def depth(n):
+        return 0 if n == 0 else 1 + depth(n - 1)
+
+    assert depth(sys.getrecursionlimit() // 2) == sys.getrecursionlimit() // 2
+
+
+def test_bad_input_tally_counts_distinct_messages_per_kind_in_kind_order_and_merges():
+    """A message met twice (a file read on two passes) counts once; kinds list in BAD_INPUT_KINDS
+    order with their first message; merging another tally's report adds its counts."""
+    tally = BadInputTally()
+    tally.add([("malformed_json", "a:1: x"), ("empty_file", "b: empty file")], documents=5)
+    tally.add([("malformed_json", "a:1: x"), ("malformed_json", "a:7: y")], documents=2)
+    assert tally.report() == {
+        "documents": 7,
+        "skipped": {"empty_file": 1, "malformed_json": 2},
+        "examples": {"empty_file": "b: empty file", "malformed_json": "a:1: x"},
+    }
+    assert list(tally.report()["skipped"]) == ["empty_file", "malformed_json"]
+    other = BadInputTally()
+    other.add([("binary_file", "m: binary file"), ("malformed_json", "c:2: z")], documents=3)
+    tally.merge(other.report())
+    assert tally.report() == {
+        "documents": 10,
+        "skipped": {"empty_file": 1, "binary_file": 1, "malformed_json": 3},
+        "examples": {"empty_file": "b: empty file", "binary_file": "m: binary file", "malformed_json": "a:1: x"},
+    }
+    assert list(tally.report()["skipped"]) == ["empty_file", "binary_file", "malformed_json"]
+    assert BadInputTally().report() == {"documents": 0, "skipped": {}, "examples": {}}
 
 
 def test_parquet_rows_and_missing_column():
@@ -108,6 +161,8 @@ def test_parquet_rows_and_missing_column():
 
 
 def test_interleave_matches_weights_in_bytes_and_upsamples_the_small_source():
+    from raylm.data.plan import PlannedFile, interleave
+
     def files(src, n, size):
         return [PlannedFile(f"s{src}/{i}", size, src, spec("text")) for i in range(n)]
 
@@ -140,7 +195,7 @@ def test_validation_plan_samples_every_source_and_file_in_a_seeded_order(tmp_pat
     import json
 
     from raylm.config import load_config
-    from raylm.data.sources import plan_files
+    from raylm.data.plan import plan_files
 
     for name in ("a", "b"):
         for i in range(40):
@@ -160,10 +215,10 @@ def test_validation_plan_samples_every_source_and_file_in_a_seeded_order(tmp_pat
 
 def test_tokenizer_batches_hold_about_a_mebibyte_and_read_blocks_feed_every_actor():
     from raylm.config import Config
-    from raylm.data.sources import FilePlan, read_blocks, tokenize_batch_docs
+    from raylm.data.plan import FilePlan, PlannedFile, read_blocks, tokenize_batch_docs
 
     def plan(fmt, n, size):
-        return FilePlan(None, [PlannedFile(f"f{i}", size, 0, spec(fmt)) for i in range(n)], [])
+        return FilePlan(None, [PlannedFile(f"f{i}", size, 0, spec(fmt)) for i in range(n)])
 
     cfg = Config()
     assert cfg.data.tokenize_batch_docs is None
@@ -175,3 +230,48 @@ def test_tokenizer_batches_hold_about_a_mebibyte_and_read_blocks_feed_every_acto
     assert read_blocks(plan("text", 4000, 17_000), 2) == 17  # 68 MB in ~4 MiB blocks
     assert read_blocks(plan("text", 100, 10_000), 2) == 8  # a small corpus still feeds both actors
     assert read_blocks(plan("text", 3, 10_000), 2) == 3  # at most one block per file
+
+
+def test_directory_sources_skip_hidden_directories_and_pycache_at_any_depth(tmp_path):
+    """A repository checkout as a source: `.git/` objects (binary, zlib) and `__pycache__/*.pyc`
+    at any depth are never read, so they can neither fail the run nor enter the corpus."""
+    import json
+    import zlib
+
+    from raylm.config import load_config
+    from raylm.data.local import local_documents
+    from raylm.data.plan import list_corpus, plan_files
+
+    repo = tmp_path / "repo"
+    (repo / "pkg" / "sub").mkdir(parents=True)
+    (repo / "pkg" / "mod.py").write_text("def f():\n    return 1\n")
+    (repo / "pkg" / "sub" / "deep.py").write_text("X = 2\n")
+    for hidden in (repo / ".git" / "objects" / "ab", repo / "pkg" / ".cache", repo / "pkg" / "sub" / "__pycache__"):
+        hidden.mkdir(parents=True)
+        (hidden / "blob.bin").write_bytes(zlib.compress(bytes(range(256)) * 8))
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    sources = [{"path": str(repo), "format": "text"}]
+    cfg = load_config(None, ["data.val_fraction=0", "data.sources=" + json.dumps(sources)])
+    listed = [f.spec.id_base for f in list_corpus(cfg).per_source[0]]
+    assert listed == ["pkg/mod.py", "pkg/sub/deep.py"]
+    assert sorted(f.spec.id_base for f in plan_files(cfg, "train").files) == listed
+    assert sorted(d.doc_id for d in local_documents(cfg, "train")) == listed  # data.on_error=raise: nothing bad read
+
+
+def test_a_source_that_matches_nothing_is_an_error_even_when_skipping_bad_input(tmp_path):
+    """Dropping a source would silently change the mixture: it is one line naming the source."""
+    import json
+
+    from raylm.config import load_config
+    from raylm.data.plan import list_corpus
+    from raylm.errors import SourceNotFound
+
+    (tmp_path / "a.txt").write_text("some text\n")
+    (tmp_path / "only_hidden").mkdir()
+    (tmp_path / "only_hidden" / ".secret").write_text("x\n")
+    for missing in (tmp_path / "nope", tmp_path / "only_hidden", tmp_path / "*.jsonl"):
+        sources = [{"path": str(tmp_path / "a.txt")}, {"path": str(missing), "format": "text"}]
+        cfg = load_config(None, ["data.on_error=skip", "data.sources=" + json.dumps(sources)])
+        with pytest.raises(SourceNotFound, match=r"data\.sources\.1\.path=") as err:
+            list_corpus(cfg)
+        assert "\n" not in str(err.value)

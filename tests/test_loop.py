@@ -10,17 +10,25 @@ from raylm.config import load_config
 from raylm.data.order import PackedDataset
 from raylm.model import Transformer
 from raylm.optim import build_optimizer, lr_at, param_groups
-from raylm.train.loop import Hooks, RankEnv, TrainState, run_training, seed_everything
+from raylm.train.trainer import RankEnv, Trainer
+from support import ListSink
 
 DEBUG = ["model.preset=debug", "data.seq_len=32", "train.global_batch_tokens=128", "train.micro_batch_size=2",
          "train.eval_every=0", "train.log_every=1000"]
 
 
 def _model(cfg):
-    seed_everything(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     model.init_weights()
     return model
+
+
+def _train(cfg, data, val=None, model=None, sink=None, **kw):
+    model = model or _model(cfg)
+    trainer = Trainer(cfg, RankEnv(), sink or ListSink(), data, val, model=model,
+                      optimizer=build_optimizer(model, cfg.optimizer), log=lambda s: None, **kw)
+    return trainer.fit(), trainer
 
 
 def test_loop_overfits_one_fixed_batch_to_near_zero_loss():
@@ -28,9 +36,7 @@ def test_loop_overfits_one_fixed_batch_to_near_zero_loss():
                                      "optimizer.weight_decay=0", "optimizer.schedule=constant"])
     row = np.random.default_rng(0).integers(4, 2048, size=(1, 33)).astype(np.int32)
     data = PackedDataset(np.repeat(row, 4, axis=0), shuffle=False)  # every sequence is the same
-    model = _model(cfg)
-    out = run_training(cfg, model, build_optimizer(model, cfg.optimizer), data, None, RankEnv(),
-                       hooks=Hooks(log=lambda s: None))
+    out, _ = _train(cfg, data)
     assert out["loss"] < 0.05
     assert out["accuracy"] > 0.99
 
@@ -42,10 +48,8 @@ def test_gradient_accumulation_equals_one_big_batch():
     for micro in ("2", "8"):
         cfg = load_config(None, DEBUG[:-2] + [f"train.micro_batch_size={micro}", "train.global_batch_tokens=256",
                                               "train.max_steps=3", "train.eval_every=0"])
-        model = _model(cfg)
-        out = run_training(cfg, model, build_optimizer(model, cfg.optimizer), PackedDataset(rows), None,
-                           RankEnv(), hooks=Hooks(log=lambda s: None))
-        results.append((out["loss"], [p.detach().clone() for p in model.parameters()]))
+        out, trainer = _train(cfg, PackedDataset(rows))
+        results.append((out["loss"], [p.detach().clone() for p in trainer.model.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -54,22 +58,19 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_data_position_after_k_steps_is_the_first_k_global_batches():
     cfg = load_config(None, DEBUG + ["train.max_steps=3"])
     rows = np.random.default_rng(2).integers(4, 2048, size=(40, 33)).astype(np.int32)
-    model = _model(cfg)
     seen = []
-    state = TrainState()
-    run_training(cfg, model, build_optimizer(model, cfg.optimizer), PackedDataset(rows), None, RankEnv(), state,
-                 Hooks(on_indices=lambda step, ix: seen.append(ix), log=lambda s: None))
+    _, trainer = _train(cfg, PackedDataset(rows), on_indices=lambda step, ix: seen.append(ix))
     assert np.array_equal(np.concatenate(seen), np.arange(12))
-    assert state.data_position.watermark == 12 and state.data_position.extra.size == 0
+    position = trainer.state.data_position
+    assert position.watermark == 12 and position.extra.size == 0
 
 
 def test_metrics_have_what_an_engineer_watches():
     cfg = load_config(None, DEBUG + ["train.max_steps=2", "train.eval_every=1", "train.eval_batches=2"])
     rows = np.random.default_rng(3).integers(4, 2048, size=(40, 33)).astype(np.int32)
-    records = []
-    model = _model(cfg)
-    run_training(cfg, model, build_optimizer(model, cfg.optimizer), PackedDataset(rows), PackedDataset(rows[:8]),
-                 RankEnv(), hooks=Hooks(on_metrics=records.append, log=lambda s: None))
+    sink = ListSink()
+    _train(cfg, PackedDataset(rows), PackedDataset(rows[:8]), sink=sink)
+    records = sink.records
     step_records = [r for r in records if "loss" in r]
     assert {"loss", "lr", "grad_norm", "tokens_per_second", "tokens_per_second_per_worker", "accuracy",
             "val_loss", "val_perplexity", "peak_memory_bytes"} <= set(step_records[-1])

@@ -1,6 +1,7 @@
 """Sentencepiece tokenizer: trained on real text, round-trips code exactly, fixed special ids."""
 
 import pickle
+import re
 
 import pytest
 
@@ -56,3 +57,25 @@ def test_bad_tokenizer_files_are_one_line_errors(tmp_path):
     junk.write_bytes(b"not a model")
     with pytest.raises(DataError, match="junk.model: not a sentencepiece model"):
         Tokenizer.load(junk)
+
+
+@pytest.mark.parametrize("vocab_size,byte_fallback", [(300, True), (60, False)])
+def test_vocab_too_small_for_the_sample_characters_is_one_line_naming_the_size_that_fits(vocab_size, byte_fallback):
+    """sentencepiece needs a piece per covered character on top of its fixed pieces (with byte
+    fallback 262: 4 special, newline, tab, 256 bytes), whatever hard_vocab_limit says; too few is a
+    one-line DataError naming model.vocab_size and the size that trains (the stdlib's code has
+    more than 40 distinct characters, so 300 and 60 are too few)."""
+    texts = [d.text for d in stdlib_documents("train", 0.0, max_bytes=200_000)]
+    with pytest.raises(DataError) as raised:
+        Tokenizer.train(texts, vocab_size, byte_fallback=byte_fallback, max_bytes=200_000)
+    message = str(raised.value)
+    assert "\n" not in message and "trainer_interface" not in message
+    assert message.startswith(f"model.vocab_size={vocab_size} is too small for the ")
+    needed = int(re.search(r"raise model.vocab_size to at least (\d+) or lower tokenizer.character_coverage", message)[1])
+    assert needed > vocab_size
+    assert Tokenizer.train(texts, needed, byte_fallback=byte_fallback, max_bytes=200_000).vocab_size == needed
+
+
+def test_character_coverage_sentencepiece_refuses_is_one_line():
+    with pytest.raises(DataError, match=r"^tokenizer training failed .*character_coverage=0\.5 .*>= 0\.98[^\n]*$"):
+        Tokenizer.train(["some text"] * 10, 300, character_coverage=0.5)

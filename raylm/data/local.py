@@ -1,43 +1,44 @@
-"""Single-process data path: the corpus tokenised and packed in memory, no Ray.
+"""Single-process data path: the corpus tokenised and packed in memory, or prepared shards, no Ray.
 
-Used by `raylm train --local`, the torch-core tests and GPU benchmarks under torchrun. It
-walks the same file plan (`raylm.data.sources.plan_files`) with the same parser, samples the
-tokenizer the same way and packs with the same functions, so its rows equal the Ray Data
-pipeline's (`raylm.data.pipeline`) row for row. Local paths only (no URIs) in practice.
+Used by `raylm train --local`, torchrun, the torch-core tests and GPU benchmarks. It walks the
+same file plan (`raylm.data.plan`) with the same parser, samples the tokenizer the same way
+and packs with the same functions, so its rows equal the Ray Data pipeline's
+(`raylm.ray.data`) row for row. Local paths only (no URIs) in practice.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Iterator
 
-from collections import Counter
+import numpy as np
 
 from raylm.config import Config
 from raylm.data.corpus import Document, is_validation
-from raylm.data.order import PackedDataset
-from raylm.data.parse import parse_file, sample_priority
-from raylm.data.sources import plan_files
+from raylm.data.order import DataPosition, PackedDataset
+from raylm.data.parse import BadInputTally, parse_file, sample_priority
+from raylm.data.plan import CorpusListing, plan_files
 from raylm.data.transforms import TOKEN_DTYPE, tokenize_and_pack
-from raylm.errors import DataError
-from raylm.tokenizer import Tokenizer
+from raylm.errors import DataError, EmptySplit
+from raylm.tokenizer import Tokenizer, load_or_train
 
 
-def local_documents(cfg: Config, split: str, *, mixture: bool = True) -> list[Document]:
-    """The documents of `split` in the order the Ray Data pipeline reads them (same file plan, same parser)."""
-    plan = plan_files(cfg, split, mixture=mixture)
-    problems = list(plan.problems)
+def local_documents(cfg: Config, split: str, *, mixture: bool = True, listing: CorpusListing | None = None,
+                    tally: BadInputTally | None = None) -> list[Document]:
+    """The documents of `split` in the order the Ray Data pipeline reads them (same file plan, same parser).
+
+    Bad input raises (data.on_error=raise) or is counted in `tally` and skipped."""
+    plan = plan_files(cfg, split, mixture=mixture, listing=listing)
     docs: list[Document] = []
     for f in plan.files:
         with plan.filesystem.open_input_stream(f.path) as stream:
             parsed, bad = parse_file(stream.read(), f.spec)
         if bad and cfg.data.on_error == "raise":
             raise DataError(bad[0][1])
-        problems.extend(bad)
-        docs.extend(Document(doc_id, text) for doc_id, text in parsed
-                    if is_validation(doc_id, cfg.data.val_fraction) == (split == "validation"))
-    if problems:
-        kinds = Counter(kind for kind, _ in dict.fromkeys(problems))
-        print(f"raylm: skipped bad input: {', '.join(f'{n} {k}' for k, n in kinds.items())} ({problems[0][1]})")
+        kept = [Document(doc_id, text) for doc_id, text in parsed
+                if is_validation(doc_id, cfg.data.val_fraction) == (split == "validation")]
+        if tally is not None:
+            tally.add(bad, len(kept))
+        docs.extend(kept)
     return docs
 
 
@@ -56,32 +57,48 @@ def pack_documents(docs: list[Document], tokenizer: Tokenizer, seq_len: int, add
     return np.concatenate(parts)
 
 
-def train_tokenizer_local(cfg: Config) -> Tokenizer:
-    """The tokenizer `raylm.data.pipeline.get_tokenizer` trains, without Ray (same seeded sample)."""
-    docs = local_documents(cfg, "train", mixture=False)
+def tokenizer_sample(cfg: Config, listing: CorpusListing | None = None) -> list[str]:
+    """The tokenizer's training sample without Ray: the same seeded documents the Ray path samples."""
+    docs = local_documents(cfg, "train", mixture=False, listing=listing)
     seed = cfg.tokenizer.seed
     docs = sorted(docs, key=lambda d: (sample_priority(seed, d.doc_id), d.doc_id))[: cfg.tokenizer.sample_docs]
-    t = cfg.tokenizer
-    return Tokenizer.train(
-        (d.text for d in docs),
-        cfg.model.vocab_size,
-        model_type=t.model_type,
-        byte_fallback=t.byte_fallback,
-        character_coverage=t.character_coverage,
-        max_piece_length=t.max_piece_length,
-        max_bytes=t.sample_bytes,
-    )
+    return [d.text for d in docs]
 
 
-def local_datasets(cfg: Config, tokenizer: Tokenizer) -> tuple[PackedDataset, PackedDataset | None]:
-    """(train, validation) packed in memory; validation is None when val_fraction is 0."""
+def train_tokenizer_local(cfg: Config) -> Tokenizer:
+    """The tokenizer `raylm train` gets for `cfg`, made in this process (tests, benchmarks)."""
+    return load_or_train(cfg, lambda: tokenizer_sample(cfg), lambda line: None)
+
+
+class CountedSource:
+    """A batch source with the bad-input counts of the documents it was packed from."""
+
+    def __init__(self, source, tally: BadInputTally):
+        self.source, self.tally = source, tally
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def micro_batches(self, position: DataPosition, rank: int, world_size: int, micro_batch_size: int) -> Iterator[dict]:
+        return self.source.micro_batches(position, rank, world_size, micro_batch_size)
+
+    def bad_input(self) -> dict:
+        return self.tally.report()
+
+
+def local_datasets(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing | None = None
+                   ) -> tuple[CountedSource, PackedDataset | None]:
+    """(train, validation) packed in memory; validation is None when there is no held-out document."""
     d = cfg.data
-    train_rows = pack_documents(local_documents(cfg, "train"), tokenizer, d.seq_len, d.add_bos)
+    tally = BadInputTally()
+    train_rows = pack_documents(local_documents(cfg, "train", listing=listing, tally=tally), tokenizer,
+                                d.seq_len, d.add_bos)
     if len(train_rows) == 0:
-        raise DataError(f"data.sources: the training split holds less than one sequence of {d.seq_len} tokens")
-    train = PackedDataset(train_rows, seed=d.seed, shuffle=True)
-    val = None
-    if d.val_fraction > 0:
-        val_rows = pack_documents(local_documents(cfg, "validation"), tokenizer, d.seq_len, d.add_bos)
-        val = PackedDataset(val_rows, seed=d.seed, shuffle=False) if len(val_rows) else None
-    return train, val
+        raise EmptySplit(f"data.sources: the training split holds less than one sequence of {d.seq_len} tokens")
+    train = CountedSource(PackedDataset(train_rows, seed=d.seed, shuffle=True), tally)
+    try:
+        val_docs = local_documents(cfg, "validation", listing=listing, tally=tally)
+    except EmptySplit:
+        return train, None
+    val_rows = pack_documents(val_docs, tokenizer, d.seq_len, d.add_bos)
+    return train, PackedDataset(val_rows, seed=d.seed, shuffle=False) if len(val_rows) else None

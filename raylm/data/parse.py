@@ -4,7 +4,7 @@
 problems, each `(kind, one-line message naming the file and line)`. The Ray Data pipeline
 calls it inside its read tasks and the single-process path calls it directly, so both see
 the same documents. What happens to a problem (raise or skip and count) is the caller's
-choice (`data.on_error`).
+choice (`data.on_error`); skipped problems are counted in a `BadInputTally`.
 
 Document ids are stable across machines and runs: the path relative to the source root for
 `text`, `path:line` for `lines` and `jsonl` (1-based), `path:row` for `parquet` (0-based).
@@ -18,7 +18,6 @@ import json
 from dataclasses import dataclass
 
 BAD_INPUT_KINDS = (
-    "missing_path",
     "empty_file",
     "binary_file",
     "unreadable_file",
@@ -55,6 +54,43 @@ class FileSpec:
 Problem = tuple[str, str]  # (kind, message)
 
 
+class BadInputTally:
+    """Bad input skipped (distinct messages per kind) and documents read, for the run's summary.
+
+    Pure: the single-process path uses it directly and the Ray path wraps it as an actor.
+    """
+
+    def __init__(self):
+        self._messages: dict[str, dict[str, None]] = {}  # kind -> distinct messages, first seen first
+        self._merged: dict[str, int] = {}  # kind -> count from merged reports
+        self._examples: dict[str, str] = {}  # kind -> first message seen, added or merged
+        self.documents = 0
+
+    def add(self, problems: list[Problem], documents: int = 0) -> None:
+        self.documents += documents
+        for kind, message in problems:
+            self._messages.setdefault(kind, {})[message] = None
+            self._examples.setdefault(kind, message)
+
+    def merge(self, report: dict) -> None:
+        """Add another tally's `report()` (of other files: its messages are not compared with ours)."""
+        self.documents += report["documents"]
+        for kind, n in report["skipped"].items():
+            self._merged[kind] = self._merged.get(kind, 0) + n
+            self._examples.setdefault(kind, report["examples"][kind])
+
+    def report(self) -> dict:
+        """{"documents": n, "skipped": {kind: n}, "examples": {kind: first message}}, kinds in
+        BAD_INPUT_KINDS order (a kind outside it last rather than lost)."""
+        order = {kind: i for i, kind in enumerate(BAD_INPUT_KINDS)}
+        kinds = sorted(self._examples, key=lambda k: order.get(k, len(order)))  # stable: others as first seen
+        return {
+            "documents": self.documents,
+            "skipped": {k: len(self._messages.get(k, ())) + self._merged.get(k, 0) for k in kinds},
+            "examples": {k: self._examples[k] for k in kinds},
+        }
+
+
 def parse_file(data: bytes, spec: FileSpec) -> tuple[list[tuple[str, str]], list[Problem]]:
     """The documents of one file in file order, and the problems met (never raises on bad input)."""
     if spec.lenient:
@@ -82,6 +118,30 @@ def _decode(data: bytes, where: str) -> tuple[str | None, Problem | None]:
         return data.decode("utf-8"), None
     except UnicodeDecodeError as e:
         return None, ("invalid_utf8", f"{where}: invalid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})")
+
+
+def _load_json(line: str, where: str) -> tuple[object, Problem | None]:
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as e:
+        return None, ("malformed_json", f"{where}: malformed JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        # The C decoder stops at the recursion limit (about 1,000 levels) and unwinds cleanly,
+        # so '[' * 10**6 costs microseconds and leaves the interpreter as it was.
+        return None, ("malformed_json", f"{where}: malformed JSON (nested too deeply)")
+    except ValueError as e:  # a number beyond Python's int digit limit (sys.get_int_max_str_digits)
+        return None, ("malformed_json", f"{where}: malformed JSON ({str(e).split(';')[0].splitlines()[0]})")
+
+
+def _lone_surrogate(value: str, where: str) -> Problem | None:
+    """A JSON escape may spell half a surrogate pair (\\ud800): a str that no UTF-8 encoder, sentencepiece
+    included, accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return ("invalid_utf8",
+                f"{where}: invalid text (lone surrogate \\u{ord(value[e.start]):04x} at character {e.start})")
+    return None
 
 
 def _parse_text(data: bytes, spec: FileSpec):
@@ -114,10 +174,9 @@ def _parse_lines(data: bytes, spec: FileSpec):
         if spec.format == "lines":
             docs.append((doc_id, line))
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(("malformed_json", f"{where}: malformed JSON ({e.msg} at column {e.colno})"))
+        record, problem = _load_json(line, where)
+        if problem is not None:
+            problems.append(problem)
             continue
         if not isinstance(record, dict) or spec.field not in record:
             what = "record" if isinstance(record, dict) else f"JSON {type(record).__name__}, not an object,"
@@ -129,6 +188,8 @@ def _parse_lines(data: bytes, spec: FileSpec):
                              f"{where}: field {spec.field!r} holds {type(value).__name__}, expected a string"))
         elif not value.strip():
             problems.append(("empty_document", f"{where}: empty document (field {spec.field!r} is blank)"))
+        elif (surrogate := _lone_surrogate(value, where)) is not None:
+            problems.append(surrogate)
         elif len(value) > spec.max_document_bytes:
             problems.append(_too_big(len(value.encode()), spec, where))
         else:

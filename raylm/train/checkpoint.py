@@ -4,33 +4,64 @@ Torch core: no Ray. A checkpoint is a directory:
 
     .metadata, __<rank>_<i>.distcp     DCP: model and optimizer (sharded tensors, resharded on
                                        load to any world size), torch RNG state
-    raylm_checkpoint.json              train state (step, tokens, data position) and the list
-                                       of DCP files with their sizes, written last
+    tokenizer.model, config.yaml, ...  optional small files the caller hands in (`extra_files`)
+    raylm_checkpoint.json              the marker, written last:
+
+    {"format": "raylm-dcp-2", "save_id": "<uuid4 hex>", "world_size": 2,
+     "train_state": {"step": 200, ...}, "facts": {"seq_len": 256, ...},
+     "files": {".metadata": {"bytes": 9021, "blake2b": "<hex>"},
+               "__0_0.distcp": {"bytes": 1048576, "blake2b": "<hex>"}, ...}}
 
 The schedule is a pure function of the step (raylm.optim.lr_at), so the step is all it needs.
+`facts` is opaque here: the trainer stores what must match on resume (tokenizer hash, seq_len,
+data fingerprint) and compares it.
 
-Integrity: `raylm_checkpoint.json` is written by rank 0 after every rank's shards are on disk,
-atomically (tmp + rename), and lists each DCP file and the bytes it must hold. A directory is
-complete only if the marker parses and every file it lists is there and long enough, so a
-checkpoint cut short by a crash, a kill or an interrupted upload is never taken as the latest.
+Integrity: every file of the checkpoint is listed in the marker with its size and BLAKE2b
+checksum (`b2sum` computes the same). Each rank hashes the files it writes as it writes them
+(a DCP writer whose streams hash what passes through; they refuse to seek, so the hash is that
+of the file) and rank 0 gathers the lists: ranks may write to different local directories
+(Ray Train merges them on upload), so no rank ever reads another's files. Rank 0 writes the
+marker last, atomically (tmp + rename), once every rank's shards are on disk.
+
+Two checks, cheap and full:
+- `read_marker` / `is_complete`: the marker parses and every file it lists is there with its
+  size. A checkpoint cut short by a crash, a kill or an interrupted upload fails it, so
+  `latest_checkpoint` (the driver's choice) never picks one.
+- `verify_checkpoint`: every checksum matches, so a zero-filled or bit-flipped shard, or a shard
+  left from another save, is found. Under a process group the ranks share the hashing and agree
+  on the answer. `load_checkpoint` runs it first, and the restore path picks its checkpoint
+  with `newest_good`, which falls back to older ones that pass.
+
+Save id: rank 0 draws a fresh id per save, removes any earlier save's marker from the directory
+and only then lets any rank write (the id's broadcast is the barrier). A directory reused after
+a failed save or upload is therefore never vouched for by a stale marker, and a shard mixed in
+from another save fails its checksum. DCP's `.metadata` records the same id.
+
+No checkpoint holds non-finite weights: the ranks agree (one all-reduce) before anything is
+written, and all refuse together.
 
 Safe loading: DCP in torch 2.13 reads `.metadata` with `pickle.load` and non-tensor entries
 (the optimizer's param_groups) with `torch.load(weights_only=False)`, either of which would
 run code from a crafted checkpoint. Here `.metadata` is read by an unpickler that admits only
 DCP's own metadata classes and torch dtypes/sizes, non-tensor entries go through
 `torch.load(weights_only=True)` (plain numbers, strings, lists, tuples, dicts), tensors are
-already read with weights_only=True by DCP, and the train state is JSON.
+already read with weights_only=True by DCP, and the marker is JSON. Checksums guard against
+damage, not against an attacker, who can rewrite the marker too: safety comes from these rules.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import pickle
 import re
 import shutil
+import uuid
 import warnings
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +72,11 @@ import torch.distributed as dist
 # Loading a sharded checkpoint into one process (the driver, a 1-worker resume) is intended.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -53,8 +86,11 @@ from torch.distributed.checkpoint.state_dict import (
 from raylm.errors import CheckpointError
 
 MARKER = "raylm_checkpoint.json"
-FORMAT = "raylm-dcp-1"
+FORMAT = "raylm-dcp-2"
+_LEGACY_FORMAT = "raylm-dcp-1"
+_HASH_CHUNK_BYTES = 1 << 20
 _DIR_RE = re.compile(r"^checkpoint_(\d+)$")
+_DCP_FILE_RE = re.compile(r"^__\d+_\d+\.distcp$")
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -67,6 +103,16 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _all_gather(value: Any) -> list[Any]:
+    """`value` from every rank, in rank order; [value] without a process group."""
+    _, world = _rank_world()
+    if world == 1:
+        return [value]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def _rng_state() -> dict[str, torch.Tensor]:
     state = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -74,33 +120,52 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
+def _new_digest():
+    return hashlib.blake2b()
+
+
+def _file_entry(size_bytes: int, digest) -> dict[str, Any]:
+    return {"bytes": size_bytes, "blake2b": digest.hexdigest()}
+
+
 # ---------------------------------------------------------------------------------------
 # Save
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    train_state: dict[str, Any]) -> Path:
+                    train_state: dict[str, Any], *, facts: dict[str, Any] | None = None,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
     """Write this rank's shards to `path` (a collective: every rank calls it) and, on rank 0,
-    the marker that makes the checkpoint complete. `train_state` is TrainState.state_dict().
+    `extra_files` and the marker that makes the checkpoint complete.
 
-    Ranks may write to different local directories (Ray Train merges them on upload);
-    rank 0's directory gets `.metadata` and the marker.
+    `train_state` is TrainState.state_dict(); `facts` is a plain-JSON dict stored in the marker
+    for the caller to compare on resume; `extra_files` maps plain file names to their bytes
+    (only rank 0's are written). Ranks may write to different local directories (Ray Train
+    merges them on upload); rank 0's directory gets `.metadata`, the extra files and the marker.
+    An earlier save's marker in `path` is removed before any rank writes. Returns on every rank
+    once the marker is written. Raises CheckpointError on every rank, having written nothing,
+    if a weight is non-finite.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     rank, world = _rank_world()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd, "rng": _rng_state()}, checkpoint_id=str(path))
+    # Converted first so that a value JSON cannot hold fails on every rank before any write.
+    train_state, facts = _plain(train_state), _plain(facts or {})
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        _check_extra_name(name)
+    _refuse_non_finite(path, model)
+    path.mkdir(parents=True, exist_ok=True)
+    save_id = _begin_save(path, rank)
+    files = _save_dcp(path, model, optimizer, save_id)
     if rank == 0:
-        marker = {
-            "format": FORMAT,
-            "world_size": world,
-            "train_state": _plain(train_state),
-            "files": _dcp_file_sizes(path),
-        }
-        tmp = path / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(marker))
-        os.replace(tmp, path / MARKER)
+        files.update({name: _write_atomic(path / name, data) for name, data in extra_files.items()})
+    files = _merge_file_lists(_all_gather(files))
+    if rank == 0:
+        marker = {"format": FORMAT, "save_id": save_id, "world_size": world,
+                  "train_state": train_state, "facts": facts, "files": files}
+        _write_atomic(path / MARKER, json.dumps(marker, indent=1).encode())
+    if world > 1:
+        dist.barrier()  # so that on every rank, a returned save is a complete checkpoint
     return path
 
 
@@ -110,21 +175,165 @@ def _plain(value: Any) -> Any:
         return value
     if isinstance(value, np.integer):
         return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
     if isinstance(value, (list, tuple, np.ndarray)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
-    raise TypeError(f"train state value {value!r} is not a plain number, string or list")
+    raise TypeError(f"checkpoint value {value!r} is not a plain number, string or list")
 
 
-def _dcp_file_sizes(path: Path) -> dict[str, int]:
-    """Each file DCP's metadata refers to and the bytes it must hold at least."""
-    metadata = _read_metadata(path)
-    sizes: dict[str, int] = {".metadata": (path / ".metadata").stat().st_size}
-    for info in metadata.storage_data.values():
-        name = str(info.relative_path)
-        sizes[name] = max(sizes.get(name, 0), int(info.offset) + int(info.length))
-    return sizes
+def _check_extra_name(name: str) -> None:
+    """Extra files are plain names that cannot be taken for DCP's files or the marker."""
+    if (not name or "/" in name or "\\" in name or name in (".", "..", MARKER, ".metadata")
+            or name.startswith(MARKER) or _DCP_FILE_RE.match(name)):
+        raise ValueError(f"extra checkpoint file name {name!r} is not allowed (a plain file name, "
+                         f"not {MARKER}, .metadata or __<rank>_<i>.distcp)")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _refuse_non_finite(path: Path, model: torch.nn.Module) -> None:
+    """Raise on every rank if any rank's shard holds a NaN or inf, before anything is written."""
+    named = [(name, _local(p.detach())) for name, p in model.named_parameters()]
+    # One device-side reduction and one sync, not one per parameter.
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).all() if named else torch.tensor(True)
+    flag = (~finite).to(torch.int32).reshape(1)
+    _, world = _rank_world()
+    if world > 1:
+        nccl = dist.get_backend() == "nccl"
+        flag = flag.to(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return
+    # Rare path, taken by every rank together: learn which parameter, so all ranks say the same.
+    local_bad = next((name for name, t in named if not torch.isfinite(t).all()), None)
+    bad = next(name for name in _all_gather(local_bad) if name is not None)
+    raise CheckpointError(f"refusing to save {path}: the model holds non-finite weights (parameter {bad})")
+
+
+def _begin_save(path: Path, rank: int) -> str:
+    """This save's id. Rank 0 first removes an earlier save's marker, so that a directory being
+    rewritten is never taken for complete; the other ranks receive the id only after that, so the
+    broadcast is the barrier that keeps every shard write behind the removal."""
+    box = [uuid.uuid4().hex if rank == 0 else None]
+    if rank == 0:
+        for stale in (MARKER, MARKER + ".tmp", ".metadata"):  # .metadata: DCP would warn about it
+            (path / stale).unlink(missing_ok=True)
+    if _rank_world()[1] > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _save_dcp(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              save_id: str) -> dict[str, dict[str, Any]]:
+    """DCP-save model, optimizer and RNG; return the files this rank wrote with their checksums."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    writer = _HashingWriter(path, save_id)
+    dcp.save({"model": model_sd, "optim": optim_sd, "rng": _rng_state()}, storage_writer=writer)
+    return dict(writer.fs.written)
+
+
+def _write_atomic(file: Path, data: bytes) -> dict[str, Any]:
+    tmp = file.with_name(file.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file)
+    digest = _new_digest()
+    digest.update(data)
+    return _file_entry(len(data), digest)
+
+
+def _merge_file_lists(per_rank: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    files: dict[str, dict[str, Any]] = {}
+    for rank_files in per_rank:
+        if clash := files.keys() & rank_files.keys():
+            raise RuntimeError(f"checkpoint files written by two ranks: {sorted(clash)}")
+        files.update(rank_files)
+    return dict(sorted(files.items()))
+
+
+class _HashingStream(io.IOBase):
+    """A file opened for writing that hashes every byte written through it. It refuses to seek,
+    so what it hashed is exactly the file's content."""
+
+    def __init__(self, raw: io.BufferedWriter):
+        self._raw = raw
+        self.digest = _new_digest()
+        self.size_bytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.size_bytes += view.nbytes
+        return self._raw.write(view)
+
+    def tell(self) -> int:  # DCP records each item's offset
+        return self._raw.tell()
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def fileno(self) -> int:
+        # DCP fsyncs this descriptor: flush first so that the sync covers every byte written.
+        self._raw.flush()
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()  # flushes
+            self._raw.close()
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system, recording {file name: {bytes, blake2b}} of each file written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: dict[str, dict[str, Any]] = {}
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str):
+        if not mode.startswith("w"):  # DCP's writer only creates files; anything else passes
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        path = Path(path)
+        with super().create_stream(path, mode) as raw:
+            stream = _HashingStream(raw)
+            yield stream
+            stream.close()
+        if path.stat().st_size != stream.size_bytes:  # written around the stream: a bug, not a user error
+            raise RuntimeError(f"{path}: {path.stat().st_size} bytes on disk but {stream.size_bytes} hashed")
+        self.written[path.name] = _file_entry(stream.size_bytes, stream.digest)
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        super().rename(path, new_path)  # DCP writes .metadata.tmp, then renames it
+        if (entry := self.written.pop(Path(path).name, None)) is not None:
+            self.written[Path(new_path).name] = entry
+
+
+class _HashingWriter(FileSystemWriter):
+    """DCP's file writer with hashing streams, recording raylm's save id in `.metadata`."""
+
+    def __init__(self, path: Path, save_id: str):
+        super().__init__(str(path), overwrite=True)
+        self.fs = _HashingFileSystem()
+        self.raylm_save_id = save_id
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.raylm_save_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,8 +381,6 @@ class SafeFileSystemReader(FileSystemReader):
         if kwargs.get("rank") is not None:
             raise CheckpointError(f"{self.path}: per-rank metadata files are not supported")
         metadata = _read_metadata(Path(self.path))
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -195,24 +402,88 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[fqn] = obj
 
 
+# ---------------------------------------------------------------------------------------
+# Checks
+
+
 def read_marker(path: str | Path) -> dict[str, Any] | None:
-    """The parsed marker of a complete checkpoint, or None when `path` is not complete."""
-    path = Path(path)
+    """The cheap check: the parsed marker when it is valid and every file it lists is there with
+    its size, else None. Reads no file contents."""
+    return _check_marker(Path(path))[0]
+
+
+def _check_marker(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(marker, None) when the cheap check passes, else (None, a one-line reason)."""
     try:
         marker = json.loads((path / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT or not isinstance(marker.get("files"), dict):
-        return None
-    for name, size in marker["files"].items():
-        file = path / name
-        if "/" in name or name in ("", ".", "..") or not file.is_file() or file.stat().st_size < int(size):
-            return None
-    return marker
+    except FileNotFoundError:
+        return None, f"{path}: no {MARKER} (not a checkpoint, or one cut short)"
+    except (OSError, ValueError) as e:
+        return None, f"{path}/{MARKER}: unreadable ({e})"
+    if not isinstance(marker, dict):
+        return None, f"{path}/{MARKER}: not a JSON object"
+    if marker.get("format") == _LEGACY_FORMAT:
+        return None, (f"{path}/{MARKER}: format {_LEGACY_FORMAT} has no checksums and is no longer "
+                      f"loaded; only {FORMAT} checkpoints are")
+    if marker.get("format") != FORMAT:
+        return None, f"{path}/{MARKER}: format {marker.get('format')!r}, expected {FORMAT!r}"
+    if not isinstance(marker.get("files"), dict) or not isinstance(marker.get("train_state"), dict):
+        return None, f"{path}/{MARKER}: no 'files' or 'train_state' object"
+    for name, entry in marker["files"].items():
+        if reason := _listed_file_problem(path, name, entry):
+            return None, reason
+    return marker, None
+
+
+def _listed_file_problem(path: Path, name: str, entry: Any) -> str | None:
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        return f"{path}/{MARKER}: file name {name!r} is not a plain name"
+    if (not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int)
+            or not isinstance(entry.get("blake2b"), str)):
+        return f"{path}/{MARKER}: entry of {name} is not {{\"bytes\": int, \"blake2b\": hex}}"
+    file = path / name
+    if not file.is_file():
+        return f"{file}: missing"
+    if (size := file.stat().st_size) != entry["bytes"]:
+        return f"{file}: {size} bytes, the marker says {entry['bytes']} (cut short or from another save)"
+    return None
 
 
 def is_complete(path: str | Path) -> bool:
     return read_marker(path) is not None
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """The full check: None when the cheap check passes and every listed file's checksum matches,
+    else a one-line reason naming the file.
+
+    A collective when a process group with more than one rank is initialised (every rank calls
+    it): rank r hashes files[r::world] of its own copy, and all ranks return the same answer.
+    """
+    path = Path(path)
+    marker, reason = _check_marker(path)
+    if reason is None:
+        rank, world = _rank_world()
+        names = sorted(marker["files"])[rank::world]
+        reason = next((r for name in names if (r := _checksum_problem(path, name, marker["files"][name]))), None)
+    return next((r for r in _all_gather(reason) if r is not None), None)
+
+
+def _checksum_problem(path: Path, name: str, entry: dict[str, Any]) -> str | None:
+    digest = _new_digest()
+    try:
+        with open(path / name, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK_BYTES):
+                digest.update(chunk)
+    except OSError as e:
+        return f"{path}/{name}: unreadable ({e.strerror or e})"
+    if digest.hexdigest() != entry["blake2b"]:
+        return f"{path}/{name}: checksum mismatch (damaged or from another save)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Choosing a checkpoint
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -225,11 +496,53 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run; incomplete ones are skipped."""
+    """The newest complete checkpoint of a run by the cheap check (`read_marker`); incomplete ones
+    are skipped. For the driver, which must not read every shard: the restore path on the
+    workers picks its checkpoint with `newest_good`, which verifies checksums."""
     for path in reversed(list_checkpoints(run_dir)):
         if is_complete(path):
             return path
     return None
+
+
+def newest_good(candidates: Iterable[str | Path],
+                log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
+    """(path, marker) of the newest candidate that passes `verify_checkpoint`, or None.
+
+    Candidates are checkpoint directories in any order (duplicates and directories without a
+    marker are fine); newest means the highest marker train_state step, ties in the given order.
+    Each skipped candidate that has a marker is logged. A collective under a process group: the
+    ranks try the candidates in rank 0's order and agree on each verdict, so all return the same.
+    """
+    order = _by_step(candidates)
+    if _rank_world()[1] > 1:
+        box = [order]
+        dist.broadcast_object_list(box, src=0)
+        order = box[0]
+    for path in order:
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path, read_marker(path)
+        log(f"warning: checkpoint {path} is not usable ({reason}); trying an older one")
+    return None
+
+
+def _by_step(candidates: Iterable[str | Path]) -> list[Path]:
+    """The distinct candidates that have a marker, highest step first (stable for ties)."""
+    seen: dict[Path, Path] = {}
+    for candidate in candidates:
+        seen.setdefault(Path(candidate).resolve(), Path(candidate))
+    stepped = []
+    for path in seen.values():
+        try:
+            marker = json.loads((path / MARKER).read_text())
+        except (OSError, ValueError):
+            continue  # no marker: not a checkpoint, nothing to warn about
+        train_state = marker.get("train_state") if isinstance(marker, dict) else None
+        step = train_state.get("step") if isinstance(train_state, dict) else None
+        # A marker without a usable step still gets tried (and its problem logged), last.
+        stepped.append((step if isinstance(step, int) else -1, path))
+    return [path for _, path in sorted(stepped, key=lambda item: -item[0])]
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
@@ -250,15 +563,18 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+                    optimizer: torch.optim.Optimizer | None = None, *, verify: bool = True) -> dict[str, Any]:
     """Load `path` into this rank's model (and optimizer) shards; return the train state dict.
 
     A collective when distributed. Works for any world size, whatever world size saved it.
+    With `verify` (the default) every checksum is checked first and a damaged checkpoint is
+    refused with CheckpointError naming the file; without it, only the cheap check runs.
     """
     path = Path(path)
+    reason = verify_checkpoint(path) if verify else _check_marker(path)[1]
+    if reason is not None:
+        raise CheckpointError(reason)
     marker = read_marker(path)
-    if marker is None:
-        raise CheckpointError(f"{path}: not a complete raylm checkpoint (no valid {MARKER} or a file is missing)")
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
     else:
@@ -296,13 +612,14 @@ def resolve_resume(path: str | Path) -> tuple[Path | None, Path]:
 
     A run directory resolves to its newest complete checkpoint; a checkpoint directory to
     itself. Raises CheckpointError with one line when there is nothing to resume from.
+    Runs on the driver, so only the cheap check: the workers verify checksums when they load.
     """
     path = Path(path).expanduser().resolve()
     if not path.exists():
         raise CheckpointError(f"run.resume_from={path}: no such run directory or checkpoint")
     if (path / MARKER).exists() or (path / ".metadata").exists():
-        if not is_complete(path):
-            raise CheckpointError(f"run.resume_from={path}: the checkpoint is incomplete (cut short); "
+        if (reason := _check_marker(path)[1]) is not None:
+            raise CheckpointError(f"run.resume_from={path}: the checkpoint is not usable ({reason}); "
                                   "pass its run directory to resume from the newest complete one")
         return None, path
     latest = latest_checkpoint(path)

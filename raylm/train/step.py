@@ -1,4 +1,4 @@
-"""One optimizer step and one evaluation pass: forward, loss, backward, clip, update.
+"""One optimizer step and one evaluation pass: forward, loss, backward, clip, update (or skip).
 
 Works the same on a plain module and on an FSDP2-sharded one: under FSDP the gradient sync
 is skipped on all but the last micro-batch of a step (one reduce-scatter per step), and the
@@ -8,6 +8,7 @@ gradient norm comes back as a DTensor that is made whole before logging.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,13 +19,15 @@ import torch.nn.functional as F
 @dataclass
 class StepStats:
     loss: float
-    """Mean next-token cross-entropy over the global batch (nats/token)."""
+    """Mean next-token cross-entropy over the global batch (nats/token); may be non-finite."""
     accuracy: float
     """Share of next tokens predicted exactly (argmax), over the global batch."""
     grad_norm: float
-    """Global gradient norm before clipping."""
+    """Global gradient norm before clipping; may be non-finite."""
     tokens: int
     """Tokens trained on by this rank in this step."""
+    applied: bool
+    """False when the loss or the gradient was not finite and the update was skipped."""
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -58,12 +61,10 @@ def _set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
         setter(enabled)
 
 
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
 
 
 def train_step(
@@ -80,47 +81,53 @@ def train_step(
     Each micro-batch's summed loss is divided by the tokens of the whole global batch; FSDP's
     gradient reduction averages over ranks, so multiplying by world_size makes the update
     the exact mean over the global batch, independent of the world size.
+
+    Loss and accuracy sums stay on the device; the step makes one host sync, after the
+    gradient norm, to decide whether to apply the update: a non-finite loss or gradient norm
+    (agreed by every rank, since both are global) skips it, so the weights stay finite.
     """
     tokens_per_micro = [int(b["tokens"].shape[0]) * (int(b["tokens"].shape[1]) - 1) for b in micro_batches]
     global_tokens = sum(tokens_per_micro) * world_size
-    loss_total, correct_total = 0.0, 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, correct count) of this rank
     for i, batch in enumerate(micro_batches):
         _set_grad_sync(model, i == len(micro_batches) - 1)
         tokens = to_device(batch, device)
         loss_sum, correct = loss_and_correct(model, tokens, precision)
         (loss_sum * (world_size / global_tokens)).backward()
-        loss_total += loss_sum.item()
-        correct_total += correct.item()
+        sums += torch.stack([loss_sum.detach().double(), correct.double()])
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
-    optimizer.step()
+    _all_reduce_sum(sums)
+    loss_total, correct_total, norm = torch.cat([sums, grad_norm.detach().double().reshape(1)]).tolist()  # the sync
+    applied = math.isfinite(loss_total) and math.isfinite(norm)
+    if applied:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss_total, correct_total = _all_reduce_sum([loss_total, correct_total], device)
     return StepStats(
         loss=loss_total / global_tokens,
         accuracy=correct_total / global_tokens,
-        grad_norm=float(grad_norm),
+        grad_norm=norm,
         tokens=sum(tokens_per_micro),
+        applied=applied,
     )
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches, device: torch.device, precision: str) -> dict[str, float]:
-    """Held-out loss, perplexity and accuracy, summed over every rank's batches."""
+    """Held-out loss, perplexity and accuracy, summed over every rank's batches (one host sync)."""
     was_training = model.training
     model.eval()
-    loss_sum = correct = n_tokens = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # (loss sum, correct, tokens)
     for batch in batches:
         tokens = to_device(batch, device)
         batch_loss, batch_correct = loss_and_correct(model, tokens, precision)
-        loss_sum += batch_loss.item()
-        correct += batch_correct.item()
-        n_tokens += tokens.shape[0] * (tokens.shape[1] - 1)
-    loss_sum, correct, n_tokens = _all_reduce_sum([loss_sum, correct, n_tokens], device)
+        n_tokens = torch.tensor(float(tokens.shape[0] * (tokens.shape[1] - 1)), dtype=torch.float64, device=device)
+        sums += torch.stack([batch_loss.double(), batch_correct.double(), n_tokens])
+    loss_sum, correct, n_tokens = _all_reduce_sum(sums).tolist()
     model.train(was_training)
     if n_tokens == 0:
         return {}
     loss = loss_sum / n_tokens
-    return {"val_loss": loss, "val_perplexity": float(torch.tensor(loss).exp()), "val_accuracy": correct / n_tokens}
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)), "val_accuracy": correct / n_tokens}

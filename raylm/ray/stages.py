@@ -1,40 +1,20 @@
 """The functions and classes Ray Data runs in its tasks and actors (light imports: no torch, no config).
 
-Ray starts fresh worker processes for tasks and actors; everything here imports only numpy,
-sentencepiece and the pure data modules, so a worker is ready in a fraction of a second.
+Ray starts fresh worker processes for tasks and actors; everything here imports only Ray,
+numpy, sentencepiece and the pure data modules, so a worker is ready in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import ray
 
 from raylm.data.corpus import is_validation
 from raylm.data.order import DataPosition
-from raylm.data.parse import BAD_INPUT_KINDS, parse_file, sample_priority
+from raylm.data.parse import parse_file, sample_priority
 from raylm.data.transforms import TOKEN_DTYPE, frame_documents, index_rows, pack
 from raylm.errors import DataError
 from raylm.tokenizer import BOS_ID, EOS_ID
-
-
-class BadInputCounter:
-    """Actor: bad input skipped (distinct messages per kind) and documents read, for the summary."""
-
-    def __init__(self):
-        self.messages: dict[str, dict[str, None]] = {}
-        self.documents = 0
-
-    def add(self, problems, documents: int = 0) -> None:
-        self.documents += documents
-        for kind, message in problems:
-            self.messages.setdefault(kind, {})[message] = None
-
-    def report(self) -> dict:
-        kinds = [k for k in BAD_INPUT_KINDS if k in self.messages]
-        return {
-            "documents": self.documents,
-            "skipped": {k: len(self.messages[k]) for k in kinds},
-            "examples": {k: next(iter(self.messages[k])) for k in kinds},
-        }
 
 
 _PLAN_SPECS: dict = {}
@@ -46,8 +26,6 @@ def _plan_specs(ref) -> dict:
     The plan goes to the tasks as an object reference: passed by value, every read task
     would deserialise a spec for every file of the corpus (15 ms per task for 4,000 files).
     """
-    import ray
-
     key = ref.hex()
     if key not in _PLAN_SPECS:
         _PLAN_SPECS.clear()  # one plan at a time: a worker does not hoard old plans
@@ -60,8 +38,6 @@ def parse_batch(batch, specs, split, val_fraction, on_error, counter, priority_s
 
     `specs`: an object reference to the plan's {path: FileSpec} (see `_plan_specs`).
     """
-    import ray
-
     specs = _plan_specs(specs)
     ids, texts, problems = [], [], []
     for data, path in zip(batch["bytes"], batch["path"]):

@@ -1,11 +1,12 @@
-"""Which files a run reads, in which order, and their documents as a Ray Data Dataset.
+"""The file plan: which files a run reads and in which order (plain Python, pyarrow filesystems).
 
-The file plan is plain Python (pyarrow filesystems; Ray is imported only to build a Dataset)
-so the single-process path walks exactly the same files in the same order:
+The Ray Data pipeline (`raylm.ray.data`) and the single-process path (`raylm.data.local`)
+both read this plan, so they walk exactly the same files in the same order:
 
-- a source's files are listed and sorted by path (a file, a directory, a glob, or a URI
-  such as s3://bucket/prefix/*.jsonl), capped by its `max_bytes`; `python-stdlib` is the
-  default corpus of `raylm.data.corpus`;
+- a source's files are listed once per run and sorted by path (a file, a directory, a
+  glob, or a URI such as s3://bucket/prefix/*.jsonl), capped by its `max_bytes`; hidden
+  files and directories (`.git/`), `__pycache__` and `_*` names are skipped at any depth;
+  `python-stdlib` is the default corpus of `raylm.data.corpus`;
 - `text` files (one document each) are assigned to train or validation by their document
   id before they are read, so neither split reads the other's files;
 - with several sources, the training plan interleaves files by a deterministic weighted
@@ -22,28 +23,31 @@ so the single-process path walks exactly the same files in the same order:
 Files are read whole by `ray.data.read_binary_files` (with their paths) and parsed in the
 same fused task by `raylm.data.parse.parse_file`, data.read_tasks of them at once (each new
 task process costs a second of CPU to start, so more only pays on high-latency stores);
-with `preserve_order` the documents come out in plan order. Bad input either raises `DataError` inside the task (unwrapped to
-one line at the driver, see `raylm.data.pipeline.unwrap_data_error`) or is counted by kind
-in a `BadInputCounter` actor and skipped.
+with `preserve_order` the documents come out in plan order. Bad input either raises `DataError`
+inside the task (unwrapped to one line at the driver by `raylm.ray.errors`) or is counted by
+kind and skipped (`data.on_error`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import glob
+import hashlib
+import json
 import math
 import os
 import posixpath
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raylm.config import STDLIB_CORPUS, Config
 from raylm.data.corpus import is_validation, stdlib_files, stdlib_root
-from raylm.data.parse import FileSpec, Problem
-from raylm.data.stages import parse_batch
-from raylm.errors import DataError
+from raylm.data.parse import FileSpec
+from raylm.errors import DataError, EmptySplit, SourceNotFound
 
 _GLOB_CHARS = "*?["
 
@@ -62,12 +66,29 @@ class PlannedFile:
 class FilePlan:
     filesystem: pafs.FileSystem
     files: list[PlannedFile]
-    problems: list[Problem]
-    """Bad input found while listing (paths that do not exist)."""
+    """The files of one split, in read order (repeated for several passes)."""
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+
+@dataclass
+class CorpusListing:
+    """Every source listed once (a run lists its corpus once and plans both splits from it)."""
+
+    filesystem: pafs.FileSystem
+    per_source: list[list[PlannedFile]]
+    """Each source's files in sorted order, capped by its max_bytes."""
+
+    def fingerprint(self) -> str:
+        """A hash of the listed files (path and size): a resumed run checks it reads the same corpus."""
+        digest = hashlib.sha256()
+        for files in self.per_source:
+            for f in files:
+                digest.update(f"{f.path}\0{f.size}\n".encode())
+            digest.update(b"\1")
+        return digest.hexdigest()
 
 
 def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
@@ -81,12 +102,22 @@ def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
     return fs, fs_path + path[len(static):] if cut >= 0 else fs_path
 
 
-def _visible(path: str) -> bool:
-    return not any(part.startswith((".", "_")) for part in path.split("/")[-1:])
+_SKIPPED_DIRS = {"__pycache__", "node_modules"}
+
+
+def _visible(relative: str) -> bool:
+    """Files a directory or glob source reads: not hidden at any depth (`.git/`, `.venv/`), not
+    in `__pycache__`, and not named `_*` (`_SUCCESS`, `_metadata`), as pyarrow datasets skip them."""
+    parts = relative.split("/")
+    if any(part.startswith(".") and part not in (".", "..") for part in parts):
+        return False
+    if any(part in _SKIPPED_DIRS for part in parts[:-1]):
+        return False
+    return not parts[-1].startswith("_")
 
 
 def list_source(cfg: Config, i: int) -> tuple[pafs.FileSystem, list[PlannedFile]]:
-    """Source i's files in sorted order, capped by max_bytes; DataError if it names nothing."""
+    """Source i's files in sorted order, capped by max_bytes; SourceNotFound if it names nothing."""
     src, d = cfg.data.sources[i], cfg.data
     key = f"data.sources.{i}.path={src.path!r}"
     if src.path == STDLIB_CORPUS:
@@ -96,28 +127,14 @@ def list_source(cfg: Config, i: int) -> tuple[pafs.FileSystem, list[PlannedFile]
     else:
         fs, fs_path = _resolve(src.path)
         lenient = False
-        if any(c in fs_path for c in _GLOB_CHARS):
-            base = fs_path[: min(fs_path.find(c) for c in _GLOB_CHARS if c in fs_path)].rsplit("/", 1)[0] or "/"
-            if isinstance(fs, pafs.LocalFileSystem):
-                names = [p for p in glob.glob(fs_path, recursive=True) if os.path.isfile(p)]
-                infos = fs.get_file_info(names)
-            else:
-                infos = [f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-                         if f.type == pafs.FileType.File and fnmatch.fnmatch(f.path, fs_path)]
-        else:
-            info = fs.get_file_info(fs_path)
-            if info.type == pafs.FileType.NotFound:
-                raise DataError(f"{key}: no such file or directory")
-            if info.type == pafs.FileType.Directory:
-                base = fs_path
-                infos = [f for f in fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
-                         if f.type == pafs.FileType.File]
-            else:
-                base, infos = posixpath.dirname(fs_path), [info]
-        infos = sorted((f for f in infos if _visible(f.path)), key=lambda f: f.path)
-        files = [(f.path, f.size, posixpath.relpath(f.path, base)) for f in infos]
+        try:
+            base, infos = _list(fs, fs_path, key)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{key}: cannot be listed ({str(e).splitlines()[0]})") from None
+        files = sorted((f.path, f.size, posixpath.relpath(f.path, base)) for f in infos)
+        files = [f for f in files if _visible(f[2])]
         if not files:
-            raise DataError(f"{key}: matches no files")
+            raise SourceNotFound(f"{key}: matches no files (hidden files, __pycache__ and _* names are skipped)")
         if src.max_bytes is not None:
             kept, total = [], 0
             for f in files:
@@ -133,40 +150,59 @@ def list_source(cfg: Config, i: int) -> tuple[pafs.FileSystem, list[PlannedFile]
     return fs, specs
 
 
-def plan_files(cfg: Config, split: str, *, mixture: bool = True, passes: int = 1) -> FilePlan:
-    """The files `split` reads, in read order (see the module docstring)."""
-    filesystem, per_source, problems = pafs.LocalFileSystem(), [], []
-    first_fs = None
+def _list(fs: pafs.FileSystem, fs_path: str, key: str) -> tuple[str, list[pafs.FileInfo]]:
+    """(base directory that document ids are relative to, the files a path or glob names)."""
+    if any(c in fs_path for c in _GLOB_CHARS):
+        base = fs_path[: min(fs_path.find(c) for c in _GLOB_CHARS if c in fs_path)].rsplit("/", 1)[0] or "/"
+        if isinstance(fs, pafs.LocalFileSystem):
+            names = [p for p in glob.glob(fs_path, recursive=True) if os.path.isfile(p)]
+            return base, fs.get_file_info(names)
+        return base, [f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+                      if f.type == pafs.FileType.File and fnmatch.fnmatch(f.path, fs_path)]
+    info = fs.get_file_info(fs_path)
+    if info.type == pafs.FileType.NotFound:
+        raise SourceNotFound(f"{key}: no such file or directory")
+    if info.type == pafs.FileType.Directory:
+        return fs_path, [f for f in fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
+                         if f.type == pafs.FileType.File]
+    return posixpath.dirname(fs_path), [info]
+
+
+def list_corpus(cfg: Config) -> CorpusListing:
+    """List every source once. A source that names nothing is an error whatever data.on_error
+    says: dropping it would silently change the mixture the config asks for."""
+    filesystem, per_source = None, []
     for i in range(len(cfg.data.sources)):
-        try:
-            fs, files = list_source(cfg, i)
-        except DataError as e:
-            if cfg.data.on_error == "raise" or "no such file" not in str(e) and "matches no files" not in str(e):
-                raise
-            problems.append(("missing_path", str(e)))
-            per_source.append([])
-            continue
-        if first_fs is None:
-            first_fs = filesystem = fs
+        fs, files = list_source(cfg, i)
+        if filesystem is None:
+            filesystem = fs
         elif fs.type_name != filesystem.type_name:
             raise DataError(f"data.sources.{i}.path={cfg.data.sources[i].path!r}: all sources of a run must be on "
                             f"one filesystem ({filesystem.type_name}), this one is on {fs.type_name}")
-        vf = cfg.data.val_fraction
-        files = [f for f in files
-                 if f.spec.format != "text" or is_validation(f.spec.id_base, vf) == (split == "validation")]
         per_source.append(files)
-    if not any(per_source) and split == "train":
-        if problems:
-            raise DataError(f"data.sources: no source can be read ({problems[0][1]})")
-        raise DataError(f"data.sources: the {split} split holds no files (data.val_fraction={cfg.data.val_fraction})")
+    return CorpusListing(filesystem or pafs.LocalFileSystem(), per_source)
+
+
+def plan_files(cfg: Config, split: str, *, mixture: bool = True, passes: int = 1,
+               listing: CorpusListing | None = None) -> FilePlan:
+    """The files `split` reads, in read order (see the module docstring).
+
+    `listing`: the corpus listed already (list it once per run); EmptySplit if `split` holds no file."""
+    listing = listing or list_corpus(cfg)
+    vf = cfg.data.val_fraction
+    per_source = [[f for f in files
+                   if f.spec.format != "text" or is_validation(f.spec.id_base, vf) == (split == "validation")]
+                  for files in listing.per_source]
+    if not any(per_source) or split == "validation" and vf <= 0:
+        raise EmptySplit(f"data.sources: the {split} split holds no files (data.val_fraction={vf})")
     if split != "train":
-        return FilePlan(filesystem, _validation_order(per_source, cfg.data.seed) * passes, problems)
+        return FilePlan(listing.filesystem, _validation_order(per_source, cfg.data.seed) * passes)
     files = []
     for p in range(passes):
         order = [_shuffled(fs_, cfg.data.seed, i, p) if cfg.data.shuffle_files else fs_
                  for i, fs_ in enumerate(per_source)]
         files += interleave(order, [s.weight for s in cfg.data.sources]) if mixture else [f for o in order for f in o]
-    return FilePlan(filesystem, files, problems)
+    return FilePlan(listing.filesystem, files)
 
 
 def _shuffled(files: list[PlannedFile], seed: int, source: int, pass_: int, *salt: int) -> list[PlannedFile]:
@@ -223,7 +259,7 @@ def interleave(per_source: list[list[PlannedFile]], weights: list[float]) -> lis
 
 
 # ---------------------------------------------------------------------------------------
-# Ray Data: the plan as a Dataset of documents.
+# Sizes of the read blocks and tokenizer batches the Ray Data pipeline cuts the plan into.
 
 
 READ_BLOCK_BYTES = 4 * 2**20
@@ -253,30 +289,25 @@ def tokenize_batch_docs(cfg: Config, plan: FilePlan) -> int:
     return int(min(4096, max(16, round(TOKENIZE_BATCH_BYTES / bytes_per_doc))))
 
 
-def documents_dataset(cfg: Config, split: str, counter, *, mixture: bool = True, passes: int = 1,
-                      with_priority: bool = False, plan: FilePlan | None = None):
-    """Rows {"doc_id", "text"} (plus "priority" when sampling) of `split`, in plan order.
+def stream_passes(cfg: Config, train_plan: FilePlan) -> int:
+    """Passes over the corpus one streaming execution makes: enough for train.max_steps.
 
-    `plan`: the split's file plan when the caller has made it already."""
-    import ray
+    A token is at most 4 * tokenizer.max_piece_length bytes, so this many passes hold at
+    least the tokens the run trains on; passes never read are never executed.
+    """
+    if cfg.data.stream_passes is not None:
+        return cfg.data.stream_passes
+    corpus_bytes = max(1, train_plan.total_bytes)
+    needed_tokens = cfg.train.max_steps * cfg.train.global_batch_tokens
+    return max(1, math.ceil(needed_tokens * 4 * cfg.tokenizer.max_piece_length / corpus_bytes)) + 1
 
-    plan = plan or plan_files(cfg, split, mixture=mixture, passes=passes)
-    if not plan.files:
-        raise DataError(f"data.sources: the {split} split holds no files (data.val_fraction={cfg.data.val_fraction})")
-    if plan.problems:
-        ray.get(counter.add.remote(plan.problems))
-    specs = {f.path: f.spec for f in plan.files}
+
+def data_fingerprint(cfg: Config, listing: CorpusListing) -> str:
+    """What decides a streaming run's sequences besides the tokenizer and seq_len: the listed
+    files and the settings that order, split and filter their documents."""
     d = cfg.data
-    ds = ray.data.read_binary_files(
-        [f.path for f in plan.files], include_paths=True, filesystem=plan.filesystem, num_cpus=d.read_cpus,
-        concurrency=d.read_tasks, override_num_blocks=read_blocks(plan, d.tokenize_actors),
-    )
-    return ds.map_batches(
-        parse_batch,
-        fn_kwargs=dict(specs=ray.put(specs), split=split, val_fraction=d.val_fraction, on_error=d.on_error,
-                       counter=counter, priority_seed=cfg.tokenizer.seed if with_priority else None),
-        batch_size=None,
-        batch_format="numpy",
-        num_cpus=d.read_cpus,
-        compute=ray.data.TaskPoolStrategy(size=d.read_tasks),  # as the read's: Ray Data fuses the two into one task
-    )
+    settings = {"sources": [dataclasses.asdict(s) for s in d.sources], "add_bos": d.add_bos,
+                "val_fraction": d.val_fraction, "seed": d.seed, "shuffle_files": d.shuffle_files,
+                "on_error": d.on_error, "max_document_bytes": d.max_document_bytes}
+    text = json.dumps(settings, sort_keys=True) + listing.fingerprint()
+    return hashlib.sha256(text.encode()).hexdigest()

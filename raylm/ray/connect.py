@@ -1,0 +1,74 @@
+"""The one way raylm joins Ray: the cluster at RAY_ADDRESS (as under `ray job submit`), or a local one it starts.
+
+Token authentication stays as Ray sets it (on by default for new clusters since Ray 2.59):
+raylm never sets RAY_AUTH_MODE. A local cluster raylm starts also keeps idle worker processes:
+Ray keeps at most `num_workers_soft_limit` of them (by default one per CPU) and kills idle
+task workers beyond it after a second. A streaming run holds more processes than CPUs even on
+a laptop (tokenizer actors, the packing actor, Ray Data's own actors, training workers), so
+on a small machine every read task landed in a freshly started worker that imported Ray Data
+and pyarrow again: measured on 2 CPUs, reading a 68 MB corpus cost 17 CPU-seconds this way
+and 3 with the workers kept (bench/RESULTS.md). A cluster started with `ray start` takes the
+same setting from its nodes' environment (docs/cluster.md); raylm does not change a cluster
+it joins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import ray
+
+WORKERS_SOFT_LIMIT_VAR = "RAY_num_workers_soft_limit"
+
+
+def workers_soft_limit(cpus: int | None = None) -> int:
+    """Idle worker processes a local cluster keeps: enough for a streaming run's processes."""
+    return max(16, 2 * (cpus or os.cpu_count() or 1))
+
+
+def configure_local_cluster() -> None:
+    """Call before `ray.init` starts a local cluster: its raylet reads these variables.
+    A value already in the environment wins."""
+    os.environ.setdefault(WORKERS_SOFT_LIMIT_VAR, str(workers_soft_limit()))
+
+
+def connect(progress_bars: bool = False) -> bool:
+    """Join RAY_ADDRESS or start a local cluster (no-op when Ray is up); True if this call started Ray."""
+    if ray.is_initialized():
+        quiet_console(progress_bars)
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Workers must import raylm even where it is not installed (a source checkout).
+        root = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        configure_local_cluster()
+        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True)
+    quiet_console(progress_bars)
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(progress_bars: bool = False):
+    """Connect for the duration of a command; shut down only a cluster this call started."""
+    started = connect(progress_bars)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def quiet_console(progress_bars: bool = False) -> None:
+    """Keep the console to raylm's progress lines: Ray Data's per-dataset progress reports and
+    Ray Train's per-report INFO lines repeat what metrics.jsonl and the dashboard hold."""
+    ctx = ray.data.DataContext.get_current()  # captured by trainer.fit() and sent to the workers
+    ctx.enable_progress_bars = progress_bars and sys.stderr.isatty()
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -1,0 +1,259 @@
+"""Training on Ray: `fit(spec)` builds and fits one TorchTrainer whose workers run the core `Trainer`.
+
+    fit(spec) -> TrainResult       the one function a run, a Tune trial and an elastic restart call:
+                                   run directory, tokenizer, data, cluster check, TorchTrainer, fit
+    train_func(config)             each Ray Train worker: device, data shards, `Trainer` + `RaySink`
+    RaySink                        metrics to the run directory (rank 0), reports and checkpoints
+                                   to `ray.train.report`; it decides nothing about timing
+    train_command(cfg)             `raylm train`: connect, SIGTERM as Ctrl-C, fit, samples
+
+Runs and resuming. Every run has its own directory `run.output_dir/run.name` (Ray Train's
+storage_path/name): config.yaml, tokenizer.model, metrics.jsonl, tensorboard/ and the
+checkpoint_<step> directories (each carrying the config and tokenizer too). Resuming is
+explicit (`raylm.train.runs`). Ctrl-C or SIGTERM of the driver stops the workers; a
+checkpoint is complete and verified or ignored, so the newest good one is where a resumed run
+continues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raylm.config import Config
+from raylm.data import prepared
+from raylm.data.plan import list_corpus
+from raylm.errors import RunInterrupted
+from raylm.ray.cluster import FREE_WAIT_S, check_cluster_fits
+from raylm.ray.connect import ray_session
+from raylm.ray.data import data_config, sample_documents, trainer_datasets, worker_sources
+from raylm.ray.errors import user_errors
+from raylm.train import checkpoint as ckpt
+from raylm.train.local import TrainResult, check_initial, checkpoint_files, run_facts
+from raylm.train.metrics import MetricsWriter
+from raylm.train.runs import RunSpec, create_run_dir, discard_run_dir, obtain_tokenizer, resolve_run
+from raylm.train.trainer import RankEnv, TrainState, Trainer
+
+
+# ---------------------------------------------------------------------------------------
+# Driver
+
+
+def fit(spec: RunSpec, *, wait_s: float | None = FREE_WAIT_S, callbacks: list | None = None,
+        log=print) -> TrainResult:
+    """Create the run's directory, get its tokenizer and data, and fit a TorchTrainer (Ray must be up).
+
+    `wait_s`: how long to wait for the cluster's resources to be free (None: as long as it
+    takes, as in a Tune trial). `callbacks`: Ray Train `UserCallback`s (Tune's report callback).
+    """
+    cfg = spec.cfg
+    streaming = not cfg.data.prepared_path
+    check_cluster_fits(cfg, wait_s=wait_s)
+    spec = create_run_dir(spec)
+    try:
+        log(f"run directory: {spec.run_dir}" + (f" (from {spec.initial_checkpoint})" if spec.initial_checkpoint
+                                                else ""))
+        with user_errors():
+            listing = list_corpus(cfg) if streaming else None
+            prepared_path = Path(cfg.data.prepared_path) if not streaming else None
+            tokenizer = obtain_tokenizer(spec, lambda: sample_documents(cfg, listing), log, prepared_path)
+            log(f"tokenizer: {tokenizer.vocab_size} pieces, sha256 {tokenizer.sha256[:12]}")
+            facts = run_facts(cfg, tokenizer, listing)
+            check_initial(spec, facts)
+            if streaming:
+                datasets, counter = trainer_datasets(cfg, tokenizer, listing, _initial_position(spec))
+            else:
+                prepared.check_prepared(cfg, tokenizer.sha256)
+                datasets, counter = {}, None
+        trainer = _torch_trainer(spec, tokenizer, facts, datasets, counter, callbacks)
+    except BaseException:
+        discard_run_dir(spec)
+        raise
+    with user_errors():
+        try:
+            result = trainer.fit()
+        except (KeyboardInterrupt, SystemExit):  # Ray's own Ctrl-C handler aborts fit() with sys.exit
+            raise RunInterrupted(spec.run_dir) from None
+    final = result.checkpoint
+    marker = ckpt.read_marker(final.path) if final is not None and Path(final.path).is_dir() else None
+    if marker is not None and marker["train_state"]["step"] < cfg.train.max_steps:
+        raise RunInterrupted(spec.run_dir)  # fit() returned early: Ray's Ctrl-C handler stopped it gracefully
+    return TrainResult(dict(result.metrics or {}), final.path if final is not None else None, spec.run_dir)
+
+
+def _initial_position(spec: RunSpec):
+    """The data position of the checkpoint the run starts from (the packing actor drops what it consumed)."""
+    if spec.initial_checkpoint is None:
+        return None
+    state = TrainState()
+    state.load_state_dict(ckpt.read_marker(spec.initial_checkpoint)["train_state"])
+    return state.data_position
+
+
+def _torch_trainer(spec: RunSpec, tokenizer, facts, datasets: dict, counter, callbacks) -> TorchTrainer:
+    cfg, s = spec.cfg, spec.cfg.scaling
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_func,
+        train_loop_config={"spec": spec, "tokenizer": tokenizer, "facts": facts, "datasets": sorted(datasets),
+                           "counter": counter},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=spec.output_dir,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
+        ),
+        datasets=datasets or None,
+        dataset_config=data_config(cfg) if datasets else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# `raylm train`
+
+
+def train_command(cfg: Config, log=print) -> TrainResult:
+    """`raylm train`: connect (or start a local cluster), fit, and show samples of the final model."""
+    spec = resolve_run(cfg)  # before Ray starts: an impossible resume or name fails at once
+    with ray_session(), _sigterm_as_interrupt():
+        result = fit(spec, log=log)
+    if result.checkpoint is None:
+        log("no checkpoint was reported")
+        return result
+    log(f"final checkpoint: {result.checkpoint}")
+    if cfg.run.sample_tokens and cfg.run.sample_prompts:
+        print_final_samples(result.checkpoint, log)
+    return result
+
+
+def print_final_samples(checkpoint: str, log=print) -> None:
+    """Load the final checkpoint into a plain model on the driver (any world size saved it) and sample."""
+    from raylm.use.load import load_model, load_run_config
+    from raylm.use.sample import print_samples
+
+    cfg = load_run_config(Path(checkpoint))
+    if cfg.model.num_params() > 2e9:
+        log("samples skipped: the model is too large to sample on the driver; use raylm generate")
+        return
+    model, tokenizer, cfg = load_model(checkpoint)
+    print_samples(model, tokenizer, cfg, log)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops the driver like Ctrl-C: Ray shuts down, finished checkpoints stay."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------------------
+# Worker
+
+
+class RaySink:
+    """A Ray Train worker's sink: metrics.jsonl/TensorBoard on rank 0, reports and checkpoints to Ray."""
+
+    def __init__(self, run_dir: str, rank: int):
+        self.run_dir = Path(run_dir)
+        self.writer = MetricsWriter(self.run_dir, enabled=rank == 0)
+
+    def write(self, record: dict) -> None:
+        self.writer.write(record)
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return Path(tempfile.mkdtemp(prefix="raylm-checkpoint-"))  # one per rank; Ray merges them on upload
+
+    def report(self, record: dict, checkpoint: Path | None) -> None:
+        if checkpoint is None:
+            ray.train.report(_numbers(record))
+            return
+        try:
+            ray.train.report(_numbers(record), checkpoint=Checkpoint.from_directory(str(checkpoint)),
+                             checkpoint_dir_name=ckpt.checkpoint_dir_name(record["step"]))
+        finally:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+    def restore_candidates(self) -> list[Path]:
+        """Ray's latest reported checkpoint (after a restart, or a run continued in place) and the
+        run's checkpoints on disk: one completed while the driver was stopped is newer than Ray's."""
+        out = []
+        latest = ray.train.get_checkpoint()
+        if latest is not None:
+            local = type(latest.filesystem).__name__ == "LocalFileSystem"
+            out.append(Path(latest.path) if local else Path(latest.to_directory()))
+        return out + ckpt.list_checkpoints(self.run_dir)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _numbers(record: dict) -> dict:
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _worker_log(line: str) -> None:
+    # Ray Train patches print() in workers to go to its logger and to stdout, which the driver
+    # then shows twice; the worker's stdout alone reaches the driver and `ray job logs` once.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_train_logs() -> None:
+    # Each report would otherwise print its whole metrics dict; raylm prints its own lines.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    with contextlib.suppress(ImportError):  # Ray 2.60 names this logger by its file path
+        from ray.train.v2._internal.execution import context as _train_context
+
+        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """One Ray Train worker: device, data shards, and the core Trainer with a RaySink."""
+    spec: RunSpec = config["spec"]
+    cfg: Config = spec.cfg
+    _quiet_train_logs()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
+    train_data, val_data = worker_sources(cfg, config["datasets"], config["counter"])
+    sink = RaySink(spec.run_dir, rank)
+    trainer = Trainer(cfg, RankEnv(rank, world, device), sink, train_data, val_data, facts=config["facts"],
+                      initial_checkpoint=spec.initial_checkpoint,
+                      extra_files=checkpoint_files(spec, config["tokenizer"]), log=_worker_log)
+    try:
+        trainer.fit()
+    finally:
+        sink.close()
+

@@ -1,0 +1,138 @@
+"""`raylm train --local` and torchrun: the whole job without Ray (run dir, tokenizer, data, trainer, samples).
+
+One process, or every rank of a torchrun group (`torchrun --nproc-per-node 2 -m raylm train
+CONFIG --local`): rank 0 creates the run directory and obtains the tokenizer and tells the
+other ranks; every rank packs the data in memory (or reads prepared shards) and runs the one
+`Trainer` with a `LocalSink`, so checkpoints, keep-K, resume and its checks follow the same
+rules as on Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from raylm.config import Config
+from raylm.data import prepared
+from raylm.data.local import local_datasets, tokenizer_sample
+from raylm.data.plan import data_fingerprint, list_corpus
+from raylm.errors import RunInterrupted
+from raylm.tokenizer import Tokenizer
+from raylm.train import checkpoint as ckpt
+from raylm.train.parallel import init_from_env
+from raylm.train.runs import (CONFIG_FILE, TOKENIZER_FILE, RunFacts, RunSpec, check_resume, create_run_dir,
+                              discard_run_dir, obtain_tokenizer, resolve_run)
+from raylm.train.trainer import LocalSink, RankEnv, Trainer
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished (or stopped) training leaves: its last metrics, newest checkpoint and run directory."""
+
+    metrics: dict
+    checkpoint: str | None
+    run_dir: str
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return torch.device("cpu")
+
+
+def _share(value, rank: int):
+    """Rank 0's `value` on every rank of the torchrun group (itself without one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_facts(cfg: Config, tokenizer: Tokenizer, listing=None) -> RunFacts:
+    """This run's facts; `listing` is the corpus listed once (streaming), unused with prepared data."""
+    if cfg.data.prepared_path:
+        fingerprint = prepared.data_fingerprint(prepared.read_manifest(cfg.data.prepared_path), cfg)
+    else:
+        fingerprint = data_fingerprint(cfg, listing or list_corpus(cfg))
+    return RunFacts(tokenizer.sha256, cfg.data.seq_len, fingerprint)
+
+
+def check_initial(spec: RunSpec, facts: RunFacts) -> None:
+    """Fail before training starts when the checkpoint a run starts from does not match it."""
+    if spec.initial_checkpoint is not None:
+        marker = ckpt.read_marker(spec.initial_checkpoint) or {}
+        check_resume(spec.initial_checkpoint, marker.get("facts"), facts, spec.cfg.run.resume_changes)
+
+
+def checkpoint_files(spec: RunSpec, tokenizer: Tokenizer) -> dict[str, bytes]:
+    """Files every checkpoint carries, so that it loads on its own (generate, eval, export)."""
+    return {TOKENIZER_FILE: tokenizer.to_bytes(), CONFIG_FILE: spec.cfg.to_yaml().encode()}
+
+
+def train_local(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
+    """Train `cfg` in this process (or this torchrun group); return the result."""
+    device = resolve_device(cfg)
+    rank, world = init_from_env(device.type)
+    log = log if rank == 0 else (lambda line: None)
+    spec = resolve_run(cfg)
+    if rank == 0:
+        spec = create_run_dir(spec)
+    spec = _share(spec, rank)
+    try:
+        listing = None if cfg.data.prepared_path else list_corpus(spec.cfg)
+        tokenizer = None
+        if rank == 0:
+            log(f"run directory: {spec.run_dir}" + (f" (from {spec.initial_checkpoint})" if spec.initial_checkpoint
+                                                    else ""))
+            prepared_path = Path(cfg.data.prepared_path) if cfg.data.prepared_path else None
+            tokenizer = obtain_tokenizer(spec, lambda: tokenizer_sample(spec.cfg, listing), log, prepared_path)
+            log(f"tokenizer: {tokenizer.vocab_size} pieces, sha256 {tokenizer.sha256[:12]}")
+        tokenizer = _share(tokenizer, rank)
+        facts = run_facts(spec.cfg, tokenizer, listing)
+        check_initial(spec, facts)
+        if cfg.data.prepared_path:
+            prepared.check_prepared(spec.cfg, tokenizer.sha256)
+            train_data, val_data = prepared.prepared_sources(spec.cfg)
+        else:
+            train_data, val_data = local_datasets(spec.cfg, tokenizer, listing)
+        log(f"data: {len(train_data):,} training and {len(val_data) if val_data else 0:,} held-out sequences "
+            f"of {cfg.data.seq_len} tokens")
+    except BaseException:
+        if rank == 0:
+            discard_run_dir(spec)
+        raise
+
+    torch.manual_seed(cfg.train.seed)
+    sink = LocalSink(spec.run_dir, cfg.run.keep_checkpoints, rank)
+    trainer = Trainer(spec.cfg, RankEnv(rank, world, device), sink, train_data, val_data, facts=facts,
+                      initial_checkpoint=spec.initial_checkpoint, extra_files=checkpoint_files(spec, tokenizer),
+                      log=log)
+    try:
+        final = trainer.fit()
+    except KeyboardInterrupt:
+        raise RunInterrupted(spec.run_dir) from None
+    finally:
+        sink.close()
+    if "val_perplexity" in final:
+        log(f"final held-out loss {final['val_loss']:.4f}, perplexity {final['val_perplexity']:.2f}")
+    _report_bad_input(train_data, log)
+    latest = ckpt.latest_checkpoint(spec.run_dir)
+    if rank == 0 and world == 1 and cfg.run.sample_tokens and cfg.run.sample_prompts:
+        from raylm.use.sample import print_samples
+
+        print_samples(trainer.model, tokenizer, cfg, log)
+    return TrainResult(final, str(latest) if latest else None, spec.run_dir)
+
+
+def _report_bad_input(train_data, log) -> None:
+    report = getattr(train_data, "bad_input", None)
+    if report is None:
+        return
+    summary = report()
+    for kind, n in summary["skipped"].items():
+        log(f"skipped {n} {kind}: e.g. {summary['examples'][kind]}")

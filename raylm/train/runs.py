@@ -1,0 +1,196 @@
+"""A run's identity and inputs: its directory, the checkpoint it starts from, its tokenizer, and
+what a resumed run must match.
+
+Torch core, no Ray. Every driver (`raylm train --local`, torchrun, Ray Train, a Tune trial)
+goes through the same three steps:
+
+1. `resolve_run(cfg) -> RunSpec`: a pure value (the config is not touched). A new run gets a
+   fresh name; `run.resume_from=<run dir>` continues that run in place; `run.resume_from=
+   <checkpoint>` starts a new run from it. Naming an existing run without resuming it is an
+   error, since it would mix two runs' checkpoints.
+2. `create_run_dir(spec) -> RunSpec`: makes the directory with an exclusive `mkdir` (two runs
+   started in the same second get `name` and `name-2`), writes config.yaml, and returns the
+   spec with its final name. A resumed run's directory, config.yaml and tokenizer.model are
+   never rewritten. `discard_run_dir(spec)` undoes a failed start, removing only the files
+   this start wrote.
+3. `obtain_tokenizer(...)`: the one load-or-train. Resuming never retrains: the run's (or
+   the checkpoint's) tokenizer is loaded.
+
+Resume checks: every checkpoint records `RunFacts` (tokenizer hash, `seq_len`, a fingerprint
+of the data); `check_resume` compares them with the resumed run's and names the first
+difference in one line, unless `run.resume_changes` lists it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from raylm.config import Config
+from raylm.errors import CheckpointError, ConfigError
+from raylm.tokenizer import Tokenizer, load_or_train
+from raylm.train import checkpoint as ckpt
+
+CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Where a run lives and where it starts: everything a driver needs besides the config."""
+
+    cfg: Config
+    output_dir: str
+    """Absolute local path, or a URI (s3://, gs://) kept as written."""
+    name: str
+    initial_checkpoint: str | None = None
+    """The checkpoint to start from (resume_from); None starts fresh (or from Ray's own restore)."""
+    in_place: bool = False
+    """Continuing an existing run directory: its config.yaml and tokenizer.model are kept."""
+    created: bool = False
+    """True once `create_run_dir` made a new directory (what `discard_run_dir` may undo)."""
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.output_dir.rstrip('/')}/{self.name}" if is_uri(self.output_dir) else str(
+            Path(self.output_dir) / self.name)
+
+    def local_run_dir(self) -> Path:
+        if is_uri(self.output_dir):
+            raise ConfigError(f"run.output_dir={self.output_dir}: run directories on object storage are not "
+                              "supported yet; use a local or shared file system path")
+        return Path(self.run_dir)
+
+
+def new_run_name(cfg: Config, now: dt.datetime | None = None) -> str:
+    return f"{cfg.config_name}-{(now or dt.datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_run(cfg: Config, now: dt.datetime | None = None) -> RunSpec:
+    """The run `cfg` asks for, as a new value; one-line errors for an impossible resume or name."""
+    output_dir = cfg.run.output_dir
+    if not is_uri(output_dir):
+        output_dir = str(Path(output_dir).expanduser().resolve())
+    if cfg.run.resume_from:
+        run_dir, initial = ckpt.resolve_resume(cfg.run.resume_from)
+        if run_dir is not None:  # continue that run in place
+            if cfg.run.name not in (None, run_dir.name):
+                raise ConfigError(f"run.name={cfg.run.name}: resuming {run_dir} continues that run; "
+                                  "drop run.name or pass a checkpoint directory to start a new run from it")
+            return RunSpec(cfg, str(run_dir.parent), run_dir.name, str(initial), in_place=True)
+        initial_checkpoint = str(initial)
+    else:
+        initial_checkpoint = None
+    name = cfg.run.name or new_run_name(cfg, now)
+    if cfg.run.name is not None and not is_uri(output_dir) and (Path(output_dir) / name).exists():
+        existing = Path(output_dir) / name
+        raise ConfigError(f"run.name={name}: {existing} already exists; continue it with "
+                          f"run.resume_from={existing}, or choose another run.name")
+    return RunSpec(cfg, output_dir, name, initial_checkpoint)
+
+
+def create_run_dir(spec: RunSpec) -> RunSpec:
+    """Make the run directory (atomically, never an existing one unless resuming in place) and
+    write config.yaml; return the spec with its final name."""
+    if spec.in_place:
+        return spec
+    root = Path(spec.local_run_dir()).parent
+    root.mkdir(parents=True, exist_ok=True)
+    name, n = spec.name, 1
+    while True:
+        try:
+            (root / name).mkdir()  # exclusive: exactly one concurrent start gets each name
+            break
+        except FileExistsError:
+            if spec.cfg.run.name is not None:  # an explicit name is never changed behind the user's back
+                raise ConfigError(f"run.name={spec.name}: {root / name} already exists; choose another run.name")
+            n += 1
+            name = f"{spec.name}-{n}"
+    final_cfg = dataclasses.replace(spec.cfg, run=dataclasses.replace(spec.cfg.run, name=name))
+    final_cfg.save(root / name / CONFIG_FILE)
+    return dataclasses.replace(spec, name=name, cfg=final_cfg, created=True)
+
+
+def discard_run_dir(spec: RunSpec) -> None:
+    """Undo a failed start: remove the files this start wrote and the directory if then empty.
+    Anything else in it (another process's files) is left alone."""
+    if not spec.created:
+        return
+    run_dir = spec.local_run_dir()
+    for name in (CONFIG_FILE, TOKENIZER_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# The tokenizer: one load-or-train for every driver.
+
+
+def resume_tokenizer_path(spec: RunSpec) -> Path | None:
+    """The tokenizer a resumed run must keep: the checkpoint's own copy, else its run's."""
+    if spec.initial_checkpoint is None:
+        return None
+    checkpoint = Path(spec.initial_checkpoint)
+    for candidate in (checkpoint / TOKENIZER_FILE, checkpoint.parent / TOKENIZER_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def obtain_tokenizer(spec: RunSpec, sample: Callable[[], Iterable[str]], log: Callable[[str], None] = print,
+                     prepared: Path | None = None) -> Tokenizer:
+    """`tokenizer.load_or_train` for a run: a resumed run keeps its checkpoint's tokenizer. Saved
+    to a new run's directory; a resumed run's copy is never rewritten."""
+    tokenizer = load_or_train(spec.cfg, sample, log, resume_tokenizer_path(spec),
+                              prepared / TOKENIZER_FILE if prepared else None)
+    run_dir = spec.local_run_dir()
+    if not (spec.in_place and (run_dir / TOKENIZER_FILE).is_file()):
+        tokenizer.save(run_dir / TOKENIZER_FILE)
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------
+# What a resume must match.
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """Recorded in every checkpoint; a resumed run compares its own with them."""
+
+    tokenizer_sha256: str
+    seq_len: int
+    data_fingerprint: str
+    """A hash of the corpus files (path, size) and the settings that decide the sequences."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FACT_NAMES = {"tokenizer_sha256": ("tokenizer", "tokenizer sha256"), "seq_len": ("seq_len", "data.seq_len"),
+               "data_fingerprint": ("data", "corpus fingerprint")}
+
+
+def check_resume(checkpoint: str | Path, saved: dict | None, facts: RunFacts, allowed: Iterable[str]) -> None:
+    """One line naming the first fact that differs from the checkpoint's, unless allowed."""
+    if not saved:
+        return  # a checkpoint from before facts were recorded: nothing to compare
+    allowed = set(allowed)
+    for key, (option, label) in _FACT_NAMES.items():
+        then, now = saved.get(key), getattr(facts, key)
+        if then is None or then == now or option in allowed:
+            continue
+        show = (lambda v: str(v)[:12]) if key != "seq_len" else str
+        raise CheckpointError(
+            f"run.resume_from: {checkpoint} was trained with {label} {show(then)}, this run has {show(now)}; "
+            f"resume with the same {option}, or allow it with run.resume_changes=[{option}]")
+

@@ -1,0 +1,340 @@
+"""The one trainer: build the model, restore, run the loop, and decide when to evaluate, log, report and checkpoint.
+
+Torch core, no Ray. `raylm train --local`, torchrun, a Ray Train worker and a Tune trial all
+run this class; they differ only in the `Sink` they hand it, which decides *where* metrics
+and checkpoints go (the run directory, or `ray.train.report`), never *when*:
+
+    every step            sink.write(record)                  (metrics.jsonl, TensorBoard)
+    report steps          sink.report(record, None)           log_every, eval steps
+    checkpoint steps      save into sink.checkpoint_dir(step), then sink.report(record, dir)
+
+Every rank reaches the same decisions at the same steps (they depend on the step alone), so a
+sink whose report is a barrier (`ray.train.report`) never hangs.
+
+Data in: `train_data.micro_batches(position, rank, world_size, micro_batch_size)` yields this
+rank's micro-batches `{"tokens": (B, L+1), "index": (B,)}` of the sequences `position` (a
+`DataPosition`) has not consumed (raylm.data.order); `val_data` the same for held-out data,
+read from the start at each evaluation. A source may also offer `bad_input()`, the counts of
+skipped bad input (`data.on_error=skip`), which go into the metrics.
+
+Restore: the newest checkpoint that verifies among the sink's (a restart after a failure, a
+run continued in place) and the one the run starts from (`run.resume_from`). A damaged one
+is skipped with a warning. Its recorded `RunFacts` must match this run's (`runs.check_resume`).
+
+Non-finite steps: a step whose loss or gradient norm is not finite applies no update and is
+counted (`skipped_steps`); `train.max_nonfinite_steps` of them in a row stop the run with a
+`TrainingError`. Checkpoints therefore only ever hold finite weights.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raylm.config import Config
+from raylm.data.order import DataPosition
+from raylm.errors import TrainingError
+from raylm.optim import build_optimizer, lr_at, set_lr
+from raylm.train import checkpoint as ckpt
+from raylm.train.metrics import MetricsWriter, device_peak_flops, peak_memory_bytes
+from raylm.train.parallel import build_model
+from raylm.train.runs import RunFacts, check_resume
+from raylm.train.step import evaluate, train_step
+
+
+class BatchSource(Protocol):
+    def micro_batches(self, position: DataPosition, rank: int, world_size: int, micro_batch_size: int): ...
+
+
+class Sink(Protocol):
+    """Where a run's metrics and checkpoints go; every rank calls every method at the same steps."""
+
+    def write(self, record: dict) -> None: ...
+    def checkpoint_dir(self, step: int) -> Path: ...
+    def report(self, record: dict, checkpoint: Path | None) -> None: ...
+    def restore_candidates(self) -> list[Path]: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class RankEnv:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class TrainState:
+    """Where training stands: saved in every checkpoint beside model and optimizer."""
+
+    step: int = 0
+    """Optimizer steps completed (a skipped non-finite step counts: its data is consumed)."""
+    tokens_consumed: int = 0
+    """Training tokens (targets) seen over all workers."""
+    skipped_steps: int = 0
+    """Steps whose update was skipped because the loss or gradient was not finite."""
+    data_position: DataPosition = field(default_factory=DataPosition)
+    """Which global sequence indices have been trained on (up to the last `sync_position`)."""
+    pending_indices: list = field(default_factory=list)
+    """This rank's consumed indices not yet merged into data_position."""
+
+    def sync_position(self) -> None:
+        """Merge every rank's consumed indices into data_position (a collective when distributed)."""
+        local = np.concatenate([np.asarray(i, dtype=np.int64).ravel() for i in self.pending_indices]) \
+            if self.pending_indices else np.zeros(0, dtype=np.int64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local.tolist())
+            local = np.asarray([i for part in gathered for i in part], dtype=np.int64)
+        self.data_position = self.data_position.advance(local)
+        self.pending_indices = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints and lists only: checkpoints never need to unpickle objects."""
+        position = self.data_position.state_dict()
+        return {"step": self.step, "tokens_consumed": self.tokens_consumed, "skipped_steps": self.skipped_steps,
+                "data_watermark": position["watermark"], "data_extra": position["extra"]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.tokens_consumed = int(state["tokens_consumed"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.data_position = DataPosition.from_state_dict(
+            {"watermark": state["data_watermark"], "extra": state.get("data_extra", [])}
+        )
+        self.pending_indices = []
+
+
+class LocalSink:
+    """Metrics and checkpoints in a local (or shared) run directory, keeping the newest K checkpoints."""
+
+    def __init__(self, run_dir: str | Path, keep_checkpoints: int, rank: int = 0):
+        self.run_dir, self.keep, self.rank = Path(run_dir), keep_checkpoints, rank
+        self.writer = MetricsWriter(self.run_dir, enabled=rank == 0)
+
+    def write(self, record: dict) -> None:
+        self.writer.write(record)
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.run_dir / ckpt.checkpoint_dir_name(step)
+
+    def report(self, record: dict, checkpoint: Path | None) -> None:
+        if checkpoint is not None and self.rank == 0:
+            ckpt.prune_checkpoints(self.run_dir, self.keep)
+
+    def restore_candidates(self) -> list[Path]:
+        return ckpt.list_checkpoints(self.run_dir)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------
+# When things happen: the one place that decides it.
+
+
+def eval_due(cfg: Config, step: int) -> bool:
+    t = cfg.train
+    return step == t.max_steps or bool(t.eval_every and step % t.eval_every == 0)
+
+
+def log_due(cfg: Config, step: int) -> bool:
+    return step % cfg.train.log_every == 0 or step == 1 or step == cfg.train.max_steps
+
+
+def checkpoint_due(cfg: Config, step: int) -> bool:
+    t = cfg.train
+    return step == t.max_steps or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
+
+
+def report_due(cfg: Config, step: int) -> bool:
+    """Metrics reports (to Ray Train and Tune) at log and eval steps; checkpoints report themselves."""
+    return step % cfg.train.log_every == 0 or eval_due(cfg, step)
+
+
+class Trainer:
+    """One rank's whole training: build -> restore -> loop, with decisions made here alone."""
+
+    def __init__(self, cfg: Config, env: RankEnv, sink: Sink, train_data: BatchSource,
+                 val_data: BatchSource | None = None, *, facts: RunFacts | None = None,
+                 initial_checkpoint: str | Path | None = None, extra_files: dict[str, bytes] | None = None,
+                 model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 log: Callable[[str], None] = print, on_indices: Callable[[int, np.ndarray], None] | None = None):
+        self.cfg, self.env, self.sink = cfg, env, sink
+        self.train_data, self.val_data = train_data, val_data
+        self.facts, self.initial_checkpoint, self.extra_files = facts, initial_checkpoint, extra_files or {}
+        self.log = log if env.is_main else (lambda line: None)
+        self.on_indices = on_indices
+        if model is None:
+            model, _ = build_model(cfg, env.device)
+        self.model = model
+        self.optimizer = optimizer or build_optimizer(model, cfg.optimizer, env.device.type)
+        self.state = TrainState()
+        self.restored_from: Path | None = None
+        self.last_checkpoint: Path | None = None
+
+    # -- restore ---------------------------------------------------------------------------
+
+    def restore(self) -> TrainState:
+        """Load the newest good checkpoint among the sink's and the initial one, if any."""
+        candidates = list(self.sink.restore_candidates())
+        if self.initial_checkpoint is not None:
+            candidates.append(Path(self.initial_checkpoint))
+        if not candidates:
+            return self.state
+        found = ckpt.newest_good(candidates, log=self.log)
+        if found is None:
+            if self.initial_checkpoint is not None:
+                raise ckpt.CheckpointError(f"run.resume_from: no usable checkpoint among {self.initial_checkpoint} "
+                                           "and this run's own")
+            return self.state
+        path, marker = found
+        if self.facts is not None:
+            check_resume(path, marker.get("facts"), self.facts, self.cfg.run.resume_changes)
+        self.state.load_state_dict(ckpt.load_checkpoint(path, self.model, self.optimizer, verify=False))
+        self.restored_from = path
+        return self.state
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Restore, then train to train.max_steps; return the last metrics (held-out ones included)."""
+        cfg, env, state = self.cfg, self.env, self.restore()
+        t, W, B = cfg.train, env.world_size, cfg.train.micro_batch_size
+        accum = cfg.grad_accum_steps(W)
+        seq_len = cfg.data.seq_len
+        flops_per_token = cfg.model.flops_per_token(seq_len)
+        peak_flops = device_peak_flops(env.device, t.peak_flops)
+
+        batches = self.train_data.micro_batches(state.data_position, env.rank, W, B)
+        self.model.train()
+        last: dict = {"step": state.step}
+        if state.step == 0 and self.val_data is not None and t.eval_every:
+            first = self._evaluate(0)
+            if first:
+                self.sink.write({"step": 0, **first})
+                last.update(first)
+        self.log(f"training {cfg.model.num_params():,} parameters on {W} worker(s): {accum} micro-batch(es) of "
+                 f"{B}x{seq_len} per worker per step, {cfg.sequences_per_step * seq_len:,} tokens per step, "
+                 f"from step {state.step}" + (f" ({self.restored_from})" if self.restored_from else ""))
+        nonfinite_run = 0
+        while state.step < t.max_steps:
+            record = self._step(batches, accum, flops_per_token, peak_flops)
+            nonfinite_run = 0 if record["update_applied"] else nonfinite_run + 1
+            step = state.step
+            if eval_due(cfg, step) and self.val_data is not None:
+                record.update(self._evaluate(step))
+            self._add_bad_input(record)
+            self.sink.write(record)
+            last.update(record)
+            if log_due(cfg, step):
+                self.log(_progress_line(record, t.max_steps))
+            if nonfinite_run:
+                self.log(f"step {step}: non-finite loss {record['loss']} or gradient norm {record['grad_norm']}; "
+                         f"update skipped ({nonfinite_run} in a row, {state.skipped_steps} in all)")
+                if nonfinite_run >= t.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"train.max_nonfinite_steps={t.max_nonfinite_steps}: steps {step - nonfinite_run + 1}-{step} "
+                        f"all had a non-finite loss or gradient; stopped (last checkpoint: {self.last_checkpoint or 'none'}"
+                        "); lower optimizer.lr or set train.grad_clip")
+            if checkpoint_due(cfg, step):
+                self._checkpoint(record)
+            elif report_due(cfg, step):
+                self.sink.report(record, None)
+        state.sync_position()
+        return last
+
+    def _step(self, batches, accum: int, flops_per_token: float, peak_flops: float | None) -> dict:
+        cfg, env, state = self.cfg, self.env, self.state
+        step_start = time.perf_counter()
+        wait_s = 0.0
+        micro = []
+        for _ in range(accum):
+            wait_start = time.perf_counter()
+            micro.append(next(batches))
+            wait_s += time.perf_counter() - wait_start
+        indices = np.concatenate([np.asarray(m["index"]).ravel() for m in micro])
+        if self.on_indices is not None:
+            self.on_indices(state.step, indices)
+        lr = lr_at(state.step, cfg.train.max_steps, cfg.optimizer)
+        set_lr(self.optimizer, lr)
+        stats = train_step(self.model, self.optimizer, micro, env.device, cfg.train.precision, cfg.train.grad_clip,
+                           env.world_size)
+        step_s = time.perf_counter() - step_start  # train_step's host sync waited for the device
+
+        state.step += 1
+        state.pending_indices.append(indices)
+        state.tokens_consumed += stats.tokens * env.world_size
+        state.skipped_steps += 0 if stats.applied else 1
+        worker_tps = stats.tokens / step_s
+        record = {
+            "step": state.step,
+            "loss": stats.loss,
+            "accuracy": stats.accuracy,
+            "lr": lr,
+            "grad_norm": stats.grad_norm,
+            "update_applied": stats.applied,
+            "skipped_steps": state.skipped_steps,
+            "tokens_per_second": worker_tps * env.world_size,
+            "tokens_per_second_per_worker": worker_tps,
+            "tokens_consumed": state.tokens_consumed,
+            "step_time_s": step_s,
+            "data_wait_fraction": wait_s / step_s,
+            "peak_memory_bytes": peak_memory_bytes(env.device),
+        }
+        if peak_flops:
+            record["mfu"] = worker_tps * flops_per_token / peak_flops
+        return record
+
+    def _evaluate(self, step: int) -> dict:
+        cfg, env = self.cfg, self.env
+        it = self.val_data.micro_batches(DataPosition(), env.rank, env.world_size, cfg.train.micro_batch_size)
+        result = evaluate(self.model, (next(it) for _ in range(cfg.train.eval_batches)), env.device,
+                          cfg.train.precision)
+        if result:
+            self.log(f"eval at step {step}: held-out loss {result['val_loss']:.4f}, "
+                     f"perplexity {result['val_perplexity']:.2f}, accuracy {result['val_accuracy']:.3f}")
+        return result
+
+    def _add_bad_input(self, record: dict) -> None:
+        report = getattr(self.train_data, "bad_input", None)
+        if report is None or not (self.env.is_main and log_due(self.cfg, record["step"])):
+            return
+        skipped = report().get("skipped", {})
+        record["bad_input_skipped"] = sum(skipped.values())
+        record.update({f"bad_input_skipped_{kind}": n for kind, n in skipped.items()})
+
+    def _checkpoint(self, record: dict) -> None:
+        self.state.sync_position()
+        path = self.sink.checkpoint_dir(self.state.step)
+        ckpt.save_checkpoint(path, self.model, self.optimizer, self.state.state_dict(),
+                             facts=self.facts.to_dict() if self.facts else None, extra_files=self.extra_files)
+        self.last_checkpoint = path
+        self.sink.report(record, path)
+
+
+def _progress_line(r: dict, max_steps: int) -> str:
+    parts = [
+        f"step {r['step']}/{max_steps}",
+        f"loss {r['loss']:.4f}",
+        f"acc {r['accuracy']:.3f}",
+        f"lr {r['lr']:.2e}",
+        f"gnorm {r['grad_norm']:.2f}",
+        f"{r['tokens_per_second']:,.0f} tok/s",
+    ]
+    if "mfu" in r:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    if r.get("bad_input_skipped"):
+        parts.append(f"skipped input {r['bad_input_skipped']}")
+    return " | ".join(parts)
