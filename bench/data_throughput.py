@@ -14,7 +14,7 @@
    row, on a fresh cluster and (best of 2) on a warm one; the same on the first half of
    the corpus, so that the difference gives the rate with start-up taken out. CPU-s is the
    CPU time of the whole machine during a run (/proc/stat), which shows where time goes.
-4. Data wait: one Ray Train worker trains the debug model with `run_training` on the
+4. Data wait: one Ray Train worker trains the debug model with the core `Trainer` on the
    streaming source; the loop's `data_wait_fraction` is averaged over steps after warm-up.
 Tokens are counted as packed sequences x seq_len in both paths.
 """
@@ -41,7 +41,7 @@ from raylm.config import load_config  # noqa: E402
 from raylm.data.corpus import stdlib_root  # noqa: E402
 from raylm.data.local import local_documents  # noqa: E402
 from raylm.data.transforms import frame_documents, pack  # noqa: E402
-from raylm.ray_env import configure_local_cluster  # noqa: E402
+from raylm.ray.connect import configure_local_cluster  # noqa: E402
 from raylm.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -98,11 +98,12 @@ def single_process(docs, tok, seq_len, batch_docs=256, threads=1) -> tuple[int, 
 
 def ray_pipeline(cfg, tok) -> dict:
     """One execution, consumed block by block on the driver as the blocks arrive."""
-    from raylm.data.pipeline import iter_rows, packed_dataset
+    from raylm.data.plan import plan_files
+    from raylm.ray.data import iter_rows, packed_dataset
 
     cpu0 = cpu_seconds()
     start = time.perf_counter()
-    ds = packed_dataset(cfg, tok, "train")
+    ds = packed_dataset(cfg, tok, plan_files(cfg, "train"), "train").dataset
     first_row_s, rows = None, 0
     for batch in iter_rows(ds, batch_rows=None):
         rows += len(batch["index"])
@@ -115,38 +116,36 @@ def train_and_wait(config: dict) -> None:
     """Ray Train worker: the real loop on the streaming source; write per-step metrics."""
     import torch
 
-    from raylm.data.pipeline import worker_batch_source
-    from raylm.model import Transformer
-    from raylm.optim import build_optimizer
-    from raylm.train.loop import Hooks, RankEnv, run_training
+    from raylm.ray.data import StreamingTrainSource
+    from raylm.train.trainer import LocalSink, RankEnv, Trainer
 
     torch.set_num_threads(1)
     cfg = load_config(None, config["overrides"])
-    model = Transformer(cfg.model)
-    model.init_weights()
-    records = []
-    run_training(cfg, model, build_optimizer(model, cfg.optimizer, "cpu"), worker_batch_source(cfg, "train"), None,
-                 RankEnv(), hooks=Hooks(on_metrics=records.append, log=lambda line: None))
-    Path(config["out"]).write_text(json.dumps(records))
+    sink = LocalSink(Path(config["out"]).parent, keep_checkpoints=1)
+    Trainer(cfg, RankEnv(), sink, StreamingTrainSource("train"), log=lambda line: None).fit()
+    sink.close()
 
 
 def data_wait(overrides, tok, steps) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raylm.data.pipeline import data_config, trainer_datasets
+    from raylm.data.plan import list_corpus
+    from raylm.ray.data import data_config, trainer_datasets
 
     cfg = load_config(None, overrides)
-    out = Path(tempfile.mkdtemp()) / "metrics.json"
+    out = Path(tempfile.mkdtemp()) / "metrics.jsonl"
+    datasets, _ = trainer_datasets(cfg, tok, list_corpus(cfg))
     TorchTrainer(
         train_and_wait,
         train_loop_config={"overrides": overrides, "out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=f"bench-data-{int(time.time())}", storage_path=tempfile.mkdtemp()),
-        datasets=trainer_datasets(cfg, tok),
+        datasets=datasets,
         dataset_config=data_config(cfg),
     ).fit()
-    records = [r for r in json.loads(out.read_text()) if "data_wait_fraction" in r]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    records = [r for r in records if "data_wait_fraction" in r]
     warm = records[len(records) // 5 :]
     waits = np.array([r["data_wait_fraction"] for r in warm])
     return {"steps": len(records), "mean": float(waits.mean()), "median": float(np.median(waits)),

@@ -48,8 +48,7 @@ def main() -> None:
     import torch
 
     from raylm.config import load_config
-    from raylm.train.ray_trainer import train_on_ray
-    from raylm.train.single import train_single_process
+    from raylm.train.local import train_local
 
     out = Path(tempfile.mkdtemp(prefix="raylm-bench-"))
     common = [f"train.max_steps={args.steps}", "train.eval_every=0", "train.checkpoint_every=0",
@@ -60,20 +59,22 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    plain_dir = train_single_process(load_config(args.config, common + ["run.name=plain"]), log=quiet)
+    plain_dir = Path(train_local(load_config(args.config, common + ["run.name=plain"]), log=quiet).run_dir)
     plain_wall = time.perf_counter() - start
 
     import ray
 
-    from raylm.data.prepare import prepare
-    from raylm.ray_env import configure_local_cluster
+    from raylm.ray.connect import configure_local_cluster
+    from raylm.ray.prepare import prepare
+    from raylm.ray.train import fit
+    from raylm.train.runs import resolve_run
 
     configure_local_cluster()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     prepared = f"data.prepared_path={out / 'prepared'}"
     prepare(load_config(args.config, common + [prepared]), log=quiet)
     start = time.perf_counter()
-    ray_dir = train_on_ray(load_config(args.config, common + [prepared, "run.name=ray"]), log=quiet)
+    ray_dir = Path(fit(resolve_run(load_config(args.config, common + [prepared, "run.name=ray"])), log=quiet).run_dir)
     ray_wall = time.perf_counter() - start
     ray.shutdown()
 

@@ -42,9 +42,18 @@ def words(rng, n):
     return " ".join(rng.choice(vocab, size=n))
 
 
-def rows_of(ds):
-    from raylm.data.pipeline import iter_rows
+def pipeline(cfg, tokenizer, split="train"):
+    """The packed Ray Data pipeline of `split` (dataset + bad-input counter)."""
+    from raylm.data.plan import plan_files
+    from raylm.ray.data import packed_dataset
 
+    return packed_dataset(cfg, tokenizer, plan_files(cfg, split), split)
+
+
+def rows_of(ds):
+    from raylm.ray.data import iter_rows
+
+    ds = getattr(ds, "dataset", ds)
     tokens, index = [], []
     for batch in iter_rows(ds):
         tokens.append(batch["tokens"])
@@ -53,25 +62,25 @@ def rows_of(ds):
 
 
 def docs_of(cfg, split="train", mixture=True):
-    from raylm.data.pipeline import _counter, data_errors
-    from raylm.data.sources import documents_dataset
+    from raylm.data.plan import plan_files
+    from raylm.ray.data import bad_input_counter, documents_dataset
+    from raylm.ray.errors import user_errors
 
-    ds = documents_dataset(cfg, split, _counter(), mixture=mixture)
+    ds = documents_dataset(cfg, plan_files(cfg, split, mixture=mixture), split, bad_input_counter())
     ds.context.execution_options.preserve_order = True
-    with data_errors():
+    with user_errors():
         return [(r["doc_id"], r["text"]) for r in ds.iter_rows()]
 
 
 def test_default_corpus_rows_equal_the_single_process_pack(ray_cluster, tokenizer):
     """Ray Data rows (read, actor-pool tokenise, sequential pack) == local rows, indices 0..N-1."""
     from raylm.data.local import local_datasets
-    from raylm.data.pipeline import packed_dataset
 
     cfg = config("data.sources.0.max_bytes=300000")
-    tokens, index = rows_of(packed_dataset(cfg, tokenizer, "train"))
+    tokens, index = rows_of(pipeline(cfg, tokenizer))
     local_train, _ = local_datasets(cfg, tokenizer)
     assert np.array_equal(index, np.arange(len(index)))
-    assert np.array_equal(tokens, local_train.rows)
+    assert np.array_equal(tokens, local_train.source.rows)
 
 
 def test_every_source_format_reads_documents_in_file_order(ray_cluster, tmp_path):
@@ -127,18 +136,19 @@ def test_validation_is_held_out_by_document_hash(ray_cluster, tmp_path):
 def test_ray_trained_tokenizer_equals_the_local_one(ray_cluster, tmp_path):
     """The tokenizer sample streamed through Ray Data is the local path's sample: same model bytes."""
     from raylm.data.local import train_tokenizer_local
-    from raylm.data.pipeline import get_tokenizer
+    from raylm.data.plan import list_corpus
+    from raylm.ray.data import sample_documents
+    from raylm.tokenizer import load_or_train
 
     cfg = config("data.sources.0.max_bytes=200000", "tokenizer.sample_docs=8")
-    ray_tok = get_tokenizer(cfg, tmp_path)
-    assert (tmp_path / "tokenizer.model").is_file()
+    ray_tok = load_or_train(cfg, lambda: sample_documents(cfg, list_corpus(cfg)))
     assert ray_tok.sha256 == train_tokenizer_local(cfg).sha256
 
 
 def test_prepared_shards_hold_the_streaming_sequences(ray_cluster, tmp_path, tokenizer):
     """prepare writes rows equal to the streaming rows by index; it refuses other tokenizers/seq_len/dirs."""
-    from raylm.data.pipeline import PreparedSource, check_prepared, packed_dataset
-    from raylm.data.prepare import prepare
+    from raylm.data.prepared import PreparedSource, check_prepared
+    from raylm.ray.prepare import prepare
 
     tok_path = tokenizer.save(tmp_path / "tok.model")
     out = tmp_path / "prep"
@@ -148,17 +158,17 @@ def test_prepared_shards_hold_the_streaming_sequences(ray_cluster, tmp_path, tok
     prepare(cfg, log=lines.append)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tokenizer_sha256"] == tokenizer.sha256 and manifest["seq_len"] == 32
-    stream_tokens, _ = rows_of(packed_dataset(cfg, tokenizer, "train"))
+    stream_tokens, _ = rows_of(pipeline(cfg, tokenizer))
     prepared = PreparedSource(out, "train", shuffle=False)
     assert np.array_equal(prepared.rows, stream_tokens)
     assert manifest["splits"]["validation"]["sequences"] > 0
 
-    check_prepared(cfg, Tokenizer.load(out / "tokenizer.model"))
+    check_prepared(cfg, Tokenizer.load(out / "tokenizer.model").sha256)
     other = Tokenizer.train(["something else entirely " * 50], 300)
     with pytest.raises(DataError, match="tokenizer sha256"):
-        check_prepared(cfg, other)
+        check_prepared(cfg, other.sha256)
     with pytest.raises(DataError, match="data.seq_len=32"):
-        check_prepared(config(f"data.prepared_path={out}", "data.seq_len=64"), tokenizer)
+        check_prepared(config(f"data.prepared_path={out}", "data.seq_len=64"), tokenizer.sha256)
     prepare(cfg, log=lines.append)  # identical config: nothing to do
     assert "nothing to do" in lines[-1]
     with pytest.raises(DataError, match="already exists"):
@@ -172,68 +182,66 @@ BAD_INPUTS = {
     "empty_document": ("jsonl", b'{"text": "fine"}\n{"text": ""}\n', "bad.jsonl:2: empty document"),
     "binary_file": ("text", bytes(range(256)) * 4, "bad.jsonl: binary file"),
     "missing_field": ("jsonl", b'{"text": "fine"}\n{"body": "x"}\n', "bad.jsonl:2: record has no field 'text'"),
+    "malformed_json:nested": ("jsonl", b'{"text": "fine"}\n' + b"[" * 100_000 + b"\n",
+                              "bad.jsonl:2: malformed JSON (nested too deeply)"),
+    "invalid_utf8:surrogate": ("jsonl", b'{"text": "fine"}\n{"text": "a\\ud800b"}\n',
+                               "bad.jsonl:2: invalid text (lone surrogate"),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
 def test_bad_input_raises_one_line_or_is_skipped_and_counted(ray_cluster, tmp_path, kind, tokenizer):
-    from raylm.data.pipeline import bad_input_report, packed_dataset
-
     fmt, data, message = BAD_INPUTS[kind]
     (tmp_path / "bad.jsonl").write_bytes(data)
     good = tmp_path / "good.txt"
     good.write_text(words(np.random.default_rng(3), 400))
     sources = [{"path": str(good)}, {"path": str(tmp_path / "bad.jsonl"), "format": fmt}]
     with pytest.raises(DataError) as err:
-        rows_of(packed_dataset(config("data.val_fraction=0", sources=sources), tokenizer, "train"))
+        rows_of(pipeline(config("data.val_fraction=0", sources=sources), tokenizer))
     assert type(err.value) is DataError and message in str(err.value) and "\n" not in str(err.value)
-    ds = packed_dataset(config("data.val_fraction=0", "data.on_error=skip", sources=sources), tokenizer, "train")
+    ds = pipeline(config("data.val_fraction=0", "data.on_error=skip", sources=sources), tokenizer)
     tokens, _ = rows_of(ds)
-    report = bad_input_report(ds)
-    assert report["skipped"] == {kind: 1} and len(tokens) > 0
+    report = ds.bad_input()
+    assert report["skipped"] == {kind.split(":")[0]: 1} and len(tokens) > 0
     assert report["documents"] >= 1  # the valid documents were kept
 
 
 def test_missing_column_and_missing_path(ray_cluster, tmp_path, tokenizer):
-    from raylm.data.pipeline import bad_input_report, packed_dataset
-
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
     good = tmp_path / "good.txt"
     good.write_text(words(np.random.default_rng(4), 400))
     src = [{"path": str(good)}, {"path": str(tmp_path / "t.parquet"), "format": "parquet"}]
     with pytest.raises(DataError, match=r"t.parquet: no column 'text' \(columns: body\)"):
-        rows_of(packed_dataset(config("data.val_fraction=0", sources=src), tokenizer, "train"))
+        rows_of(pipeline(config("data.val_fraction=0", sources=src), tokenizer))
     missing = [{"path": str(good)}, {"path": str(tmp_path / "nope" / "*.txt")}]
     with pytest.raises(DataError, match="data.sources.1.path=.*matches no files"):
-        packed_dataset(config("data.val_fraction=0", sources=missing), tokenizer, "train")
+        pipeline(config("data.val_fraction=0", sources=missing), tokenizer)
     missing[1]["path"] = str(tmp_path / "nope.txt")
-    with pytest.raises(DataError, match="data.sources.1.path=.*no such file or directory"):
-        packed_dataset(config("data.val_fraction=0", sources=missing), tokenizer, "train")
-    ds = packed_dataset(config("data.val_fraction=0", "data.on_error=skip", sources=missing), tokenizer, "train")
-    assert len(rows_of(ds)[0]) > 0 and bad_input_report(ds)["skipped"] == {"missing_path": 1}
+    for on_error in ("raise", "skip"):  # a missing source is never dropped: it would change the mixture
+        with pytest.raises(DataError, match="data.sources.1.path=.*no such file or directory"):
+            pipeline(config("data.val_fraction=0", f"data.on_error={on_error}", sources=missing), tokenizer)
 
 
 def test_a_50mb_line_is_refused_without_hanging(ray_cluster, tmp_path, tokenizer):
-    from raylm.data.pipeline import bad_input_report, packed_dataset
-
     with open(tmp_path / "huge.txt", "wb") as f:
         f.write(b"short line\n")
         f.write(b"x" * (50 * 2**20) + b"\n")
         f.write(b"another short line\n")
     src = [{"path": str(tmp_path / "huge.txt"), "format": "lines"}]
     with pytest.raises(DataError, match=r"huge.txt:2: document of 52,428,800 bytes exceeds data.max_document_bytes"):
-        rows_of(packed_dataset(config("data.val_fraction=0", "data.seq_len=4", sources=src), tokenizer, "train"))
-    ds = packed_dataset(config("data.val_fraction=0", "data.seq_len=4", "data.on_error=skip", sources=src),
-                        tokenizer, "train")
-    assert len(rows_of(ds)[0]) > 0 and bad_input_report(ds)["skipped"] == {"oversized_document": 1}
+        rows_of(pipeline(config("data.val_fraction=0", "data.seq_len=4", sources=src), tokenizer))
+    ds = pipeline(config("data.val_fraction=0", "data.seq_len=4", "data.on_error=skip", sources=src), tokenizer)
+    assert len(rows_of(ds)[0]) > 0 and ds.bad_input()["skipped"] == {"oversized_document": 1}
 
 
 def test_cluster_too_small_fails_before_workers_start(ray_cluster):
-    from raylm.data.pipeline import check_cluster_fits
+    from raylm.errors import ConfigError
+    from raylm.ray.cluster import check_cluster_fits
 
-    with pytest.raises(DataError, match=r"the Ray cluster has 2 CPUs but this run needs 3.45: .*scaling.num_workers=2"):
+    with pytest.raises(ConfigError, match=r"the Ray cluster has 2 CPU but this run needs 3.45: .*scaling.num_workers=2"):
         check_cluster_fits(config("scaling.num_workers=2", "scaling.cpus_per_worker=1"))
     check_cluster_fits(config("scaling.num_workers=2", "scaling.cpus_per_worker=0.25"))
     # every read task the pipeline may run at once (data.read_tasks) holds data.read_cpus
-    with pytest.raises(DataError, match=r"needs 2.35: .*data.read_tasks=4 x data.read_cpus=0.2"):
+    with pytest.raises(ConfigError, match=r"needs 2.35: .*data.read_tasks=4 x data.read_cpus=0.2"):
         check_cluster_fits(config("scaling.num_workers=2", "scaling.cpus_per_worker=0.25", "data.read_tasks=4"))
+

@@ -21,19 +21,20 @@ def consume(config: dict) -> None:
     """Minimal train_func: read `batches` micro-batches (and one held-out one), record the indices."""
     import ray.train
 
-    from raylm.data.pipeline import worker_batch_source
+    from raylm.ray.data import worker_sources
 
     cfg = load_config(None, config["overrides"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     position = DataPosition.from_state_dict(config["position"])
-    batches = worker_batch_source(cfg, "train").micro_batches(position, rank, world, B)
+    train, validation = worker_sources(cfg, ["train", "validation"])
+    batches = train.micro_batches(position, rank, world, B)
     seen = []
     for _ in range(config["batches"]):
         batch = next(batches)
         assert tuple(batch["tokens"].shape) == (B, cfg.data.seq_len + 1)
         seen.append(batch["index"].tolist())
-    val = next(worker_batch_source(cfg, "validation").micro_batches(0, rank, world, B))
+    val = next(validation.micro_batches(0, rank, world, B))
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps({"train": seen, "val": val["index"].tolist()}))
     ray.train.report({"batches": len(seen)})
 
@@ -42,9 +43,11 @@ def run(tmp_path, name, overrides, tokenizer, position, batches, workers):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raylm.data.pipeline import data_config, trainer_datasets
+    from raylm.data.plan import list_corpus
+    from raylm.ray.data import data_config, trainer_datasets
 
     cfg = load_config(None, overrides)
+    datasets, _ = trainer_datasets(cfg, tokenizer, list_corpus(cfg), position)
     out = tmp_path / name
     out.mkdir()
     trainer = TorchTrainer(
@@ -53,7 +56,7 @@ def run(tmp_path, name, overrides, tokenizer, position, batches, workers):
                            "out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.25}),
         run_config=ray.train.RunConfig(name=name, storage_path=str(tmp_path / "ray_results")),
-        datasets=trainer_datasets(cfg, tokenizer, position),
+        datasets=datasets,
         dataset_config=data_config(cfg),
     )
     trainer.fit()

@@ -1,4 +1,5 @@
-"""`raylm train` on a real local Ray cluster: 2 CPU FSDP workers (gloo), debug model, default corpus slice.
+"""`raylm train` on a real local Ray cluster: 2 CPU FSDP workers (gloo), debug model, default corpus slice
+plus a directory source holding a malformed record and a `.git/` of binary objects.
 
 The reference run is trained once per module; resumed runs start from its step-k checkpoint.
 """
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,11 +29,36 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, RESUME_AT = 8, 4
 
 
+def _extra_source() -> Path:
+    """A repository-like corpus: JSONL records, one malformed, beside a `.git/` of binary objects."""
+    import zlib
+
+    root = Path(tempfile.mkdtemp(prefix="raylm-extra-source-"))
+    lines = [json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) for i in range(200)]
+    lines.insert(50, '{"text": "unterminated')
+    (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    (root / ".git" / "objects" / "4f").mkdir(parents=True)
+    (root / ".git" / "objects" / "4f" / "a1b2c3").write_bytes(zlib.compress(bytes(range(256)) * 64))
+    return root
+
+
+EXTRA = _extra_source()
+
+
 def debug_config(out: Path, *overrides: str):
+    sources = [{"path": "python-stdlib", "format": "text", "max_bytes": 300000},
+               {"path": str(EXTRA), "format": "jsonl", "weight": 0.2}]
     return load_config(ROOT / "configs/debug.yaml", [
         f"run.output_dir={out}", f"train.max_steps={STEPS}", f"train.checkpoint_every={RESUME_AT}",
-        "train.eval_every=4", "train.log_every=2", "run.keep_checkpoints=3", "run.sample_tokens=8", *overrides,
+        "train.eval_every=4", "train.log_every=2", "run.keep_checkpoints=3", "run.sample_tokens=8",
+        "data.on_error=skip", "data.sources=" + json.dumps(sources), *overrides,
     ])
+
+
+def train_on_ray(cfg) -> Path:
+    from raylm.ray.train import train_command
+
+    return Path(train_command(cfg).run_dir)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -45,16 +72,13 @@ def losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def reference_run(ray_cluster, tmp_path_factory) -> Path:
     """Streaming pipeline, 2 workers, uninterrupted."""
-    from raylm.train.ray_trainer import train_on_ray
-
     return train_on_ray(debug_config(tmp_path_factory.mktemp("ray_runs")))
 
 
 @pytest.fixture(scope="module")
 def prepared_run(ray_cluster, tmp_path_factory) -> tuple[Path, str]:
     """Prepared shards, 2 workers, uninterrupted: (run dir, the data override)."""
-    from raylm.data.prepare import prepare
-    from raylm.train.ray_trainer import train_on_ray
+    from raylm.ray.prepare import prepare
 
     out = tmp_path_factory.mktemp("prepared_runs")
     data = f"data.prepared_path={out / 'prepared'}"
@@ -91,8 +115,6 @@ def test_resume_from_step_k_matches_the_uninterrupted_run(reference_run, prepare
     (2 -> 1 is not checked on the streaming pipeline: its streaming_split deals rows to workers
     in arrival order, so which sequences make up a step depends on the world size.)
     """
-    from raylm.train.ray_trainer import train_on_ray
-
     reference, extra = (reference_run, []) if data == "streaming" else (prepared_run[0], [prepared_run[1]])
     start = reference / ckpt.checkpoint_dir_name(RESUME_AT)
     resumed = train_on_ray(debug_config(tmp_path, f"scaling.num_workers={workers}", f"run.resume_from={start}",
@@ -117,7 +139,7 @@ def test_configs_that_cannot_work_fail_before_workers_start_with_one_line(ray_cl
     out = f"run.output_dir={tmp_path}"
     assert "train.micro_batch_size=2 on 3 worker(s)" in one_line_error([out, "scaling.num_workers=3"], capsys)
     err = one_line_error([out, "scaling.num_workers=4", "scaling.cpus_per_worker=1"], capsys)
-    assert "scaling.num_workers=4" in err and "needs 4 CPU but the Ray cluster has 2" in err
+    assert "scaling.num_workers=4" in err and "the Ray cluster has 2 CPU but this run needs 4.95" in err
     err = one_line_error([out, "data.sources.0.path=/no/such/corpus", "data.sources.0.format=text"], capsys)
     assert "/no/such/corpus" in err
     assert not any(tmp_path.iterdir())  # no half-made run directory is left behind
@@ -177,16 +199,41 @@ def test_ray_job_submit_against_ray_start_head_finishes_and_leaves_its_checkpoin
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_resume_from_a_run_directory_continues_that_run_in_place(prepared_run):
-    """run.resume_from=<run dir> continues the same run (same directory, Ray's own run state)
-    from its newest complete checkpoint, here on one worker and with two more steps."""
-    from raylm.train.ray_trainer import train_on_ray
-
+def test_resume_in_place_skips_a_damaged_latest_checkpoint_that_ray_reports(prepared_run):
+    """run.resume_from=<run dir> continues the same run (same directory, Ray's own run state). Its
+    newest checkpoint, the one Ray Train reports as latest, has a zero-filled shard of the right
+    size: the workers fall back to the newest good one (step k) with a warning and retrain from
+    there, here on one worker and with two more steps; config.yaml and tokenizer.model are kept."""
     run, data = prepared_run
     before = losses(run)
+    kept = {name: (run / name).read_bytes() for name in ("config.yaml", "tokenizer.model")}
+    shard = run / ckpt.checkpoint_dir_name(STEPS) / "__1_0.distcp"
+    shard.write_bytes(bytes(shard.stat().st_size))
+    assert ckpt.latest_checkpoint(run) == run / ckpt.checkpoint_dir_name(STEPS)  # the size check passes it
     continued = train_on_ray(debug_config(run.parent, data, f"run.resume_from={run}", "scaling.num_workers=1",
                                           f"train.max_steps={STEPS + 2}", "run.sample_tokens=0"))
     assert continued == run
-    after = losses(run)
-    assert sorted(after) == list(range(1, STEPS + 3)) and all(after[s] == before[s] for s in before)
+    records = [r for r in metrics(run) if "loss" in r]
+    resumed_steps = [r["step"] for r in records[len(before):]]
+    assert resumed_steps == list(range(RESUME_AT + 1, STEPS + 3))  # from the good checkpoint at step k
+    assert records[len(before)]["loss"] == pytest.approx(before[RESUME_AT + 1], rel=1e-4)
     assert ckpt.latest_checkpoint(run) == run / ckpt.checkpoint_dir_name(STEPS + 2)
+    assert ckpt.verify_checkpoint(run / ckpt.checkpoint_dir_name(STEPS)) is None  # rewritten whole
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+
+
+def test_skipped_bad_input_is_counted_in_the_metrics_and_hidden_directories_are_not_read(reference_run):
+    """data.on_error=skip: the one malformed record is counted in the metrics; the `.git/` objects
+    beside it are never read (they would count as binary files)."""
+    counted = [r for r in metrics(reference_run) if "bad_input_skipped" in r]
+    assert counted and counted[-1]["bad_input_skipped"] == 1
+    assert counted[-1]["bad_input_skipped_malformed_json"] == 1
+    assert not any(k.startswith("bad_input_skipped_binary") for r in counted for k in r)
+
+
+def test_resuming_with_another_seq_len_is_one_line_naming_it(reference_run, tmp_path, capsys):
+    start = reference_run / ckpt.checkpoint_dir_name(RESUME_AT)
+    err = one_line_error([f"run.output_dir={tmp_path}", f"run.resume_from={start}", "data.seq_len=32",
+                          "data.on_error=skip"], capsys)
+    assert "data.seq_len 64, this run has 32" in err and "run.resume_changes=[seq_len]" in err
+    assert not any(tmp_path.iterdir())

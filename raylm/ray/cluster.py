@@ -17,6 +17,7 @@ Two questions, two answers:
 
 from __future__ import annotations
 
+import gc
 import time
 
 import ray
@@ -75,6 +76,10 @@ def check_cluster_fits(cfg: Config, *, workers: int | None = None, streaming: bo
             raise ConfigError(f"the Ray cluster has {have.get(resource, 0.0):g} {resource} but this run needs "
                               f"{amount:g}: {_explain(cfg, resource, workers, streaming)}")
     deadline = None if wait_s is None else time.monotonic() + wait_s
+    if _short(need):
+        # A failed pipeline's actors live as long as its executor, which a garbage cycle in
+        # this process (an exception's traceback frames) can keep until the next collection.
+        gc.collect()
     while short := _short(need):
         if deadline is not None and time.monotonic() > deadline:
             resource, free = short

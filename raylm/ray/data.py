@@ -78,6 +78,9 @@ class Pipeline:
 
 def _ordered(ds):
     ds.context.execution_options.preserve_order = True
+    # A DataError raised in a read task or actor reaches the driver as itself (wrapped by
+    # RayTaskError), not behind Ray Data's UserCodeException, whose cause is lost in transit.
+    ds.context.raise_original_map_exception = True
     return ds
 
 
@@ -89,7 +92,7 @@ def documents_dataset(cfg: Config, plan: FilePlan, split: str, counter, *, with_
         [f.path for f in plan.files], include_paths=True, filesystem=plan.filesystem, num_cpus=d.read_cpus,
         concurrency=d.read_tasks, override_num_blocks=read_blocks(plan, d.tokenize_actors),
     )
-    return ds.map_batches(
+    return _ordered(ds).map_batches(
         parse_batch,
         fn_kwargs=dict(specs=ray.put(specs), split=split, val_fraction=d.val_fraction, on_error=d.on_error,
                        counter=counter, priority_seed=cfg.tokenizer.seed if with_priority else None),

@@ -49,16 +49,19 @@ def find_user_error(exc: BaseException) -> errors.RaylmError | None:
 
 @contextlib.contextmanager
 def user_errors():
-    """Re-raise a wrapped RaylmError from Ray as the plain one-line error; anything else as it is."""
+    """Re-raise a wrapped RaylmError from Ray as the plain one-line error; anything else as it is.
+
+    The plain error is raised after the wrapped one is dropped: its traceback holds the frames
+    of Ray Data's executor, whose actors (and their CPUs) live until those frames are freed.
+    """
+    found = None
     try:
         yield
-    except errors.RaylmError as e:
-        if type(e).__module__ == errors.__name__:
-            raise
-        found = find_user_error(e)
-        raise (found or e) from None
     except Exception as e:  # noqa: BLE001 -- only unwrapped, never swallowed
+        if isinstance(e, errors.RaylmError) and type(e).__module__ == errors.__name__:
+            raise
         found = find_user_error(e)
         if found is None:
             raise
-        raise found from None
+    if found is not None:
+        raise found
