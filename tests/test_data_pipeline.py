@@ -147,7 +147,7 @@ def test_ray_trained_tokenizer_equals_the_local_one(ray_cluster, tmp_path):
 
 def test_prepared_shards_hold_the_streaming_sequences(ray_cluster, tmp_path, tokenizer):
     """prepare writes rows equal to the streaming rows by index; it refuses other tokenizers/seq_len/dirs."""
-    from raylm.data.prepared import PreparedSource, check_prepared
+    from raylm.data.prepared import check_prepared, read_split
     from raylm.ray.prepare import prepare
 
     tok_path = tokenizer.save(tmp_path / "tok.model")
@@ -159,7 +159,7 @@ def test_prepared_shards_hold_the_streaming_sequences(ray_cluster, tmp_path, tok
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tokenizer_sha256"] == tokenizer.sha256 and manifest["seq_len"] == 32
     stream_tokens, _ = rows_of(pipeline(cfg, tokenizer))
-    prepared = PreparedSource(out, "train", shuffle=False)
+    prepared = read_split(out, "train", shuffle=False)
     assert np.array_equal(prepared.rows, stream_tokens)
     assert manifest["splits"]["validation"]["sequences"] > 0
 
@@ -184,13 +184,11 @@ BAD_INPUTS = {
     "missing_field": ("jsonl", b'{"text": "fine"}\n{"body": "x"}\n', "bad.jsonl:2: record has no field 'text'"),
     "malformed_json:nested": ("jsonl", b'{"text": "fine"}\n' + b"[" * 100_000 + b"\n",
                               "bad.jsonl:2: malformed JSON (nested too deeply)"),
-    "invalid_utf8:surrogate": ("jsonl", b'{"text": "fine"}\n{"text": "a\\ud800b"}\n',
-                               "bad.jsonl:2: invalid text (lone surrogate"),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
-def test_bad_input_raises_one_line_or_is_skipped_and_counted(ray_cluster, tmp_path, kind, tokenizer):
+def test_bad_input_raises_one_line_naming_file_and_line(ray_cluster, tmp_path, kind, tokenizer):
     fmt, data, message = BAD_INPUTS[kind]
     (tmp_path / "bad.jsonl").write_bytes(data)
     good = tmp_path / "good.txt"
@@ -199,11 +197,26 @@ def test_bad_input_raises_one_line_or_is_skipped_and_counted(ray_cluster, tmp_pa
     with pytest.raises(DataError) as err:
         rows_of(pipeline(config("data.val_fraction=0", sources=sources), tokenizer))
     assert type(err.value) is DataError and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_input_of_every_kind_is_skipped_and_counted_and_the_rest_kept(ray_cluster, tmp_path, tokenizer):
+    """data.on_error=skip: one execution over a good file and one bad file of each kind."""
+    good = tmp_path / "good.txt"
+    good.write_text(words(np.random.default_rng(3), 400))
+    sources = [{"path": str(good)}]
+    for i, kind in enumerate(sorted(BAD_INPUTS)):
+        fmt, data, _ = BAD_INPUTS[kind]
+        (tmp_path / f"bad{i}").mkdir()
+        (tmp_path / f"bad{i}" / "bad.jsonl").write_bytes(data)
+        sources.append({"path": str(tmp_path / f"bad{i}"), "format": fmt})
     ds = pipeline(config("data.val_fraction=0", "data.on_error=skip", sources=sources), tokenizer)
     tokens, _ = rows_of(ds)
     report = ds.bad_input()
-    assert report["skipped"] == {kind.split(":")[0]: 1} and len(tokens) > 0
-    assert report["documents"] >= 1  # the valid documents were kept
+    expected = {}
+    for kind in BAD_INPUTS:
+        expected[kind.split(":")[0]] = expected.get(kind.split(":")[0], 0) + 1
+    assert report["skipped"] == expected and len(tokens) > 0
+    assert report["documents"] >= 1 + sum(BAD_INPUTS[k][1].count(b"fine") for k in BAD_INPUTS)  # valid ones kept
 
 
 def test_missing_column_and_missing_path(ray_cluster, tmp_path, tokenizer):

@@ -36,6 +36,8 @@ def _extra_source() -> Path:
     root = Path(tempfile.mkdtemp(prefix="raylm-extra-source-"))
     lines = [json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) for i in range(200)]
     lines.insert(50, '{"text": "unterminated')
+    lines.insert(90, "[" * 100_000)  # nested too deeply for the JSON parser
+    lines.insert(120, '{"text": "lone \\ud800 surrogate"}')
     (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
     (root / ".git" / "objects" / "4f").mkdir(parents=True)
     (root / ".git" / "objects" / "4f" / "a1b2c3").write_bytes(zlib.compress(bytes(range(256)) * 64))
@@ -223,11 +225,13 @@ def test_resume_in_place_skips_a_damaged_latest_checkpoint_that_ray_reports(prep
 
 
 def test_skipped_bad_input_is_counted_in_the_metrics_and_hidden_directories_are_not_read(reference_run):
-    """data.on_error=skip: the one malformed record is counted in the metrics; the `.git/` objects
-    beside it are never read (they would count as binary files)."""
+    """data.on_error=skip: the malformed record, the deeply nested one and the lone surrogate are
+    counted in the metrics; the `.git/` objects beside them are never read (they would count as
+    binary files)."""
     counted = [r for r in metrics(reference_run) if "bad_input_skipped" in r]
-    assert counted and counted[-1]["bad_input_skipped"] == 1
-    assert counted[-1]["bad_input_skipped_malformed_json"] == 1
+    assert counted and counted[-1]["bad_input_skipped"] == 3
+    assert counted[-1]["bad_input_skipped_malformed_json"] == 2
+    assert counted[-1]["bad_input_skipped_invalid_utf8"] == 1
     assert not any(k.startswith("bad_input_skipped_binary") for r in counted for k in r)
 
 

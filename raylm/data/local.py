@@ -13,12 +13,12 @@ from collections.abc import Iterator
 import numpy as np
 
 from raylm.config import Config
-from raylm.data.corpus import Document, is_validation
+from raylm.data.corpus import Document
 from raylm.data.order import DataPosition, PackedDataset
-from raylm.data.parse import BadInputTally, parse_file, sample_priority
+from raylm.data.parse import BadInputTally, sample_priority, split_documents
 from raylm.data.plan import CorpusListing, plan_files
 from raylm.data.transforms import TOKEN_DTYPE, tokenize_and_pack
-from raylm.errors import DataError, EmptySplit
+from raylm.errors import EmptySplit
 from raylm.tokenizer import Tokenizer, load_or_train
 
 
@@ -28,18 +28,16 @@ def local_documents(cfg: Config, split: str, *, mixture: bool = True, listing: C
 
     Bad input raises (data.on_error=raise) or is counted in `tally` and skipped."""
     plan = plan_files(cfg, split, mixture=mixture, listing=listing)
-    docs: list[Document] = []
-    for f in plan.files:
-        with plan.filesystem.open_input_stream(f.path) as stream:
-            parsed, bad = parse_file(stream.read(), f.spec)
-        if bad and cfg.data.on_error == "raise":
-            raise DataError(bad[0][1])
-        kept = [Document(doc_id, text) for doc_id, text in parsed
-                if is_validation(doc_id, cfg.data.val_fraction) == (split == "validation")]
-        if tally is not None:
-            tally.add(bad, len(kept))
-        docs.extend(kept)
-    return docs
+
+    def read(path: str) -> bytes:
+        with plan.filesystem.open_input_stream(path) as stream:
+            return stream.read()
+
+    files = ((read(f.path), f.spec) for f in plan.files)
+    docs, problems = split_documents(files, split, cfg.data.val_fraction, cfg.data.on_error)
+    if tally is not None:
+        tally.add(problems, len(docs))
+    return [Document(doc_id, text) for doc_id, text in docs]
 
 
 def pack_documents(docs: list[Document], tokenizer: Tokenizer, seq_len: int, add_bos: bool,

@@ -15,7 +15,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from raylm.data.corpus import is_validation
+from raylm.errors import DataError
 
 BAD_INPUT_KINDS = (
     "empty_file",
@@ -232,6 +236,24 @@ def _parse_parquet(data: bytes, spec: FileSpec):
         else:
             docs.append((f"{spec.id_base}:{row}", value))
     return docs, problems
+
+
+def split_documents(files: Iterable[tuple[bytes, FileSpec]], split: str, val_fraction: float, on_error: str
+                    ) -> tuple[list[tuple[str, str]], list[Problem]]:
+    """The documents of `split` in the given files, in order, and the bad input skipped.
+
+    The one parse loop: Ray Data's read tasks and the single-process path both call it. With
+    on_error="raise" the first problem raises DataError (one line naming file and line)."""
+    kept: list[tuple[str, str]] = []
+    problems: list[Problem] = []
+    for data, spec in files:
+        docs, bad = parse_file(data, spec)
+        if bad and on_error == "raise":
+            raise DataError(bad[0][1])
+        problems.extend(bad)
+        kept.extend((doc_id, text) for doc_id, text in docs
+                    if is_validation(doc_id, val_fraction) == (split == "validation"))
+    return kept, problems
 
 
 def sample_priority(seed: int, doc_id: str) -> float:

@@ -27,7 +27,7 @@ import numpy as np
 
 import raylm
 from raylm.config import Config
-from raylm.data.order import DataPosition, SequenceOrder, unseen_micro_batches
+from raylm.data.order import PackedDataset
 from raylm.errors import DataError, EmptySplit
 
 MANIFEST = "manifest.json"
@@ -211,38 +211,27 @@ def write_manifest(cfg: Config, out: Path, tokenizer_sha256: str, vocab_size: in
 # Reader
 
 
-class PreparedSource:
-    """Prepared Parquet shards read by global index: instant seek, seeded permutation per epoch."""
+def read_split(path: str | Path, split: str = "train", seed: int = 0, shuffle: bool = True) -> PackedDataset:
+    """A split's shards read whole, served by global index: instant seek, a seeded permutation per epoch."""
+    import pyarrow.parquet as pq
 
-    def __init__(self, path: str | Path, split: str = "train", seed: int = 0, shuffle: bool = True):
-        import pyarrow.parquet as pq
-
-        self.path = Path(path)
-        manifest = read_manifest(self.path)
-        info = manifest["splits"].get(split)
-        if not info or info["sequences"] == 0:
-            raise EmptySplit(f"data.prepared_path={str(self.path)!r}: no {split} sequences")
-        width = manifest["seq_len"] + 1
-        shards = []
-        for name in info["shards"]:
-            table = pq.read_table(self.path / name, columns=["tokens"])
-            flat = table.column("tokens").combine_chunks().flatten().to_numpy()
-            shards.append(flat.reshape(-1, width))
-        self.rows = np.concatenate(shards) if len(shards) > 1 else shards[0]  # (N, L + 1) int32
-        self.order = SequenceOrder(len(self.rows), seed, shuffle)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def micro_batches(self, position, rank: int, world_size: int, micro_batch_size: int):
-        position = position if isinstance(position, DataPosition) else DataPosition()
-        for ix in unseen_micro_batches(position, rank, world_size, micro_batch_size):
-            yield {"tokens": self.rows[self.order.rows(ix)], "index": ix}
+    path = Path(path)
+    manifest = read_manifest(path)
+    info = manifest["splits"].get(split)
+    if not info or info["sequences"] == 0:
+        raise EmptySplit(f"data.prepared_path={str(path)!r}: no {split} sequences")
+    width = manifest["seq_len"] + 1
+    shards = []
+    for name in info["shards"]:
+        table = pq.read_table(path / name, columns=["tokens"])
+        shards.append(table.column("tokens").combine_chunks().flatten().to_numpy().reshape(-1, width))
+    rows = np.concatenate(shards) if len(shards) > 1 else shards[0]  # (N, L + 1) int32
+    return PackedDataset(rows, seed=seed, shuffle=shuffle)
 
 
-def prepared_sources(cfg: Config) -> tuple[PreparedSource, PreparedSource | None]:
+def prepared_sources(cfg: Config) -> tuple[PackedDataset, PackedDataset | None]:
     """(train, validation or None) of data.prepared_path."""
     path = cfg.data.prepared_path
-    train = PreparedSource(path, "train", seed=cfg.data.seed, shuffle=True)
-    val = PreparedSource(path, "validation", shuffle=False) if has_split(path, "validation") else None
+    train = read_split(path, "train", seed=cfg.data.seed, shuffle=True)
+    val = read_split(path, "validation", shuffle=False) if has_split(path, "validation") else None
     return train, val

@@ -9,11 +9,9 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from raylm.data.corpus import is_validation
 from raylm.data.order import DataPosition
-from raylm.data.parse import parse_file, sample_priority
+from raylm.data.parse import sample_priority, split_documents
 from raylm.data.transforms import TOKEN_DTYPE, frame_documents, index_rows, pack
-from raylm.errors import DataError
 from raylm.tokenizer import BOS_ID, EOS_ID
 
 
@@ -39,17 +37,10 @@ def parse_batch(batch, specs, split, val_fraction, on_error, counter, priority_s
     `specs`: an object reference to the plan's {path: FileSpec} (see `_plan_specs`).
     """
     specs = _plan_specs(specs)
-    ids, texts, problems = [], [], []
-    for data, path in zip(batch["bytes"], batch["path"]):
-        spec = specs.get(path) or specs[str(path).removeprefix("file://")]
-        docs, bad = parse_file(bytes(data), spec)
-        if bad and on_error == "raise":
-            raise DataError(bad[0][1])
-        problems.extend(bad)
-        for doc_id, text in docs:
-            if is_validation(doc_id, val_fraction) == (split == "validation"):
-                ids.append(doc_id)
-                texts.append(text)
+    files = ((bytes(data), specs.get(path) or specs[str(path).removeprefix("file://")])
+             for data, path in zip(batch["bytes"], batch["path"]))
+    docs, problems = split_documents(files, split, val_fraction, on_error)
+    ids, texts = [d for d, _ in docs], [t for _, t in docs]
     ray.get(counter.add.remote(problems, len(ids)))  # before the rows move on: the driver's report is complete
     out = {"doc_id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object)}
     if priority_seed is not None:

@@ -42,7 +42,7 @@ from raylm.ray.connect import ray_session
 from raylm.ray.data import data_config, sample_documents, trainer_datasets, worker_sources
 from raylm.ray.errors import user_errors
 from raylm.train import checkpoint as ckpt
-from raylm.train.local import TrainResult, check_initial, checkpoint_files, run_facts
+from raylm.train.local import TrainResult, check_initial, checkpoint_files, log_bad_input, run_facts
 from raylm.train.metrics import MetricsWriter
 from raylm.train.runs import RunSpec, create_run_dir, discard_run_dir, obtain_tokenizer, resolve_run
 from raylm.train.trainer import RankEnv, TrainState, Trainer
@@ -87,6 +87,8 @@ def fit(spec: RunSpec, *, wait_s: float | None = FREE_WAIT_S, callbacks: list | 
             result = trainer.fit()
         except (KeyboardInterrupt, SystemExit):  # Ray's own Ctrl-C handler aborts fit() with sys.exit
             raise RunInterrupted(spec.run_dir) from None
+    if counter is not None:
+        log_bad_input(ray.get(counter.report.remote()), log)
     final = result.checkpoint
     marker = ckpt.read_marker(final.path) if final is not None and Path(final.path).is_dir() else None
     if marker is not None and marker["train_state"]["step"] < cfg.train.max_steps:

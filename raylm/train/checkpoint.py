@@ -84,6 +84,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from raylm.errors import CheckpointError
+from raylm.train.parallel import distributed_world
 
 MARKER = "raylm_checkpoint.json"
 FORMAT = "raylm-dcp-2"
@@ -97,15 +98,9 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _all_gather(value: Any) -> list[Any]:
     """`value` from every rank, in rank order; [value] without a process group."""
-    _, world = _rank_world()
+    _, world = distributed_world()
     if world == 1:
         return [value]
     gathered: list[Any] = [None] * world
@@ -147,7 +142,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     if a weight is non-finite.
     """
     path = Path(path)
-    rank, world = _rank_world()
+    rank, world = distributed_world()
     # Converted first so that a value JSON cannot hold fails on every rank before any write.
     train_state, facts = _plain(train_state), _plain(facts or {})
     extra_files = dict(extra_files or {})
@@ -202,7 +197,7 @@ def _refuse_non_finite(path: Path, model: torch.nn.Module) -> None:
     # One device-side reduction and one sync, not one per parameter.
     finite = torch.stack([torch.isfinite(t).all() for _, t in named]).all() if named else torch.tensor(True)
     flag = (~finite).to(torch.int32).reshape(1)
-    _, world = _rank_world()
+    _, world = distributed_world()
     if world > 1:
         nccl = dist.get_backend() == "nccl"
         flag = flag.to(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
@@ -223,7 +218,7 @@ def _begin_save(path: Path, rank: int) -> str:
     if rank == 0:
         for stale in (MARKER, MARKER + ".tmp", ".metadata"):  # .metadata: DCP would warn about it
             (path / stale).unlink(missing_ok=True)
-    if _rank_world()[1] > 1:
+    if distributed_world()[1] > 1:
         dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -463,7 +458,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
     path = Path(path)
     marker, reason = _check_marker(path)
     if reason is None:
-        rank, world = _rank_world()
+        rank, world = distributed_world()
         names = sorted(marker["files"])[rank::world]
         reason = next((r for name in names if (r := _checksum_problem(path, name, marker["files"][name]))), None)
     return next((r for r in _all_gather(reason) if r is not None), None)
@@ -515,7 +510,7 @@ def newest_good(candidates: Iterable[str | Path],
     ranks try the candidates in rank 0's order and agree on each verdict, so all return the same.
     """
     order = _by_step(candidates)
-    if _rank_world()[1] > 1:
+    if distributed_world()[1] > 1:
         box = [order]
         dist.broadcast_object_list(box, src=0)
         order = box[0]

@@ -23,7 +23,7 @@ from raylm.data.plan import data_fingerprint, list_corpus
 from raylm.errors import RunInterrupted
 from raylm.tokenizer import Tokenizer
 from raylm.train import checkpoint as ckpt
-from raylm.train.parallel import init_from_env
+from raylm.train.parallel import distributed_world, init_from_env
 from raylm.train.runs import (CONFIG_FILE, TOKENIZER_FILE, RunFacts, RunSpec, check_resume, create_run_dir,
                               discard_run_dir, obtain_tokenizer, resolve_run)
 from raylm.train.trainer import LocalSink, RankEnv, Trainer
@@ -46,7 +46,7 @@ def resolve_device(cfg: Config) -> torch.device:
 
 def _share(value, rank: int):
     """Rank 0's `value` on every rank of the torchrun group (itself without one)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if distributed_world()[1] == 1:
         return value
     box = [value if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
@@ -120,7 +120,8 @@ def train_local(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
         sink.close()
     if "val_perplexity" in final:
         log(f"final held-out loss {final['val_loss']:.4f}, perplexity {final['val_perplexity']:.2f}")
-    _report_bad_input(train_data, log)
+    if hasattr(train_data, "bad_input"):
+        log_bad_input(train_data.bad_input(), log)
     latest = ckpt.latest_checkpoint(spec.run_dir)
     if rank == 0 and world == 1 and cfg.run.sample_tokens and cfg.run.sample_prompts:
         from raylm.use.sample import print_samples
@@ -129,10 +130,7 @@ def train_local(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     return TrainResult(final, str(latest) if latest else None, spec.run_dir)
 
 
-def _report_bad_input(train_data, log) -> None:
-    report = getattr(train_data, "bad_input", None)
-    if report is None:
-        return
-    summary = report()
-    for kind, n in summary["skipped"].items():
-        log(f"skipped {n} {kind}: e.g. {summary['examples'][kind]}")
+def log_bad_input(report: dict, log: Callable[[str], None]) -> None:
+    """The end-of-run summary of bad input skipped under data.on_error=skip (BadInputTally.report())."""
+    for kind, n in report.get("skipped", {}).items():
+        log(f"skipped {n} {kind} (data.on_error=skip): e.g. {report['examples'][kind]}")

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from raylm.train.parallel import distributed_world
+
 
 @dataclass
 class StepStats:
@@ -62,7 +64,7 @@ def _set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
 
 
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed_world()[1] > 1:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 

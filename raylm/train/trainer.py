@@ -44,7 +44,7 @@ from raylm.errors import TrainingError
 from raylm.optim import build_optimizer, lr_at, set_lr
 from raylm.train import checkpoint as ckpt
 from raylm.train.metrics import MetricsWriter, device_peak_flops, peak_memory_bytes
-from raylm.train.parallel import build_model
+from raylm.train.parallel import build_model, distributed_world
 from raylm.train.runs import RunFacts, check_resume
 from raylm.train.step import evaluate, train_step
 
@@ -93,7 +93,7 @@ class TrainState:
         """Merge every rank's consumed indices into data_position (a collective when distributed)."""
         local = np.concatenate([np.asarray(i, dtype=np.int64).ravel() for i in self.pending_indices]) \
             if self.pending_indices else np.zeros(0, dtype=np.int64)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed_world()[1] > 1:
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, local.tolist())
             local = np.asarray([i for part in gathered for i in part], dtype=np.int64)
