@@ -15,7 +15,6 @@ MFU = tokens/s per device x ModelConfig.flops_per_token / peak bf16 FLOP/s of th
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time

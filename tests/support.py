@@ -1,8 +1,13 @@
-"""Shared test pieces: a sink that keeps records in memory (checkpoints, when asked, in a directory)."""
+"""Shared test pieces: an in-memory sink, a real two-rank gloo group, a crafted pickle."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from raylm.train import checkpoint as ckpt
@@ -35,3 +40,46 @@ class ListSink:
 
     def losses(self) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in self.records if "loss" in r}
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: a stand-in for a crafted checkpoint."""
+
+    def __init__(self, flag: Path):
+        self.flag = flag
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.flag}",)
+
+
+def _rank_main(rank: int, world: int, port: int, work: Callable[[int, Path], dict], out: str, tag: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        result = work(rank, Path(out))
+        (Path(out) / f"{tag}_rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    # Done and written: leave without tearing gloo down. Its teardown races between ranks and
+    # now and then aborts a process (std::terminate, SIGABRT) after the work has finished, even
+    # after a barrier (seen in CI); the test reads each rank's result from its file.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_ranks(work: Callable[[int, Path], dict], out: Path, tag: str = "result", world: int = 2) -> list[dict]:
+    """Run `work(rank, out)` (a module-level function or a functools.partial of one) on every rank of
+    a real gloo group of `world` processes; return each rank's JSON-able result."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(world, port, work, str(out), tag), nprocs=world, join=True)
+    return [json.loads((out / f"{tag}_rank{r}.json").read_text()) for r in range(world)]

@@ -8,17 +8,13 @@ results to a JSON file that the tests read.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -27,6 +23,7 @@ from raylm.errors import CheckpointError
 from raylm.optim import build_optimizer
 from raylm.train import checkpoint as ckpt
 from raylm.train.parallel import build_model
+from support import RunsCode, run_ranks
 
 # One process loading or saving a checkpoint without a process group is intended here.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -62,24 +59,6 @@ def zero_fill(file: Path) -> None:
 
 # ---------------------------------------------------------------------------------------
 # Two ranks
-
-
-def _two_rank_saves(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        out = Path(out)
-        result = _two_rank_work(rank, out)
-        (out / f"rank{rank}.json").write_text(json.dumps(result))
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Done and written: leave without tearing gloo down. Its teardown races between ranks and
-    # now and then aborts a process (std::terminate, SIGABRT) after the work has finished.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _two_rank_work(rank: int, out: Path) -> dict:
@@ -123,11 +102,7 @@ def _two_rank_work(rank: int, out: Path) -> dict:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("two_ranks")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_two_rank_saves, args=(2, port, str(out)), nprocs=2, join=True)
-    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return out, run_ranks(_two_rank_work, out)
 
 
 def merge(dirs: list[Path], into: Path) -> Path:
@@ -284,22 +259,12 @@ def test_marker_without_checksums_is_refused_with_its_format_named(tmp_path):
         ckpt.load_checkpoint(path, *fresh())
 
 
-class _RunsCode:
-    """Unpickling this runs a shell command: a stand-in for a crafted checkpoint."""
-
-    def __init__(self, flag: Path):
-        self.flag = flag
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.flag}",)
-
-
 def test_matching_checksums_do_not_make_loading_unpickle_code(tmp_path):
     """An attacker can rewrite the marker too: a crafted `.metadata` listed with its true checksum
     still passes only through the allow-listed unpickler, which refuses it."""
     flag = tmp_path / "pwned"
     path = ckpt.save_checkpoint(tmp_path / "evil", *fresh(), {"step": 1})
-    crafted = pickle.dumps(_RunsCode(flag))
+    crafted = pickle.dumps(RunsCode(flag))
     (path / ".metadata").write_bytes(crafted)
     marker = json.loads((path / ckpt.MARKER).read_text())
     marker["files"][".metadata"] = ckpt._write_atomic(path / ".metadata", crafted)

@@ -6,19 +6,13 @@ the default corpus subset, tokenised once per module, with the debug model.
 
 from __future__ import annotations
 
-import json
-import os
-import pickle
-import socket
-import subprocess
-import sys
+import functools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from raylm.config import load_config
 from raylm.data.local import pack_documents, local_documents, train_tokenizer_local
@@ -28,7 +22,7 @@ from raylm.optim import build_optimizer
 from raylm.train import checkpoint as ckpt
 from raylm.train.parallel import build_model, local_param_count
 from raylm.train.trainer import RankEnv, Trainer
-from support import ListSink
+from support import ListSink, RunsCode, run_ranks
 
 STEPS, RESUME_AT = 4, 2
 
@@ -79,42 +73,22 @@ def full_state(model, optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
-def _spawned(rank: int, world: int, port: int, task: str, args: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        cfg = core_config(args["out"])
-        out = Path(args["out"])
-        if task == "train":
-            result = train(cfg, Path(args["rows"]), out, Path(args["resume"]) if args.get("resume") else None)
-        elif task == "load":
-            model, _ = build_model(cfg, torch.device("cpu"))
-            optimizer = build_optimizer(model, cfg.optimizer, "cpu")
-            ckpt.load_checkpoint(args["checkpoint"], model, optimizer)
-            state = full_state(model, optimizer)
-            if rank == 0:
-                torch.save(state, out / "loaded_on_2.pt")
-            result = {"rank": rank}
-        (out / f"{task}_rank{rank}.json").write_text(json.dumps(result))
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Done and written: leave without tearing gloo down. Its teardown races between ranks and
-    # now and then aborts a process (std::terminate, SIGABRT) after the work has finished, even
-    # after a barrier (seen in CI); the test reads each rank's result from its file.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+def _rank_task(task: str, args: dict, rank: int, out: Path) -> dict:
+    cfg = core_config(out)
+    if task == "train":
+        return train(cfg, Path(args["rows"]), out, Path(args["resume"]) if args.get("resume") else None)
+    model, _ = build_model(cfg, torch.device("cpu"))
+    optimizer = build_optimizer(model, cfg.optimizer, "cpu")
+    ckpt.load_checkpoint(args["checkpoint"], model, optimizer)
+    state = full_state(model, optimizer)
+    if rank == 0:
+        torch.save(state, out / "loaded_on_2.pt")
+    return {"rank": rank}
 
 
-def spawn(task: str, **args) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_spawned, args=(2, port, task, {k: str(v) for k, v in args.items()}), nprocs=2, join=True)
-    out = Path(args["out"])
-    return [json.loads((out / f"{task}_rank{r}.json").read_text()) for r in range(2)]
+def spawn(task: str, out: Path, **args) -> list[dict]:
+    """`task` ("train" or "load") on a real 2-rank gloo group."""
+    return run_ranks(functools.partial(_rank_task, task, {k: str(v) for k, v in args.items()}), Path(out), task)
 
 
 @pytest.fixture(scope="module")
@@ -208,21 +182,11 @@ def _fresh(cfg):
     return model, build_optimizer(model, cfg.optimizer, "cpu")
 
 
-class _RunsCode:
-    """Unpickling this runs a shell command: a stand-in for a crafted checkpoint."""
-
-    def __init__(self, flag: Path):
-        self.flag = flag
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.flag}",)
-
-
 def test_loading_never_unpickles_code_from_metadata_or_optimizer_entries(tmp_path):
     cfg = core_config(tmp_path)
     model, optimizer = _fresh(cfg)
     flag = tmp_path / "pwned"
-    optimizer.param_groups[0]["lr"] = _RunsCode(flag)  # stored by DCP as a pickled entry
+    optimizer.param_groups[0]["lr"] = RunsCode(flag)  # stored by DCP as a pickled entry
     ckpt.save_checkpoint(tmp_path / "evil_entry", model, optimizer, {"step": 1})
     assert not flag.exists()
     with pytest.raises(CheckpointError, match="refused"):
