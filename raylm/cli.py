@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from raylm.errors import RaylmError
@@ -20,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train on Ray (RAY_ADDRESS, else a local cluster); tokenizer first if none")
     _config_args(p)
     p.add_argument("--local", action="store_true",
-                   help="train in this process (or each torchrun rank) without Ray (local files only)")
+                   help="train in this process without Ray (local files only); implied under torchrun")
 
     p = sub.add_parser("prepare", help="tokenise and pack the corpus once into Parquet shards + manifest")
     _config_args(p)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             with ray_session(progress_bars=True):
                 out = prepare(cfg)
             print("\n".join(summary_lines(out)))
-        elif args.command == "train" and args.local:
+        elif args.command == "train" and (args.local or "TORCHELASTIC_RUN_ID" in os.environ):  # torchrun
             from raylm.train.local import train_local
 
             train_local(cfg)

@@ -216,3 +216,25 @@ def test_a_checkpoint_of_another_run_is_never_resumed_silently(local_run, tmp_pa
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         resolve_run(local_config(tmp_path, f"run.resume_from={empty}"))
+
+
+def test_torchrun_two_ranks_train_local_checkpoints_and_resume_in_place_on_one(local_run, tmp_path):
+    """`torchrun -m raylm train CONFIG` (torchrun implies --local): two FSDP2 ranks, one run
+    directory, a checkpoint both ranks wrote; then the same run continued in place by one process."""
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "tr.yaml"
+    config.write_text(local_config(tmp_path, "train.max_steps=4", "train.checkpoint_every=2").to_yaml())
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "raylm", "train", str(config)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    marker = ckpt.read_marker(run / ckpt.checkpoint_dir_name(4))
+    assert marker["world_size"] == 2 and {"__0_0.distcp", "__1_0.distcp"} <= set(marker["files"])
+    assert done.stdout.count("run directory:") == 1  # rank 0 speaks for the group
+    result = train_local(local_config(tmp_path, f"run.resume_from={run}", "train.max_steps=6"), log=lambda line: None)
+    assert Path(result.run_dir) == run and sorted(losses(run)) == list(range(1, 7))

@@ -1,1 +1,1 @@
-"""Corpus reading, tokenisation, packing and the sequence order the trainer resumes from."""
+"""Corpus reading, tokenisation, packing, prepared shards and the sequence order the trainer resumes from (no Ray)."""

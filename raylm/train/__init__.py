@@ -1,1 +1,1 @@
-"""Training: the torch-core loop and step, FSDP wrapping, checkpoints, and the Ray Train glue."""
+"""Training, torch core only: the one Trainer, its step, FSDP2 wrapping, checkpoints, run directories and metrics."""

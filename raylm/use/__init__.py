@@ -1,1 +1,1 @@
-"""Using a trained model: sampling (and later generation with a KV cache, perplexity, HF export)."""
+"""Using a trained model: load_model (run dir or checkpoint) and sampling."""
