@@ -180,7 +180,8 @@ def test_ray_job_submit_against_ray_start_head_finishes_and_leaves_its_checkpoin
         submit = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
                   "--", sys.executable, "-m", "raylm", "train", "configs/debug.yaml",
                   f"run.output_dir={runs}", "train.max_steps=2", "train.eval_every=0", "run.sample_tokens=4",
-                  "data.val_fraction=0", "data.sources.0.max_bytes=100000", "tokenizer.sample_bytes=100000"]
+                  "data.val_fraction=0", "data.sources.0.max_bytes=100000", "tokenizer.sample_bytes=100000",
+                  "scaling.num_workers=1"]
         deadline = time.monotonic() + 120
         while True:  # the job server and its agent come up some seconds after the head
             done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
