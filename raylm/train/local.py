@@ -107,7 +107,6 @@ def train_local(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
             discard_run_dir(spec)
         raise
 
-    torch.manual_seed(cfg.train.seed)
     sink = LocalSink(spec.run_dir, cfg.run.keep_checkpoints, rank)
     trainer = Trainer(spec.cfg, RankEnv(rank, world, device), sink, train_data, val_data, facts=facts,
                       initial_checkpoint=spec.initial_checkpoint, extra_files=checkpoint_files(spec, tokenizer),

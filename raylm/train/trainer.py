@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from raylm.config import Config
 from raylm.data.order import DataPosition
-from raylm.errors import TrainingError
+from raylm.errors import CheckpointError, TrainingError
 from raylm.optim import build_optimizer, lr_at, set_lr
 from raylm.train import checkpoint as ckpt
 from raylm.train.metrics import MetricsWriter, device_peak_flops, peak_memory_bytes
@@ -196,7 +196,7 @@ class Trainer:
         found = ckpt.newest_good(candidates, log=self.log)
         if found is None:
             if self.initial_checkpoint is not None:
-                raise ckpt.CheckpointError(f"run.resume_from: no usable checkpoint among {self.initial_checkpoint} "
+                raise CheckpointError(f"run.resume_from: no usable checkpoint among {self.initial_checkpoint} "
                                            "and this run's own")
             return self.state
         path, marker = found
