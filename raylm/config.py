@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from raylm.data.order import rounds_per_step
 from raylm.errors import ConfigError
 from raylm.model import ModelConfig
 
@@ -111,7 +112,8 @@ class TrainConfig:
     eval_every: int = 50
     """Evaluate held-out loss every N steps (and at the end); 0 only at the end."""
     eval_batches: int = 8
-    """Micro-batches of held-out data per evaluation."""
+    """Micro-batches of held-out data per worker per evaluation at the largest world size: an
+    evaluation reads eval_batches x micro_batch_size x (max) workers rows, the same at every size."""
     log_every: int = 10
     """Print a progress line every N steps (metrics.jsonl gets every step)."""
     checkpoint_every: int = 0
@@ -130,6 +132,10 @@ class TrainConfig:
     """torch.compile each transformer block."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device for MFU; None uses the bf16 peak of the detected GPU kind."""
+    preemption_check_every: int = 5
+    """On Ray, every N steps all workers ask whether a node is being preempted (a drain with a
+    deadline, as for a reclaimed spot instance); if one is, they checkpoint at once and Ray
+    restarts on the remaining nodes from there. 0 disables the check."""
     max_nonfinite_steps: int = 5
     """A step whose loss or gradient is not finite is skipped (no update) and counted; this
     many in a row stop the run with one line (its checkpoints so far are kept)."""
@@ -156,14 +162,34 @@ class OptimizerConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 1
-    """Ray Train workers (one per GPU on a GPU cluster)."""
+    num_workers: int | list[int] = 1
+    """Ray Train workers (one per GPU on a GPU cluster), or [min, max] for an elastic run: it
+    starts once min fit, grows toward max as nodes join and goes on smaller when they leave
+    (each resize restarts the workers from the latest checkpoint; the global batch is exact
+    at every size)."""
+    resize_check_s: float = 60.0
+    """Elastic runs: how often Ray Train looks for room to grow (elastic_resize_monitor_interval_s)."""
     use_gpu: bool = False
     """Give each worker one GPU (nccl); otherwise CPU workers (gloo)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker."""
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     """Extra Ray resources per worker, e.g. {"trainer": 1}."""
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[-1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+    def world_sizes(self) -> range:
+        return range(self.min_workers, self.max_workers + 1)
 
 
 @dataclass
@@ -179,8 +205,11 @@ class RunConfig:
     corpus (sources and their files) is an error unless listed here."""
     keep_checkpoints: int = 3
     """Keep the last K checkpoints."""
-    max_failures: int = 0
-    """Worker-group restarts from the latest checkpoint before the run fails."""
+    max_failures: int = 3
+    """Restarts of the workers from the latest checkpoint after a failure (a killed worker, a lost
+    node) before the run fails; -1: no limit. Preemptions are counted apart (max_preemptions)."""
+    max_preemptions: int = -1
+    """Restarts after a preemption notice (a drained or reclaimed spot node); -1: no limit."""
     sample_prompts: list[str] = field(
         default_factory=lambda: ["def fibonacci(n):", "import os\n", "class Stack:\n    def push(self"]
     )
@@ -218,17 +247,16 @@ class Config:
     def sequences_per_step(self) -> int:
         return self.train.global_batch_tokens // self.data.seq_len
 
+    @property
+    def eval_sequences(self) -> int:
+        """Held-out sequences one evaluation reads, split over the workers like a step."""
+        return self.train.eval_batches * self.train.micro_batch_size * self.scaling.max_workers
+
     def grad_accum_steps(self, world_size: int) -> int:
-        """Micro-batches per worker per optimizer step, so the global batch is world-size independent."""
-        per_round = self.train.micro_batch_size * world_size
-        if self.sequences_per_step % per_round:
-            raise ConfigError(
-                f"train.global_batch_tokens={self.train.global_batch_tokens}: "
-                f"{self.sequences_per_step} sequences of data.seq_len={self.data.seq_len} per step do not split "
-                f"into micro-batches of train.micro_batch_size={self.train.micro_batch_size} on {world_size} "
-                f"worker(s); use a multiple of {per_round * self.data.seq_len} tokens"
-            )
-        return self.sequences_per_step // per_round
+        """Micro-batches per worker per optimizer step. The global batch is the same at every
+        world size: when the workers' micro-batches do not divide it, ranks take uneven shares
+        (`raylm.data.order.step_slots`)."""
+        return rounds_per_step(self.sequences_per_step, world_size, self.train.micro_batch_size)
 
 
 # ---------------------------------------------------------------------------------------
@@ -418,7 +446,6 @@ def validate(cfg: Config) -> None:
         ("train.micro_batch_size", t.micro_batch_size),
         ("train.eval_batches", t.eval_batches),
         ("train.log_every", t.log_every),
-        ("scaling.num_workers", s.num_workers),
         ("run.keep_checkpoints", r.keep_checkpoints),
         ("tokenizer.sample_docs", cfg.tokenizer.sample_docs),
         ("tokenizer.sample_bytes", cfg.tokenizer.sample_bytes),
@@ -429,7 +456,7 @@ def validate(cfg: Config) -> None:
         ("train.eval_every", t.eval_every),
         ("train.checkpoint_every", t.checkpoint_every),
         ("optimizer.warmup_steps", o.warmup_steps),
-        ("run.max_failures", r.max_failures),
+        ("train.preemption_check_every", t.preemption_check_every),
         ("run.sample_tokens", r.sample_tokens),
         ("run.top_k", r.top_k),
     ]:
@@ -479,7 +506,10 @@ def validate(cfg: Config) -> None:
         t.global_batch_tokens,
         f"must be a multiple of data.seq_len={d.seq_len}",
     )
-    cfg.grad_accum_steps(s.num_workers)  # raises if the batch cannot split over the workers
+    _check_workers(cfg)
+    _require(s.resize_check_s > 0, "scaling.resize_check_s", s.resize_check_s, "must be > 0 seconds")
+    for key, value in [("run.max_failures", r.max_failures), ("run.max_preemptions", r.max_preemptions)]:
+        _require(value >= -1, key, value, "must be >= 0, or -1 for no limit")
     _require(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", s.cpus_per_worker, "must be >= 0")
     _require(r.temperature >= 0, "run.temperature", r.temperature, "must be >= 0 (0 is greedy)")
     _require(cfg.tokenizer.vocab_size_ok(cfg.model.vocab_size), "model.vocab_size", cfg.model.vocab_size,
@@ -489,6 +519,20 @@ def validate(cfg: Config) -> None:
     _require(is_plain_name(cfg.config_name), "config_name", cfg.config_name, NAME_RULE)
     _require(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", t.max_nonfinite_steps,
              "must be a positive integer")
+
+
+def _check_workers(cfg: Config) -> None:
+    """One worker count or [min, max]; every size in the range must get a sequence per step."""
+    n = cfg.scaling.num_workers
+    if isinstance(n, list):
+        _require(len(n) == 2 and 1 <= n[0] <= n[1], "scaling.num_workers", n,
+                 "must be a positive integer or [min, max] with 1 <= min <= max")
+    else:
+        _require(n > 0, "scaling.num_workers", n, "must be a positive integer or [min, max]")
+    G = cfg.sequences_per_step
+    _require(cfg.scaling.max_workers <= G, "scaling.num_workers", n,
+             f"at most {G} worker(s): a step holds {G} sequences (train.global_batch_tokens="
+             f"{cfg.train.global_batch_tokens} / data.seq_len={cfg.data.seq_len}) and each worker needs one")
 
 
 NAME_RULE = "must be a plain name (letters, digits, '.', '_', '-'; not starting with '.')"

@@ -35,6 +35,12 @@ class ListSink:
     def restore_candidates(self) -> list[Path]:
         return ckpt.list_checkpoints(self.root) if self.root is not None else []
 
+    def rewind(self, step: int) -> None:
+        self.records = [r for r in self.records if r["step"] <= step]
+
+    def preempted(self) -> bool:
+        return False
+
     def close(self) -> None:
         pass
 

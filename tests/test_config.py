@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from raylm.config import Config, load_config
@@ -57,7 +58,13 @@ def test_resolved_config_round_trips(tmp_path):
         ("data.sources.0.format=csv", "data.sources.0.format='csv': must be one of text, lines, jsonl, parquet"),
         ("data.on_error=ignore", "data.on_error='ignore': must be one of raise, skip"),
         ("train.global_batch_tokens=1000", "train.global_batch_tokens=1000: must be a multiple of data.seq_len=256"),
-        ("train.micro_batch_size=3", "do not split into micro-batches of train.micro_batch_size=3"),
+        ("scaling.num_workers=[3, 2]", "scaling.num_workers=[3, 2]: must be a positive integer or [min, max]"),
+        ("scaling.num_workers=[0, 2]", "scaling.num_workers=[0, 2]: must be a positive integer or [min, max]"),
+        ("scaling.num_workers=[1, 2, 3]", "scaling.num_workers=[1, 2, 3]: must be a positive integer or [min, max]"),
+        ("scaling.num_workers=0", "scaling.num_workers=0: must be a positive integer"),
+        ("scaling.num_workers=[1, 99]", "scaling.num_workers=[1, 99]: at most 16 worker(s): a step holds 16 sequences"),
+        ("run.max_failures=-2", "run.max_failures=-2: must be >= 0, or -1 for no limit"),
+        ("scaling.resize_check_s=0", "scaling.resize_check_s=0.0: must be > 0 seconds"),
         ("data.seq_len=100000", "data.seq_len=100000: must be <= model.max_seq_len"),
         ("model.preset=huge", "model.preset='huge'"),
         ("train.compile=maybe", "train.compile='maybe': expected true or false"),
@@ -99,12 +106,20 @@ def test_cli_prints_one_line_and_no_traceback():
     assert "Traceback" not in proc.stderr
 
 
-def test_grad_accumulation_follows_world_size():
+def test_grad_accumulation_follows_world_size_and_every_size_gets_the_whole_batch():
+    from raylm.data.order import step_shares, step_slots
+
     cfg = Config()
     cfg.data.seq_len, cfg.train.global_batch_tokens, cfg.train.micro_batch_size = 64, 64 * 32, 4
-    assert [cfg.grad_accum_steps(w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
-    with pytest.raises(ConfigError):
-        cfg.grad_accum_steps(3)
+    assert [cfg.grad_accum_steps(w) for w in (1, 2, 3, 4, 8)] == [8, 4, 3, 2, 1]
+    assert step_shares(32, 3, 4) == [12, 12, 8]  # uneven: the last round is a third empty
+    for world in range(1, 33):
+        slots = np.concatenate([s for r in range(world) for s in step_slots(32, r, world, 4)])
+        assert sorted(slots.tolist()) == list(range(32)), world  # each sequence of the step once
+        assert len({len(step_slots(32, r, world, 4)) for r in range(world)}) == 1  # same micro-batch count
+    elastic = load_config(None, ["scaling.num_workers=[2, 4]"])
+    assert (elastic.scaling.min_workers, elastic.scaling.max_workers, elastic.scaling.elastic) == (2, 4, True)
+    assert list(elastic.scaling.world_sizes()) == [2, 3, 4]
 
 
 def test_local_cluster_keeps_idle_workers_unless_the_environment_says_otherwise(monkeypatch):

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from raylm.config import load_config
 from raylm.data.local import pack_documents, local_documents, train_tokenizer_local
-from raylm.data.order import PackedDataset
+from raylm.data.order import PackedDataset, step_shares
 from raylm.errors import CheckpointError
 from raylm.optim import build_optimizer
 from raylm.train import checkpoint as ckpt
@@ -86,9 +86,10 @@ def _rank_task(task: str, args: dict, rank: int, out: Path) -> dict:
     return {"rank": rank}
 
 
-def spawn(task: str, out: Path, **args) -> list[dict]:
-    """`task` ("train" or "load") on a real 2-rank gloo group."""
-    return run_ranks(functools.partial(_rank_task, task, {k: str(v) for k, v in args.items()}), Path(out), task)
+def spawn(task: str, out: Path, world: int = 2, **args) -> list[dict]:
+    """`task` ("train" or "load") on a real gloo group of `world` ranks."""
+    return run_ranks(functools.partial(_rank_task, task, {k: str(v) for k, v in args.items()}), Path(out), task,
+                     world=world)
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +150,23 @@ def test_resume_at_step_k_matches_uninterrupted_run_on_two_ranks_and_on_one(two_
     for step in on_two:
         assert on_two[step] == pytest.approx(uninterrupted[step], rel=1e-6)
         assert on_one[step] == pytest.approx(uninterrupted[step], rel=1e-4)
+
+
+def test_uneven_split_on_three_ranks_trains_the_same_batch_as_two(two_rank_run, rows_file, tmp_path):
+    """8 sequences per step on 3 ranks of micro-batch 2: shares 4/2/2, one rank runs an empty
+    (zero-weight) micro-batch. Resumed from the 2-rank checkpoint, the losses match the 2-rank
+    run's: the global batch and its normalisation do not depend on the world size."""
+    out, results = two_rank_run
+    assert step_shares(core_config().sequences_per_step, 3, 2) == [4, 2, 2]
+    uninterrupted = _losses(results[0])
+    three = spawn("train", out=tmp_path / "three", world=3, rows=rows_file)
+    resumed = spawn("train", out=tmp_path / "resumed", world=3, rows=rows_file,
+                    resume=out / ckpt.checkpoint_dir_name(RESUME_AT))
+    for step, loss in uninterrupted.items():
+        assert _losses(three[0])[step] == pytest.approx(loss, rel=1e-5)
+    assert sorted(_losses(resumed[0])) == list(range(RESUME_AT + 1, STEPS + 1))
+    for step, loss in _losses(resumed[0]).items():
+        assert loss == pytest.approx(uninterrupted[step], rel=1e-5)
 
 
 def test_incomplete_checkpoint_is_never_taken_as_latest(two_rank_run, tmp_path):

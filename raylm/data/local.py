@@ -77,8 +77,9 @@ class CountedSource:
     def __len__(self) -> int:
         return len(self.source)
 
-    def micro_batches(self, position: DataPosition, rank: int, world_size: int, micro_batch_size: int) -> Iterator[dict]:
-        return self.source.micro_batches(position, rank, world_size, micro_batch_size)
+    def micro_batches(self, position: DataPosition, rank: int, world_size: int, micro_batch_size: int,
+                      step_sequences: int | None = None) -> Iterator[dict]:
+        return self.source.micro_batches(position, rank, world_size, micro_batch_size, step_sequences)
 
     def bad_input(self) -> dict:
         return self.tally.report()

@@ -2,10 +2,16 @@
 
 Every training sequence has a global index 0, 1, 2, ... Optimizer step s consumes exactly
 the indices [s*G, (s+1)*G) for G = global batch in sequences, whatever the world size, so
-the count consumed (s*G) is the whole data position a checkpoint needs. Within a step,
-rank r's k-th micro-batch of B sequences is the slice starting at `start + k*W*B + r*B`;
-this depends on neither the gradient accumulation nor the step, so a run resumed on a
-different number of workers continues with the next unseen sequence.
+the count consumed (s*G) is the whole data position a checkpoint needs.
+
+The split of a step over W workers with micro-batches of B sequences (`step_slots`): the
+step has ceil(G / (W*B)) rounds of W*B slots; slot j of round q belongs to rank
+(j // B) % W, and holds sequence s*G + q*W*B + j when that is below (s+1)*G. When W*B
+divides G every micro-batch is full and rank r's k-th micro-batch starts at
+`s*G + k*W*B + r*B`. When it does not (an elastic run at a world size that does not divide
+the batch), the last round is partly empty: ranks take uneven shares, and a rank whose
+micro-batch is empty runs a zero-weight one so the collectives stay in step. The loss is
+normalised by the global token count, so the optimisation is the same at every world size.
 
 Index i maps to a packed row through a seeded permutation per epoch (epoch = i // N).
 
@@ -55,10 +61,25 @@ class DataPosition:
         return cls(int(state["watermark"]), np.asarray(state.get("extra", []), dtype=np.int64))
 
 
-def micro_batch_indices(start: int, k: int, rank: int, world_size: int, micro_batch_size: int) -> np.ndarray:
-    """Global indices of rank's k-th micro-batch of a stream that begins at `start`."""
-    first = start + k * world_size * micro_batch_size + rank * micro_batch_size
-    return np.arange(first, first + micro_batch_size, dtype=np.int64)
+def rounds_per_step(step_sequences: int, world_size: int, micro_batch_size: int) -> int:
+    """Micro-batches every rank runs per optimizer step (gradient accumulation)."""
+    return max(1, -(-step_sequences // (world_size * micro_batch_size)))
+
+
+def step_slots(step_sequences: int, rank: int, world_size: int, micro_batch_size: int) -> list[np.ndarray]:
+    """Offsets within a step of rank's sequences, one array per micro-batch (some may be short or empty)."""
+    G, W, B = step_sequences, world_size, micro_batch_size
+    out = []
+    for q in range(rounds_per_step(G, W, B)):
+        first = q * W * B + rank * B
+        out.append(np.arange(first, min(first + B, G) if first < G else first, dtype=np.int64))
+    return out
+
+
+def step_shares(step_sequences: int, world_size: int, micro_batch_size: int) -> list[int]:
+    """Sequences each rank trains on per step."""
+    return [sum(len(s) for s in step_slots(step_sequences, r, world_size, micro_batch_size))
+            for r in range(world_size)]
 
 
 class SequenceOrder:
@@ -103,21 +124,29 @@ class PackedDataset:
     def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         return {"tokens": self.rows[self.order.rows(indices)], "index": np.asarray(indices, dtype=np.int64)}
 
-    def micro_batches(self, position: DataPosition, rank: int, world_size: int, micro_batch_size: int) -> Iterator[dict]:
+    def micro_batches(self, position: DataPosition, rank: int, world_size: int, micro_batch_size: int,
+                      step_sequences: int | None = None) -> Iterator[dict]:
         """This rank's micro-batches after `position`, without end (epochs repeat)."""
-        yield from (self.take(ix) for ix in unseen_micro_batches(position, rank, world_size, micro_batch_size))
+        yield from (self.take(ix) for ix in unseen_micro_batches(position, rank, world_size, micro_batch_size,
+                                                                  step_sequences))
 
 
-def unseen_micro_batches(position: DataPosition, rank: int, world_size: int, micro_batch_size: int) -> Iterator[np.ndarray]:
+def unseen_micro_batches(position: DataPosition, rank: int, world_size: int, micro_batch_size: int,
+                         step_sequences: int | None = None) -> Iterator[np.ndarray]:
     """Global indices of rank's micro-batches over the indices `position` has not consumed.
 
     Index j of the unseen sequence (watermark, watermark+1, ... minus `extra`) is laid out by
-    `micro_batch_indices`, so with an empty `extra` step s covers [s*G, (s+1)*G) exactly.
+    `step_slots` with G = `step_sequences` (None: W*B, one full round per step), so with an
+    empty `extra` step s covers [s*G, (s+1)*G) exactly. Micro-batches may be short or empty.
     """
+    W, B = world_size, micro_batch_size
+    G = step_sequences if step_sequences is not None else W * B
+    slots = step_slots(G, rank, W, B)
     extra = position.extra
     k = 0
     while True:
-        virtual = micro_batch_indices(0, k, rank, world_size, micro_batch_size)
+        step, q = divmod(k, len(slots))
+        virtual = step * G + slots[q]
         if extra.size == 0:
             yield virtual + position.watermark
         else:

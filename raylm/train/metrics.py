@@ -1,7 +1,10 @@
 """Run metrics: metrics.jsonl and TensorBoard events in the run directory, MFU and memory.
 
-Only rank 0 writes. metrics.jsonl is appended to, so a resumed run continues the same file
-(each record carries its step; a resumed run repeats the steps after its checkpoint).
+Only rank 0 writes. metrics.jsonl is appended to, so a resumed run continues the same file.
+After a restore (a restart, a resize, a run continued in place) `rewind(step)` drops the
+records of the steps after the checkpoint, which are trained again, and marks the restart
+with one `{"step": S, "event": "restored"}` line; TensorBoard purges those steps too
+(`purge_step`), so both hold one curve.
 """
 
 from __future__ import annotations
@@ -51,13 +54,44 @@ class MetricsWriter:
         self._tb = None
         if not self.enabled:
             return
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where used
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a", buffering=1)
+        self.tensorboard = tensorboard
+        self._open_tensorboard(None)
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    def _open_tensorboard(self, purge_step: int | None) -> None:
+        if not self.tensorboard:
+            return
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where used
+
+        self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge_step)
+
+    def rewind(self, step: int) -> None:
+        """Forget the records of steps after `step` (they are trained again from a checkpoint)."""
+        if not self.enabled:
+            return
+        self._file.close()
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                record_step = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                record_step = None  # a torn last line (the worker was killed while writing)
+            if isinstance(record_step, int) and record_step <= step:
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped or step > 0:
+            kept.append(json.dumps({"step": step, "event": "restored", "dropped_records": dropped}))
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        self._file = open(self.path, "a", buffering=1)
+        if self._tb is not None and dropped:
+            self._tb.close()
+            self._open_tensorboard(step + 1)
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -39,11 +39,22 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def to_device(batch: dict, device: torch.device) -> torch.Tensor:
+def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(tokens (n, L + 1) on the device, weight): an empty micro-batch (an uneven split's
+    idle slot) becomes one row of zeros with weight 0, so every rank runs the same forwards
+    and backwards and the FSDP collectives stay in step."""
     tokens = batch["tokens"]
     if not isinstance(tokens, torch.Tensor):
         tokens = torch.from_numpy(tokens)
-    return tokens.to(device=device, dtype=torch.long, non_blocking=True)  # (B, L + 1)
+    if tokens.shape[0] == 0:
+        return torch.zeros((1, tokens.shape[1]), dtype=torch.long, device=device), 0.0
+    return tokens.to(device=device, dtype=torch.long, non_blocking=True), 1.0
+
+
+def target_count(batch: dict) -> int:
+    """Targets (next tokens) a micro-batch trains on: rows x seq_len."""
+    shape = batch["tokens"].shape
+    return int(shape[0]) * (int(shape[1]) - 1)
 
 
 def loss_and_correct(model: torch.nn.Module, tokens: torch.Tensor, precision: str):
@@ -77,24 +88,30 @@ def train_step(
     precision: str,
     grad_clip: float,
     world_size: int = 1,
+    global_tokens: int | None = None,
 ) -> StepStats:
     """Accumulate gradients over `micro_batches`, clip and update. Loss is the global mean.
 
-    Each micro-batch's summed loss is divided by the tokens of the whole global batch; FSDP's
-    gradient reduction averages over ranks, so multiplying by world_size makes the update
-    the exact mean over the global batch, independent of the world size.
+    Each micro-batch's summed loss is divided by `global_tokens`, the targets of the whole
+    global batch (default: this rank's times world_size, for an even split); FSDP's gradient
+    reduction averages over ranks, so multiplying by world_size makes the update the exact
+    mean over the global batch. Ranks may hold different numbers of sequences (an uneven
+    split, where a micro-batch may be short or empty); every rank runs the same number of
+    micro-batches, and the result is the same at every world size up to summation order.
 
     Loss and accuracy sums stay on the device; the step makes one host sync, after the
     gradient norm, to decide whether to apply the update: a non-finite loss or gradient norm
     (agreed by every rank, since both are global) skips it, so the weights stay finite.
     """
-    tokens_per_micro = [int(b["tokens"].shape[0]) * (int(b["tokens"].shape[1]) - 1) for b in micro_batches]
-    global_tokens = sum(tokens_per_micro) * world_size
+    local_tokens = sum(target_count(b) for b in micro_batches)
+    if global_tokens is None:
+        global_tokens = local_tokens * world_size
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, correct count) of this rank
     for i, batch in enumerate(micro_batches):
         _set_grad_sync(model, i == len(micro_batches) - 1)
-        tokens = to_device(batch, device)
+        tokens, weight = to_device(batch, device)
         loss_sum, correct = loss_and_correct(model, tokens, precision)
+        loss_sum, correct = loss_sum * weight, correct * weight
         (loss_sum * (world_size / global_tokens)).backward()
         sums += torch.stack([loss_sum.detach().double(), correct.double()])
     max_norm = grad_clip if grad_clip > 0 else float("inf")
@@ -111,7 +128,7 @@ def train_step(
         loss=loss_total / global_tokens,
         accuracy=correct_total / global_tokens,
         grad_norm=norm,
-        tokens=sum(tokens_per_micro),
+        tokens=local_tokens,
         applied=applied,
     )
 
@@ -122,11 +139,11 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, precision: s
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # (loss sum, correct, tokens)
-    for batch in batches:
-        tokens = to_device(batch, device)
+    for batch in batches:  # every rank runs as many (an empty one runs with weight 0)
+        tokens, weight = to_device(batch, device)
         batch_loss, batch_correct = loss_and_correct(model, tokens, precision)
-        n_tokens = torch.tensor(float(tokens.shape[0] * (tokens.shape[1] - 1)), dtype=torch.float64, device=device)
-        sums += torch.stack([batch_loss.double(), batch_correct.double(), n_tokens])
+        n_tokens = torch.tensor(float(target_count(batch)), dtype=torch.float64, device=device)
+        sums += torch.stack([batch_loss.double() * weight, batch_correct.double() * weight, n_tokens])
     loss_sum, correct, n_tokens = _all_reduce_sum(sums).tolist()
     model.train(was_training)
     if n_tokens == 0:

@@ -11,11 +11,24 @@ and checkpoints go (the run directory, or `ray.train.report`), never *when*:
 Every rank reaches the same decisions at the same steps (they depend on the step alone), so a
 sink whose report is a barrier (`ray.train.report`) never hangs.
 
-Data in: `train_data.micro_batches(position, rank, world_size, micro_batch_size)` yields this
-rank's micro-batches `{"tokens": (B, L+1), "index": (B,)}` of the sequences `position` (a
-`DataPosition`) has not consumed (raylm.data.order); `val_data` the same for held-out data,
-read from the start at each evaluation. A source may also offer `bad_input()`, the counts of
-skipped bad input (`data.on_error=skip`), which go into the metrics.
+Data in: `train_data.micro_batches(position, rank, world_size, micro_batch_size, step_sequences)`
+yields this rank's micro-batches `{"tokens": (n, L+1), "index": (n,)}` (n <= B; short or
+empty ones when the world size does not divide the batch, `raylm.data.order.step_slots`) of
+the sequences `position` (a `DataPosition`) has not consumed; `val_data` the same for
+held-out data, read from the start at each evaluation. A source may also offer
+`bad_input()`, the counts of skipped bad input (`data.on_error=skip`), which go into the
+metrics, and `finite = True` when it can run out (a streaming pass): then every step the
+ranks agree whether all of them hold a full step, so none waits in a collective for one
+that has stopped; a stream that ends checkpoints and stops the run (`stream_ended`).
+A batch may carry `"anchor"` (n, 2): where each row begins in the corpus (file position,
+token offset), from which a streaming restart resumes reading (`TrainState.data_anchor`).
+
+Preemption: every `train.preemption_check_every` steps all ranks ask the sink whether a node
+is being preempted (`sink.preempted()`, a barrier on Ray); the first time one is, they save a
+checkpoint at once and train on until Ray restarts them elsewhere from it.
+
+Metrics after a restore: `sink.rewind(step)` drops the records of steps after the restored
+checkpoint (they are trained again), so metrics.jsonl and TensorBoard hold one curve.
 
 Restore: the newest checkpoint that verifies among the sink's (a restart after a failure, a
 run continued in place) and the one the run starts from (`run.resume_from`). A damaged one
@@ -39,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from raylm.config import Config
-from raylm.data.order import DataPosition
+from raylm.data.order import DataPosition, rounds_per_step, step_shares
 from raylm.errors import CheckpointError, TrainingError
 from raylm.optim import build_optimizer, lr_at, set_lr
 from raylm.train import checkpoint as ckpt
@@ -60,6 +73,8 @@ class Sink(Protocol):
     def checkpoint_dir(self, step: int) -> Path: ...
     def report(self, record: dict, checkpoint: Path | None) -> None: ...
     def restore_candidates(self) -> list[Path]: ...
+    def rewind(self, step: int) -> None: ...
+    def preempted(self) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -86,25 +101,38 @@ class TrainState:
     """Steps whose update was skipped because the loss or gradient was not finite."""
     data_position: DataPosition = field(default_factory=DataPosition)
     """Which global sequence indices have been trained on (up to the last `sync_position`)."""
+    data_anchor: list[int] | None = None
+    """[index, file position, token offset] of a consumed row below the watermark: where a
+    streaming restart resumes reading (None: from the start, or the source has no anchors)."""
     pending_indices: list = field(default_factory=list)
     """This rank's consumed indices not yet merged into data_position."""
+    pending_anchors: list = field(default_factory=list)
+    """This rank's (index, file position, token offset) rows not yet merged (streaming only)."""
 
     def sync_position(self) -> None:
         """Merge every rank's consumed indices into data_position (a collective when distributed)."""
         local = np.concatenate([np.asarray(i, dtype=np.int64).ravel() for i in self.pending_indices]) \
             if self.pending_indices else np.zeros(0, dtype=np.int64)
+        anchors = np.concatenate(self.pending_anchors) if self.pending_anchors else np.zeros((0, 3), np.int64)
         if distributed_world()[1] > 1:
             gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, local.tolist())
-            local = np.asarray([i for part in gathered for i in part], dtype=np.int64)
+            dist.all_gather_object(gathered, (local.tolist(), anchors.tolist()))
+            local = np.asarray([i for part, _ in gathered for i in part], dtype=np.int64)
+            anchors = np.asarray([a for _, part in gathered for a in part], dtype=np.int64).reshape(-1, 3)
         self.data_position = self.data_position.advance(local)
-        self.pending_indices = []
+        self.pending_indices, self.pending_anchors = [], []
+        below = anchors[anchors[:, 0] < self.data_position.watermark] if len(anchors) else anchors
+        if len(below):
+            best = below[np.argmax(below[:, 0])].tolist()
+            if self.data_anchor is None or best[0] > self.data_anchor[0]:
+                self.data_anchor = [int(v) for v in best]
 
     def state_dict(self) -> dict[str, Any]:
         """Plain ints and lists only: checkpoints never need to unpickle objects."""
         position = self.data_position.state_dict()
         return {"step": self.step, "tokens_consumed": self.tokens_consumed, "skipped_steps": self.skipped_steps,
-                "data_watermark": position["watermark"], "data_extra": position["extra"]}
+                "data_watermark": position["watermark"], "data_extra": position["extra"],
+                "data_anchor": self.data_anchor}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -113,7 +141,9 @@ class TrainState:
         self.data_position = DataPosition.from_state_dict(
             {"watermark": state["data_watermark"], "extra": state.get("data_extra", [])}
         )
-        self.pending_indices = []
+        anchor = state.get("data_anchor")
+        self.data_anchor = [int(v) for v in anchor] if anchor else None
+        self.pending_indices, self.pending_anchors = [], []
 
 
 class LocalSink:
@@ -135,6 +165,12 @@ class LocalSink:
 
     def restore_candidates(self) -> list[Path]:
         return ckpt.list_checkpoints(self.run_dir)
+
+    def rewind(self, step: int) -> None:
+        self.writer.rewind(step)
+
+    def preempted(self) -> bool:
+        return False  # a local run has no preemption notices
 
     def close(self) -> None:
         self.writer.close()
@@ -163,6 +199,11 @@ def report_due(cfg: Config, step: int) -> bool:
     return step % cfg.train.log_every == 0 or eval_due(cfg, step)
 
 
+def preemption_check_due(cfg: Config, step: int) -> bool:
+    every = cfg.train.preemption_check_every
+    return bool(every) and step % every == 0 and step < cfg.train.max_steps
+
+
 class Trainer:
     """One rank's whole training: build -> restore -> loop, with decisions made here alone."""
 
@@ -183,6 +224,7 @@ class Trainer:
         self.state = TrainState()
         self.restored_from: Path | None = None
         self.last_checkpoint: Path | None = None
+        self.checkpointed_step: int | None = None
 
     # -- restore ---------------------------------------------------------------------------
 
@@ -192,32 +234,38 @@ class Trainer:
         if self.initial_checkpoint is not None:
             candidates.append(Path(self.initial_checkpoint))
         if not candidates:
+            self.sink.rewind(0)
             return self.state
         found = ckpt.newest_good(candidates, log=self.log)
         if found is None:
             if self.initial_checkpoint is not None:
                 raise CheckpointError(f"run.resume_from: no usable checkpoint among {self.initial_checkpoint} "
                                            "and this run's own")
+            self.sink.rewind(0)
             return self.state
         path, marker = found
         if self.facts is not None:
             check_resume(path, marker.get("facts"), self.facts, self.cfg.run.resume_changes)
         self.state.load_state_dict(ckpt.load_checkpoint(path, self.model, self.optimizer, verify=False))
         self.restored_from = path
+        self.sink.rewind(self.state.step)
         return self.state
 
     # -- the loop --------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        """Restore, then train to train.max_steps; return the last metrics (held-out ones included)."""
+        """Restore, then train to train.max_steps; return the last metrics (held-out ones included).
+
+        A finite training source that runs out checkpoints and returns early with
+        `stream_ended` set to the last step in the result."""
         cfg, env, state = self.cfg, self.env, self.restore()
-        t, W, B = cfg.train, env.world_size, cfg.train.micro_batch_size
+        t, W, B, G = cfg.train, env.world_size, cfg.train.micro_batch_size, cfg.sequences_per_step
         accum = cfg.grad_accum_steps(W)
         seq_len = cfg.data.seq_len
         flops_per_token = cfg.model.flops_per_token(seq_len)
         peak_flops = device_peak_flops(env.device, t.peak_flops)
 
-        batches = self.train_data.micro_batches(state.data_position, env.rank, W, B)
+        batches = self.train_data.micro_batches(state.data_position, env.rank, W, B, G)
         self.model.train()
         last: dict = {"step": state.step}
         if state.step == 0 and self.val_data is not None and t.eval_every:
@@ -225,12 +273,18 @@ class Trainer:
             if first:
                 self.sink.write({"step": 0, **first})
                 last.update(first)
+        shares = step_shares(G, W, B)
+        split = "" if len(set(shares)) == 1 else f" (uneven split: {'/'.join(map(str, shares))} sequences per worker)"
         self.log(f"training {cfg.model.num_params():,} parameters on {W} worker(s): {accum} micro-batch(es) of "
-                 f"{B}x{seq_len} per worker per step, {cfg.sequences_per_step * seq_len:,} tokens per step, "
+                 f"{B}x{seq_len} per worker per step{split}, {G * seq_len:,} tokens per step, "
                  f"from step {state.step}" + (f" ({self.restored_from})" if self.restored_from else ""))
         nonfinite_run = 0
+        preemption_saved = False
         while state.step < t.max_steps:
-            record = self._step(batches, accum, flops_per_token, peak_flops)
+            micro, wait_s = self._next_step_batches(batches, accum)
+            if micro is None:
+                return self._stream_ended(last)
+            record = self._step(micro, wait_s, flops_per_token, peak_flops)
             nonfinite_run = 0 if record["update_applied"] else nonfinite_run + 1
             step = state.step
             if eval_due(cfg, step) and self.val_data is not None:
@@ -250,34 +304,66 @@ class Trainer:
                         "); lower optimizer.lr or set train.grad_clip")
             if checkpoint_due(cfg, step):
                 self._checkpoint(record)
+            elif not preemption_saved and preemption_check_due(cfg, step) and self.sink.preempted():
+                self.log(f"step {step}: a node of this run is being preempted; checkpointing now")
+                self._checkpoint(record)
+                preemption_saved = True
             elif report_due(cfg, step):
                 self.sink.report(record, None)
         state.sync_position()
         return last
 
-    def _step(self, batches, accum: int, flops_per_token: float, peak_flops: float | None) -> dict:
-        cfg, env, state = self.cfg, self.env, self.state
-        step_start = time.perf_counter()
-        wait_s = 0.0
+    def _next_step_batches(self, batches, accum: int) -> tuple[list | None, float]:
+        """The step's micro-batches, or None when a finite source ran out on any rank (all agree)."""
+        wait_start = time.perf_counter()
         micro = []
-        for _ in range(accum):
-            wait_start = time.perf_counter()
-            micro.append(next(batches))
-            wait_s += time.perf_counter() - wait_start
+        try:
+            for _ in range(accum):
+                micro.append(next(batches))
+        except StopIteration:
+            micro = None
+        if getattr(self.train_data, "finite", False) and distributed_world()[1] > 1:
+            short = torch.tensor([0 if micro is not None else 1], dtype=torch.int32)
+            dist.all_reduce(short, op=dist.ReduceOp.MAX)  # gloo or nccl: the flag lives on the CPU for gloo
+            if int(short.item()):
+                micro = None
+        return micro, time.perf_counter() - wait_start
+
+    def _stream_ended(self, last: dict) -> dict:
+        """The training stream ran out before train.max_steps: checkpoint what was trained and stop."""
+        state = self.state
+        self.log(f"the training stream ended after step {state.step} of {self.cfg.train.max_steps} "
+                 f"(data.stream_passes={self.cfg.data.stream_passes}); checkpointing and stopping")
+        record = {**last, "step": state.step, "stream_ended": state.step}
+        if self.checkpointed_step != state.step:
+            self._checkpoint(record)
+        else:
+            state.sync_position()
+            self.sink.report(record, None)
+        return record
+
+    def _step(self, micro: list, wait_s: float, flops_per_token: float, peak_flops: float | None) -> dict:
+        cfg, env, state = self.cfg, self.env, self.state
+        step_start = time.perf_counter() - wait_s
         indices = np.concatenate([np.asarray(m["index"]).ravel() for m in micro])
         if self.on_indices is not None:
             self.on_indices(state.step, indices)
+        anchors = [np.column_stack([np.asarray(m["index"]).ravel(), np.asarray(m["anchor"]).reshape(-1, 2)])
+                   for m in micro if "anchor" in m and len(m["index"])]
         lr = lr_at(state.step, cfg.train.max_steps, cfg.optimizer)
         set_lr(self.optimizer, lr)
+        global_tokens = cfg.sequences_per_step * cfg.data.seq_len
         stats = train_step(self.model, self.optimizer, micro, env.device, cfg.train.precision, cfg.train.grad_clip,
-                           env.world_size)
+                           env.world_size, global_tokens=global_tokens)
         step_s = time.perf_counter() - step_start  # train_step's host sync waited for the device
 
         state.step += 1
         state.pending_indices.append(indices)
-        state.tokens_consumed += stats.tokens * env.world_size
+        if anchors:
+            state.pending_anchors.append(np.concatenate(anchors).astype(np.int64))
+        state.tokens_consumed += global_tokens
         state.skipped_steps += 0 if stats.applied else 1
-        worker_tps = stats.tokens / step_s
+        tps = global_tokens / step_s
         record = {
             "step": state.step,
             "loss": stats.loss,
@@ -286,22 +372,24 @@ class Trainer:
             "grad_norm": stats.grad_norm,
             "update_applied": stats.applied,
             "skipped_steps": state.skipped_steps,
-            "tokens_per_second": worker_tps * env.world_size,
-            "tokens_per_second_per_worker": worker_tps,
+            "world_size": env.world_size,
+            "tokens_per_second": tps,
+            "tokens_per_second_per_worker": tps / env.world_size,
             "tokens_consumed": state.tokens_consumed,
             "step_time_s": step_s,
             "data_wait_fraction": wait_s / step_s,
             "peak_memory_bytes": peak_memory_bytes(env.device),
         }
         if peak_flops:
-            record["mfu"] = worker_tps * flops_per_token / peak_flops
+            record["mfu"] = tps / env.world_size * flops_per_token / peak_flops
         return record
 
     def _evaluate(self, step: int) -> dict:
         cfg, env = self.cfg, self.env
-        it = self.val_data.micro_batches(DataPosition(), env.rank, env.world_size, cfg.train.micro_batch_size)
-        result = evaluate(self.model, (next(it) for _ in range(cfg.train.eval_batches)), env.device,
-                          cfg.train.precision)
+        B, E = cfg.train.micro_batch_size, cfg.eval_sequences
+        it = self.val_data.micro_batches(DataPosition(), env.rank, env.world_size, B, E)
+        result = evaluate(self.model, (next(it) for _ in range(rounds_per_step(E, env.world_size, B))),
+                          env.device, cfg.train.precision)
         if result:
             self.log(f"eval at step {step}: held-out loss {result['val_loss']:.4f}, "
                      f"perplexity {result['val_perplexity']:.2f}, accuracy {result['val_accuracy']:.3f}")
@@ -320,7 +408,7 @@ class Trainer:
         path = self.sink.checkpoint_dir(self.state.step)
         ckpt.save_checkpoint(path, self.model, self.optimizer, self.state.state_dict(),
                              facts=self.facts.to_dict() if self.facts else None, extra_files=self.extra_files)
-        self.last_checkpoint = path
+        self.last_checkpoint, self.checkpointed_step = path, self.state.step
         self.sink.report(record, path)
 
 
