@@ -135,7 +135,7 @@ def data_wait(overrides, tok, steps) -> dict:
 
     cfg = load_config(None, overrides)
     out = Path(tempfile.mkdtemp()) / "metrics.jsonl"
-    datasets, _ = trainer_datasets(cfg, tok, list_corpus(cfg))
+    datasets, _ = trainer_datasets(cfg, tok, list_corpus(cfg), run_dir=str(out.parent))
     TorchTrainer(
         train_and_wait,
         train_loop_config={"overrides": overrides, "out": str(out)},

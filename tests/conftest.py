@@ -23,9 +23,11 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray cluster with 2 CPUs and 400 MB of object store, shut down at the end."""
+def start_local_ray():
+    """Start (if not up) the session's local Ray cluster: 2 CPUs and 400 MB of object store.
+
+    A multi-node test module (`ray.cluster_utils.Cluster`) shuts it down for its own cluster
+    and calls this again when it is done."""
     import ray
 
     from raylm.ray.connect import configure_local_cluster
@@ -39,8 +41,21 @@ def ray_cluster():
             log_to_driver=False,
             configure_logging=False,
         )
+    quiet_ray_data()
+    return ray
+
+
+def quiet_ray_data():
+    import ray
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The session's local Ray cluster, shut down at the end."""
+    ray = start_local_ray()
     yield ray
     ray.shutdown()

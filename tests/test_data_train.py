@@ -47,9 +47,10 @@ def run(tmp_path, name, overrides, tokenizer, position, batches, workers):
     from raylm.ray.data import data_config, trainer_datasets
 
     cfg = load_config(None, overrides)
-    datasets, _ = trainer_datasets(cfg, tokenizer, list_corpus(cfg), position)
     out = tmp_path / name
     out.mkdir()
+    datasets, _ = trainer_datasets(cfg, tokenizer, list_corpus(cfg), run_dir=str(out))
+    datasets["train"].start = lambda: (position, None)  # as if restored from a checkpoint at `position`
     trainer = TorchTrainer(
         consume,
         train_loop_config={"overrides": overrides, "position": position.state_dict(), "batches": batches,

@@ -139,7 +139,7 @@ def one_line_error(args: list[str], capsys) -> str:
 
 def test_configs_that_cannot_work_fail_before_workers_start_with_one_line(ray_cluster, tmp_path, capsys):
     out = f"run.output_dir={tmp_path}"
-    assert "train.micro_batch_size=2 on 3 worker(s)" in one_line_error([out, "scaling.num_workers=3"], capsys)
+    assert "scaling.num_workers=9: at most 8 worker(s)" in one_line_error([out, "scaling.num_workers=9"], capsys)
     err = one_line_error([out, "scaling.num_workers=4", "scaling.cpus_per_worker=1"], capsys)
     assert "scaling.num_workers=4" in err and "the Ray cluster has 2 CPU but this run needs 4.95" in err
     err = one_line_error([out, "data.sources.0.path=/no/such/corpus", "data.sources.0.format=text"], capsys)

@@ -13,6 +13,9 @@ Two questions, two answers:
 - more than is *free* now (actors of a previous run still shutting down, another job, other
   Tune trials): wait; give up with one line after `wait_s`, or wait on (`wait_s=None`) where
   a scheduler queues work, as a Tune trial does.
+
+An elastic run (scaling.num_workers [min, max]) checks only its data pipeline: its workers
+may come from nodes the autoscaler has yet to launch, and Ray Train starts it once min fit.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def data_cpus(cfg: Config) -> float:
 def needs(cfg: Config, workers: int | None = None, streaming: bool | None = None) -> dict[str, float]:
     """Resources the run holds at once: its training workers plus, when streaming, the pipeline."""
     s = cfg.scaling
-    workers = s.num_workers if workers is None else workers
+    workers = s.min_workers if workers is None else workers
     streaming = not cfg.data.prepared_path if streaming is None else streaming
     out = {"CPU": workers * s.cpus_per_worker + (data_cpus(cfg) if streaming else 0.0)}
     if s.use_gpu and workers:
@@ -67,7 +70,10 @@ def _explain(cfg: Config, resource: str, workers: int, streaming: bool) -> str:
 def check_cluster_fits(cfg: Config, *, workers: int | None = None, streaming: bool | None = None,
                        wait_s: float | None = FREE_WAIT_S) -> None:
     """One line if the run can never fit the cluster; wait (up to `wait_s`, None: forever) until it fits now."""
-    workers = cfg.scaling.num_workers if workers is None else workers
+    if workers is None:
+        # An elastic run starts once its minimum fits, which may be on nodes an autoscaler has
+        # yet to add: Ray Train waits for the workers; the pipeline must fit what is here.
+        workers = 0 if cfg.scaling.elastic else cfg.scaling.min_workers
     streaming = not cfg.data.prepared_path if streaming is None else streaming
     need = needs(cfg, workers, streaming)
     have = ray.cluster_resources()

@@ -1,30 +1,39 @@
 """The Ray Data corpus pipeline: read, tokenise on a CPU actor pool, pack, index, stream to workers.
 
-    read_binary_files + parse (tasks, data.read_cpus each)      -> {"doc_id", "text"}
+    plan positions -> read + parse (tasks, data.read_cpus each)   -> {"doc_id", "text", "pos"}
     tokenise + frame   (actor pool: data.tokenize_actors x data.tokenize_cpus; one tokenizer
                         per actor, one sentencepiece thread each)  -> one token stream per batch
-    pack + index       (one actor, PACK_CPUS)                      -> {"tokens": int32 (L+1,), "index": int64}
+    pack + index       (one actor, PACK_CPUS)                      -> {"tokens": int32 (L+1,),
+                                                                       "index": int64, "anchor": (2,)}
 
 Order. `preserve_order=True` makes every stage hand on its output in input order, and the
 single packing actor keeps the carry between batches, so the rows are exactly a sequential
 pack of the documents in plan order (`raylm.data.plan`): the same rows as `raylm.data.local`
-and as the prepared shards. Row k of the stream has global index k.
+and as the prepared shards. Row k of the stream has global index k. Each row also carries its
+anchor: the plan position of the file its first token comes from and that token's offset in
+the file's framed tokens.
 
-Streaming training. One execution of the training Dataset makes `data.stream_passes` passes
-over the corpus (derived from train.max_steps when unset), so indices run 0, 1, 2, ... across
-passes without a gap. Ray Train splits it over the workers with `streaming_split`, which hands
-rows out in arrival order, not as contiguous slices: the trainer's `DataPosition` records them
-exactly (watermark + extra). On resume the packing actor drops consumed indices (the driver
-passes the position to `trainer_datasets`) and every worker drops them again
-(`StreamingTrainSource`), so no sequence is trained twice and none is skipped. The cost: the
-pipeline re-reads and re-tokenises from the start up to the resume point (prepared mode seeks
-instantly). If an execution runs out, the worker starts another one whose indices are offset
-by `pass_offset * 2**40`.
+Streaming training. The training stream is one execution of `data.stream_passes` passes over
+the corpus (derived from train.max_steps when unset: enough for the run). Ray Train splits it
+over the workers with `streaming_split(equal=False)`, which hands rows out in arrival order,
+not as contiguous slices, and never drops any: the trainer's `DataPosition` records them
+exactly (watermark + extra), and its `data_anchor` the anchor of a consumed row below the
+watermark. If a finite stream runs out, every rank learns it at the same step
+(`Trainer`: `finite`), checkpoints and stops; nobody waits in a collective for the others.
+
+Restarts in seconds. The training Dataset is built by `TrainStream`, a callable Ray Train
+calls on its controller at every worker-group start (the first, each restart after a
+failure or preemption, each elastic resize). It reads the newest good checkpoint of the run
+(`newest_good`, the one the workers restore) and starts the plan at the file of its anchor,
+dropping the tokens before it, so the packing carry is rebuilt exactly and the first row is
+the anchor's row; rows the position has consumed are dropped by the packing actor and by
+every worker (`StreamingTrainSource`). The cost of a restart is therefore the reading of at
+most one checkpoint interval of data, not of the corpus up to the resume point. Prepared
+mode seeks instantly.
 
 Validation: the held-out documents, in a seeded order that spreads over every source and file
-(`raylm.data.plan`), packed the same way, cut to the rows evaluation reads (train.eval_batches
-x micro_batch_size x num_workers) and materialised on the driver; every worker reads it whole
-and evaluates its stride from the beginning.
+(`raylm.data.plan`), packed the same way, cut to the rows evaluation reads (`Config.eval_sequences`)
+and materialised on the driver; every worker reads it whole and evaluates its share.
 
 Bad input skipped under `data.on_error=skip` is counted in one `BadInputTally` actor per
 pipeline (`Pipeline.counter`); the training workers read its report into their metrics.
@@ -34,6 +43,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,18 +54,17 @@ from ray.train import DataConfig
 
 from raylm.config import Config
 from raylm.data import prepared
-from raylm.data.order import DataPosition, PackedDataset
+from raylm.data.order import DataPosition, PackedDataset, step_slots
 from raylm.data.parse import BadInputTally
 from raylm.data.plan import CorpusListing, FilePlan, plan_files, read_blocks, stream_passes, tokenize_batch_docs
 from raylm.data.transforms import TOKEN_DTYPE
 from raylm.errors import DataError, EmptySplit
 from raylm.ray.cluster import PACK_CPUS, data_cpus
 from raylm.ray.errors import user_errors
-from raylm.ray.stages import PackIndex, TokenizeFrame, parse_batch
+from raylm.ray.stages import PackIndex, TokenizeFrame, plan_payload, read_parse
 from raylm.tokenizer import Tokenizer
+from raylm.train import checkpoint as ckpt
 
-PASS_OFFSET = 2**40
-"""Index offset of each further execution of the training Dataset on a worker."""
 ACTOR_START_TIMEOUT_S = 120
 """How long an execution waits for its tokenizer and packing actors before it reads."""
 
@@ -84,31 +93,37 @@ def _ordered(ds):
     return ds
 
 
-def documents_dataset(cfg: Config, plan: FilePlan, split: str, counter, *, with_priority: bool = False):
-    """Rows {"doc_id", "text"} (plus "priority" when sampling) of `split`, in plan order."""
-    specs = {f.path: f.spec for f in plan.files}
+def documents_dataset(cfg: Config, plan: FilePlan, split: str, counter, *, with_priority: bool = False,
+                      first: int = 0):
+    """Rows {"doc_id", "text", "pos"} (plus "priority" when sampling) of `split`, in plan order,
+    from plan position `first` on."""
     d = cfg.data
-    ds = ray.data.read_binary_files(
-        [f.path for f in plan.files], include_paths=True, filesystem=plan.filesystem, num_cpus=d.read_cpus,
-        concurrency=d.read_tasks, override_num_blocks=read_blocks(plan, d.tokenize_actors),
-    )
+    rest = FilePlan(plan.filesystem, plan.files[first:])
+    # The plan positions as in-memory blocks (one read task each): no read stage of its own
+    # to hold a whole CPU, the tasks below take data.read_cpus.
+    blocks = np.array_split(np.arange(len(rest.files), dtype=np.int64), read_blocks(rest, d.tokenize_actors))
+    ds = ray.data.from_numpy([b for b in blocks if b.size])
     return _ordered(ds).map_batches(
-        parse_batch,
-        fn_kwargs=dict(specs=ray.put(specs), split=split, val_fraction=d.val_fraction, on_error=d.on_error,
-                       counter=counter, priority_seed=cfg.tokenizer.seed if with_priority else None),
+        read_parse,
+        fn_kwargs=dict(plan=ray.put(plan_payload(plan)), first=first, split=split, val_fraction=d.val_fraction,
+                       on_error=d.on_error, counter=counter,
+                       priority_seed=cfg.tokenizer.seed if with_priority else None),
         batch_size=None,
         batch_format="numpy",
         num_cpus=d.read_cpus,
-        compute=ray.data.TaskPoolStrategy(size=d.read_tasks),  # as the read's: Ray Data fuses the two into one task
+        compute=ray.data.TaskPoolStrategy(size=d.read_tasks),
     )
 
 
 def packed_dataset(cfg: Config, tokenizer: Tokenizer, plan: FilePlan, split: str,
-                   skip: DataPosition | None = None) -> Pipeline:
-    """Rows {"tokens": int32 (seq_len + 1,), "index": int64} of `plan`, in global index order."""
+                   skip: DataPosition | None = None, anchor: list[int] | None = None,
+                   counter=None) -> Pipeline:
+    """Rows {"tokens": int32 (seq_len + 1,), "index": int64, "anchor": int64 (2,)} of `plan`, in
+    global index order; from `anchor` ([index, plan position, token offset]) on when given."""
     d = cfg.data
-    counter = bad_input_counter()
-    ds = documents_dataset(cfg, plan, split, counter).map_batches(
+    counter = counter if counter is not None else bad_input_counter()
+    first_index, first_pos, skip_tokens = anchor if anchor is not None else (0, 0, 0)
+    ds = documents_dataset(cfg, plan, split, counter, first=first_pos).map_batches(
         TokenizeFrame,
         fn_constructor_kwargs=dict(tokenizer=tokenizer, add_bos=d.add_bos),
         compute=ray.data.ActorPoolStrategy(size=d.tokenize_actors),
@@ -118,7 +133,8 @@ def packed_dataset(cfg: Config, tokenizer: Tokenizer, plan: FilePlan, split: str
     )
     ds = ds.map_batches(
         PackIndex,
-        fn_constructor_kwargs=dict(seq_len=d.seq_len, skip=skip.state_dict() if skip is not None else None),
+        fn_constructor_kwargs=dict(seq_len=d.seq_len, skip=skip.state_dict() if skip is not None else None,
+                                   first_index=first_index, skip_tokens=skip_tokens),
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=PACK_CPUS,
         batch_size=None,
@@ -138,10 +154,6 @@ def iter_rows(ds, batch_rows: int = 1024):
         yield from ds.iter_batches(batch_size=batch_rows, batch_format="numpy", prefetch_batches=2)
 
 
-def validation_rows_needed(cfg: Config) -> int:
-    return cfg.train.eval_batches * cfg.train.micro_batch_size * cfg.scaling.num_workers
-
-
 def validation_dataset(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing) -> Pipeline | None:
     """The held-out rows evaluation reads, materialised; None when there are none."""
     try:
@@ -152,7 +164,7 @@ def validation_dataset(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing
     # Iterated to the end on the driver, then handed on as plain rows: a `.materialize()` of a
     # limited pipeline can leave its tokenizer actors alive, holding CPUs a later run needs
     # (seen as a hang on 2 CPUs); an exhausted iterator shuts its executor down.
-    limited = _ordered(pipeline.dataset.limit(validation_rows_needed(cfg)))
+    limited = _ordered(pipeline.dataset.limit(cfg.eval_sequences))
     rows = [{"tokens": t, "index": int(i)} for p in iter_rows(limited, batch_rows=None)
             for t, i in zip(p["tokens"], p["index"])]
     if not rows:
@@ -160,28 +172,81 @@ def validation_dataset(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing
     return Pipeline(ray.data.from_items(rows), pipeline.counter)
 
 
-def trainer_datasets(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing,
-                     position: DataPosition | None = None) -> tuple[dict, Any]:
+class TrainStream:
+    """`datasets={"train": TrainStream(...)}`: Ray Train calls it at every worker-group start
+    and gets the training stream from the newest good checkpoint's anchor on (module docstring)."""
+
+    def __init__(self, cfg: Config, tokenizer: Tokenizer, plan: FilePlan, counter, run_dir: str,
+                 initial_checkpoint: str | None):
+        self.cfg, self.tokenizer, self.plan, self.counter = cfg, tokenizer, plan, counter
+        self.run_dir, self.initial_checkpoint = run_dir, initial_checkpoint
+
+    def start(self) -> tuple[DataPosition | None, list[int] | None]:
+        """(position, anchor) of the checkpoint the workers will restore, or (None, None)."""
+        candidates = ckpt.list_checkpoints(self.run_dir)
+        if self.initial_checkpoint is not None:
+            candidates.append(Path(self.initial_checkpoint))
+        found = ckpt.newest_good(candidates, log=lambda line: None) if candidates else None
+        if found is None:
+            return None, None
+        state = found[1]["train_state"]
+        position = DataPosition.from_state_dict({"watermark": state["data_watermark"],
+                                                 "extra": state.get("data_extra", [])})
+        return position, state.get("data_anchor")
+
+    def __call__(self):
+        position, anchor = self.start()
+        if anchor is not None:
+            print(f"training stream: from sequence {anchor[0]:,} (file {anchor[1] + 1:,} of {len(self.plan.files):,} "
+                  f"in the plan, token {anchor[2]:,}); {position.consumed():,} sequences trained", flush=True)
+        return packed_dataset(self.cfg, self.tokenizer, self.plan, "train", skip=position, anchor=anchor,
+                              counter=self.counter).dataset
+
+
+def trainer_datasets(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing, run_dir: str,
+                     initial_checkpoint: str | None = None) -> tuple[dict, Any]:
     """(`datasets=` for TorchTrainer, the training pipeline's bad-input counter) for streaming mode."""
     train_plan = plan_files(cfg, "train", listing=listing)
     passes = stream_passes(cfg, train_plan)
     if passes > 1:
         train_plan = plan_files(cfg, "train", listing=listing, passes=passes)
-    train = packed_dataset(cfg, tokenizer, train_plan, "train", skip=position)
-    out = {"train": train.dataset}
+    counter = bad_input_counter()
+    out = {"train": TrainStream(cfg, tokenizer, train_plan, counter, str(run_dir),
+                                str(initial_checkpoint) if initial_checkpoint else None)}
     val = validation_dataset(cfg, tokenizer, listing)
     if val is not None:
         out["validation"] = val.dataset
-    return out, train.counter
+    return out, counter
+
+
+class _TrainDataConfig(DataConfig):
+    """Ray Train's DataConfig, with the training stream split unevenly (`equal=False`): rows go
+    to whichever worker asks, none is dropped, and a worker that takes more rows per step than
+    the others (an uneven split of the batch) never waits for them to catch up."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        train = datasets.get("train")
+        others = {k: v for k, v in datasets.items() if k != "train"}
+        output = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs) if others \
+            else [{} for _ in range(world_size)]
+        if train is not None:
+            if train.name is None:
+                train.set_name("train")
+            ds = train.copy(train)
+            ds.context.execution_options = self._resolve_execution_options("train")
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                output[i]["train"] = split
+        return output
 
 
 def data_config(cfg: Config) -> DataConfig:
-    """`dataset_config=` for TorchTrainer: split only train, keep order, cap Ray Data at its share."""
+    """`dataset_config=` for TorchTrainer: split only train (unevenly), keep order, cap Ray Data at its share."""
     options = ray.data.ExecutionOptions(
         preserve_order=True,
         resource_limits=ray.data.ExecutionResources(cpu=data_cpus(cfg)),
     )
-    return DataConfig(datasets_to_split=["train"], execution_options=options)
+    return _TrainDataConfig(datasets_to_split=["train"], execution_options=options)
 
 
 def sample_documents(cfg: Config, listing: CorpusListing) -> list[str]:
@@ -206,7 +271,9 @@ def sample_documents(cfg: Config, listing: CorpusListing) -> list[str]:
 
 
 class StreamingTrainSource:
-    """This worker's share of the streaming training Dataset, consumed indices dropped."""
+    """This worker's share of the streaming training stream, consumed indices dropped (finite)."""
+
+    finite = True
 
     def __init__(self, name: str = "train", counter=None):
         self.name, self.counter = name, counter
@@ -214,35 +281,38 @@ class StreamingTrainSource:
     def bad_input(self) -> dict:
         return ray.get(self.counter.report.remote()) if self.counter is not None else {"skipped": {}}
 
-    def micro_batches(self, position: DataPosition, rank: int, world_size: int, micro_batch_size: int):
+    def micro_batches(self, position: DataPosition, rank: int, world_size: int, micro_batch_size: int,
+                      step_sequences: int | None = None):
+        """Micro-batches of the sizes `step_slots` gives this rank, from the rows this worker is handed."""
         position = position if isinstance(position, DataPosition) else DataPosition()
         shard = ray.train.get_dataset_shard(self.name)
         B = micro_batch_size
-        tokens_buf, index_buf, held = [], [], 0
-        execution = 0
+        sizes = [len(s) for s in step_slots(step_sequences or world_size * B, rank, world_size, B)]
+        parts: dict[str, list] = {"tokens": [], "index": [], "anchor": []}
+        held, delivered, k = 0, 0, 0
+        batches = iter(shard.iter_batches(batch_size=B, batch_format="numpy", prefetch_batches=4))
         while True:
-            offset = execution * PASS_OFFSET
-            delivered = 0
-            for batch in shard.iter_torch_batches(batch_size=B, dtypes=torch.int64, device="cpu", prefetch_batches=4):
-                tokens, index = batch["tokens"], batch["index"] + offset
-                delivered += len(index)
-                keep = ~position.is_consumed(index.numpy())
-                if not keep.all():
-                    mask = torch.from_numpy(keep)
-                    tokens, index = tokens[mask], index[mask]
-                if held == 0 and len(index) == B:
-                    yield {"tokens": tokens, "index": index}
-                    continue
-                tokens_buf.append(tokens)
-                index_buf.append(index)
-                held += len(index)
-                while held >= B:
-                    all_tokens, all_index = torch.cat(tokens_buf), torch.cat(index_buf)
-                    yield {"tokens": all_tokens[:B], "index": all_index[:B]}
-                    tokens_buf, index_buf, held = [all_tokens[B:]], [all_index[B:]], held - B
-            if delivered == 0:
-                raise EmptySplit(f"dataset {self.name!r}: the training data holds no sequence for this worker")
-            execution += 1
+            want = sizes[k % len(sizes)]
+            while held < want:
+                batch = next(batches, None)
+                if batch is None:
+                    if delivered == 0:
+                        raise EmptySplit(f"dataset {self.name!r}: the training data holds no sequence for this worker")
+                    return
+                delivered += len(batch["index"])
+                keep = ~position.is_consumed(batch["index"])
+                for key in parts:
+                    parts[key].append(batch[key][keep])
+                held += int(keep.sum())
+            joined = {key: np.concatenate(v) if len(v) > 1 else v[0] for key, v in parts.items()} if parts["index"] \
+                else {"tokens": np.zeros((0, 1), TOKEN_DTYPE), "index": np.zeros(0, np.int64),
+                      "anchor": np.zeros((0, 2), np.int64)}
+            yield {"tokens": torch.from_numpy(np.ascontiguousarray(joined["tokens"][:want])),
+                   "index": torch.from_numpy(joined["index"][:want].astype(np.int64)),
+                   "anchor": joined["anchor"][:want]}
+            parts = {key: [v[want:]] for key, v in joined.items()}
+            held -= want
+            k += 1
 
 
 class MaterialisedSource:
@@ -252,7 +322,8 @@ class MaterialisedSource:
         self.name = name
         self._data: PackedDataset | None = None
 
-    def micro_batches(self, position, rank: int, world_size: int, micro_batch_size: int):
+    def micro_batches(self, position, rank: int, world_size: int, micro_batch_size: int,
+                      step_sequences: int | None = None):
         if self._data is None:
             shard = ray.train.get_dataset_shard(self.name)
             parts = list(shard.iter_batches(batch_size=None, batch_format="numpy"))
@@ -260,7 +331,7 @@ class MaterialisedSource:
             if len(rows) == 0:
                 raise DataError(f"dataset {self.name!r} holds no sequences")
             self._data = PackedDataset(rows, shuffle=False)
-        return self._data.micro_batches(DataPosition(), rank, world_size, micro_batch_size)
+        return self._data.micro_batches(DataPosition(), rank, world_size, micro_batch_size, step_sequences)
 
 
 def worker_sources(cfg: Config, datasets: list[str], counter=None):

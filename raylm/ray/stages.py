@@ -11,45 +11,62 @@ import ray
 
 from raylm.data.order import DataPosition
 from raylm.data.parse import sample_priority, split_documents
-from raylm.data.transforms import TOKEN_DTYPE, frame_documents, index_rows, pack
+from raylm.data.transforms import TOKEN_DTYPE, frame_documents, pack
 from raylm.tokenizer import BOS_ID, EOS_ID
 
 
-_PLAN_SPECS: dict = {}
+_PLANS: dict = {}
 
 
-def _plan_specs(ref) -> dict:
-    """The plan's {path: FileSpec}, fetched once per worker process.
+def _plan(ref) -> tuple:
+    """The plan's (paths per position, {path: FileSpec}, filesystem), fetched once per worker process.
 
     The plan goes to the tasks as an object reference: passed by value, every read task
     would deserialise a spec for every file of the corpus (15 ms per task for 4,000 files).
     """
     key = ref.hex()
-    if key not in _PLAN_SPECS:
-        _PLAN_SPECS.clear()  # one plan at a time: a worker does not hoard old plans
-        _PLAN_SPECS[key] = ray.get(ref)
-    return _PLAN_SPECS[key]
+    if key not in _PLANS:
+        _PLANS.clear()  # one plan at a time: a worker does not hoard old plans
+        _PLANS[key] = ray.get(ref)
+    return _PLANS[key]
 
 
-def parse_batch(batch, specs, split, val_fraction, on_error, counter, priority_seed):
-    """Read task: files {"bytes", "path"} -> documents {"doc_id", "text"} of `split` (+ "priority").
+def plan_payload(plan) -> tuple:
+    """What `read_parse` needs of a FilePlan, compact: unique paths, a position -> path table, specs."""
+    paths = sorted({f.path for f in plan.files})
+    number = {path: i for i, path in enumerate(paths)}
+    table = np.fromiter((number[f.path] for f in plan.files), dtype=np.int32, count=len(plan.files))
+    return paths, table, {f.path: f.spec for f in plan.files}, plan.filesystem
 
-    `specs`: an object reference to the plan's {path: FileSpec} (see `_plan_specs`).
+
+def read_parse(batch, plan, first, split, val_fraction, on_error, counter, priority_seed):
+    """Read task: plan positions {"data"} (relative to `first`) -> documents {"doc_id", "text", "pos"}
+    of `split` (+ "priority"); "pos" is the position in the plan of the file a document came from.
+
+    `plan`: an object reference to `plan_payload(plan)`.
     """
-    specs = _plan_specs(specs)
-    files = ((bytes(data), specs.get(path) or specs[str(path).removeprefix("file://")])
-             for data, path in zip(batch["bytes"], batch["path"]))
-    docs, problems = split_documents(files, split, val_fraction, on_error)
-    ids, texts = [d for d, _ in docs], [t for _, t in docs]
+    paths, table, specs, filesystem = _plan(plan)
+    ids, texts, positions, problems = [], [], [], []
+    for pos in (int(first) + np.asarray(batch["data"], dtype=np.int64)).tolist():
+        path = paths[table[pos]]
+        with filesystem.open_input_stream(path) as f:
+            data = f.read()
+        docs, bad = split_documents([(data, specs[path])], split, val_fraction, on_error)
+        problems.extend(bad)
+        ids += [d for d, _ in docs]
+        texts += [t for _, t in docs]
+        positions += [pos] * len(docs)
     ray.get(counter.add.remote(problems, len(ids)))  # before the rows move on: the driver's report is complete
-    out = {"doc_id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object)}
+    out = {"doc_id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object),
+           "pos": np.array(positions, dtype=np.int64)}
     if priority_seed is not None:
         out["priority"] = np.array([sample_priority(priority_seed, i) for i in ids], dtype=np.float64)
     return out
 
 
 class TokenizeFrame:
-    """Actor: encode a batch of documents and frame them into one token stream (one output row)."""
+    """Actor: encode a batch of documents and frame them into one token stream (one output row),
+    with the stream's file segments: consecutive runs of tokens from one plan position."""
 
     def __init__(self, tokenizer, add_bos: bool):
         self.sp = tokenizer.sp  # loaded once per actor (the Tokenizer pickles as its model bytes)
@@ -58,23 +75,66 @@ class TokenizeFrame:
     def __call__(self, batch: dict) -> dict:
         ids = self.sp.encode(list(batch["text"]), out_type=int, num_threads=1)  # the pool is the parallelism
         stream = frame_documents(ids, BOS_ID, EOS_ID, self.add_bos)
-        return {"stream": stream[None, :], "documents": np.array([len(ids)], dtype=np.int64)}
+        framed = np.fromiter((len(t) + 1 + int(self.add_bos) for t in ids), dtype=np.int64, count=len(ids))
+        pos = np.asarray(batch["pos"], dtype=np.int64)
+        starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]]) if len(pos) else np.zeros(0, dtype=np.int64)
+        seg_len = np.add.reduceat(framed, starts) if len(pos) else np.zeros(0, dtype=np.int64)
+        return {"stream": stream[None, :], "documents": np.array([len(ids)], dtype=np.int64),
+                "seg_pos": pos[starts][None, :], "seg_len": seg_len[None, :]}
 
 
 class PackIndex:
-    """The single sequential actor: keeps the carry across batches, numbers rows, drops consumed ones."""
+    """The single sequential actor: keeps the carry across batches, numbers rows, drops consumed
+    ones, and tags each row with its anchor: the plan position and token offset (within that
+    file's framed tokens) of the row's first token, from which a restart can rebuild it.
 
-    def __init__(self, seq_len: int, skip: dict | None):
+    A pipeline that starts at an anchor (`first_index`, `skip_tokens`: its plan starts at the
+    anchor's file) drops the file's first `skip_tokens` tokens, so its first row is row
+    `first_index` exactly as the full stream packed it.
+    """
+
+    def __init__(self, seq_len: int, skip: dict | None, first_index: int = 0, skip_tokens: int = 0):
         self.seq_len = seq_len
         self.skip = DataPosition.from_state_dict(skip) if skip else None
-        self.carry = None
-        self.next_index = 0
+        self.carry = np.zeros(0, dtype=TOKEN_DTYPE)
+        self.carry_pos = np.zeros(0, dtype=np.int64)
+        self.carry_off = np.zeros(0, dtype=np.int64)
+        self.next_index = first_index
+        self.skip_tokens = skip_tokens
+        self.cur_pos, self.cur_off = -1, 0  # the file being read and its tokens so far
+
+    def _token_anchors(self, seg_pos: np.ndarray, seg_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        starts = np.empty(len(seg_pos), dtype=np.int64)
+        for i, (pos, n) in enumerate(zip(seg_pos.tolist(), seg_len.tolist())):
+            starts[i] = self.cur_off if pos == self.cur_pos else 0
+            self.cur_pos, self.cur_off = pos, starts[i] + n
+        total = int(seg_len.sum())
+        seg_first = np.cumsum(seg_len) - seg_len  # where each segment begins in the stream
+        pos_tok = np.repeat(seg_pos, seg_len)
+        off_tok = np.arange(total, dtype=np.int64) + np.repeat(starts - seg_first, seg_len)
+        return pos_tok, off_tok
 
     def __call__(self, batch: dict) -> dict:
-        parts = [np.asarray(s, dtype=TOKEN_DTYPE).ravel() for s in batch["stream"]]
-        stream = np.concatenate(parts) if parts else np.zeros(0, dtype=TOKEN_DTYPE)
+        def joined(name, dtype):
+            parts = [np.asarray(s, dtype=dtype).ravel() for s in batch[name]]
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+        stream = joined("stream", TOKEN_DTYPE)
+        pos_tok, off_tok = self._token_anchors(joined("seg_pos", np.int64), joined("seg_len", np.int64))
+        if self.skip_tokens:
+            n = min(self.skip_tokens, stream.size)
+            stream, pos_tok, off_tok = stream[n:], pos_tok[n:], off_tok[n:]
+            self.skip_tokens -= n
+        flat_pos = np.concatenate([self.carry_pos, pos_tok])
+        flat_off = np.concatenate([self.carry_off, off_tok])
         rows, self.carry = pack(stream, self.seq_len, self.carry)
-        first = self.next_index
-        self.next_index += int(rows.shape[0])
-        rows, index = index_rows(rows, first, self.skip)
-        return {"tokens": rows, "index": index}
+        n_rows, L = int(rows.shape[0]), self.seq_len
+        starts = np.arange(n_rows, dtype=np.int64) * L
+        anchor = np.stack([flat_pos[starts], flat_off[starts]], axis=1) if n_rows else np.zeros((0, 2), np.int64)
+        self.carry_pos, self.carry_off = flat_pos[n_rows * L:], flat_off[n_rows * L:]
+        index = np.arange(self.next_index, self.next_index + n_rows, dtype=np.int64)
+        self.next_index += n_rows
+        if self.skip is not None and n_rows:
+            keep = ~self.skip.is_consumed(index)
+            rows, index, anchor = rows[keep], index[keep], anchor[keep]
+        return {"tokens": rows, "index": index, "anchor": anchor}

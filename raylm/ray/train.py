@@ -36,7 +36,7 @@ from ray.train.torch import TorchTrainer
 from raylm.config import Config
 from raylm.data import prepared
 from raylm.data.plan import list_corpus
-from raylm.errors import RunInterrupted
+from raylm.errors import DataError, RunInterrupted
 from raylm.ray.cluster import FREE_WAIT_S, check_cluster_fits
 from raylm.ray.connect import ray_session
 from raylm.ray.data import data_config, sample_documents, trainer_datasets, worker_sources
@@ -45,7 +45,7 @@ from raylm.train import checkpoint as ckpt
 from raylm.train.local import TrainResult, check_initial, checkpoint_files, log_bad_input, run_facts
 from raylm.train.metrics import MetricsWriter
 from raylm.train.runs import RunSpec, create_run_dir, discard_run_dir, obtain_tokenizer, resolve_run
-from raylm.train.trainer import RankEnv, TrainState, Trainer
+from raylm.train.trainer import RankEnv, Trainer
 
 
 # ---------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def fit(spec: RunSpec, *, wait_s: float | None = FREE_WAIT_S, callbacks: list | 
             facts = run_facts(cfg, tokenizer, listing)
             check_initial(spec, facts)
             if streaming:
-                datasets, counter = trainer_datasets(cfg, tokenizer, listing, _initial_position(spec))
+                datasets, counter = trainer_datasets(cfg, tokenizer, listing, spec.run_dir, spec.initial_checkpoint)
             else:
                 prepared.check_prepared(cfg, tokenizer.sha256)
                 datasets, counter = {}, None
@@ -89,37 +89,42 @@ def fit(spec: RunSpec, *, wait_s: float | None = FREE_WAIT_S, callbacks: list | 
             raise RunInterrupted(spec.run_dir) from None
     if counter is not None:
         log_bad_input(ray.get(counter.report.remote()), log)
+    metrics = dict(result.metrics or {})
+    if "stream_ended" in metrics:
+        raise DataError(f"data.stream_passes={cfg.data.stream_passes}: the training stream ended after step "
+                        f"{int(metrics['stream_ended'])} of {cfg.train.max_steps}; continue with "
+                        f"run.resume_from={spec.run_dir} and more passes (or data.stream_passes unset)")
     final = result.checkpoint
     marker = ckpt.read_marker(final.path) if final is not None and Path(final.path).is_dir() else None
     if marker is not None and marker["train_state"]["step"] < cfg.train.max_steps:
         raise RunInterrupted(spec.run_dir)  # fit() returned early: Ray's Ctrl-C handler stopped it gracefully
-    return TrainResult(dict(result.metrics or {}), final.path if final is not None else None, spec.run_dir)
+    return TrainResult(metrics, final.path if final is not None else None, spec.run_dir)
 
 
-def _initial_position(spec: RunSpec):
-    """The data position of the checkpoint the run starts from (the packing actor drops what it consumed)."""
-    if spec.initial_checkpoint is None:
-        return None
-    state = TrainState()
-    state.load_state_dict(ckpt.read_marker(spec.initial_checkpoint)["train_state"])
-    return state.data_position
-
-
-def _torch_trainer(spec: RunSpec, tokenizer, facts, datasets: dict, counter, callbacks) -> TorchTrainer:
-    cfg, s = spec.cfg, spec.cfg.scaling
+def scaling_config(cfg: Config) -> ScalingConfig:
+    """Ray Train's ScalingConfig: a fixed worker count, or (min, max) with the resize check interval."""
+    s = cfg.scaling
     resources: dict[str, float] = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     if s.use_gpu:
         resources["GPU"] = 1
+    workers = (s.min_workers, s.max_workers) if s.elastic else s.min_workers
+    return ScalingConfig(num_workers=workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                         elastic_resize_monitor_interval_s=s.resize_check_s)
+
+
+def _torch_trainer(spec: RunSpec, tokenizer, facts, datasets: dict, counter, callbacks) -> TorchTrainer:
+    cfg = spec.cfg
     return TorchTrainer(
         train_func,
         train_loop_config={"spec": spec, "tokenizer": tokenizer, "facts": facts, "datasets": sorted(datasets),
                            "counter": counter},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=spec.name,
             storage_path=spec.output_dir,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures,
+                                         max_preemption_failures=cfg.run.max_preemptions),
             logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,
         ),
@@ -202,6 +207,13 @@ class RaySink:
                              checkpoint_dir_name=ckpt.checkpoint_dir_name(record["step"]))
         finally:
             shutil.rmtree(checkpoint, ignore_errors=True)
+
+    def rewind(self, step: int) -> None:
+        self.writer.rewind(step)
+
+    def preempted(self) -> bool:
+        """Ray Train's preemption notice (a barrier: every rank calls it at the same steps)."""
+        return ray.train.get_preemption_info() is not None
 
     def restore_candidates(self) -> list[Path]:
         """Ray's latest reported checkpoint (after a restart, or a run continued in place) and the

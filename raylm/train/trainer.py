@@ -366,6 +366,7 @@ class Trainer:
         tps = global_tokens / step_s
         record = {
             "step": state.step,
+            "time": time.time(),
             "loss": stats.loss,
             "accuracy": stats.accuracy,
             "lr": lr,

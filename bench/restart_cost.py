@@ -1,0 +1,161 @@
+"""Cost of a streaming restart: time from restart to the first step, at two points of one run.
+
+One streaming run (`raylm train` on Ray, default corpus, debug model) checkpoints at step
+`--early` and at step `--late` (about 10x the tokens). Each checkpoint is then resumed
+(`run.resume_from=CHECKPOINT`, a new run that trains a few steps) and timed from the call of
+`fit` to the first step's record. Side by side, in the same session, each is also resumed
+from a copy of the checkpoint whose `data_anchor` is removed: the pipeline then reads the
+corpus from its start and drops the consumed rows, which is what every restart did before
+anchors (the 'replay' column). Finally a training worker of a running job is SIGKILLed and
+the time from the kill to the next new step is measured (Ray restarts the worker group from
+the latest checkpoint).
+
+    python bench/restart_cost.py [--early 20] [--late 200] [override ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    out = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in record:
+            out.append(record)
+    return out
+
+
+def without_anchor(checkpoint: Path, out: Path) -> Path:
+    """A copy of `checkpoint` whose marker has no data anchor (the marker is not checksummed)."""
+    from raylm.train import checkpoint as ckpt
+
+    copy = out / (checkpoint.name + "-replay")
+    shutil.copytree(checkpoint, copy)
+    marker_file = copy / ckpt.MARKER
+    marker = json.loads(marker_file.read_text())
+    marker["train_state"]["data_anchor"] = None
+    marker_file.write_text(json.dumps(marker))
+    return copy
+
+
+def time_to_first_step(load_config, config, overrides, checkpoint: Path, name: str) -> float:
+    from raylm.ray.train import fit
+    from raylm.train import checkpoint as ckpt
+    from raylm.train.runs import resolve_run
+
+    step = ckpt.read_marker(checkpoint)["train_state"]["step"]
+    cfg = load_config(config, [*overrides, f"run.resume_from={checkpoint}", f"run.name={name}",
+                               f"train.max_steps={step + 2}", "train.checkpoint_every=0"])
+    start = time.time()
+    result = fit(resolve_run(cfg), log=lambda line: None)
+    first = step_records(Path(result.run_dir))[0]
+    assert first["step"] == step + 1
+    return first["time"] - start
+
+
+def kill_to_next_step(load_config, config, overrides) -> tuple[float, int]:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raylm.train.runs import resolve_run
+
+    cfg = load_config(config, [*overrides, "run.name=killed", "train.max_steps=60", "train.checkpoint_every=10"])
+    spec = resolve_run(cfg)
+    run_dir = Path(spec.run_dir)
+
+    def run(spec):
+        from raylm.ray.train import fit
+
+        fit(spec, log=lambda line: None)
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ref = ray.remote(num_cpus=0)(run).options(scheduling_strategy=here).remote(spec)
+    while len(step_records(run_dir)) < 25:
+        time.sleep(0.1)
+    alive = ray._private.state.actors(actor_state_name="ALIVE").values()
+    pid = next(a["Pid"] for a in alive if a["ActorClassName"] == "RayTrainWorker")
+    killed_at_step = step_records(run_dir)[-1]["step"]
+    kill_time = time.time()
+    os.kill(pid, signal.SIGKILL)
+    while True:
+        newer = [r for r in step_records(run_dir) if r["time"] > kill_time]
+        if newer:
+            break
+        time.sleep(0.1)
+    ray.get(ref)
+    return newer[0]["time"] - kill_time, killed_at_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs/debug.yaml"))
+    parser.add_argument("--early", type=int, default=20)
+    parser.add_argument("--late", type=int, default=200)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    import ray
+
+    from raylm.config import load_config
+    from raylm.ray.connect import configure_local_cluster
+    from raylm.ray.train import fit
+    from raylm.train import checkpoint as ckpt
+    from raylm.train.runs import resolve_run
+
+    out = Path(tempfile.mkdtemp(prefix="raylm-restart-"))
+    overrides = [f"run.output_dir={out}", "data.sources.0.max_bytes=40000000", "data.seq_len=64",
+                 "train.global_batch_tokens=16384", "train.micro_batch_size=32", "train.eval_every=0",
+                 "train.log_every=50", "run.sample_tokens=0", "run.keep_checkpoints=10", "scaling.num_workers=1",
+                 "scaling.cpus_per_worker=1", *args.overrides]
+    configure_local_cluster()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    cfg = load_config(args.config, [*overrides, "run.name=base", f"train.max_steps={args.late}",
+                                    f"train.checkpoint_every={args.early}"])
+    start = time.time()
+    base = Path(fit(resolve_run(cfg), log=lambda line: None).run_dir)
+    print(f"base run: {args.late} steps of {cfg.train.global_batch_tokens:,} tokens in {time.time() - start:.0f} s")
+
+    rows = []
+    for step in (args.early, args.late):
+        checkpoint = base / ckpt.checkpoint_dir_name(step)
+        anchored = time_to_first_step(load_config, args.config, overrides, checkpoint, f"anchored-{step}")
+        replay = time_to_first_step(load_config, args.config, overrides, without_anchor(checkpoint, out),
+                                    f"replay-{step}")
+        tokens = ckpt.read_marker(checkpoint)["train_state"]["tokens_consumed"]
+        rows.append((step, tokens, anchored, replay))
+    kill_s, kill_step = kill_to_next_step(load_config, args.config, overrides)
+    ray.shutdown()
+
+    print(f"{'restart at step':>16} {'tokens consumed':>16} {'anchored (s)':>13} {'replay (s)':>11}")
+    for step, tokens, anchored, replay in rows:
+        print(f"{step:>16} {tokens:>16,} {anchored:>13.1f} {replay:>11.1f}")
+    (_, t1, a1, r1), (_, t2, a2, r2) = rows
+    print(f"ratio late/early ({t2 / t1:.0f}x the tokens): anchored {a2 / a1:.2f} (goal <= 1.2), "
+          f"replay {r2 / r1:.2f}")
+    print(f"worker SIGKILLed after step {kill_step}: {kill_s:.1f} s from the kill to the next step "
+          "(restart from the checkpoint of step 20)")
+    shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Elastic training and fault tolerance on a multi-node Ray cluster (`ray.cluster_utils.Cluster`).
+
+Virtual nodes on this machine, CPU workers holding a `trainer` resource each, the debug model.
+`fit` runs in a task pinned to the head node while the test adds, removes, drains nodes and
+kills workers, and reads the run's real outputs: metrics.jsonl (one record per step with its
+world size, `restored` events) and the checkpoints' data positions.
+
+The session's 2-CPU cluster is shut down for this module and started again after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raylm.config import load_config
+from raylm.train import checkpoint as ckpt
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+G = 8  # sequences per step: 2 workers x 2 x 2, and uneven (4/2/2) on 3 workers of micro-batch 2
+
+
+def elastic_config(out: Path, *overrides: str):
+    return load_config(ROOT / "configs/debug.yaml", [
+        f"run.output_dir={out}", "data.sources.0.max_bytes=400000", "data.seq_len=64",
+        f"train.global_batch_tokens={64 * G}", "train.micro_batch_size=2", "train.eval_every=0",
+        "train.log_every=1", "run.sample_tokens=0", "run.keep_checkpoints=50", "data.tokenize_actors=1",
+        "scaling.cpus_per_worker=0", "scaling.resources_per_worker={trainer: 1}", "scaling.resize_check_s=1",
+        "train.preemption_check_every=1", *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node (2 CPUs, 2 trainer slots); tests add and remove worker nodes of 1 slot."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from conftest import quiet_ray_data, start_local_ray
+
+    ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "resources": {"trainer": 2}, "object_store_memory": 300 * 2**20,
+        "include_dashboard": False})
+    ray.init(address=c.address, log_to_driver=False, configure_logging=False)
+    quiet_ray_data()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+    start_local_ray()
+
+
+def fit_in_background(cfg):
+    """(run dir, ObjectRef of (metrics, final checkpoint)) of `fit` running in a head-node task."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raylm.train.runs import resolve_run
+
+    spec = resolve_run(cfg)
+    head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ref = ray.remote(num_cpus=0, max_retries=0)(_fit).options(scheduling_strategy=head).remote(spec)
+    return Path(spec.run_dir), ref
+
+
+def _fit(spec):
+    from raylm.ray.train import fit
+
+    result = fit(spec, log=lambda line: None)
+    return result.metrics, result.checkpoint
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written
+    return out
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    return [r for r in records(run_dir) if "loss" in r]
+
+
+def wait_for(predicate, timeout: float, what: str, ref=None):
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if ref is not None:
+            done, _ = ray.wait([ref], timeout=0)
+            if done:
+                ray.get(ref)  # raises the run's error, if it failed
+                if predicate():
+                    return
+                pytest.fail(f"the run finished before {what}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def final_position(run_dir: Path) -> dict:
+    newest = ckpt.list_checkpoints(run_dir)[-1]
+    return ckpt.read_marker(newest)["train_state"]
+
+
+def prepare_data(cluster, out: Path) -> str:
+    from raylm.ray.prepare import prepare
+
+    data = f"data.prepared_path={out / 'prepared'}"
+    prepare(elastic_config(out, data), log=lambda line: None)
+    return data
+
+
+def test_shrink_and_grow_keep_the_global_batch_and_the_loss_curve(cluster, tmp_path):
+    """[2, 3] workers on prepared data: a node joins (2 -> 3, an uneven 4/2/2 split), then leaves
+    (3 -> 2). Every step is trained once in the final metrics and its loss matches an
+    uninterrupted 2-worker run's."""
+    import ray
+
+    data = prepare_data(cluster, tmp_path)
+    steps = 24
+    fixed = elastic_config(tmp_path / "fixed", data, f"train.max_steps={steps}", "scaling.num_workers=2")
+    reference_dir, ref = fit_in_background(fixed)
+    ray.get(ref, timeout=300)
+    reference = {r["step"]: r["loss"] for r in step_records(reference_dir)}
+
+    cfg = elastic_config(tmp_path / "elastic", data, f"train.max_steps={steps}", "scaling.num_workers=[2, 3]",
+                         "train.checkpoint_every=2")
+    run_dir, ref = fit_in_background(cfg)
+    wait_for(lambda: len(step_records(run_dir)) >= 3, 180, "step 3", ref)
+    node = cluster.add_node(num_cpus=0, resources={"trainer": 1})
+    wait_for(lambda: any(r["world_size"] == 3 for r in step_records(run_dir)), 180, "the run to grow to 3", ref)
+    grown_at = max(r["step"] for r in step_records(run_dir))
+    wait_for(lambda: max(r["step"] for r in step_records(run_dir)) >= grown_at + 2, 120, "steps on 3 workers", ref)
+    cluster.remove_node(node)
+    metrics, final = ray.get(ref, timeout=300)
+
+    got = step_records(run_dir)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))  # redone steps replaced the lost ones
+    sizes = [r["world_size"] for r in got]
+    assert sizes[0] == 2 and 3 in sizes and sizes[-1] == 2 and sizes.index(3) < len(sizes) - sizes[::-1].index(3)
+    assert all(r["tokens_consumed"] == r["step"] * G * 64 for r in got)
+    for r in got:
+        assert r["loss"] == pytest.approx(reference[r["step"]], rel=2e-4), (r["step"], r["world_size"])
+    assert sum(1 for r in records(run_dir) if r.get("event") == "restored") >= 2
+    state = final_position(run_dir)
+    assert state["step"] == steps and state["data_watermark"] == steps * G and state["data_extra"] == []
+
+
+def test_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(cluster, tmp_path):
+    """A drain with a deadline (a spot reclaim) on a worker's node: the workers see it at their
+    next preemption check, checkpoint at once, and after the node is gone the run restarts
+    from that checkpoint, so no step before the check is trained again."""
+    import ray
+
+    steps = 40
+    cfg = elastic_config(tmp_path, f"train.max_steps={steps}", "scaling.num_workers=[1, 3]",
+                         "train.checkpoint_every=1000")
+    node = cluster.add_node(num_cpus=0, resources={"trainer": 1})
+    run_dir, ref = fit_in_background(cfg)
+    wait_for(lambda: any(r["world_size"] == 3 for r in step_records(run_dir)), 180, "3 workers", ref)
+    wait_for(lambda: len(step_records(run_dir)) >= 4, 120, "step 4", ref)
+    drained_after = max(r["step"] for r in step_records(run_dir))
+    subprocess.run(
+        ["ray", "drain-node", "--address", cluster.address, "--node-id", node.node_id,
+         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot", "--deadline-remaining-seconds", "60"],
+        check=True, capture_output=True, timeout=60, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    wait_for(lambda: ckpt.list_checkpoints(run_dir), 60, "a just-in-time checkpoint", ref)
+    saved = ckpt.read_marker(ckpt.list_checkpoints(run_dir)[0])["train_state"]["step"]
+    assert drained_after <= saved <= drained_after + 5  # at the next check, a few steps at most
+    cluster.remove_node(node)  # the deadline: the instance is reclaimed
+    ray.get(ref, timeout=300)
+
+    events = [r for r in records(run_dir) if r.get("event") == "restored"]
+    assert events and events[0]["step"] == saved  # resumed from the preemption checkpoint
+    got = step_records(run_dir)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    assert {r["world_size"] for r in got if r["step"] > saved} <= {1, 2}
+    state = final_position(run_dir)
+    assert state["data_watermark"] == steps * G and state["data_extra"] == []
+
+
+def training_worker_pids() -> list[int]:
+    import ray
+
+    alive = ray._private.state.actors(actor_state_name="ALIVE").values()
+    return [a["Pid"] for a in alive if a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]
+
+
+def test_a_killed_worker_restarts_the_run_which_trains_every_sequence_once(cluster, tmp_path):
+    """SIGKILL of a training worker with default failure settings, streaming data: the run
+    restarts from its latest checkpoint (its stream from the checkpoint's anchor, not from the
+    start of the corpus), finishes, and its final data position is exactly the first
+    steps x G sequences."""
+    import ray
+
+    steps = 16
+    cfg = elastic_config(tmp_path, f"train.max_steps={steps}", "scaling.num_workers=2", "train.checkpoint_every=4")
+    assert cfg.run.max_failures > 0  # the default
+    run_dir, ref = fit_in_background(cfg)
+    wait_for(lambda: len(step_records(run_dir)) >= 6, 180, "step 6", ref)
+    pids = training_worker_pids()
+    assert len(pids) == 2
+    os.kill(pids[1], signal.SIGKILL)
+    ray.get(ref, timeout=300)
+
+    got = step_records(run_dir)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    restored = [r for r in records(run_dir) if r.get("event") == "restored"]
+    assert restored and restored[0]["step"] >= 4 and restored[0]["dropped_records"] >= 1
+    state = final_position(run_dir)
+    assert state["step"] == steps and state["data_watermark"] == steps * G and state["data_extra"] == []
+    assert state["data_anchor"][0] < state["data_watermark"]
