@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -218,9 +219,10 @@ def test_resume_in_place_skips_a_damaged_latest_checkpoint_that_ray_reports(prep
                                           f"train.max_steps={STEPS + 2}", "run.sample_tokens=0"))
     assert continued == run
     records = [r for r in metrics(run) if "loss" in r]
-    resumed_steps = [r["step"] for r in records[len(before):]]
-    assert resumed_steps == list(range(RESUME_AT + 1, STEPS + 3))  # from the good checkpoint at step k
-    assert records[len(before)]["loss"] == pytest.approx(before[RESUME_AT + 1], rel=1e-4)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 3))  # steps after k: replaced, not repeated
+    restored = [r for r in metrics(run) if r.get("event") == "restored"]
+    assert [(r["step"], r["dropped_records"]) for r in restored] == [(RESUME_AT, STEPS - RESUME_AT)]
+    assert records[RESUME_AT]["loss"] == pytest.approx(before[RESUME_AT + 1], rel=1e-4)  # from step k
     assert ckpt.latest_checkpoint(run) == run / ckpt.checkpoint_dir_name(STEPS + 2)
     assert ckpt.verify_checkpoint(run / ckpt.checkpoint_dir_name(STEPS)) is None  # rewritten whole
     assert {name: (run / name).read_bytes() for name in kept} == kept
@@ -243,3 +245,25 @@ def test_resuming_with_another_seq_len_is_one_line_naming_it(reference_run, tmp_
                           "data.on_error=skip"], capsys)
     assert "data.seq_len 64, this run has 32" in err and "run.resume_changes=[seq_len]" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_stream_that_runs_out_after_a_restart_stops_every_worker_at_the_same_step(reference_run, tmp_path):
+    """data.stream_passes=1 on a run started from step k's checkpoint (the consumed rows are
+    dropped, so the two workers' rows are uneven): the stream ends mid-run. Every worker stops
+    at the same step (none is left in a collective or in Ray Data's next-epoch barrier), the run
+    checkpoints there, and the driver says in one line how to go on."""
+    from raylm.errors import DataError
+
+    start = reference_run / ckpt.checkpoint_dir_name(RESUME_AT)
+    cfg = debug_config(tmp_path, f"run.resume_from={start}", "data.stream_passes=1", "train.max_steps=5000",
+                       "train.eval_every=0", "train.log_every=100", "train.checkpoint_every=0", "run.sample_tokens=0")
+    with pytest.raises(DataError, match=r"data.stream_passes=1: the training stream ended after step (\d+) of 5000"
+                       ) as info:
+        train_on_ray(cfg)
+    ended = int(re.search(r"after step (\d+)", str(info.value)).group(1))
+    run = next(p for p in tmp_path.iterdir() if p.is_dir())
+    assert ended > RESUME_AT + 10
+    assert [r["step"] for r in metrics(run) if "loss" in r] == list(range(RESUME_AT + 1, ended + 1))
+    state = ckpt.read_marker(ckpt.latest_checkpoint(run))["train_state"]
+    assert state["step"] == ended and state["data_watermark"] + len(state["data_extra"]) == ended * 8
+    assert f"run.resume_from={run}" in str(info.value)

@@ -323,8 +323,8 @@ class Trainer:
         except StopIteration:
             micro = None
         if getattr(self.train_data, "finite", False) and distributed_world()[1] > 1:
-            short = torch.tensor([0 if micro is not None else 1], dtype=torch.int32)
-            dist.all_reduce(short, op=dist.ReduceOp.MAX)  # gloo or nccl: the flag lives on the CPU for gloo
+            short = torch.tensor([0 if micro is not None else 1], dtype=torch.int32, device=self.env.device)
+            dist.all_reduce(short, op=dist.ReduceOp.MAX)  # on the device: nccl reduces only CUDA tensors
             if int(short.item()):
                 micro = None
         return micro, time.perf_counter() - wait_start
