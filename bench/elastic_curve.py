@@ -121,7 +121,7 @@ def main() -> None:
     wait(lambda: any(r["time"] > killed_at for r in steps(elastic_dir)), "the restart after the kill")
     wait(lambda: last_step(elastic_dir) >= events[-1][0] + 6, "steps after the kill")
     events.append((last_step(elastic_dir), "preemption notice"))
-    subprocess.run(["ray", "drain-node", "--address", cluster.address, "--node-id", node.node_id,
+    subprocess.run([str(Path(sys.executable).with_name("ray")), "drain-node", "--address", cluster.address, "--node-id", node.node_id,
                     "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot",
                     "--deadline-remaining-seconds", "30"], check=True, capture_output=True, timeout=60)
     noticed = time.time()
