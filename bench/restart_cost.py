@@ -153,7 +153,7 @@ def main() -> None:
     print(f"ratio late/early ({t2 / t1:.0f}x the tokens): anchored {a2 / a1:.2f} (goal <= 1.2), "
           f"replay {r2 / r1:.2f}")
     print(f"worker SIGKILLed after step {kill_step}: {kill_s:.1f} s from the kill to the next step "
-          "(restart from the checkpoint of step 20)")
+          f"(restart from the checkpoint of step {kill_step // 10 * 10})")
     shutil.rmtree(out, ignore_errors=True)
 
 
