@@ -111,8 +111,8 @@ def main() -> None:
     node = cluster.add_node(num_cpus=0, resources={"trainer": 1})
     events.append((last_step(elastic_dir), "node joins"))
     wait(lambda: any(r["world_size"] == 3 for r in steps(elastic_dir)), "the resize to 3")
-    wait(lambda: last_step(elastic_dir) >= max(r["step"] for r in steps(elastic_dir) if r["world_size"] == 3) + 6,
-         "steps on 3 workers")
+    grown_at = min(r["step"] for r in steps(elastic_dir) if r["world_size"] == 3)
+    wait(lambda: last_step(elastic_dir) >= grown_at + 6, "steps on 3 workers")
     alive = ray._private.state.actors(actor_state_name="ALIVE").values()
     pid = next(a["Pid"] for a in alive if a["ActorClassName"] == "RayTrainWorker")
     events.append((last_step(elastic_dir), "worker killed"))
