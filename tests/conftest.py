@@ -35,6 +35,7 @@ def start_local_ray():
     if not ray.is_initialized():
         configure_local_cluster()
         ray.init(
+            address="local",  # a new cluster, never one another `ray start` left in /tmp/ray
             num_cpus=2,
             include_dashboard=False,
             object_store_memory=400 * 2**20,
