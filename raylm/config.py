@@ -98,7 +98,8 @@ class DataConfig:
     max_document_bytes: int = 16 * 2**20
     """Longest document (a file, line, record or cell) accepted; a longer one is bad input."""
     stream_passes: int | None = None
-    """Passes over the corpus in one streaming execution; None derives enough for train.max_steps."""
+    """Passes over the corpus the training stream holds; None derives enough for train.max_steps.
+    A run whose stream ends first checkpoints and stops with one line saying how to continue."""
 
 
 @dataclass

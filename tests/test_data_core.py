@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raylm.data.order import DataPosition
 from raylm.data.parse import BadInputTally, FileSpec, parse_file
-from raylm.data.transforms import frame_documents, index_rows, pack
+from raylm.data.transforms import frame_documents, pack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,13 +58,6 @@ def test_pack_is_independent_of_batch_boundaries():
 def test_frame_puts_bos_and_eos_around_every_document_including_empty():
     assert frame_documents([[5, 6], [], [7]], 1, 2, True).tolist() == [1, 5, 6, 2, 1, 2, 1, 7, 2]
     assert frame_documents([[5, 6], [7]], 1, 2, False).tolist() == [5, 6, 2, 7, 2]
-
-
-def test_index_rows_drops_exactly_the_consumed_indices():
-    rows = np.zeros((6, 3), np.int32) + np.arange(6)[:, None]
-    position = DataPosition().advance([10, 12, 13])
-    kept, index = index_rows(rows, 10, position)
-    assert index.tolist() == [11, 14, 15] and kept[:, 0].tolist() == [1, 4, 5]
 
 
 @pytest.mark.parametrize(

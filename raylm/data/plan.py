@@ -290,7 +290,7 @@ def tokenize_batch_docs(cfg: Config, plan: FilePlan) -> int:
 
 
 def stream_passes(cfg: Config, train_plan: FilePlan) -> int:
-    """Passes over the corpus one streaming execution makes: enough for train.max_steps.
+    """Passes over the corpus the training stream holds: enough for train.max_steps.
 
     A token is at most 4 * tokenizer.max_piece_length bytes, so this many passes hold at
     least the tokens the run trains on; passes never read are never executed.

@@ -74,15 +74,3 @@ def tokenize_and_pack(
     stream = frame_documents(encode(list(texts)), bos_id, eos_id, add_bos)
     rows, carry = pack(stream, seq_len, carry)
     return rows, carry, int(stream.size)
-
-
-def index_rows(rows: np.ndarray, first_index: int, skip=None) -> tuple[np.ndarray, np.ndarray]:
-    """Give rows the global indices first_index, first_index+1, ...; drop those `skip` consumed.
-
-    `skip` is a `DataPosition` (or None). Returns (rows, indices (int64)).
-    """
-    index = np.arange(first_index, first_index + len(rows), dtype=np.int64)
-    if skip is None or not len(rows):
-        return rows, index
-    keep = ~skip.is_consumed(index)
-    return (rows, index) if keep.all() else (rows[keep], index[keep])
