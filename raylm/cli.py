@@ -28,7 +28,82 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the fully resolved config")
     _config_args(p)
+
+    p = sub.add_parser("generate", help="continue prompts with a trained model, streaming the text")
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="a run directory (its newest checkpoint) or a checkpoint")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="the prompt (default: all of stdin)")
+    source.add_argument("--prompts", metavar="FILE",
+                        help="one prompt per line; a .jsonl file: a JSON string or {\"prompt\": ...} per line")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 disables (default 40)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 disables (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default 128)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: fresh)")
+    p.add_argument("--device", default="auto", help="auto (GPU when there is one, in bf16), cpu, cuda, cuda:N")
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face Llama directory")
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="a run directory (its newest checkpoint) or a checkpoint")
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers' LlamaForCausalLM")
+    p.add_argument("--out", required=True, metavar="DIR", help="new (or empty) output directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weight dtype (default float32: exactly the trained weights)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+
+    p = sub.add_parser("eval", help="held-out loss, perplexity, accuracy and bits per byte of a trained model")
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="a run directory (its newest checkpoint) or a checkpoint")
+    p.add_argument("--data", metavar="PATH",
+                   help="file, directory, glob or s3:// / gs:// URI to evaluate (default: the run's own held-out split)")
+    p.add_argument("--format", choices=["text", "lines", "jsonl", "parquet"], default=None,
+                   help="format of --data (default: from the file names; text for directories)")
+    p.add_argument("--text-key", default="text", help="JSONL / Parquet field that holds the text (default text)")
+    p.add_argument("--max-sequences", type=int, default=None, help="evaluate at most this many packed sequences")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default: train.micro_batch_size)")
+    p.add_argument("--ray", choices=["auto", "yes", "no"], default="auto",
+                   help="tokenise and pack through Ray Data (auto: when the data is larger than 64 MB)")
+    p.add_argument("--device", default="auto", help="auto (GPU when there is one, in bf16), cpu, cuda, cuda:N")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON to FILE")
+
+    p = sub.add_parser("plot", help="PNGs of loss, learning rate, throughput and MFU against step")
+    p.add_argument("path", metavar="RUN_DIR", help="a run directory (holds metrics.jsonl)")
+    p.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR/plots)")
+
+    p = sub.add_parser("plan", help="memory per GPU, fit, time and cost of a config on N GPUs (no GPU needed)")
+    _config_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (= training workers)")
+    p.add_argument("--gpu", choices=["h100", "h200", "a100", "b200"], default="h100", help="GPU type (default h100)")
+    p.add_argument("--tokens", type=float, default=None, help="tokens to train, e.g. 2e12 (default: train.max_steps' worth)")
+    p.add_argument("--mfu", type=float, default=None,
+                   help="model FLOPs utilisation (default: best measured in bench/RESULTS.md, else an assumption)")
+    p.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: a rough list price)")
     return parser
+
+
+USE_COMMANDS = ("generate", "export", "eval", "plot")
+
+
+def _use_command(args: argparse.Namespace) -> None:
+    """Commands on a run or checkpoint rather than on a config."""
+    if args.command == "eval":
+        from raylm.use.evaluate import eval_command
+
+        eval_command(args)
+    elif args.command == "plot":
+        from raylm.use.plot import plot_run
+
+        for path in plot_run(args.path, args.out):
+            print(path)
+    elif args.command == "generate":
+        from raylm.use.generate import SamplingOptions, generate_command, read_prompts
+
+        options = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        options.validate()
+        generate_command(args.path, read_prompts(args.prompt, args.prompts, sys.stdin), options, args.device)
+    else:
+        from raylm.use.hf import export_hf, parse_size
+
+        export_hf(args.path, args.out, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,14 +114,23 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [e for e in extra if "=" not in e or e.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
+        if args.command in USE_COMMANDS:
+            _use_command(args)
+            return 0
         from raylm.config import load_config
 
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(cfg.to_yaml(), end="")
+        elif args.command == "plan":
+            from raylm.plan import plan, format_plan
+
+            print(format_plan(plan(cfg, args.gpus, args.gpu, tokens=args.tokens, mfu=args.mfu, price=args.price)))
         elif args.command == "prepare":
             from raylm.data.prepared import summary_lines
             from raylm.ray.connect import ray_session

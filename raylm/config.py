@@ -520,6 +520,9 @@ def validate(cfg: Config) -> None:
     _require(is_plain_name(cfg.config_name), "config_name", cfg.config_name, NAME_RULE)
     _require(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", t.max_nonfinite_steps,
              "must be a positive integer")
+    init_from = cfg.model.init_from
+    _require(init_from == "" or (init_from.startswith("hf:") and len(init_from) > 3), "model.init_from", init_from,
+             "must be empty (random init) or hf:DIR, a Hugging Face Llama checkpoint directory")
 
 
 def _check_workers(cfg: Config) -> None:

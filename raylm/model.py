@@ -39,6 +39,14 @@ the parameter dtype (bf16). ``apply_rope`` still rotates in fp32; only the table
 rounded, which is what Hugging Face Llama does anyway. The same holds after
 ``model.to(torch.bfloat16)``, which casts the buffers; ``init_weights`` rebuilds them in fp32.
 
+KV cache for generation: ``forward(tokens, cache, start_pos)`` writes the keys and values of
+``tokens`` (at positions ``start_pos, start_pos + 1, ...``) into a ``KVCache`` and attends over
+everything cached so far, so each new token costs one position's work instead of the whole
+context's. The cache stores the ``n_kv_heads`` shared heads, not ``n_heads`` (GQA's memory
+saving is the point). Training never passes a cache: that path runs exactly the operations it
+ran before the cache existed, and blocks are still called as ``block(x, cos, sin)``, so FSDP2,
+activation checkpointing and ``torch.compile`` wrap them as before.
+
 FLOPs are counted in exactly one place, ``ModelConfig.flops_per_token``.
 """
 
@@ -64,6 +72,8 @@ __all__ = [
     "RMSNorm",
     "precompute_rope",
     "apply_rope",
+    "KVCache",
+    "LayerKV",
 ]
 
 
@@ -111,6 +121,10 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights (residual outputs are scaled
     down further, see ``Transformer.init_weights``)."""
+    init_from: str = ""
+    """Start a fresh run from these weights instead of the random init: ``hf:DIR``, a Hugging
+    Face Llama checkpoint directory (continued pretraining; see ``raylm.use.hf``). Empty: random
+    init. Not part of the model's shape: ``Transformer`` ignores it."""
 
     # -- presets ------------------------------------------------------------------------
 
@@ -332,16 +346,92 @@ def _causal_attention(
     ``native_gqa`` lets SDPA broadcast the K/V heads itself; otherwise they are repeated so
     every SDPA backend can be used.
     """
+    return _grouped_attention(q, k, v, native_gqa, is_causal=True)
+
+
+def _cached_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, native_gqa: bool
+) -> torch.Tensor:
+    """Attention of q (B, H, T, D) at positions ``start_pos ..`` over the cached k, v
+    (B, KV, start_pos + T, D): query i sees keys 0 .. start_pos + i.
+
+    SDPA's ``is_causal`` aligns the mask to the top-left corner, which is right only when
+    queries and keys start together (the prompt, start_pos 0), so later chunks get an explicit
+    mask; a single new token sees every cached key and needs none.
+    """
+    T, S = q.shape[2], k.shape[2]
+    if start_pos == 0:
+        return _grouped_attention(q, k, v, native_gqa, is_causal=True)
+    mask = None
+    if T > 1:
+        query_pos = start_pos + torch.arange(T, device=q.device).unsqueeze(1)  # (T, 1)
+        mask = torch.arange(S, device=q.device) <= query_pos  # (T, S), True = attend
+    return _grouped_attention(q, k, v, native_gqa, is_causal=False, mask=mask)
+
+
+def _grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native_gqa: bool, is_causal: bool,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SDPA of q (B, H, T, D) over k, v (B, KV, S, D) with KV dividing H."""
     n_heads, n_kv_heads = q.shape[1], k.shape[1]
     if n_kv_heads == n_heads:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     if native_gqa:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
     # Query head h uses K/V head h // group: repeat_interleave keeps that grouping.
     group = n_heads // n_kv_heads
-    k = k.repeat_interleave(group, dim=1)  # (B, H, T, D)
-    v = v.repeat_interleave(group, dim=1)  # (B, H, T, D)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    k = k.repeat_interleave(group, dim=1)  # (B, H, S, D)
+    v = v.repeat_interleave(group, dim=1)  # (B, H, S, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+# ----------------------------------------------------------------------------------------
+# KV cache
+
+
+class LayerKV:
+    """One layer's cached keys and values, (B, KV, max_len, D) each, allocated on first use in
+    the dtype and device of the keys written (fp32 on CPU, bf16 for a bf16 model).
+
+    A plain class on purpose: FSDP2's forward-input casting copies tensors it finds inside
+    containers and dataclasses, and writes into such a copy would be lost.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, start_pos: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, KV, T, D) at positions start_pos .. start_pos + T - 1 and return the
+        keys and values of positions 0 .. start_pos + T - 1."""
+        B, KV, T, D = k.shape
+        end = start_pos + T
+        if self.k is None or self.k.shape[0] != B:
+            self.k = k.new_zeros(B, KV, self.max_len, D)  # (B, KV, max_len, D)
+            self.v = v.new_zeros(B, KV, self.max_len, D)  # (B, KV, max_len, D)
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, KV, end, D) each
+
+
+class KVCache:
+    """Keys and values of every layer for one generation, up to ``max_len`` positions.
+
+    The caller tracks how many positions are filled (the next ``start_pos``); writing at a
+    position overwrites it, so a generation can restart from position 0 with the same cache.
+    """
+
+    def __init__(self, config: ModelConfig, max_len: int | None = None):
+        self.max_len = config.max_seq_len if max_len is None else min(max_len, config.max_seq_len)
+        self.layers = [LayerKV(self.max_len) for _ in range(config.n_layers)]
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.k, layer.v)
+                   if t is not None)
 
 
 class Attention(nn.Module):
@@ -355,7 +445,10 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        cache: LayerKV | None = None, start_pos: int = 0,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
@@ -369,7 +462,11 @@ class Attention(nn.Module):
         # Native GQA only pays off in half precision: for fp32 the fused CUDA kernels reject
         # unequal head counts and SDPA silently falls back to the O(T^2)-memory math kernel.
         native_gqa = _SDPA_HAS_ENABLE_GQA and q.dtype in (torch.float16, torch.bfloat16)
-        out = _causal_attention(q, k, v, native_gqa)  # (B, H, T, D)
+        if cache is None:
+            out = _causal_attention(q, k, v, native_gqa)  # (B, H, T, D)
+        else:
+            k, v = cache.update(k, v, start_pos)  # (B, KV, start_pos + T, D) each
+            out = _cached_attention(q, k, v, start_pos, native_gqa)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.wo(out)  # (B, T, dim)
 
@@ -395,8 +492,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        cache: LayerKV | None = None, start_pos: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -468,19 +568,31 @@ class Transformer(nn.Module):
             total -= self.tok_embeddings.weight.numel()
         return total
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids (B, T), in the activation dtype."""
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids (B, T), in the activation dtype.
+
+        With a ``cache``, ``tokens`` sit at positions ``start_pos ..``; their keys and values are
+        cached and they attend over the cached positions before them as well.
+        """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq_len), got {tuple(tokens.shape)}")
         T = tokens.shape[1]
-        if T > self.config.max_seq_len:
+        end = start_pos + T
+        if end > self.config.max_seq_len:
             raise ValueError(
-                f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}"
+                f"sequence length {end} exceeds model.max_seq_len={self.config.max_seq_len}"
             )
+        if cache is not None and end > cache.max_len:
+            raise ValueError(f"positions up to {end} exceed the KV cache's {cache.max_len}")
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        cos = self.rope_cos[:T]  # (T, head_dim/2)
-        sin = self.rope_sin[:T]  # (T, head_dim/2)
-        for layer in self.layers:
-            h = layer(h, cos, sin)  # (B, T, dim)
+        cos = self.rope_cos[start_pos:end]  # (T, head_dim/2)
+        sin = self.rope_sin[start_pos:end]  # (T, head_dim/2)
+        for i, layer in enumerate(self.layers):
+            if cache is None:  # training: blocks are called exactly as FSDP2 and compile saw them
+                h = layer(h, cos, sin)  # (B, T, dim)
+            else:
+                h = layer(h, cos, sin, cache.layers[i], start_pos)  # (B, T, dim)
         h = self.norm(h)  # (B, T, dim)
         return self.output(h)  # (B, T, vocab_size)

@@ -99,10 +99,11 @@ def documents_dataset(cfg: Config, plan: FilePlan, split: str, counter, *, with_
     from plan position `first` on."""
     d = cfg.data
     rest = FilePlan(plan.filesystem, plan.files[first:])
-    # The plan positions as in-memory blocks, one read task each (data.read_cpus). Caveat:
-    # from_numpy converts each block in a task at Ray's default of 1 CPU (a known gap).
-    blocks = np.array_split(np.arange(len(rest.files), dtype=np.int64), read_blocks(rest, d.tokenize_actors))
-    ds = ray.data.from_numpy([b for b in blocks if b.size])
+    # The plan positions as in-memory blocks built here (from_items puts them in the object
+    # store directly; from_numpy would run a 1-CPU conversion task per block, which on an
+    # autoscaling cluster can ask for a node), then one read task per block (data.read_cpus).
+    n_blocks = max(1, min(len(rest.files), read_blocks(rest, d.tokenize_actors)))
+    ds = ray.data.from_items([{"data": i} for i in range(len(rest.files))], override_num_blocks=n_blocks)
     return _ordered(ds).map_batches(
         read_parse,
         fn_kwargs=dict(plan=ray.put(plan_payload(plan)), first=first, split=split, val_fraction=d.val_fraction,

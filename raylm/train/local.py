@@ -23,7 +23,7 @@ from raylm.data.plan import data_fingerprint, list_corpus
 from raylm.errors import RunInterrupted
 from raylm.tokenizer import Tokenizer
 from raylm.train import checkpoint as ckpt
-from raylm.train.parallel import distributed_world, init_from_env
+from raylm.train.parallel import distributed_world, torchrun_group
 from raylm.train.runs import (CONFIG_FILE, TOKENIZER_FILE, RunFacts, RunSpec, check_resume, create_run_dir,
                               discard_run_dir, obtain_tokenizer, resolve_run)
 from raylm.train.trainer import LocalSink, RankEnv, Trainer
@@ -77,7 +77,11 @@ def checkpoint_files(spec: RunSpec, tokenizer: Tokenizer) -> dict[str, bytes]:
 def train_local(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     """Train `cfg` in this process (or this torchrun group); return the result."""
     device = resolve_device(cfg)
-    rank, world = init_from_env(device.type)
+    with torchrun_group(device.type) as (rank, world):
+        return _train_local(cfg, device, rank, world, log)
+
+
+def _train_local(cfg: Config, device: torch.device, rank: int, world: int, log: Callable[[str], None]) -> TrainResult:
     log = log if rank == 0 else (lambda line: None)
     spec = resolve_run(cfg)
     if rank == 0:

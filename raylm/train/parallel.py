@@ -25,8 +25,10 @@ the shards are initialised in place with DTensor's sharded RNG.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +69,22 @@ def init_from_env(device_type: str) -> tuple[int, int]:
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return distributed_world()
+
+
+@contextlib.contextmanager
+def torchrun_group(device_type: str) -> Iterator[tuple[int, int]]:
+    """`init_from_env`, and destroy the group on the way out if this call made it.
+
+    A gloo group left to the interpreter's shutdown can abort the process ("terminate called
+    without an active exception") after a run that succeeded, which fails the torchrun launch.
+    """
+    made = not (dist.is_available() and dist.is_initialized())
+    rank_world = init_from_env(device_type)
+    try:
+        yield rank_world
+    finally:
+        if made and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:

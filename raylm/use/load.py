@@ -22,8 +22,12 @@ from raylm.train.runs import CONFIG_FILE, TOKENIZER_FILE
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory as given, or the newest complete one of a run directory."""
-    return ckpt.resolve_resume(path)[1]
+    """A checkpoint directory as given, or the newest complete one of a run directory; a
+    CheckpointError naming the path when there is none."""
+    try:
+        return ckpt.resolve_resume(path)[1]
+    except CheckpointError as e:  # said for run.resume_from; here the path is a command's argument
+        raise CheckpointError(str(e).removeprefix("run.resume_from=")) from None
 
 
 def _beside(checkpoint: Path, name: str) -> Path:

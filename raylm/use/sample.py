@@ -1,8 +1,7 @@
-"""Simple autoregressive sampling (temperature, top-k), enough to show what a run learned.
+"""The end-of-training samples: a few prompts continued with `raylm.use.generate` (KV cache).
 
-No KV cache: each new token re-runs the model over the context, cut to max_seq_len. Only ids
-the tokenizer knows are sampled: the model's embedding may be larger than the tokenizer's
-vocabulary (a small corpus yields fewer pieces than model.vocab_size).
+Only ids the tokenizer knows are sampled: the model's embedding may be larger than the
+tokenizer's vocabulary (a small corpus yields fewer pieces than model.vocab_size).
 """
 
 from __future__ import annotations
@@ -10,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from raylm.tokenizer import Tokenizer
+from raylm.use.generate import SamplingOptions, generate
 
 
-@torch.no_grad()
 def sample(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
@@ -24,31 +23,13 @@ def sample(
     add_bos: bool = True,
     generator: torch.Generator | None = None,
 ) -> str:
-    """Continue `prompt`; stops at EOS. temperature 0 is greedy."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    prefix = [tokenizer.bos_id] if add_bos else []
-    ids = prefix + tokenizer.encode_one(prompt)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        context = torch.tensor([ids[-max_seq_len:]], dtype=torch.long, device=device)  # (1, T)
-        logits = model(context)[0, -1].float()[: tokenizer.vocab_size]  # (V_tokenizer,)
-        if temperature == 0:
-            next_id = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            next_id = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-        if next_id == tokenizer.eos_id:
-            break
-        ids.append(next_id)
-        new.append(next_id)
-    model.train(was_training)
-    return tokenizer.decode(new)
+    """Continue `prompt`; stops at EOS. temperature 0 is greedy.
+
+    `max_seq_len` is kept for callers; the context window is the model's own max_seq_len.
+    """
+    options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=0)
+    return generate(model, tokenizer, prompt, options, add_bos=add_bos,
+                    generator=generator if generator is not None else options.generator())
 
 
 def print_samples(model: torch.nn.Module, tokenizer: Tokenizer, cfg, log=print) -> list[str]:

@@ -1,0 +1,504 @@
+"""`raylm plan`: before paying for GPUs, will a config fit, how long will it train, what will it cost.
+
+Pure arithmetic on the config (no torch device, no Ray): `plan(cfg, gpus, gpu)` returns a
+`Plan` (a dataclass a benchmark can compare with a measurement), `format_plan` prints it.
+Parameters come from `ModelConfig.num_params`, FLOPs from `ModelConfig.flops_per_token` (the
+project's one FLOP counter), the batch split from `Config.grad_accum_steps` /
+`raylm.data.order.step_shares`. The memory model follows what raylm's code does, step by
+step: `raylm.train.parallel.build_model` (FSDP2 over W > 1 workers, a plain module on one),
+`raylm.train.step.train_step` (gradient sync only on the last micro-batch, fp32 logits and
+loss), `raylm.optim.build_optimizer` (AdamW; fused on GPU, foreach on CPU).
+
+Symbols
+-------
+N  parameters (`ModelConfig.num_params`: embeddings, blocks, final norm, output head)
+Pb parameters of one block; Pr = N - L*Pb the root's (embedding, output head, final norm)
+Nm matmul weights (every block's linears plus the output head: autocast casts these)
+W  workers = GPUs; L layers; D dim; F SwiGLU hidden size; V vocabulary; H query heads
+g  n_kv_heads / n_heads; B micro-batch (sequences); T seq_len; BT = B*T tokens per micro-batch
+c  bytes per compute element: 2 with bf16 (precision bf16, or auto on GPU), else 4
+k  accumulation steps (`Config.grad_accum_steps(W)`: micro-batches per worker per step)
+
+Memory per GPU: peak = resident + max(forward/backward, optimizer step)
+------------------------------------------------------------------------
+resident (always there after the first step):
+* parameters, fp32 master weights: 4N / W (FSDP2 shards every parameter over the W workers;
+  W = 1 is a plain module).
+* optimizer state, AdamW exp_avg and exp_avg_sq in fp32: 8N / W.
+
+forward/backward of the last micro-batch of a step, the peak of the step (its start of
+backward, when every saved activation and the loss gradient are alive):
+* working weights.
+  - W > 1: FSDP2 all-gathers each block's parameters in the compute dtype before it runs:
+    the root's Pr stay unsharded for the whole forward and backward (FSDP2 does not reshard
+    the root after forward), plus two blocks (the one computing and the one prefetched):
+    c*(Pr + 2*Pb). Plus the gradient reduce buffers of the block being reduced: its
+    unsharded gradients (c*Pb) and the fp32 reduce-scatter input (4*Pb).
+  - W = 1, bf16: autocast casts every matmul weight to bf16 and caches the copies for the
+    forward: 2*Nm (an upper bound with activation checkpointing, which frees the blocks'
+    copies before the loss's backward). fp32: nothing.
+* gradients carried across micro-batches: 4N when k > 1, else 0. train_step turns FSDP2's
+  gradient sync off on all but the last micro-batch, so every worker accumulates the
+  *unsharded* gradient of every parameter, upcast to fp32 (FSDP2's
+  `to_accumulated_grad_if_needed`); on one GPU they are the plain fp32 `.grad`. With a
+  large model over many GPUs this is the largest term: 27 GB per GPU for Llama 2 7B
+  whatever W, as long as W * B < the sequences per step. When k = 1 the gradients are
+  produced while activations are freed, and count in the optimizer step instead.
+* activations: saved tensors per token per block, counted from raylm.model as written
+  (residual stream in fp32 on one GPU under autocast, in the compute dtype under FSDP2):
+  - each RMSNorm saves its fp32 input and normalised value (8D) and hands the linears a
+    c-byte input (cD): 2 norms per block;
+  - RoPE rotates q and k in fp32 and saves those fp32 copies: 4D + 4Dg;
+  - SDPA (flash / memory-efficient: no T x T matrix) saves q, k, v, its output and the
+    log-sum-exp: cD(2 + 2g') + 4H, where g' = g, or 1 when fp32 GQA repeats K/V heads;
+  - the attention output's reshape copy (wo's input): cD;
+  - SwiGLU saves w1's and w3's outputs, silu's output and the product: 4cF.
+  One block: A = 20D + 4Dg + cD(5 + 2g') + 4cF + 4H bytes per token (Llama 2 7B, bf16:
+  243,840 = 59.5 D). A checkpointed block saves only its input, rD (r = 4 on one GPU, where
+  autocast keeps the residual stream fp32; c under FSDP2). Activation checkpointing modes are
+  `raylm.train.parallel.checkpointed_blocks`: none, full, selective:N (every N-th block).
+  The head saves the final norm (8D + cD per token); the loss holds fp32 logits and their
+  gradients, 12V bytes per token (log_softmax output, the gradient of its output and of its
+  input, at the start of backward: `loss_and_correct` upcasts the logits to fp32). Later in
+  backward one recomputed block (A) plus its gradient temporaries (~3cF) is alive instead.
+    activations = BT * (n_ckpt*rD + (L - n_ckpt)*A + 8D + cD + max(12V, [n_ckpt > 0]*A + 3cF))
+
+optimizer step (activations freed):
+* gradients at the step: 4N / W (FSDP2's reduce-scatter leaves each worker its fp32 shard).
+* optimizer temporaries: fused AdamW (GPU) none; foreach AdamW (CPU) one fp32 tensor per
+  parameter (sqrt of exp_avg_sq): 4N / W.
+
+Not counted in the peak, but covered by a fixed headroom (`OVERHEAD_FIXED_GIB` + 10% of the
+peak, `OVERHEAD_FRACTION`): the CUDA context and cuBLAS workspaces (~0.5-1 GiB), NCCL
+communicators and buffers (~0.5-1 GiB at a few hundred ranks), the caching allocator's
+fragmentation (reserved minus allocated, typically 5-10%), the few MiB of rope tables,
+batches and metrics, and memory the driver keeps from the datasheet capacity. "fits" means
+peak + headroom <= the GPU's memory. torch.compile (`train.compile`) fuses the norms and
+RoPE and saves fewer fp32 intermediates, so with compile on the activation figure is an
+upper bound (torchtitan: 82.4 -> 77.0 GiB for Llama 3.1 8B on 8 H100, docs/performance.md).
+
+Cross-check against published numbers: torchtitan's Llama 3.1 8B (seq 8192, local batch 2,
+8 H100, FSDP2, no accumulation) peaks at 82.4 GiB eager with selective *op* checkpointing,
+which saves more than full and less than none; this model puts that shape at 34 GiB with
+full checkpointing and 206 GiB with none (tests/test_plan.py holds the bracket).
+
+Time and cost
+-------------
+* FLOPs per token: `ModelConfig.flops_per_token(seq_len)` = 6 * matmul parameters + 12*L*H*Q*T
+  (attention scores and weighted sum, the full T x T as PaLM counts it). Recomputation by
+  activation checkpointing is not counted: it is part of what a lower MFU pays for.
+* tokens/s = W * peak bf16 dense FLOP/s * MFU / FLOPs per token; step time =
+  train.global_batch_tokens / tokens/s; time for T tokens = T / tokens/s; GPU-hours =
+  W * time / 3600; cost = GPU-hours * price per GPU-hour.
+* MFU: --mfu, else the best `plan-mfu GPU VALUE` line in bench/RESULTS.md for this GPU
+  (written by whoever measures it with bench/gpu_mfu.py), else `ASSUMED_MFU` (stated as an
+  assumption in the output). Check: Llama 2 7B's published 184,320 A100-80GB GPU-hours for 2T
+  tokens put this FLOP count at 44.5% MFU (`implied_mfu`), inside the 35-55% that published
+  A100 runs reach (torchtitan: 56-58% for Llama 3 8B on 64 A100).
+* Peak FLOP/s: NVIDIA datasheets, bf16 dense (without 2:4 sparsity): H100 SXM 989.4 TFLOP/s
+  (H100 datasheet: 1,979 with sparsity), H200 SXM 989 (same Hopper tensor cores), A100 SXM
+  312, B200 (HGX, 1,000 W) 2,250 (4,500 with sparsity). The same figures as
+  raylm.train.metrics.PEAK_BF16_FLOPS, which the training metrics' MFU uses.
+* Prices: rough on-demand list prices per GPU-hour at the large clouds (8-GPU instances:
+  AWS p5 / GCP a3-highgpu-8g class) as of 2025; they differ by region and change often, and
+  spot or committed prices are far lower. The output says when it used one; pass --price.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raylm.config import Config
+from raylm.data.order import step_shares
+from raylm.errors import ConfigError
+from raylm.model import ModelConfig
+
+GIB = 2**30
+OVERHEAD_FIXED_GIB = 2.0
+"""Headroom per GPU for what the model does not count: CUDA context, cuBLAS, NCCL buffers."""
+OVERHEAD_FRACTION = 0.10
+"""Headroom for the caching allocator's fragmentation, as a share of the estimated peak."""
+ASSUMED_MFU = 0.40
+"""MFU when neither --mfu nor bench/RESULTS.md gives one: torchtitan reports 33-39% for Llama
+3.1 8B FSDP2 on H100 (500 W) and 56-58% for Llama 3 8B on A100; Llama 2 7B implies 44.5%."""
+RESULTS_FILE = Path(__file__).resolve().parents[1] / "bench" / "RESULTS.md"
+"""Where measured MFUs are looked up, as lines `plan-mfu h100 0.43 (how it was measured)`."""
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    key: str
+    name: str
+    memory_gib: float
+    """Datasheet memory; CUDA reports ~1% less (the headroom covers it)."""
+    peak_bf16_flops: float
+    """Dense bf16 tensor-core FLOP/s (no sparsity), from the vendor datasheet."""
+    price_per_hour: float
+    """Rough on-demand list price, USD per GPU-hour (see the module docstring)."""
+
+
+GPUS: dict[str, GpuSpec] = {
+    "h100": GpuSpec("h100", "H100 SXM 80GB", 80.0, 989e12, 7.0),
+    "h200": GpuSpec("h200", "H200 SXM 141GB", 141.0, 989e12, 10.0),
+    "a100": GpuSpec("a100", "A100 SXM 80GB", 80.0, 312e12, 4.0),
+    "b200": GpuSpec("b200", "B200 (HGX) 180GB", 180.0, 2250e12, 14.0),
+}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of one worker, in bytes, split as the module docstring explains."""
+
+    world_size: int
+    sharded: bool
+    """FSDP2 (raylm shards whenever world_size > 1); False: a plain module under autocast."""
+    bf16: bool
+    activation_checkpointing: str
+    params_bytes: int
+    optimizer_bytes: int
+    working_bytes: int
+    carried_grad_bytes: int
+    activation_bytes: int
+    grad_bytes: int
+    step_temp_bytes: int
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.params_bytes + self.optimizer_bytes
+
+    @property
+    def forward_backward_bytes(self) -> int:
+        return self.working_bytes + self.carried_grad_bytes + self.activation_bytes
+
+    @property
+    def optimizer_step_bytes(self) -> int:
+        return self.grad_bytes + self.step_temp_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """The peak: resident + the larger of the forward/backward and optimizer-step phases."""
+        return self.resident_bytes + max(self.forward_backward_bytes, self.optimizer_step_bytes)
+
+    @property
+    def overhead_bytes(self) -> int:
+        return int(OVERHEAD_FIXED_GIB * GIB + OVERHEAD_FRACTION * self.total_bytes)
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.total_bytes + self.overhead_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    config_name: str
+    gpu: GpuSpec
+    gpus: int
+    params: int
+    flops_per_token: float
+    seq_len: int
+    micro_batch_size: int
+    global_batch_tokens: int
+    sequences_per_step: int
+    grad_accum_steps: int
+    max_sequences_per_gpu: int
+    memory: MemoryEstimate
+    activations_by_mode: dict[str, int]
+    """Activation bytes per checkpointing mode (none, full and the config's own)."""
+    totals_by_mode: dict[str, int]
+    capacity_bytes: int
+    fits: bool
+    min_gpus: int | None
+    """Smallest worker count (<= sequences per step) at which this config fits; None if none."""
+    mfu: float
+    mfu_source: str
+    tokens_per_second: float
+    step_time_s: float
+    train_tokens: float
+    train_tokens_source: str
+    steps: int
+    total_time_s: float
+    gpu_hours: float
+    price_per_gpu_hour: float
+    price_source: str
+    cost: float
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------
+# Memory
+
+
+def uses_bf16(precision: str, device: str) -> bool:
+    """The compute dtype raylm picks (raylm.train.parallel.uses_bf16, without a torch device)."""
+    return precision == "bf16" or (precision == "auto" and device == "cuda")
+
+
+def checkpointed_count(mode: str, n_layers: int) -> int:
+    """How many blocks `raylm.train.parallel.checkpointed_blocks(mode, n_layers)` wraps."""
+    if mode == "none":
+        return 0
+    every = 1 if mode == "full" else int(mode.split(":", 1)[1])
+    return len(range(0, n_layers, every))
+
+
+def block_params(m: ModelConfig) -> int:
+    """Parameters of one transformer block (its linears and its two norm gains)."""
+    return m._block_matmul_params() + 2 * m.dim
+
+
+def matmul_params(m: ModelConfig) -> int:
+    """Weights that take part in matmuls (autocast casts them): blocks' linears + output head."""
+    return m.n_layers * m._block_matmul_params() + m.vocab_size * m.dim
+
+
+def activation_bytes_per_token(m: ModelConfig, mode: str, c: int, r: int) -> dict[str, float]:
+    """Activation bytes per token of a micro-batch, by part (see the module docstring).
+
+    c: bytes of the compute dtype; r: bytes of the residual stream a checkpointed block saves.
+    """
+    D, F, H, L, V = m.dim, m.ffn_hidden_dim, m.n_heads, m.n_layers, m.vocab_size
+    g = m.kv_heads / m.n_heads
+    g_sdpa = g if (c == 2 or m.kv_heads == m.n_heads) else 1.0  # fp32 GQA repeats K/V heads
+    block = 20 * D + 4 * D * g + c * D * (5 + 2 * g_sdpa) + 4 * c * F + 4 * H
+    n_ckpt = checkpointed_count(mode, L)
+    saved = n_ckpt * r * D + (L - n_ckpt) * block
+    head = 8 * D + c * D
+    loss = 12 * V
+    backward_block = (block if n_ckpt else 0) + 3 * c * F
+    return {"block": block, "saved": saved, "head": head, "transient": max(loss, backward_block)}
+
+
+def activation_bytes(m: ModelConfig, mode: str, tokens: int, c: int, r: int) -> int:
+    parts = activation_bytes_per_token(m, mode, c, r)
+    return int(tokens * (parts["saved"] + parts["head"] + parts["transient"]))
+
+
+def estimate_memory(cfg: Config, world_size: int, device: str = "cuda",
+                    activation_checkpointing: str | None = None,
+                    micro_batch_size: int | None = None, fsdp: bool | None = None) -> MemoryEstimate:
+    """Peak memory of one of `world_size` workers training `cfg` on `device` ("cuda" or "cpu").
+
+    `fsdp` defaults to what raylm does (FSDP2 when world_size > 1); True models a one-rank FSDP2
+    group, which bench/plan_memory.py measures on a single GPU."""
+    m = cfg.model
+    mode = cfg.train.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
+    B = cfg.train.micro_batch_size if micro_batch_size is None else micro_batch_size
+    T = cfg.data.seq_len
+    bf16 = uses_bf16(cfg.train.precision, device)
+    c = 2 if bf16 else 4
+    W = world_size
+    N = m.num_params()
+    Pb = block_params(m)
+    Pr = N - m.n_layers * Pb
+    k = cfg.grad_accum_steps(W)
+    sharded = W > 1 if fsdp is None else fsdp
+    if sharded:
+        working = c * (Pr + 2 * Pb) + (c + 4) * Pb
+        r = c
+    else:
+        working = 2 * matmul_params(m) if bf16 else 0
+        r = 4  # autocast keeps the residual stream (embedding output, residual adds) in fp32
+    return MemoryEstimate(
+        world_size=W,
+        sharded=sharded,
+        bf16=bf16,
+        activation_checkpointing=mode,
+        params_bytes=4 * N // W,
+        optimizer_bytes=8 * N // W,
+        working_bytes=working,
+        carried_grad_bytes=4 * N if k > 1 else 0,
+        activation_bytes=activation_bytes(m, mode, B * T, c, r),
+        grad_bytes=4 * N // W,
+        step_temp_bytes=0 if device == "cuda" else 4 * N // W,
+    )
+
+
+def smallest_fitting_world(cfg: Config, capacity_bytes: int, device: str = "cuda") -> int | None:
+    """Smallest worker count whose estimate (with headroom) fits `capacity_bytes`; None if none."""
+    for world in range(1, cfg.sequences_per_step + 1):
+        if estimate_memory(cfg, world, device).needed_bytes <= capacity_bytes:
+            return world
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Time and cost
+
+
+def implied_mfu(m: ModelConfig, seq_len: int, tokens: float, gpu_hours: float, peak_flops: float) -> float:
+    """The MFU a published (tokens, GPU-hours) pair implies under this project's FLOP count."""
+    return tokens * m.flops_per_token(seq_len) / (gpu_hours * 3600 * peak_flops)
+
+
+def measured_mfu(gpu: str, results: Path | None = None) -> tuple[float, str] | None:
+    """The best `plan-mfu GPU VALUE` line of bench/RESULTS.md for `gpu`, with its text."""
+    path = RESULTS_FILE if results is None else results
+    if not path.is_file():
+        return None
+    best = None
+    for line in path.read_text().splitlines():
+        match = re.search(rf"\bplan-mfu\s+{re.escape(gpu)}\s+([0-9]*\.?[0-9]+)", line, re.IGNORECASE)
+        if match and 0 < float(match.group(1)) <= 1 and (best is None or float(match.group(1)) > best[0]):
+            best = (float(match.group(1)), line.strip())
+    return best
+
+
+def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: float | None = None,
+         price: float | None = None, results: Path | None = None) -> Plan:
+    """Memory, time and cost of training `cfg` on `gpus` GPUs of kind `gpu` (see the docstring)."""
+    if gpu not in GPUS:
+        raise ConfigError(f"--gpu {gpu}: unknown GPU; valid: {', '.join(GPUS)}")
+    spec = GPUS[gpu]
+    G = cfg.sequences_per_step
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= G:
+        raise ConfigError(f"--gpus {gpus}: must be an integer in [1, {G}]: a step holds {G} sequences "
+                          f"(train.global_batch_tokens / data.seq_len) and each GPU needs one")
+    if tokens is not None and not (math.isfinite(tokens) and tokens > 0):
+        raise ConfigError(f"--tokens {tokens}: must be a positive number of training tokens, e.g. 2e12")
+    if mfu is not None and not (math.isfinite(mfu) and 0 < mfu <= 1):
+        raise ConfigError(f"--mfu {mfu}: must be a fraction in (0, 1], e.g. 0.4")
+    if price is not None and not (math.isfinite(price) and price >= 0):
+        raise ConfigError(f"--price {price}: must be >= 0 (USD per GPU-hour)")
+
+    m, t = cfg.model, cfg.train
+    memory = estimate_memory(cfg, gpus, "cuda")
+    capacity = int(spec.memory_gib * GIB)
+    modes = ["none", "full"] + ([t.activation_checkpointing] if t.activation_checkpointing.startswith("selective") else [])
+    by_mode = {mode: estimate_memory(cfg, gpus, "cuda", mode) for mode in modes}
+
+    if mfu is not None:
+        mfu_value, mfu_source = mfu, "--mfu"
+    elif found := measured_mfu(gpu, results):
+        mfu_value, mfu_source = found[0], f"measured, bench/RESULTS.md: {found[1]}"
+    else:
+        mfu_value, mfu_source = ASSUMED_MFU, f"assumed: no plan-mfu {gpu} line in bench/RESULTS.md"
+    flops = m.flops_per_token(cfg.data.seq_len)
+    tokens_per_second = gpus * spec.peak_bf16_flops * mfu_value / flops
+    if tokens is None:
+        train_tokens = float(t.max_steps * t.global_batch_tokens)
+        tokens_source = f"train.max_steps {t.max_steps:,} x {t.global_batch_tokens:,}"
+    else:
+        train_tokens, tokens_source = float(tokens), "--tokens"
+    total_time_s = train_tokens / tokens_per_second
+    gpu_hours = gpus * total_time_s / 3600
+    if price is None:
+        price_value, price_source = spec.price_per_hour, "rough on-demand list price, change it with --price"
+    else:
+        price_value, price_source = price, "--price"
+    notes = []
+    if t.compile:
+        notes.append("train.compile is on: activations are estimated eager, an upper bound")
+    if not cfg.scaling.use_gpu:
+        notes.append("scaling.use_gpu is false in this config: the plan assumes one GPU per worker")
+    return Plan(
+        config_name=cfg.config_name, gpu=spec, gpus=gpus, params=m.num_params(), flops_per_token=flops,
+        seq_len=cfg.data.seq_len, micro_batch_size=t.micro_batch_size, global_batch_tokens=t.global_batch_tokens,
+        sequences_per_step=G, grad_accum_steps=cfg.grad_accum_steps(gpus),
+        max_sequences_per_gpu=max(step_shares(G, gpus, t.micro_batch_size)),
+        memory=memory, activations_by_mode={k: v.activation_bytes for k, v in by_mode.items()},
+        totals_by_mode={k: v.needed_bytes for k, v in by_mode.items()},
+        capacity_bytes=capacity, fits=memory.needed_bytes <= capacity,
+        min_gpus=smallest_fitting_world(cfg, capacity), mfu=mfu_value, mfu_source=mfu_source,
+        tokens_per_second=tokens_per_second, step_time_s=t.global_batch_tokens / tokens_per_second,
+        train_tokens=train_tokens, train_tokens_source=tokens_source,
+        steps=math.ceil(train_tokens / t.global_batch_tokens), total_time_s=total_time_s, gpu_hours=gpu_hours,
+        price_per_gpu_hour=price_value, price_source=price_source, cost=gpu_hours * price_value, notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The table
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:,.1f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
+        if n >= scale:
+            return f"{n / scale:,.2f}{unit}"
+    return f"{n:,.0f}"
+
+
+def fit_line(p: Plan) -> str:
+    mem = p.memory
+    if p.fits:
+        return (f"fits: needs {_gib(mem.needed_bytes)} of {_gib(p.capacity_bytes)} GiB per GPU "
+                f"({100 * (1 - mem.needed_bytes / p.capacity_bytes):.0f}% free)")
+    where = (f"the smallest count that fits is {p.min_gpus} GPUs" if p.min_gpus is not None else
+             f"no count up to {p.sequences_per_step} fits: lower train.micro_batch_size or use "
+             f"train.activation_checkpointing=full")
+    return f"does not fit: needs {_gib(mem.needed_bytes)} of {_gib(p.capacity_bytes)} GiB per GPU on {p.gpus}; {where}"
+
+
+def format_plan(p: Plan) -> str:
+    mem, W = p.memory, p.gpus
+    dtype = "bf16" if mem.bf16 else "fp32"
+    layout = f"FSDP2 over {W} GPUs" if mem.sharded else "one GPU, no sharding"
+    share = f", 1/{W} each" if mem.sharded else ""
+    if mem.sharded:
+        working = f"working weights: {dtype} all-gathered root + 2 blocks, reduce buffers"
+        carried = "gradients carried over micro-batches (unsharded fp32)"
+    else:
+        working = "working weights: autocast bf16 copies" if mem.bf16 else "working weights (none in fp32)"
+        carried = "gradients carried over micro-batches (fp32)"
+    width = 62
+    rows = [
+        f"raylm plan: {p.config_name} on {W} x {p.gpu.name} "
+        f"({p.gpu.memory_gib:g} GiB, {p.gpu.peak_bf16_flops / 1e12:,.0f} TFLOP/s bf16 dense)",
+        "",
+        f"{'parameters':<{width}}{p.params:>16,}",
+        f"{'FLOPs per token (6N + attention, seq ' + str(p.seq_len) + ')':<{width}}{p.flops_per_token:>16,.4g}",
+        f"{'tokens per step (train.global_batch_tokens)':<{width}}{p.global_batch_tokens:>16,}",
+        f"{'sequences per step / per GPU (at most)':<{width}}{f'{p.sequences_per_step:,} / {p.max_sequences_per_gpu:,}':>16}",
+        f"{'micro-batch x seq_len per GPU':<{width}}{f'{p.micro_batch_size} x {p.seq_len:,}':>16}",
+        f"{'accumulation steps (micro-batches per GPU per step)':<{width}}{p.grad_accum_steps:>16}",
+        "",
+        f"{'memory per GPU (' + layout + ', ' + dtype + ' compute)':<{width}}{'GiB':>16}",
+        f"{'  parameters, fp32' + share:<{width}}{_gib(mem.params_bytes):>16}",
+        f"{'  optimizer state, AdamW 2 x fp32' + share:<{width}}{_gib(mem.optimizer_bytes):>16}",
+        f"{'  ' + working:<{width}}{_gib(mem.working_bytes):>16}",
+        f"{'  ' + carried:<{width}}{_gib(mem.carried_grad_bytes):>16}",
+        f"{'  activations, checkpointing ' + mem.activation_checkpointing:<{width}}{_gib(mem.activation_bytes):>16}",
+        f"{'  (optimizer step instead: gradients' + share + ' + temporaries)':<{width}}"
+        f"{_gib(mem.optimizer_step_bytes):>16}",
+        f"{'  peak':<{width}}{_gib(mem.total_bytes):>16}",
+        f"{'  + headroom: CUDA context, NCCL, fragmentation (' + f'{OVERHEAD_FIXED_GIB:g} GiB + {OVERHEAD_FRACTION:.0%})':<{width}}"
+        f"{_gib(mem.overhead_bytes):>16}",
+        f"{'  needed / GPU memory':<{width}}{f'{_gib(mem.needed_bytes)} / {_gib(p.capacity_bytes)}':>16}",
+    ]
+    for mode, act in p.activations_by_mode.items():
+        verdict = "fits" if p.totals_by_mode[mode] <= p.capacity_bytes else "does not fit"
+        label = f"  activations with checkpointing {mode}: needed {_gib(p.totals_by_mode[mode])} GiB, {verdict}"
+        rows.append(f"{label:<{width}}{_gib(act):>16}")
+    rows += [
+        f"smallest GPU count that fits: {p.min_gpus if p.min_gpus is not None else f'none up to {p.sequences_per_step}'}",
+        fit_line(p),
+        "",
+        f"time at MFU {p.mfu:.0%} ({p.mfu_source})",
+        f"{'  tokens/s (all GPUs) / per GPU':<{width}}"
+        f"{f'{p.tokens_per_second:,.0f} / {p.tokens_per_second / W:,.0f}':>16}",
+        f"{'  step time':<{width}}{_duration(p.step_time_s):>16}",
+        f"{'  training tokens (' + p.train_tokens_source + ')':<{width}}{_count(p.train_tokens):>16}",
+        f"{'  steps':<{width}}{p.steps:>16,}",
+        f"{'  wall time':<{width}}{_duration(p.total_time_s):>16}",
+        f"{'  GPU-hours':<{width}}{p.gpu_hours:>16,.0f}",
+        f"{'cost at $' + f'{p.price_per_gpu_hour:,.2f}' + ' per GPU-hour (' + p.price_source + ')':<{width}}"
+        f"{f'${p.cost:,.0f}':>16}",
+    ]
+    rows += [f"note: {n}" for n in p.notes]
+    return "\n".join(rows)
