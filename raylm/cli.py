@@ -82,12 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
 USE_COMMANDS = ("generate", "export", "eval", "plot")
 
 
+def _ray_rows(*args, **kwargs):
+    """`raylm eval`'s Ray Data path, imported only when used (the library below never imports Ray)."""
+    from raylm.ray.evaluate import ray_rows
+
+    yield from ray_rows(*args, **kwargs)
+
+
 def _use_command(args: argparse.Namespace) -> None:
     """Commands on a run or checkpoint rather than on a config."""
     if args.command == "eval":
         from raylm.use.evaluate import eval_command
 
-        eval_command(args)
+        eval_command(args.path, data=args.data, fmt=args.format, text_key=args.text_key,
+                     max_sequences=args.max_sequences, batch_size=args.batch_size, use_ray=args.ray,
+                     device=args.device, json_path=args.json, ray_rows=_ray_rows)
     elif args.command == "plot":
         from raylm.use.plot import plot_run
 

@@ -157,13 +157,19 @@ def _training_error(message: str, chunks: list[str], vocab_size: int, character_
 def load_or_train(cfg: Config, sample: Callable[[], Iterable[str]], log: Callable[[str], None] = print,
                   *keep: Path | None) -> Tokenizer:
     """The one load-or-train: tokenizer.path, else the first existing file of `keep` (a resumed
-    checkpoint's tokenizer, the prepared data's), else a new one trained on `sample()`."""
+    checkpoint's tokenizer, the prepared data's), else the tokenizer of `model.init_from`
+    (continued pretraining keeps the vocabulary the weights were trained with), else a new one
+    trained on `sample()`."""
     t = cfg.tokenizer
     existing = next((Path(p) for p in keep if p is not None and Path(p).is_file()), None)
     if t.path is not None:
         tokenizer = Tokenizer.load(t.path)
     elif existing is not None:
         tokenizer = Tokenizer.load(existing)
+    elif cfg.model.init_from:
+        from raylm.use.hf import hf_dir_of, hf_tokenizer_path
+
+        tokenizer = Tokenizer.load(hf_tokenizer_path(hf_dir_of(cfg.model.init_from)))
     else:
         log(f"training a {t.model_type} tokenizer with {cfg.model.vocab_size} pieces ...")
         tokenizer = Tokenizer.train(

@@ -233,22 +233,31 @@ class Trainer:
         candidates = list(self.sink.restore_candidates())
         if self.initial_checkpoint is not None:
             candidates.append(Path(self.initial_checkpoint))
-        if not candidates:
-            self.sink.rewind(0)
-            return self.state
-        found = ckpt.newest_good(candidates, log=self.log)
+        found = ckpt.newest_good(candidates, log=self.log) if candidates else None
         if found is None:
             if self.initial_checkpoint is not None:
                 raise CheckpointError(f"run.resume_from: no usable checkpoint among {self.initial_checkpoint} "
                                            "and this run's own")
-            self.sink.rewind(0)
-            return self.state
+            return self._fresh_start()
         path, marker = found
         if self.facts is not None:
             check_resume(path, marker.get("facts"), self.facts, self.cfg.run.resume_changes)
         self.state.load_state_dict(ckpt.load_checkpoint(path, self.model, self.optimizer, verify=False))
         self.restored_from = path
         self.sink.rewind(self.state.step)
+        return self.state
+
+    def _fresh_start(self) -> TrainState:
+        """Step 0: the random init, or the weights of `model.init_from` (continued pretraining).
+        Only a run with no checkpoint of its own starts here: a restart of an imported run
+        restores its own checkpoints, never the import."""
+        self.sink.rewind(0)
+        init_from = self.cfg.model.init_from
+        if init_from:
+            from raylm.use.hf import load_hf_weights
+
+            load_hf_weights(self.model, self.cfg.model)
+            self.log(f"initial weights from {init_from}")
         return self.state
 
     # -- the loop --------------------------------------------------------------------------
