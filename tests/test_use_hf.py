@@ -225,3 +225,37 @@ def test_rope_permutation_round_trips_and_moves_pairs_to_halves():
     # head 0: raylm rows (0,1),(2,3),(4,5),(6,7) -> HF rows 0..3 take the evens, 4..7 the odds
     assert hf[:8, 0].tolist() == [0, 6, 12, 18, 3, 9, 15, 21]
     assert torch.equal(rope_from_hf(hf, n_heads=2), w)
+
+
+def test_a_run_initialised_from_an_hf_directory_starts_from_its_weights_and_tokenizer(exports, tmp_path, capsys):
+    """`model.init_from=hf:DIR`: the run's tokenizer is DIR's, its step-0 held-out loss is the
+    exported model's own loss on those rows (`raylm eval` of the source run), and a restart of
+    the run restores its own checkpoint, never the import again."""
+    from raylm.data.local import local_documents
+    from raylm.train.local import train_local
+    from test_train_local import local_config
+
+    _, _, source_run, hf_dir = exports["debug"]
+    lines: list[str] = []
+    cfg = local_config(tmp_path, f"model.init_from=hf:{hf_dir}", "train.max_steps=2", "train.eval_every=2",
+                       "train.checkpoint_every=2")
+    result = train_local(cfg, log=lines.append)
+    run_dir = Path(result.run_dir)
+    assert f"initial weights from hf:{hf_dir}" in lines
+    assert (run_dir / TOKENIZER_FILE).read_bytes() == (hf_dir / "tokenizer.model").read_bytes()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step0 = next(r for r in records if r["step"] == 0)["val_loss"]
+
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in local_documents(cfg, "validation")))
+    numbers = tmp_path / "source.json"
+    assert cli_main(["eval", str(source_run), "--data", str(heldout), "--max-sequences", str(cfg.eval_sequences),
+                     "--json", str(numbers)]) == 0
+    capsys.readouterr()
+    assert json.loads(numbers.read_text())["loss"] == pytest.approx(step0, rel=1e-5)
+
+    lines.clear()
+    train_local(local_config(tmp_path, f"model.init_from=hf:{hf_dir}", "train.max_steps=3",
+                             f"run.resume_from={run_dir}"), log=lines.append)
+    assert not any(line.startswith("initial weights") for line in lines)
+    assert any("from step 2" in line for line in lines)

@@ -88,6 +88,10 @@ def resolve_run(cfg: Config, now: dt.datetime | None = None) -> RunSpec:
         initial_checkpoint = str(initial)
     else:
         initial_checkpoint = None
+        if cfg.model.init_from:  # a mismatch is said before anything is written
+            from raylm.use.hf import check_init_from
+
+            check_init_from(cfg.model)
     name = cfg.run.name or new_run_name(cfg, now)
     if cfg.run.name is not None and not is_uri(output_dir) and (Path(output_dir) / name).exists():
         existing = Path(output_dir) / name

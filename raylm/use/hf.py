@@ -557,6 +557,14 @@ def _safetensors_files(hf_dir: Path, where: str) -> dict[str, Path]:
         raise ConfigError(f"{where}: {SINGLE_FILE} is not a safetensors file ({str(e).splitlines()[0]})") from None
 
 
+def check_init_from(cfg: ModelConfig) -> None:
+    """The cheap checks of `model.init_from` (config.json against the model, a tokenizer.model
+    there), so a run that cannot start says so before it creates anything."""
+    hf_dir = hf_dir_of(cfg.init_from)
+    where = f"model.init_from=hf:{hf_dir}"
+    _check_hf_config(_read_json(hf_dir / "config.json", where), cfg, where)
+
+
 def hf_tokenizer_path(hf_dir: str | Path) -> Path:
     """The sentencepiece model of an HF directory, for a run that continues its training."""
     path = Path(hf_dir) / "tokenizer.model"
