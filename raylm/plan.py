@@ -111,10 +111,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from raylm.config import Config
-from raylm.data.order import step_shares
+from raylm.data.order import rounds_per_step, step_shares
 from raylm.errors import ConfigError
-from raylm.model import ModelConfig
+from raylm.model import _SDPA_HAS_ENABLE_GQA, ModelConfig
+from raylm.train.parallel import checkpointed_blocks, uses_bf16
 
 GIB = 2**30
 OVERHEAD_FIXED_GIB = 2.0
@@ -133,7 +136,8 @@ class GpuSpec:
     key: str
     name: str
     memory_gib: float
-    """Datasheet memory; CUDA reports ~1% less (the headroom covers it)."""
+    """Usable memory: the total CUDA reports (`torch.cuda.mem_get_info`, and the "total
+    capacity" of an out-of-memory message), ~1% under the datasheet's 80/141/180 GB."""
     peak_bf16_flops: float
     """Dense bf16 tensor-core FLOP/s (no sparsity), from the vendor datasheet."""
     price_per_hour: float
@@ -141,10 +145,10 @@ class GpuSpec:
 
 
 GPUS: dict[str, GpuSpec] = {
-    "h100": GpuSpec("h100", "H100 SXM 80GB", 80.0, 989e12, 7.0),
-    "h200": GpuSpec("h200", "H200 SXM 141GB", 141.0, 989e12, 10.0),
-    "a100": GpuSpec("a100", "A100 SXM 80GB", 80.0, 312e12, 4.0),
-    "b200": GpuSpec("b200", "B200 (HGX) 180GB", 180.0, 2250e12, 14.0),
+    "h100": GpuSpec("h100", "H100 SXM 80GB", 79.1, 989e12, 7.0),
+    "h200": GpuSpec("h200", "H200 SXM 141GB", 139.8, 989e12, 10.0),
+    "a100": GpuSpec("a100", "A100 SXM 80GB", 79.1, 312e12, 4.0),
+    "b200": GpuSpec("b200", "B200 (HGX) 180GB", 178.3, 2250e12, 14.0),
 }
 
 
@@ -157,6 +161,8 @@ class MemoryEstimate:
     """FSDP2 (raylm shards whenever world_size > 1); False: a plain module under autocast."""
     bf16: bool
     activation_checkpointing: str
+    micro_batch_size: int
+    grad_accum_steps: int
     params_bytes: int
     optimizer_bytes: int
     working_bytes: int
@@ -205,13 +211,14 @@ class Plan:
     grad_accum_steps: int
     max_sequences_per_gpu: int
     memory: MemoryEstimate
-    activations_by_mode: dict[str, int]
-    """Activation bytes per checkpointing mode (none, full and the config's own)."""
-    totals_by_mode: dict[str, int]
+    memory_by_mode: dict[str, MemoryEstimate]
+    """The estimate under each activation checkpointing mode: none, full and the config's own."""
     capacity_bytes: int
     fits: bool
     min_gpus: int | None
     """Smallest worker count (<= sequences per step) at which this config fits; None if none."""
+    min_gpus_smallest_batch: int | None
+    """When no count fits: the smallest that would with micro-batch 1 and full checkpointing."""
     mfu: float
     mfu_source: str
     tokens_per_second: float
@@ -231,17 +238,9 @@ class Plan:
 # Memory
 
 
-def uses_bf16(precision: str, device: str) -> bool:
-    """The compute dtype raylm picks (raylm.train.parallel.uses_bf16, without a torch device)."""
-    return precision == "bf16" or (precision == "auto" and device == "cuda")
-
-
 def checkpointed_count(mode: str, n_layers: int) -> int:
-    """How many blocks `raylm.train.parallel.checkpointed_blocks(mode, n_layers)` wraps."""
-    if mode == "none":
-        return 0
-    every = 1 if mode == "full" else int(mode.split(":", 1)[1])
-    return len(range(0, n_layers, every))
+    """How many blocks activation checkpointing wraps (`checkpointed_blocks`, the trainer's own)."""
+    return len(checkpointed_blocks(mode, n_layers))
 
 
 def block_params(m: ModelConfig) -> int:
@@ -254,26 +253,60 @@ def matmul_params(m: ModelConfig) -> int:
     return m.n_layers * m._block_matmul_params() + m.vocab_size * m.dim
 
 
+def decayed_params(m: ModelConfig) -> int:
+    """Parameters of the optimizer's weight-decay group (`raylm.optim.param_groups`: every 2-D
+    weight but the token embedding; a tied output head is the embedding)."""
+    return m.n_layers * m._block_matmul_params() + (0 if m.tie_embeddings else m.vocab_size * m.dim)
+
+
+def sdpa_kv_share(m: ModelConfig, c: int) -> float:
+    """K/V bytes SDPA saves, as a share of the query's: n_kv_heads / n_heads when raylm.model
+    hands SDPA the grouped heads (native GQA: bf16 on a torch it believes has `enable_gqa`),
+    else 1 (it repeats the K/V heads to n_heads first)."""
+    if m.kv_heads == m.n_heads:
+        return 1.0
+    return m.kv_heads / m.n_heads if (c == 2 and _SDPA_HAS_ENABLE_GQA) else 1.0
+
+
 def activation_bytes_per_token(m: ModelConfig, mode: str, c: int, r: int) -> dict[str, float]:
     """Activation bytes per token of a micro-batch, by part (see the module docstring).
 
     c: bytes of the compute dtype; r: bytes of the residual stream a checkpointed block saves.
+    "saved": every block's saved tensors; "head": the final norm's; "loss": the fp32 logits'
+    at the start of backward; "recompute": a checkpointed block rebuilt in backward, with its
+    gradient temporaries; "logits": the model's output at the end of the forward.
     """
     D, F, H, L, V = m.dim, m.ffn_hidden_dim, m.n_heads, m.n_layers, m.vocab_size
     g = m.kv_heads / m.n_heads
-    g_sdpa = g if (c == 2 or m.kv_heads == m.n_heads) else 1.0  # fp32 GQA repeats K/V heads
-    block = 20 * D + 4 * D * g + c * D * (5 + 2 * g_sdpa) + 4 * c * F + 4 * H
+    block = 20 * D + 4 * D * g + c * D * (5 + 2 * sdpa_kv_share(m, c)) + 4 * c * F + 4 * H
     n_ckpt = checkpointed_count(mode, L)
-    saved = n_ckpt * r * D + (L - n_ckpt) * block
-    head = 8 * D + c * D
-    loss = 12 * V
-    backward_block = (block if n_ckpt else 0) + 3 * c * F
-    return {"block": block, "saved": saved, "head": head, "transient": max(loss, backward_block)}
+    return {"block": block, "saved": n_ckpt * r * D + (L - n_ckpt) * block, "head": 8 * D + c * D,
+            "loss": 12 * V, "recompute": (block if n_ckpt else 0) + 3 * c * F, "logits": c * V}
 
 
 def activation_bytes(m: ModelConfig, mode: str, tokens: int, c: int, r: int) -> int:
+    """Activations at the start of backward (the loss's gradient) or, if larger, while a
+    checkpointed block is recomputed."""
     parts = activation_bytes_per_token(m, mode, c, r)
-    return int(tokens * (parts["saved"] + parts["head"] + parts["transient"]))
+    return int(tokens * (parts["saved"] + parts["head"] + max(parts["loss"], parts["recompute"])))
+
+
+def autocast_peak(m: ModelConfig, mode: str, tokens: int) -> tuple[int, int]:
+    """(working weights, activations) at the forward/backward peak of one process under bf16
+    autocast, whose fp32 weights are cast to bf16 copies as the forward reaches them.
+
+    Autocast caches every copy until its context exits after the forward, so at the end of the
+    forward all 2*Nm bytes are alive with the logits; then the copies of checkpointed blocks
+    are freed (the recompute casts one block again) and those of the others stay saved for
+    backward while the loss's fp32 gradients are made. The larger of the two instants."""
+    parts = activation_bytes_per_token(m, mode, 2, 4)
+    n_ckpt = checkpointed_count(mode, m.n_layers)
+    saved = parts["saved"] + parts["head"]
+    kept = 2 * (matmul_params(m) - n_ckpt * m._block_matmul_params())
+    end_of_forward = (2 * matmul_params(m), int(tokens * (saved + parts["logits"])))
+    loss = (kept, int(tokens * (saved + parts["loss"])))
+    recompute = (kept + (2 * m._block_matmul_params() if n_ckpt else 0), int(tokens * (saved + parts["recompute"])))
+    return max(end_of_forward, loss, recompute, key=sum)
 
 
 def estimate_memory(cfg: Config, world_size: int, device: str = "cuda",
@@ -281,45 +314,54 @@ def estimate_memory(cfg: Config, world_size: int, device: str = "cuda",
                     micro_batch_size: int | None = None, fsdp: bool | None = None) -> MemoryEstimate:
     """Peak memory of one of `world_size` workers training `cfg` on `device` ("cuda" or "cpu").
 
-    `fsdp` defaults to what raylm does (FSDP2 when world_size > 1); True models a one-rank FSDP2
-    group, which bench/plan_memory.py measures on a single GPU."""
+    `activation_checkpointing` and `micro_batch_size` replace the config's (the accumulation
+    steps follow the micro-batch). `fsdp` defaults to what raylm does (FSDP2 when world_size
+    > 1); True models a one-rank FSDP2 group, which bench/plan_memory.py measures on one GPU."""
     m = cfg.model
     mode = cfg.train.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
     B = cfg.train.micro_batch_size if micro_batch_size is None else micro_batch_size
-    T = cfg.data.seq_len
-    bf16 = uses_bf16(cfg.train.precision, device)
+    BT = B * cfg.data.seq_len
+    bf16 = uses_bf16(cfg.train.precision, torch.device(device))
     c = 2 if bf16 else 4
     W = world_size
     N = m.num_params()
     Pb = block_params(m)
     Pr = N - m.n_layers * Pb
-    k = cfg.grad_accum_steps(W)
+    k = rounds_per_step(cfg.sequences_per_step, W, B)
     sharded = W > 1 if fsdp is None else fsdp
-    if sharded:
-        working = c * (Pr + 2 * Pb) + (c + 4) * Pb
-        r = c
-    else:
-        working = 2 * matmul_params(m) if bf16 else 0
-        r = 4  # autocast keeps the residual stream (embedding output, residual adds) in fp32
+    if sharded:  # FSDP2 gathers in the compute dtype; the residual stream is in it too
+        working, activations = c * (Pr + 2 * Pb) + (c + 4) * Pb, activation_bytes(m, mode, BT, c, c)
+    elif bf16:
+        working, activations = autocast_peak(m, mode, BT)
+    else:  # fp32 weights are used as they are
+        working, activations = 0, activation_bytes(m, mode, BT, 4, 4)
     return MemoryEstimate(
         world_size=W,
         sharded=sharded,
         bf16=bf16,
         activation_checkpointing=mode,
+        micro_batch_size=B,
+        grad_accum_steps=k,
         params_bytes=4 * N // W,
         optimizer_bytes=8 * N // W,
         working_bytes=working,
         carried_grad_bytes=4 * N if k > 1 else 0,
-        activation_bytes=activation_bytes(m, mode, B * T, c, r),
+        activation_bytes=activations,
         grad_bytes=4 * N // W,
-        step_temp_bytes=0 if device == "cuda" else 4 * N // W,
+        step_temp_bytes=0 if device == "cuda" else 4 * max(decayed_params(m), N - decayed_params(m)) // W,
     )
 
 
-def smallest_fitting_world(cfg: Config, capacity_bytes: int, device: str = "cuda") -> int | None:
-    """Smallest worker count whose estimate (with headroom) fits `capacity_bytes`; None if none."""
+def smallest_fitting_world(cfg: Config, capacity_bytes: int, device: str = "cuda",
+                           activation_checkpointing: str | None = None,
+                           micro_batch_size: int | None = None) -> int | None:
+    """Smallest worker count (at most one per sequence of a step) whose estimate with headroom
+    fits `capacity_bytes`; None if none does. Memory is not monotone in the count (one GPU is
+    a plain module; the carried gradients go when a step needs no accumulation), so every
+    count is tried."""
     for world in range(1, cfg.sequences_per_step + 1):
-        if estimate_memory(cfg, world, device).needed_bytes <= capacity_bytes:
+        memory = estimate_memory(cfg, world, device, activation_checkpointing, micro_batch_size)
+        if memory.needed_bytes <= capacity_bytes:
             return world
     return None
 
@@ -368,6 +410,10 @@ def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: flo
     capacity = int(spec.memory_gib * GIB)
     modes = ["none", "full"] + ([t.activation_checkpointing] if t.activation_checkpointing.startswith("selective") else [])
     by_mode = {mode: estimate_memory(cfg, gpus, "cuda", mode) for mode in modes}
+    min_gpus = smallest_fitting_world(cfg, capacity)
+    fallback = None
+    if min_gpus is None and (t.micro_batch_size > 1 or t.activation_checkpointing != "full"):
+        fallback = smallest_fitting_world(cfg, capacity, activation_checkpointing="full", micro_batch_size=1)
 
     if mfu is not None:
         mfu_value, mfu_source = mfu, "--mfu"
@@ -385,7 +431,7 @@ def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: flo
     total_time_s = train_tokens / tokens_per_second
     gpu_hours = gpus * total_time_s / 3600
     if price is None:
-        price_value, price_source = spec.price_per_hour, "rough on-demand list price, change it with --price"
+        price_value, price_source = spec.price_per_hour, "rough list price; set --price"
     else:
         price_value, price_source = price, "--price"
     notes = []
@@ -398,10 +444,8 @@ def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: flo
         seq_len=cfg.data.seq_len, micro_batch_size=t.micro_batch_size, global_batch_tokens=t.global_batch_tokens,
         sequences_per_step=G, grad_accum_steps=cfg.grad_accum_steps(gpus),
         max_sequences_per_gpu=max(step_shares(G, gpus, t.micro_batch_size)),
-        memory=memory, activations_by_mode={k: v.activation_bytes for k, v in by_mode.items()},
-        totals_by_mode={k: v.needed_bytes for k, v in by_mode.items()},
-        capacity_bytes=capacity, fits=memory.needed_bytes <= capacity,
-        min_gpus=smallest_fitting_world(cfg, capacity), mfu=mfu_value, mfu_source=mfu_source,
+        memory=memory, memory_by_mode=by_mode, capacity_bytes=capacity, fits=memory.needed_bytes <= capacity,
+        min_gpus=min_gpus, min_gpus_smallest_batch=fallback, mfu=mfu_value, mfu_source=mfu_source,
         tokens_per_second=tokens_per_second, step_time_s=t.global_batch_tokens / tokens_per_second,
         train_tokens=train_tokens, train_tokens_source=tokens_source,
         steps=math.ceil(train_tokens / t.global_batch_tokens), total_time_s=total_time_s, gpu_hours=gpu_hours,
@@ -411,6 +455,9 @@ def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: flo
 
 # ---------------------------------------------------------------------------------------
 # The table
+
+LABEL_WIDTH = 62
+VALUE_WIDTH = 18
 
 
 def _gib(n: float) -> str:
@@ -434,71 +481,89 @@ def _count(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def fit_line(p: Plan) -> str:
-    mem = p.memory
+def _row(label: str, *values: str) -> str:
+    return f"{label:<{LABEL_WIDTH}}" + "".join(f"{v:>{VALUE_WIDTH // 2 if len(values) > 1 else VALUE_WIDTH}}"
+                                               for v in values)
+
+
+def verdict(p: Plan) -> str:
+    """One line: whether the config fits on `p.gpus` GPUs and, if not, the smallest count that would."""
+    mem, on = p.memory, f"{p.gpus} x {p.gpu.name}"
+    need = f"{_gib(mem.needed_bytes)} of {_gib(p.capacity_bytes)} GiB per GPU"
     if p.fits:
-        return (f"fits: needs {_gib(mem.needed_bytes)} of {_gib(p.capacity_bytes)} GiB per GPU "
-                f"({100 * (1 - mem.needed_bytes / p.capacity_bytes):.0f}% free)")
-    where = (f"the smallest count that fits is {p.min_gpus} GPUs" if p.min_gpus is not None else
-             f"no count up to {p.sequences_per_step} fits: lower train.micro_batch_size or use "
-             f"train.activation_checkpointing=full")
-    return f"does not fit: needs {_gib(mem.needed_bytes)} of {_gib(p.capacity_bytes)} GiB per GPU on {p.gpus}; {where}"
+        return f"fits: {on} needs {need} ({1 - mem.needed_bytes / p.capacity_bytes:.0%} free)"
+    if p.min_gpus is not None:
+        return f"does not fit: {on} needs {need}; the smallest count that fits is {p.min_gpus} (--gpus {p.min_gpus})"
+    where = f"no count up to {p.sequences_per_step:,} GPUs (one sequence each) fits"
+    if p.min_gpus_smallest_batch is not None:
+        return (f"does not fit: {on} needs {need}; {where}; with train.micro_batch_size=1 and "
+                f"train.activation_checkpointing=full, {p.min_gpus_smallest_batch} would")
+    return f"does not fit: {on} needs {need}; {where}, even with micro-batch 1 and full checkpointing"
 
 
 def format_plan(p: Plan) -> str:
+    """The table `raylm plan` prints; its last line is the verdict (`verdict`)."""
     mem, W = p.memory, p.gpus
     dtype = "bf16" if mem.bf16 else "fp32"
-    layout = f"FSDP2 over {W} GPUs" if mem.sharded else "one GPU, no sharding"
     share = f", 1/{W} each" if mem.sharded else ""
+    layout = f"FSDP2 over {W} GPUs" if mem.sharded else "one GPU, a plain module"
     if mem.sharded:
-        working = f"working weights: {dtype} all-gathered root + 2 blocks, reduce buffers"
-        carried = "gradients carried over micro-batches (unsharded fp32)"
+        working = f"working weights: {dtype} root + 2 gathered blocks, buffers"
     else:
-        working = "working weights: autocast bf16 copies" if mem.bf16 else "working weights (none in fp32)"
-        carried = "gradients carried over micro-batches (fp32)"
-    width = 62
+        working = "working weights: autocast bf16 copies" if mem.bf16 else "working weights (fp32: used as stored)"
+    if mem.carried_grad_bytes and mem.sharded:
+        grads = f"gradients, fp32: whole over {mem.grad_accum_steps} micro-batches, 1/{W} at update"
+    elif mem.carried_grad_bytes:
+        grads = f"gradients, fp32: accumulated over {mem.grad_accum_steps} micro-batches"
+    else:
+        grads = f"gradients, fp32{share}: made as activations are freed"
+    peak_phase = "forward/backward" if mem.forward_backward_bytes >= mem.optimizer_step_bytes else "optimizer step"
     rows = [
         f"raylm plan: {p.config_name} on {W} x {p.gpu.name} "
-        f"({p.gpu.memory_gib:g} GiB, {p.gpu.peak_bf16_flops / 1e12:,.0f} TFLOP/s bf16 dense)",
+        f"({p.gpu.memory_gib:g} GiB usable, {p.gpu.peak_bf16_flops / 1e12:,.0f} TFLOP/s bf16 dense each)",
         "",
-        f"{'parameters':<{width}}{p.params:>16,}",
-        f"{'FLOPs per token (6N + attention, seq ' + str(p.seq_len) + ')':<{width}}{p.flops_per_token:>16,.4g}",
-        f"{'tokens per step (train.global_batch_tokens)':<{width}}{p.global_batch_tokens:>16,}",
-        f"{'sequences per step / per GPU (at most)':<{width}}{f'{p.sequences_per_step:,} / {p.max_sequences_per_gpu:,}':>16}",
-        f"{'micro-batch x seq_len per GPU':<{width}}{f'{p.micro_batch_size} x {p.seq_len:,}':>16}",
-        f"{'accumulation steps (micro-batches per GPU per step)':<{width}}{p.grad_accum_steps:>16}",
+        _row("parameters", f"{p.params:,}"),
+        _row(f"FLOPs per token (ModelConfig.flops_per_token, seq {p.seq_len:,})",
+             f"{p.flops_per_token:,.4g}"),
+        _row("tokens per step (train.global_batch_tokens)", f"{p.global_batch_tokens:,}"),
+        _row("sequences per step / per GPU (at most)", f"{p.sequences_per_step:,} / {p.max_sequences_per_gpu:,}"),
+        _row("micro-batch x seq_len; micro-batches per GPU per step",
+             f"{p.micro_batch_size} x {p.seq_len:,}; {p.grad_accum_steps}"),
         "",
-        f"{'memory per GPU (' + layout + ', ' + dtype + ' compute)':<{width}}{'GiB':>16}",
-        f"{'  parameters, fp32' + share:<{width}}{_gib(mem.params_bytes):>16}",
-        f"{'  optimizer state, AdamW 2 x fp32' + share:<{width}}{_gib(mem.optimizer_bytes):>16}",
-        f"{'  ' + working:<{width}}{_gib(mem.working_bytes):>16}",
-        f"{'  ' + carried:<{width}}{_gib(mem.carried_grad_bytes):>16}",
-        f"{'  activations, checkpointing ' + mem.activation_checkpointing:<{width}}{_gib(mem.activation_bytes):>16}",
-        f"{'  (optimizer step instead: gradients' + share + ' + temporaries)':<{width}}"
-        f"{_gib(mem.optimizer_step_bytes):>16}",
-        f"{'  peak':<{width}}{_gib(mem.total_bytes):>16}",
-        f"{'  + headroom: CUDA context, NCCL, fragmentation (' + f'{OVERHEAD_FIXED_GIB:g} GiB + {OVERHEAD_FRACTION:.0%})':<{width}}"
-        f"{_gib(mem.overhead_bytes):>16}",
-        f"{'  needed / GPU memory':<{width}}{f'{_gib(mem.needed_bytes)} / {_gib(p.capacity_bytes)}':>16}",
+        _row(f"memory per GPU, GiB ({layout}, {dtype} compute)", "fwd/bwd", "update"),
+        _row(f"  parameters, fp32{share}", _gib(mem.params_bytes), _gib(mem.params_bytes)),
+        _row(f"  optimizer state, AdamW 2 x fp32{share}", _gib(mem.optimizer_bytes), _gib(mem.optimizer_bytes)),
+        _row(f"  {grads}", _gib(mem.carried_grad_bytes), _gib(mem.grad_bytes)),
+        _row(f"  activations, checkpointing {mem.activation_checkpointing} (micro-batch {mem.micro_batch_size})",
+             _gib(mem.activation_bytes), "-"),
+        _row(f"  {working}", _gib(mem.working_bytes), "-"),
+        _row("  optimizer temporaries", "-", _gib(mem.step_temp_bytes)),
+        _row("  total", _gib(mem.resident_bytes + mem.forward_backward_bytes),
+             _gib(mem.resident_bytes + mem.optimizer_step_bytes)),
+        _row(f"  peak (the {peak_phase})", _gib(mem.total_bytes)),
+        _row(f"  + headroom: CUDA, NCCL, fragmentation ({OVERHEAD_FIXED_GIB:g} GiB + {OVERHEAD_FRACTION:.0%})",
+             _gib(mem.overhead_bytes)),
+        _row("  needed / GPU memory", f"{_gib(mem.needed_bytes)} / {_gib(p.capacity_bytes)}"),
+        "",
+        _row("activation checkpointing: activations / needed, GiB", "act.", "needed"),
     ]
-    for mode, act in p.activations_by_mode.items():
-        verdict = "fits" if p.totals_by_mode[mode] <= p.capacity_bytes else "does not fit"
-        label = f"  activations with checkpointing {mode}: needed {_gib(p.totals_by_mode[mode])} GiB, {verdict}"
-        rows.append(f"{label:<{width}}{_gib(act):>16}")
+    for mode, est in p.memory_by_mode.items():
+        fits = "fits" if est.needed_bytes <= p.capacity_bytes else "does not fit"
+        mine = ", this config" if mode == mem.activation_checkpointing else ""
+        rows.append(_row(f"  {mode} ({fits}{mine})", _gib(est.activation_bytes), _gib(est.needed_bytes)))
     rows += [
-        f"smallest GPU count that fits: {p.min_gpus if p.min_gpus is not None else f'none up to {p.sequences_per_step}'}",
-        fit_line(p),
+        _row("smallest GPU count that fits (same batch, checkpointing)",
+             f"{p.min_gpus}" if p.min_gpus is not None else "none"),
         "",
-        f"time at MFU {p.mfu:.0%} ({p.mfu_source})",
-        f"{'  tokens/s (all GPUs) / per GPU':<{width}}"
-        f"{f'{p.tokens_per_second:,.0f} / {p.tokens_per_second / W:,.0f}':>16}",
-        f"{'  step time':<{width}}{_duration(p.step_time_s):>16}",
-        f"{'  training tokens (' + p.train_tokens_source + ')':<{width}}{_count(p.train_tokens):>16}",
-        f"{'  steps':<{width}}{p.steps:>16,}",
-        f"{'  wall time':<{width}}{_duration(p.total_time_s):>16}",
-        f"{'  GPU-hours':<{width}}{p.gpu_hours:>16,.0f}",
-        f"{'cost at $' + f'{p.price_per_gpu_hour:,.2f}' + ' per GPU-hour (' + p.price_source + ')':<{width}}"
-        f"{f'${p.cost:,.0f}':>16}",
+        f"time at MFU {p.mfu:.1%} ({p.mfu_source})",
+        _row("  tokens/s, all GPUs / per GPU", f"{p.tokens_per_second:,.0f} / {p.tokens_per_second / W:,.0f}"),
+        _row("  step time", _duration(p.step_time_s)),
+        _row(f"  training tokens ({p.train_tokens_source})", _count(p.train_tokens)),
+        _row("  steps", f"{p.steps:,}"),
+        _row("  wall time", _duration(p.total_time_s)),
+        _row("  GPU-hours", f"{p.gpu_hours:,.0f}"),
+        _row(f"  cost at ${p.price_per_gpu_hour:,.2f} per GPU-hour ({p.price_source})", f"${p.cost:,.0f}"),
     ]
     rows += [f"note: {n}" for n in p.notes]
+    rows += ["", verdict(p)]
     return "\n".join(rows)

@@ -172,8 +172,8 @@ def test_local_rows_equal_reading_stdlib_in_order(tmp_path):
     from raylm.data.corpus import stdlib_documents
     from raylm.data.local import local_documents
 
-    cfg = load_config(None, ["data.sources.0.max_bytes=200000", "data.shuffle_files=false"])
-    in_order = list(stdlib_documents("train", cfg.data.val_fraction, 200000))
+    cfg = load_config(None, ["data.sources.0.max_bytes=200000", "data.shuffle_files=false", "data.val_fraction=0"])
+    in_order = list(stdlib_documents(200000))
     assert local_documents(cfg, "train") == in_order
     cfg.data.shuffle_files = True
     shuffled = local_documents(cfg, "train")
@@ -267,3 +267,28 @@ def test_a_source_that_matches_nothing_is_an_error_even_when_skipping_bad_input(
         with pytest.raises(SourceNotFound, match=r"data\.sources\.1\.path=") as err:
             list_corpus(cfg)
         assert "\n" not in str(err.value)
+
+
+def test_heldout_text_files_are_val_fraction_of_the_bytes_whatever_the_order(tmp_path):
+    """Validation holds val_fraction of a text source's bytes (up to half again, one file's
+    granularity), chosen by a hash of the file ids: the same files in any listing order; a source
+    of one file is never held out whole."""
+    import random
+
+    from raylm.config import load_config
+    from raylm.data.plan import heldout_text_files, list_corpus, plan_files
+
+    rng = random.Random(0)
+    for i in range(60):  # sizes over two orders of magnitude, as in real corpora
+        (tmp_path / f"{i:02d}.txt").write_text("x" * rng.choice([50, 400, 3000, 9000]) + "\n")
+    cfg = load_config(None, [f"data.sources.0.path={tmp_path}", "data.val_fraction=0.1"])
+    files = list_corpus(cfg).per_source[0]
+    total = sum(f.size for f in files)
+    held = heldout_text_files(files, 0.1)
+    held_bytes = sum(f.size for f in files if f.path in held)
+    assert 0.1 * total <= held_bytes <= 0.15 * total
+    assert heldout_text_files(list(reversed(files)), 0.1) == held
+    assert {f.path for f in plan_files(cfg, "validation").files} == held
+    assert not held & {f.path for f in plan_files(cfg, "train").files}
+    assert heldout_text_files(files[:1], 0.5) == set()
+    assert heldout_text_files(files, 0.0) == set()

@@ -32,7 +32,7 @@ def config(*overrides, sources=None):
 def tokenizer():
     from raylm.data.corpus import stdlib_documents
 
-    docs = stdlib_documents("train", 0.0, max_bytes=200_000)
+    docs = stdlib_documents(max_bytes=200_000)
     return Tokenizer.train((d.text for d in docs), 512, max_bytes=100_000)
 
 

@@ -12,7 +12,7 @@ from raylm.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    docs = stdlib_documents("train", 0.0, max_bytes=400_000)
+    docs = stdlib_documents(max_bytes=400_000)
     return Tokenizer.train((d.text for d in docs), 1024, max_bytes=400_000)
 
 
@@ -65,7 +65,7 @@ def test_vocab_too_small_for_the_sample_characters_is_one_line_naming_the_size_t
     fallback 262: 4 special, newline, tab, 256 bytes), whatever hard_vocab_limit says; too few is a
     one-line DataError naming model.vocab_size and the size that trains (the stdlib's code has
     more than 40 distinct characters, so 300 and 60 are too few)."""
-    texts = [d.text for d in stdlib_documents("train", 0.0, max_bytes=200_000)]
+    texts = [d.text for d in stdlib_documents(max_bytes=200_000)]
     with pytest.raises(DataError) as raised:
         Tokenizer.train(texts, vocab_size, byte_fallback=byte_fallback, max_bytes=200_000)
     message = str(raised.value)

@@ -3,7 +3,7 @@
 The default corpus is the source code of the running interpreter's standard library: it is
 on every machine that runs raylm, so the demo and the tests need no download. Files are
 read in sorted order (deterministic everywhere), test packages and site-packages are left
-out, and a byte cap bounds the size. Documents go to validation by a stable hash of their
+out, and a byte cap takes a sample of files from every package. Documents go to validation by a stable hash of their
 id, so the split never depends on order, worker count or machine.
 """
 
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Split = Literal["train", "validation"]
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 
 
@@ -32,7 +31,14 @@ def stdlib_root() -> Path:
 
 
 def stdlib_files(max_bytes: int | None = None) -> list[Path]:
-    """The standard library's .py files in sorted order, up to max_bytes in total."""
+    """The standard library's .py files in sorted order; with max_bytes, a sample of them that
+    fills at most max_bytes.
+
+    The sample takes files in a stable pseudo-random order (a hash of the relative path) and
+    keeps each that still fits, so a slice of the corpus is drawn from every package: the first
+    files in sorted order would be a few packages (a 6 MB slice was one third `encodings/`
+    tables, which made held-out loss on its few held-out files a poor estimate).
+    """
     root = stdlib_root()
     files = sorted(
         p for p in root.rglob("*.py") if not (_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
@@ -40,30 +46,35 @@ def stdlib_files(max_bytes: int | None = None) -> list[Path]:
     if max_bytes is None:
         return files
     chosen, total = [], 0
-    for path in files:
+    for path in sorted(files, key=lambda p: _sample_key(p.relative_to(root).as_posix())):
         size = path.stat().st_size
-        if total + size > max_bytes and chosen:
-            break
-        chosen.append(path)
-        total += size
-    return chosen
+        if total + size <= max_bytes:
+            chosen.append(path)
+            total += size
+    return sorted(chosen)
+
+
+def _sample_key(relative: str) -> bytes:
+    return hashlib.blake2b(relative.encode("utf-8"), digest_size=8, person=b"raylm-sample").digest()
+
+
+def hash_fraction(doc_id: str) -> float:
+    """A stable uniform number in [0, 1) per document id."""
+    digest = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def is_validation(doc_id: str, val_fraction: float) -> bool:
-    """Stable split: the same document is held out on every machine and every run."""
-    if val_fraction <= 0:
-        return False
-    digest = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < val_fraction
+    """Stable split of records: the same document is held out on every machine and every run.
+    (Whole text files are chosen by bytes instead: `raylm.data.plan.heldout_text_files`.)"""
+    return val_fraction > 0 and hash_fraction(doc_id) < val_fraction
 
 
-def stdlib_documents(split: Split, val_fraction: float, max_bytes: int | None = None) -> Iterator[Document]:
-    """Documents of the default corpus that fall in `split`."""
+def stdlib_documents(max_bytes: int | None = None) -> Iterator[Document]:
+    """Every document of the default corpus (or of its max_bytes sample), in sorted order, with
+    no split: the train/validation split is the file plan's (`raylm.data.plan`)."""
     root = stdlib_root()
     for path in stdlib_files(max_bytes):
-        doc_id = path.relative_to(root).as_posix()
-        if is_validation(doc_id, val_fraction) != (split == "validation"):
-            continue
         text = path.read_bytes().decode("utf-8", errors="replace")
         if text.strip():
-            yield Document(doc_id, text)
+            yield Document(path.relative_to(root).as_posix(), text)

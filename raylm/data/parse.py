@@ -251,8 +251,9 @@ def split_documents(files: Iterable[tuple[bytes, FileSpec]], split: str, val_fra
         if bad and on_error == "raise":
             raise DataError(bad[0][1])
         problems.extend(bad)
+        # A text file's split was decided by the plan (raylm.data.plan.heldout_text_files).
         kept.extend((doc_id, text) for doc_id, text in docs
-                    if is_validation(doc_id, val_fraction) == (split == "validation"))
+                    if spec.format == "text" or is_validation(doc_id, val_fraction) == (split == "validation"))
     return kept, problems
 
 

@@ -7,8 +7,11 @@ both read this plan, so they walk exactly the same files in the same order:
   glob, or a URI such as s3://bucket/prefix/*.jsonl), capped by its `max_bytes`; hidden
   files and directories (`.git/`), `__pycache__` and `_*` names are skipped at any depth;
   `python-stdlib` is the default corpus of `raylm.data.corpus`;
-- `text` files (one document each) are assigned to train or validation by their document
-  id before they are read, so neither split reads the other's files;
+- `text` files (one document each) are assigned to train or validation before they are read,
+  so neither split reads the other's files: validation holds `data.val_fraction` of each
+  source's text bytes, whole files chosen by a stable hash of their ids
+  (`heldout_text_files`); records of `lines`, `jsonl` and `parquet` files go to validation
+  by a stable hash of their ids (`raylm.data.corpus.is_validation`);
 - with several sources, the training plan interleaves files by a deterministic weighted
   round robin on bytes, repeating the files of a source whose share of bytes is below its
   weight (upsampling). The mixture is therefore exact in bytes and, for sources of similar
@@ -45,7 +48,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raylm.config import STDLIB_CORPUS, Config
-from raylm.data.corpus import is_validation, stdlib_files, stdlib_root
+from raylm.data.corpus import hash_fraction, stdlib_files, stdlib_root
 from raylm.data.parse import FileSpec
 from raylm.errors import DataError, EmptySplit, SourceNotFound
 
@@ -190,9 +193,10 @@ def plan_files(cfg: Config, split: str, *, mixture: bool = True, passes: int = 1
     `listing`: the corpus listed already (list it once per run); EmptySplit if `split` holds no file."""
     listing = listing or list_corpus(cfg)
     vf = cfg.data.val_fraction
-    per_source = [[f for f in files
-                   if f.spec.format != "text" or is_validation(f.spec.id_base, vf) == (split == "validation")]
-                  for files in listing.per_source]
+    per_source = []
+    for files in listing.per_source:
+        held = heldout_text_files(files, vf)
+        per_source.append([f for f in files if f.spec.format != "text" or (f.path in held) == (split == "validation")])
     if not any(per_source) or split == "validation" and vf <= 0:
         raise EmptySplit(f"data.sources: the {split} split holds no files (data.val_fraction={vf})")
     if split != "train":
@@ -203,6 +207,35 @@ def plan_files(cfg: Config, split: str, *, mixture: bool = True, passes: int = 1
                  for i, fs_ in enumerate(per_source)]
         files += interleave(order, [s.weight for s in cfg.data.sources]) if mixture else [f for o in order for f in o]
     return FilePlan(listing.filesystem, files)
+
+
+def heldout_text_files(files: list[PlannedFile], val_fraction: float) -> set[str]:
+    """The text files (one document each) of one source that validation holds: val_fraction of
+    the source's text bytes, whole files taken in the order of a stable hash of their ids.
+
+    Files are taken in hash order until the quota is reached, passing over a file that would
+    overshoot it by more than half (filling the quota with whatever fits would hold out the
+    smallest files, a biased sample); when every file is that large, the smallest is held out.
+    Choosing by bytes, not by a per-file coin flip, makes the held-out share close to exact for
+    a source of few or unequal files, where a coin flip is noisy (9 files of 390, five of them
+    codec tables, was what the demo once held out). The split depends only on the source's set
+    of files, never on their order, the worker count or the machine. A source of one file is
+    never held out whole.
+    """
+    text = [f for f in files if f.spec.format == "text"]
+    if val_fraction <= 0 or len(text) < 2:
+        return set()
+    quota = val_fraction * sum(f.size for f in text)
+    held, total = set(), 0
+    for f in sorted(text, key=lambda f: hash_fraction(f.spec.id_base)):
+        if total >= quota:
+            break
+        if total + f.size <= 1.5 * quota:
+            held.add(f.path)
+            total += f.size
+    if not held:
+        held.add(min(text, key=lambda f: (f.size, hash_fraction(f.spec.id_base))).path)
+    return held
 
 
 def _shuffled(files: list[PlannedFile], seed: int, source: int, pass_: int, *salt: int) -> list[PlannedFile]:

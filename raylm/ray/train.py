@@ -44,7 +44,7 @@ from raylm.ray.errors import user_errors
 from raylm.train import checkpoint as ckpt
 from raylm.train.local import TrainResult, check_initial, checkpoint_files, log_bad_input, run_facts
 from raylm.train.metrics import MetricsWriter
-from raylm.train.runs import RunSpec, create_run_dir, discard_run_dir, obtain_tokenizer, resolve_run
+from raylm.train.runs import RunSpec, create_run_dir, discard_run_dir, is_uri, obtain_tokenizer, resolve_run
 from raylm.train.trainer import RankEnv, Trainer
 
 
@@ -148,6 +148,10 @@ def train_command(cfg: Config, log=print) -> TrainResult:
     log(f"final checkpoint: {result.checkpoint}")
     if cfg.run.sample_tokens and cfg.run.sample_prompts:
         print_final_samples(result.checkpoint, log)
+    if result.run_dir and not is_uri(result.run_dir):
+        from raylm.use.sample import next_steps
+
+        log(next_steps(result.run_dir))
     return result
 
 

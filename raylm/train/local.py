@@ -130,6 +130,10 @@ def _train_local(cfg: Config, device: torch.device, rank: int, world: int, log: 
         from raylm.use.sample import print_samples
 
         print_samples(trainer.model, tokenizer, cfg, log)
+    if latest is not None and rank == 0:
+        from raylm.use.sample import next_steps
+
+        log(next_steps(spec.run_dir))
     return TrainResult(final, str(latest) if latest else None, spec.run_dir)
 
 

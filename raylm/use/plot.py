@@ -64,6 +64,24 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
+SMOOTH_MIN_POINTS = 40
+"""Runs with at least this many training steps also get a moving mean of the training loss: one
+step's loss is that of one batch, which on a small batch is mostly the loss of the file it read."""
+
+
+def _smoothed(line: tuple[list[int], list[float]], label: str, style: dict) -> list:
+    """[((steps, trailing mean of about 1/20 of the run), label, style)], or [] for a short run."""
+    steps, values = line
+    if len(values) < SMOOTH_MIN_POINTS:
+        return []
+    window = max(2, len(values) // 20)
+    means = []
+    for i in range(len(values)):
+        recent = [v for v in values[max(0, i - window + 1):i + 1] if math.isfinite(v)]
+        means.append(sum(recent) / len(recent) if recent else float("nan"))
+    return [((steps, means), f"{label} (mean of {window} steps)", style)]
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """Write the run's PNGs into `out` (default RUN_DIR/plots); return their paths."""
     run_dir = Path(run_dir)
@@ -88,8 +106,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     name = run_dir.resolve().name
     written = [p for p in (
         _plot(out / "loss.png", f"{name}: training and held-out loss", "cross-entropy (nats per token)",
-              [(series(records, "loss"), "training (each step)", {"lw": 1}),
-               (series(records, "val_loss"), "held-out (each evaluation)", {"lw": 1.5, "marker": "o", "ms": 4})],
+              [(series(records, "loss"), "training (each step)", {"lw": 1, "alpha": 0.4, "color": "C0"}),
+               *_smoothed(series(records, "loss"), "training", {"lw": 2, "color": "C0"}),
+               (series(records, "val_loss"), "held-out (each evaluation)",
+                {"lw": 1.5, "marker": "o", "ms": 4, "color": "C1"})],
               restores),
         _plot(out / "lr.png", f"{name}: learning rate", "learning rate",
               [(series(records, "lr"), None, {"lw": 1.5})], restores, from_zero=True),

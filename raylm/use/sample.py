@@ -42,3 +42,20 @@ def print_samples(model: torch.nn.Module, tokenizer: Tokenizer, cfg, log=print) 
         outputs.append(text)
         log(f"--- sample: {prompt!r}\n{prompt}{text}\n")
     return outputs
+
+
+def next_steps(run_dir: str) -> str:
+    """What to do with the run just made: the commands that use it, as they can be pasted."""
+    import os
+    import shlex
+
+    path = os.path.relpath(run_dir) if not os.path.relpath(run_dir).startswith("..") else run_dir
+    run = shlex.quote(path)
+    return "\n".join([
+        "next, with this run:",
+        f"  raylm generate {run} --prompt 'def fibonacci(n):'    # continue a prompt (streams)",
+        f"  raylm eval {run}                                     # held-out loss, perplexity, bits per byte",
+        f"  raylm export {run} --format hf --out {shlex.quote(path.rstrip('/') + '-hf')}   # Hugging Face transformers",
+        f"  raylm plot {run}                                     # PNGs of the curves",
+        f"  tensorboard --logdir {run}",
+    ])
