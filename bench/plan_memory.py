@@ -12,6 +12,8 @@ tiny model has loaded the kernels and thread pools; one case per process, run wi
 MALLOC_MMAP_THRESHOLD_=65536 so freed tensors go back to the OS at once):
     MALLOC_MMAP_THRESHOLD_=65536 python bench/plan_memory.py --preset tiny --seq-len 256 --micro-batch 8
     MALLOC_MMAP_THRESHOLD_=65536 torchrun --nproc-per-node 2 bench/plan_memory.py --preset tiny ...
+    python bench/plan_memory.py --suite cpu    # every CPU_SUITE case, each in its own process
+                                               # (torchrun for world 2), then a markdown table
 
 --fsdp shards over a one-rank group (FSDP2's all-gather buffers, root kept unsharded, fp32
 accumulation of unsharded gradients), which raylm itself only does at world size > 1: it checks
@@ -39,6 +41,58 @@ GPU_SUITE = [  # (preset, seq_len, micro_batch, accum, ac, fsdp): one H200 runs 
     ("1b", 4096, 4, 2, "full", True),
     ("125m", 2048, 8, 2, "none", False),
 ]
+
+CPU_SUITE = [  # (preset, seq_len, micro_batch, accum, ac, world, precision): ~18 min on 2 busy cores
+    # (bf16 on CPU only for tiny: CPU bf16 matmuls are slow, a 125m bf16 case takes over 8 minutes)
+    ("debug", 128, 8, 1, "none", 1, "auto"),
+    ("debug", 128, 8, 1, "full", 1, "auto"),
+    ("debug", 128, 8, 1, "selective:2", 1, "auto"),
+    ("tiny", 256, 8, 1, "none", 1, "auto"),
+    ("tiny", 256, 8, 1, "full", 1, "auto"),
+    ("tiny", 256, 8, 1, "selective:2", 1, "auto"),
+    ("tiny", 256, 4, 2, "none", 1, "auto"),
+    ("tiny", 256, 8, 2, "full", 1, "auto"),
+    ("tiny", 256, 8, 1, "none", 1, "bf16"),
+    ("tiny", 256, 8, 1, "full", 1, "bf16"),
+    ("125m", 128, 2, 2, "none", 1, "auto"),
+    ("125m", 256, 4, 1, "none", 1, "auto"),
+    ("debug", 128, 8, 1, "none", 2, "auto"),
+    ("tiny", 256, 8, 1, "none", 2, "auto"),
+    ("tiny", 256, 8, 1, "full", 2, "auto"),
+    ("tiny", 256, 4, 2, "selective:2", 2, "auto"),
+    ("tiny", 256, 8, 1, "none", 2, "bf16"),
+    ("125m", 128, 2, 2, "full", 2, "auto"),
+    ("125m", 256, 4, 1, "none", 2, "auto"),
+]
+
+
+def run_cpu_suite(steps: int) -> list[dict]:
+    """Each CPU_SUITE case in a fresh process (peak RSS is per process), then a markdown table."""
+    import subprocess
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    script = str(Path(__file__).resolve())
+    results = []
+    for preset, seq_len, micro_batch, accum, ac, world, precision in CPU_SUITE:
+        case = ["--preset", preset, "--seq-len", str(seq_len), "--micro-batch", str(micro_batch),
+                "--accum", str(accum), "--ac", ac, "--precision", precision, "--steps", str(steps)]
+        launcher = [sys.executable] if world == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+        done = subprocess.run([*launcher, script, *case], capture_output=True, text=True, env=env, check=False)
+        ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or len(ranks) != world:
+            raise SystemExit(f"{' '.join(case)} (world {world}) failed:\n{done.stderr[-3000:]}")
+        worst = max(ranks, key=lambda r: abs(r["ratio"] - 1))
+        results.append(worst)
+        print(json.dumps(worst), file=sys.stderr, flush=True)
+    print("| preset | seq_len | micro-batch | accum | checkpointing | world | precision "
+          "| measured MiB | estimate MiB | estimate / measured |")
+    print("|---|---:|---:|---:|---|---:|---|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['preset']} | {r['seq_len']} | {r['micro_batch']} | {r['accum']} | {r['ac']} | {r['world_size']} "
+              f"| {r['precision']} | {r['measured_bytes'] / 2**20:,.1f} | {r['estimate_bytes'] / 2**20:,.1f} "
+              f"| {r['ratio']:.3f} |")
+    return results
 
 
 def rss_bytes() -> int:
@@ -80,7 +134,8 @@ def measure(preset: str, seq_len: int, micro_batch: int, accum: int, ac: str, fs
         torch.cuda.reset_peak_memory_stats(device)
     else:  # load the kernels, libraries and thread pools a step needs before taking the baseline
         warm = load_config(None, ["model.preset=debug", "data.seq_len=16", "train.micro_batch_size=1",
-                                  "train.global_batch_tokens=16", f"train.activation_checkpointing={ac}"])
+                                  "train.global_batch_tokens=16", f"train.activation_checkpointing={ac}",
+                                  f"train.precision={precision}"])
         warm_model, _ = parallel.build_model(warm, device)
         warm_optimizer = build_optimizer(warm_model, warm.optimizer, device.type)
         warm_tokens = [{"tokens": torch.randint(0, warm.model.vocab_size, (1, 17))}]
@@ -130,7 +185,8 @@ def measure(preset: str, seq_len: int, micro_batch: int, accum: int, ac: str, fs
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=["gpu"], help="run the GPU cases in this one process")
+    p.add_argument("--suite", choices=["gpu", "cpu"],
+                   help="gpu: the GPU cases in this one process; cpu: the CPU cases, one process each")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=8)
@@ -140,6 +196,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--precision", default="auto")
     args = p.parse_args(argv)
+    if args.suite == "cpu":
+        return run_cpu_suite(args.steps)
 
     import torch
 
@@ -158,7 +216,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for case in cases:
             result = measure(*case, steps=args.steps, precision=args.precision)
             results.append(result)
-            print(json.dumps(result), flush=True)
+            sys.stdout.write(json.dumps(result) + "\n")  # one write: torchrun's ranks share the pipe
+            sys.stdout.flush()
     if made_group:
         torch.distributed.destroy_process_group()
     return results

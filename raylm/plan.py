@@ -1,23 +1,26 @@
 """`raylm plan`: before paying for GPUs, will a config fit, how long will it train, what will it cost.
 
-Pure arithmetic on the config (no torch device, no Ray): `plan(cfg, gpus, gpu)` returns a
-`Plan` (a dataclass a benchmark can compare with a measurement), `format_plan` prints it.
-Parameters come from `ModelConfig.num_params`, FLOPs from `ModelConfig.flops_per_token` (the
-project's one FLOP counter), the batch split from `Config.grad_accum_steps` /
-`raylm.data.order.step_shares`. The memory model follows what raylm's code does, step by
-step: `raylm.train.parallel.build_model` (FSDP2 over W > 1 workers, a plain module on one),
-`raylm.train.step.train_step` (gradient sync only on the last micro-batch, fp32 logits and
-loss), `raylm.optim.build_optimizer` (AdamW; fused on GPU, foreach on CPU).
+Arithmetic on the config (no device, no Ray): `plan(cfg, gpus, gpu)` returns a `Plan` (a
+dataclass a benchmark can compare with a measurement), `format_plan` prints it, its last line
+the verdict. Parameters come from `ModelConfig.num_params`, FLOPs from
+`ModelConfig.flops_per_token` (the project's one FLOP counter), the batch split from
+`raylm.data.order`, the checkpointed blocks and the compute dtype from `raylm.train.parallel`.
+The memory model follows what raylm's code does, step by step: `raylm.train.parallel.build_model`
+(FSDP2 over W > 1 workers, a plain module on one), `raylm.train.step.train_step` (gradient sync
+only on the last micro-batch, fp32 logits and loss), `raylm.optim.build_optimizer` (AdamW; fused
+on GPU, foreach on CPU). docs/plan.md has the formulas for users; bench/plan_memory.py measures
+the peak (bench/RESULTS.md, "Planner memory vs measured peak (issue 12)").
 
 Symbols
 -------
 N  parameters (`ModelConfig.num_params`: embeddings, blocks, final norm, output head)
-Pb parameters of one block; Pr = N - L*Pb the root's (embedding, output head, final norm)
+Pb parameters of one block, Pbm its matmul weights; Pr = N - L*Pb the root's (embedding,
+   output head, final norm)
 Nm matmul weights (every block's linears plus the output head: autocast casts these)
 W  workers = GPUs; L layers; D dim; F SwiGLU hidden size; V vocabulary; H query heads
 g  n_kv_heads / n_heads; B micro-batch (sequences); T seq_len; BT = B*T tokens per micro-batch
 c  bytes per compute element: 2 with bf16 (precision bf16, or auto on GPU), else 4
-k  accumulation steps (`Config.grad_accum_steps(W)`: micro-batches per worker per step)
+k  accumulation steps (`raylm.data.order.rounds_per_step`: micro-batches per worker per step)
 
 Memory per GPU: peak = resident + max(forward/backward, optimizer step)
 ------------------------------------------------------------------------
@@ -26,22 +29,14 @@ resident (always there after the first step):
   W = 1 is a plain module).
 * optimizer state, AdamW exp_avg and exp_avg_sq in fp32: 8N / W.
 
-forward/backward of the last micro-batch of a step, the peak of the step (its start of
-backward, when every saved activation and the loss gradient are alive):
-* working weights.
-  - W > 1: FSDP2 all-gathers each block's parameters in the compute dtype before it runs:
-    the root's Pr stay unsharded for the whole forward and backward (FSDP2 does not reshard
-    the root after forward), plus two blocks (the one computing and the one prefetched):
-    c*(Pr + 2*Pb). Plus the gradient reduce buffers of the block being reduced: its
-    unsharded gradients (c*Pb) and the fp32 reduce-scatter input (4*Pb).
-  - W = 1, bf16: autocast casts every matmul weight to bf16 and caches the copies for the
-    forward: 2*Nm (an upper bound with activation checkpointing, which frees the blocks'
-    copies before the loss's backward). fp32: nothing.
+forward/backward of the last micro-batch of a step, the peak of the step (the start of its
+backward, when every saved activation and the loss's gradients are alive, or the end of
+its forward under autocast, below):
 * gradients carried across micro-batches: 4N when k > 1, else 0. train_step turns FSDP2's
   gradient sync off on all but the last micro-batch, so every worker accumulates the
   *unsharded* gradient of every parameter, upcast to fp32 (FSDP2's
   `to_accumulated_grad_if_needed`); on one GPU they are the plain fp32 `.grad`. With a
-  large model over many GPUs this is the largest term: 27 GB per GPU for Llama 2 7B
+  large model over many GPUs this is the largest term: 25.1 GiB per GPU for Llama 2 7B
   whatever W, as long as W * B < the sequences per step. When k = 1 the gradients are
   produced while activations are freed, and count in the optimizer step instead.
 * activations: saved tensors per token per block, counted from raylm.model as written
@@ -50,7 +45,10 @@ backward, when every saved activation and the loss gradient are alive):
     c-byte input (cD): 2 norms per block;
   - RoPE rotates q and k in fp32 and saves those fp32 copies: 4D + 4Dg;
   - SDPA (flash / memory-efficient: no T x T matrix) saves q, k, v, its output and the
-    log-sum-exp: cD(2 + 2g') + 4H, where g' = g, or 1 when fp32 GQA repeats K/V heads;
+    log-sum-exp: cD(2 + 2g') + 4H, where g' = g when raylm.model passes the grouped K/V
+    heads (native GQA: bf16, and `raylm.model._SDPA_HAS_ENABLE_GQA`), else 1 (it repeats
+    them to H heads first). The planner reads that flag rather than guessing, so it follows
+    the model on the torch it runs with;
   - the attention output's reshape copy (wo's input): cD;
   - SwiGLU saves w1's and w3's outputs, silu's output and the product: 4cF.
   One block: A = 20D + 4Dg + cD(5 + 2g') + 4cF + 4H bytes per token (Llama 2 7B, bf16:
@@ -62,25 +60,54 @@ backward, when every saved activation and the loss gradient are alive):
   input, at the start of backward: `loss_and_correct` upcasts the logits to fp32). Later in
   backward one recomputed block (A) plus its gradient temporaries (~3cF) is alive instead.
     activations = BT * (n_ckpt*rD + (L - n_ckpt)*A + 8D + cD + max(12V, [n_ckpt > 0]*A + 3cF))
+* working weights.
+  - W > 1: FSDP2 all-gathers each block's parameters in the compute dtype before it runs;
+    the root's Pr stay unsharded for the whole forward and backward (FSDP2 does not reshard
+    the root after forward), and so does the last block (`apply_fsdp`). The peak is the
+    larger of two instants: the start of backward, c*(Pr + Pb) with the loss's 12V per
+    token alive; and a block's backward, with the loss's gradients gone: c*(Pr + 2*Pb) (the
+    block and the one prefetched), its gradient reduce buffers (unsharded gradients c*Pb and
+    the fp32 reduce-scatter input 4*Pb), the output head's unsharded gradient (c*V*D, until
+    the root reduces at the end of backward), and a recomputed block (A + 3cF per token).
+    Counting c*(Pr + 2*Pb) + (c+4)*Pb with the loss's gradients, as a first version did,
+    overstated the 125m preset over 2 CPU ranks by 8%.
+  - W = 1, bf16: autocast casts each matmul weight to bf16 as the forward reaches it and
+    caches the copy until its context exits after the forward. The peak is the larger of
+    two instants: the end of the forward, with every copy (2*Nm) and the logits (cV per
+    token) alive, and the start of backward, when the copies of checkpointed blocks are gone
+    (2*(Nm - n_ckpt*Pbm), the others stay saved for backward) and the loss's 12V are alive
+    (or, later, a recomputed block and its copy, 2*Pbm). A first version counted 2*Nm with
+    the loss's gradients, which are never alive together with all the copies: 2.4 GiB too
+    much for Llama 2 7B on one GPU (BT*(12V - cV)).
+  - W = 1, fp32: nothing (the weights are used as stored).
 
 optimizer step (activations freed):
 * gradients at the step: 4N / W (FSDP2's reduce-scatter leaves each worker its fp32 shard).
 * optimizer temporaries: fused AdamW (GPU) none; foreach AdamW (CPU) one fp32 tensor per
-  parameter (sqrt of exp_avg_sq): 4N / W.
+  parameter of one parameter group at a time (sqrt of exp_avg_sq; `raylm.optim.param_groups`
+  makes a decayed group of the linears and the rest): 4 * max(decayed, N - decayed) / W.
+  Counting all of N here overstated the 125m preset's measured peak by 3% on CPU.
 
 Not counted in the peak, but covered by a fixed headroom (`OVERHEAD_FIXED_GIB` + 10% of the
 peak, `OVERHEAD_FRACTION`): the CUDA context and cuBLAS workspaces (~0.5-1 GiB), NCCL
 communicators and buffers (~0.5-1 GiB at a few hundred ranks), the caching allocator's
-fragmentation (reserved minus allocated, typically 5-10%), the few MiB of rope tables,
-batches and metrics, and memory the driver keeps from the datasheet capacity. "fits" means
-peak + headroom <= the GPU's memory. torch.compile (`train.compile`) fuses the norms and
-RoPE and saves fewer fp32 intermediates, so with compile on the activation figure is an
-upper bound (torchtitan: 82.4 -> 77.0 GiB for Llama 3.1 8B on 8 H100, docs/performance.md).
+fragmentation (reserved minus allocated, typically 5-10%), and the few MiB of rope tables,
+batches and metrics. "fits" means peak + headroom <= the memory CUDA reports as the GPU's
+total (`GpuSpec.memory_gib`: 79.1 GiB for an 80 GB H100, not 80). torch.compile
+(`train.compile`) fuses the norms and RoPE and saves fewer fp32 intermediates, so with
+compile on the activation figure is an upper bound (torchtitan: 82.4 -> 77.0 GiB for Llama
+3.1 8B on 8 H100, docs/performance.md).
 
+Checked against measurement: bench/plan_memory.py's CPU suite (debug, tiny and 125m presets;
+micro-batches 2-8; accumulation 1-2; checkpointing none, full, selective:2; fp32 and bf16
+autocast; one process and FSDP2 over 2 ranks) puts every estimate at 0.95-1.05 of the
+measured peak (bench/RESULTS.md). What remains: full checkpointing reads ~4% low on the small
+presets, the 125m preset without checkpointing ~4% high. The GPU suite (`--suite gpu`) is still
+to be run.
 Cross-check against published numbers: torchtitan's Llama 3.1 8B (seq 8192, local batch 2,
 8 H100, FSDP2, no accumulation) peaks at 82.4 GiB eager with selective *op* checkpointing,
-which saves more than full and less than none; this model puts that shape at 34 GiB with
-full checkpointing and 206 GiB with none (tests/test_plan.py holds the bracket).
+which saves more than full and less than none; this model puts that shape at 43 GiB with
+full checkpointing and 159 GiB with none (tests/test_plan.py holds the bracket).
 
 Time and cost
 -------------
@@ -98,7 +125,7 @@ Time and cost
 * Peak FLOP/s: NVIDIA datasheets, bf16 dense (without 2:4 sparsity): H100 SXM 989.4 TFLOP/s
   (H100 datasheet: 1,979 with sparsity), H200 SXM 989 (same Hopper tensor cores), A100 SXM
   312, B200 (HGX, 1,000 W) 2,250 (4,500 with sparsity). The same figures as
-  raylm.train.metrics.PEAK_BF16_FLOPS, which the training metrics' MFU uses.
+  raylm.train.metrics.PEAK_BF16_FLOPS for the GPUs that table has (it has no B200).
 * Prices: rough on-demand list prices per GPU-hour at the large clouds (8-GPU instances:
   AWS p5 / GCP a3-highgpu-8g class) as of 2025; they differ by region and change often, and
   spot or committed prices are far lower. The output says when it used one; pass --price.
@@ -166,9 +193,13 @@ class MemoryEstimate:
     params_bytes: int
     optimizer_bytes: int
     working_bytes: int
+    """Gathered or autocast-cast weights and reduce buffers, at the forward/backward peak."""
     carried_grad_bytes: int
+    """Gradients accumulated over the step's micro-batches (0 without accumulation)."""
     activation_bytes: int
+    """Saved and transient activations at the same instant as `working_bytes`."""
     grad_bytes: int
+    """Gradients at the optimizer step (this worker's shard)."""
     step_temp_bytes: int
 
     @property
@@ -298,7 +329,8 @@ def autocast_peak(m: ModelConfig, mode: str, tokens: int) -> tuple[int, int]:
     Autocast caches every copy until its context exits after the forward, so at the end of the
     forward all 2*Nm bytes are alive with the logits; then the copies of checkpointed blocks
     are freed (the recompute casts one block again) and those of the others stay saved for
-    backward while the loss's fp32 gradients are made. The larger of the two instants."""
+    backward while the loss's fp32 gradients are made (later, a recomputed block casts its
+    weights again). The largest of these instants."""
     parts = activation_bytes_per_token(m, mode, 2, 4)
     n_ckpt = checkpointed_count(mode, m.n_layers)
     saved = parts["saved"] + parts["head"]
@@ -307,6 +339,22 @@ def autocast_peak(m: ModelConfig, mode: str, tokens: int) -> tuple[int, int]:
     loss = (kept, int(tokens * (saved + parts["loss"])))
     recompute = (kept + (2 * m._block_matmul_params() if n_ckpt else 0), int(tokens * (saved + parts["recompute"])))
     return max(end_of_forward, loss, recompute, key=sum)
+
+
+def fsdp_peak(m: ModelConfig, mode: str, tokens: int, c: int) -> tuple[int, int]:
+    """(working weights and buffers, activations) at the forward/backward peak of an FSDP2
+    worker: at the start of backward (the root and the last block, which is not resharded
+    after forward, gathered; the loss's gradients alive) or, if larger, during a block's
+    backward (the root and two blocks gathered, the block's unsharded gradients and fp32
+    reduce-scatter input, the output head's unsharded gradient; a recomputed block alive)."""
+    parts = activation_bytes_per_token(m, mode, c, c)
+    Pb = block_params(m)
+    Pr = m.num_params() - m.n_layers * Pb
+    saved = parts["saved"] + parts["head"]
+    loss = (c * (Pr + Pb), int(tokens * (saved + parts["loss"])))
+    block = (c * (Pr + 2 * Pb) + (c + 4) * Pb + c * m.vocab_size * m.dim,
+             int(tokens * (parts["saved"] + parts["recompute"])))
+    return max(loss, block, key=sum)
 
 
 def estimate_memory(cfg: Config, world_size: int, device: str = "cuda",
@@ -325,12 +373,10 @@ def estimate_memory(cfg: Config, world_size: int, device: str = "cuda",
     c = 2 if bf16 else 4
     W = world_size
     N = m.num_params()
-    Pb = block_params(m)
-    Pr = N - m.n_layers * Pb
     k = rounds_per_step(cfg.sequences_per_step, W, B)
     sharded = W > 1 if fsdp is None else fsdp
     if sharded:  # FSDP2 gathers in the compute dtype; the residual stream is in it too
-        working, activations = c * (Pr + 2 * Pb) + (c + 4) * Pb, activation_bytes(m, mode, BT, c, c)
+        working, activations = fsdp_peak(m, mode, BT, c)
     elif bf16:
         working, activations = autocast_peak(m, mode, BT)
     else:  # fp32 weights are used as they are
@@ -508,9 +554,9 @@ def format_plan(p: Plan) -> str:
     share = f", 1/{W} each" if mem.sharded else ""
     layout = f"FSDP2 over {W} GPUs" if mem.sharded else "one GPU, a plain module"
     if mem.sharded:
-        working = f"working weights: {dtype} root + 2 gathered blocks, buffers"
+        working = f"gathered {dtype} weights, gradient reduce buffers"
     else:
-        working = "working weights: autocast bf16 copies" if mem.bf16 else "working weights (fp32: used as stored)"
+        working = "autocast's bf16 copies of the weights" if mem.bf16 else "working weights (none: fp32 used as stored)"
     if mem.carried_grad_bytes and mem.sharded:
         grads = f"gradients, fp32: whole over {mem.grad_accum_steps} micro-batches, 1/{W} at update"
     elif mem.carried_grad_bytes:
