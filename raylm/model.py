@@ -82,8 +82,9 @@ class ModelConfigError(ConfigError, ValueError):
     (one-line message, exit 2) for the CLI."""
 
 
-# `enable_gqa` appeared in torch 2.5; older versions must repeat K/V heads themselves.
-_SDPA_HAS_ENABLE_GQA = torch.__version__ >= "2.5"
+# `enable_gqa` appeared in torch 2.5; older versions must repeat K/V heads themselves. (Compared
+# as numbers: as strings "2.13" < "2.5".)
+_SDPA_HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 # ----------------------------------------------------------------------------------------

@@ -54,6 +54,19 @@ def quiet_ray_data():
     ctx.print_on_execution_start = False
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The test process computes on one thread: the models here are tiny, and on a 2-core machine
+    shared with Ray's processes, intra-op threads mostly wait on each other (an overfitting test
+    ran 18 s on two threads, 7 s on one). Spawned ranks and Ray workers set their own."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """The session's local Ray cluster, shut down at the end."""

@@ -295,3 +295,11 @@ def test_bf16_forward_uses_native_gqa_and_stays_close_to_fp32():
         logits = model.to(torch.bfloat16)(tokens)
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), reference, atol=2e-2, rtol=0)
+
+
+def test_native_gqa_is_on_for_every_supported_torch():
+    """pyproject requires torch >= 2.6, whose SDPA has enable_gqa: the flag must say so (it once
+    compared version strings, and "2.13" < "2.5" turned native GQA off)."""
+    import raylm.model as model
+
+    assert model._SDPA_HAS_ENABLE_GQA is True

@@ -205,9 +205,9 @@ def test_sampling_never_picks_an_id_the_tokenizer_does_not_have(local_run):
         model.output.weight[tokenizer.vocab_size:] = 0.0
         model.output.weight[tokenizer.vocab_size:, 0] = 1e4  # the out-of-range ids dominate the logits
     generator = torch.Generator().manual_seed(0)
-    text = sample(model, tokenizer, "def ", 8, temperature=1.0, top_k=0, max_seq_len=64, generator=generator)
+    text = sample(model, tokenizer, "def ", 8, temperature=1.0, top_k=0, generator=generator)
     assert isinstance(text, str)
-    assert sample(model, tokenizer, "def ", 8, temperature=0, top_k=0, max_seq_len=64) is not None
+    assert sample(model, tokenizer, "def ", 8, temperature=0, top_k=0) is not None
 
 
 def test_a_checkpoint_of_another_run_is_never_resumed_silently(local_run, tmp_path):

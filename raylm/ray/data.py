@@ -181,6 +181,9 @@ class TrainStream:
                  initial_checkpoint: str | None):
         self.cfg, self.tokenizer, self.plan, self.counter = cfg, tokenizer, plan, counter
         self.run_dir, self.initial_checkpoint = run_dir, initial_checkpoint
+        # Called on the Train controller, whose own DataContext shows progress bars: the
+        # driver's choice (`raylm.ray.connect.quiet_console`) travels with the stream.
+        self.progress_bars = ray.data.DataContext.get_current().enable_progress_bars
 
     def start(self) -> tuple[DataPosition | None, list[int] | None]:
         """(position, anchor) of the checkpoint the workers will restore, or (None, None)."""
@@ -204,7 +207,10 @@ class TrainStream:
                             counter=self.counter).dataset
         # Small blocks: the uneven split hands out whole blocks, so every worker gets rows
         # from the start and the stream's end leaves little behind in the others' buffers.
-        return _ordered(ds.repartition(target_num_rows_per_block=max(8, 4 * self.cfg.train.micro_batch_size)))
+        ds = _ordered(ds.repartition(target_num_rows_per_block=max(8, 4 * self.cfg.train.micro_batch_size)))
+        ds.context.enable_progress_bars = self.progress_bars
+        ds.context.print_on_execution_start = False
+        return ds
 
 
 def trainer_datasets(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing, run_dir: str,

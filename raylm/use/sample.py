@@ -19,14 +19,11 @@ def sample(
     max_new_tokens: int,
     temperature: float = 0.8,
     top_k: int = 40,
-    max_seq_len: int = 2048,
     add_bos: bool = True,
     generator: torch.Generator | None = None,
 ) -> str:
-    """Continue `prompt`; stops at EOS. temperature 0 is greedy.
-
-    `max_seq_len` is kept for callers; the context window is the model's own max_seq_len.
-    """
+    """Continue `prompt`; stops at EOS. temperature 0 is greedy; the context window is the
+    model's max_seq_len (`raylm.use.generate`)."""
     options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=0)
     return generate(model, tokenizer, prompt, options, add_bos=add_bos,
                     generator=generator if generator is not None else options.generator())
@@ -38,7 +35,7 @@ def print_samples(model: torch.nn.Module, tokenizer: Tokenizer, cfg, log=print) 
     outputs = []
     for prompt in cfg.run.sample_prompts:
         text = sample(model, tokenizer, prompt, cfg.run.sample_tokens, cfg.run.temperature, cfg.run.top_k,
-                      cfg.model.max_seq_len, cfg.data.add_bos, generator)
+                      cfg.data.add_bos, generator)
         outputs.append(text)
         log(f"--- sample: {prompt!r}\n{prompt}{text}\n")
     return outputs
