@@ -32,6 +32,7 @@ from test_autoscaler import ELASTIC, autoscaler_capacity, worker_bundle
 
 from raylm.config import load_config
 from raylm.plan import plan
+from raylm.train import checkpoint as ckpt
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+, as the images
 
@@ -404,18 +405,6 @@ def test_local_script_token_is_a_64_hex_file_of_mode_600_kept_across_calls(tmp_p
     assert again.returncode == 0 and token_file.read_text() == token and token_file.stat().st_mode & 0o777 == 0o600
 
 
-JOB = """\
-import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-ray.init()
-nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-where = ray.get([ray.remote(num_cpus=0)(lambda: ray.get_runtime_context().get_node_id())
-                 .options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes])
-print(f"tasks ran on {len(set(where))} of {len(nodes)} nodes")
-"""
-
-
 @pytest.mark.slow
 def test_local_cluster_script_runs_a_job_with_the_token_and_refuses_clients_without_it(tmp_path):
     """cluster/local.sh start --workers 1 on ports of its own, with a token file of this test
@@ -433,7 +422,7 @@ def test_local_cluster_script_runs_a_job_with_the_token_and_refuses_clients_with
                RAYLM_LOCAL_DIR=str(state))
     script = [str(CLUSTER / "local.sh")]
     start = subprocess.run([*script, "start", "--workers", "1", "--port", str(port), "--dashboard-port", str(dashboard),
-                            "--num-cpus", "1", "--", f"--object-store-memory={100 * 2**20}"],
+                            "--num-cpus", "2", "--", f"--object-store-memory={150 * 2**20}"],
                            env=env, capture_output=True, text=True, timeout=300)
     sessions = [int(p.read_text()) for p in state.glob("*.pid")]
     try:
@@ -447,21 +436,25 @@ def test_local_cluster_script_runs_a_job_with_the_token_and_refuses_clients_with
         # unpacked working_dir the job's driver runs in; seen with `raylm train` as the job).
         assert (state / "head").is_dir() and (state / "w1").is_dir()
 
-        job_dir = tmp_path / "job"
-        job_dir.mkdir()
-        (job_dir / "job.py").write_text(JOB)
-        # As docs/cluster.md submits: the address from RAY_ADDRESS, the driver on a node with a
-        # CPU (--entrypoint-num-cpus, as `raylm export` there), the token from the client's env.
-        submit = [str(RAY_BIN), "job", "submit", "--working-dir", str(job_dir), "--entrypoint-num-cpus=1", "--",
-                  "python", "job.py"]
+        # The guide's job, `raylm train` as a job, with the token from the client's env: it
+        # finishes and leaves its checkpoint. (2 logical CPUs a node: the data pipeline's actors
+        # and tasks and the worker must fit on the nodes at once.)
+        runs = tmp_path / "runs"
+        submit = [str(RAY_BIN), "job", "submit", "--working-dir", str(ROOT), "--",
+                  sys.executable, "-m", "raylm", "train", "configs/debug.yaml", f"run.output_dir={runs}",
+                  "train.max_steps=2", "train.eval_every=0", "run.sample_tokens=4", "data.val_fraction=0",
+                  "data.sources.0.max_bytes=100000", "tokenizer.sample_bytes=100000", "scaling.num_workers=1"]
         client = {**env, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}
-        done = subprocess.run(submit, env=client, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        done = subprocess.run(submit, env=client, capture_output=True, text=True, timeout=400, cwd=tmp_path)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "tasks ran on 2 of 2 nodes" in done.stdout and "succeeded" in done.stdout
+        assert "succeeded" in done.stdout
+        (run,) = runs.iterdir()
+        assert ckpt.latest_checkpoint(run) == run / ckpt.checkpoint_dir_name(2)
+        assert not (run / ".venv").exists()
         submission_id = re.search(r"Job '(raysubmit_\w+)' succeeded", done.stdout).group(1)
         logs = subprocess.run([str(RAY_BIN), "job", "logs", "-f", submission_id], env=client, capture_output=True,
                               text=True, timeout=120)
-        assert logs.returncode == 0 and "tasks ran on 2 of 2 nodes" in logs.stdout, logs.stdout + logs.stderr
+        assert logs.returncode == 0 and "final checkpoint" in logs.stdout, logs.stdout[-2000:] + logs.stderr[-2000:]
 
         wrong = tmp_path / "wrong_token"
         wrong.write_text("f" * 64)

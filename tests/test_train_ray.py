@@ -7,13 +7,7 @@ The reference run is trained once per module; resumed runs start from its step-k
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -151,57 +145,6 @@ def test_configs_that_cannot_work_fail_before_workers_start_with_one_line(ray_cl
 def test_reusing_a_run_name_without_resume_is_an_error_that_says_how_to_resume(reference_run, capsys):
     err = one_line_error([f"run.output_dir={reference_run.parent}", f"run.name={reference_run.name}"], capsys)
     assert f"run.resume_from={reference_run}" in err
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit_against_ray_start_head_finishes_and_leaves_its_checkpoint(tmp_path):
-    """A separate cluster (`ray start --head`, own ports and temp dir) runs `raylm train` as a job."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    port, dashboard = _free_port(), _free_port()
-    # Every port of its own: the in-process test cluster may hold the defaults (agent 52365,
-    # client server 10001, ...), and a head whose dashboard agent cannot bind takes no jobs.
-    ports = [f"--{flag}={_free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port")]
-    temp_dir = Path("/tmp") / f"raylm-job-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", *ports],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    runs = tmp_path / "runs"
-    try:
-        submit = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
-                  "--", sys.executable, "-m", "raylm", "train", "configs/debug.yaml",
-                  f"run.output_dir={runs}", "train.max_steps=2", "train.eval_every=0", "run.sample_tokens=4",
-                  "data.val_fraction=0", "data.sources.0.max_bytes=100000", "tokenizer.sample_bytes=100000",
-                  "scaling.num_workers=1"]
-        deadline = time.monotonic() + 120
-        while True:  # the job server and its agent come up some seconds after the head
-            done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
-            not_up = any(s in done.stdout + done.stderr for s in ("Failed to connect", "No available agent"))
-            if done.returncode == 0 or not not_up or time.monotonic() > deadline:
-                break
-            time.sleep(3)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "succeeded" in done.stdout
-        (run,) = runs.iterdir()
-        assert ckpt.latest_checkpoint(run) == run / ckpt.checkpoint_dir_name(2)
-        assert not (run / ".venv").exists()
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: ray start stops its own cluster on SIGTERM
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_resume_in_place_skips_a_damaged_latest_checkpoint_that_ray_reports(prepared_run):
