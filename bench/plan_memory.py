@@ -100,8 +100,20 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> None:
+    """Start the kernel's high-water mark (VmHWM) again at the current RSS: a peak from before
+    the baseline (imports, first-use compilation of modules) must not count as the step's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """VmHWM since the last `reset_peak_rss` (ru_maxrss would be the whole process lifetime's)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _free_port() -> int:
@@ -113,7 +125,6 @@ def _free_port() -> int:
 def measure(preset: str, seq_len: int, micro_batch: int, accum: int, ac: str, fsdp: bool, steps: int,
             precision: str = "auto") -> dict:
     import torch
-    import torch.distributed as dist
 
     from raylm.config import load_config
     from raylm.optim import build_optimizer
@@ -142,6 +153,8 @@ def measure(preset: str, seq_len: int, micro_batch: int, accum: int, ac: str, fs
         train_step(warm_model, warm_optimizer, warm_tokens, device, warm.train.precision, 1.0, 1)
         del warm_model, warm_optimizer
     base = rss_bytes()
+    if not cuda:
+        reset_peak_rss()
     if fsdp and world == 1:
         from torch.distributed.device_mesh import init_device_mesh
 
