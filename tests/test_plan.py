@@ -1,14 +1,12 @@
 """`raylm plan`: parameter and FLOP counts, the published Llama 2 7B check, the table, the fit
-verdict, one-line errors, and the memory estimate against a real measured peak (no Ray, no GPU)."""
+verdict, one-line errors (no Ray, no GPU). The memory estimate against measured peaks is a
+benchmark, `bench/plan_memory.py` (bench/RESULTS.md): a process's peak memory depends on its
+machine and what ran before it, as a test's assertion should not."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -137,16 +135,3 @@ def test_torchtitan_llama3_8b_published_peak_lies_between_full_and_no_checkpoint
     full = estimate_memory(cfg, 8, "cuda", "full").total_bytes / GIB
     none = estimate_memory(cfg, 8, "cuda", "none").total_bytes / GIB
     assert full < 82.4 < none
-
-
-def test_the_cpu_memory_estimate_is_within_15_percent_of_a_measured_peak():
-    """One real run (debug model, 2 steps, one process) measured by bench/plan_memory.py's
-    CPU mode: peak RSS above the baseline, with freed tensors returned to the OS at once."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "plan_memory.py"), "--preset", "debug",
-                           "--seq-len", "128", "--micro-batch", "8"],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["device"] == "cpu" and result["measured_bytes"] > 30 * 2**20
-    assert 0.85 <= result["ratio"] <= 1.15, result
