@@ -8,7 +8,7 @@ and packs with the same functions, so its rows equal the Ray Data pipeline's
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -40,16 +40,23 @@ def local_documents(cfg: Config, split: str, *, mixture: bool = True, listing: C
     return [Document(doc_id, text) for doc_id, text in docs]
 
 
-def pack_documents(docs: list[Document], tokenizer: Tokenizer, seq_len: int, add_bos: bool,
-                   batch_docs: int = 256) -> np.ndarray:
-    """All rows (N, seq_len + 1) of `docs` in document order; the last partial row is dropped."""
-    parts, carry = [], None
-    for start in range(0, len(docs), batch_docs):
-        texts = [d.text for d in docs[start : start + batch_docs]]
+def pack_batches(text_batches: Iterable[list[str]], tokenizer: Tokenizer, seq_len: int, add_bos: bool
+                 ) -> Iterator[np.ndarray]:
+    """Rows (n, seq_len + 1) of each batch of document texts in turn, the packing carried across
+    batches: together, one sequential pack of all the documents (the last partial row is dropped)."""
+    carry = None
+    for texts in text_batches:
         rows, carry, _ = tokenize_and_pack(
             texts, tokenizer.encode, seq_len, tokenizer.bos_id, tokenizer.eos_id, add_bos, carry
         )
-        parts.append(rows)
+        yield rows
+
+
+def pack_documents(docs: list[Document], tokenizer: Tokenizer, seq_len: int, add_bos: bool,
+                   batch_docs: int = 256) -> np.ndarray:
+    """All rows (N, seq_len + 1) of `docs` in document order; the last partial row is dropped."""
+    batches = ([d.text for d in docs[start : start + batch_docs]] for start in range(0, len(docs), batch_docs))
+    parts = list(pack_batches(batches, tokenizer, seq_len, add_bos))
     if not parts:
         return np.zeros((0, seq_len + 1), dtype=TOKEN_DTYPE)
     return np.concatenate(parts)

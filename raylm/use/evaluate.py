@@ -35,7 +35,8 @@ import torch
 from raylm.config import Config, SourceConfig
 from raylm.data.parse import split_documents
 from raylm.data.plan import plan_files
-from raylm.data.transforms import TOKEN_DTYPE, tokenize_and_pack
+from raylm.data.local import pack_batches
+from raylm.data.transforms import TOKEN_DTYPE
 from raylm.errors import ConfigError, DataError, EmptySplit
 from raylm.tokenizer import Tokenizer
 from raylm.train.step import loss_and_correct
@@ -81,22 +82,24 @@ def local_rows(cfg: Config, tokenizer: Tokenizer, split: str, max_rows: int | No
     """Packed rows of `split` made in this process, a file at a time (memory: one file plus a batch)."""
     d = cfg.data
     plan = plan_files(cfg, split, mixture=False)
-    carry, made = None, 0
-    for planned in plan.files:
-        with plan.filesystem.open_input_stream(planned.path) as stream:
-            data = stream.read()
-        docs, _ = split_documents([(data, planned.spec)], split, d.val_fraction, d.on_error)
-        for start in range(0, len(docs), LOCAL_BATCH_DOCS):
-            texts = [text for _, text in docs[start:start + LOCAL_BATCH_DOCS]]
-            rows, carry, _ = tokenize_and_pack(texts, tokenizer.encode, d.seq_len, tokenizer.bos_id,
-                                               tokenizer.eos_id, d.add_bos, carry)
-            if max_rows is not None:
-                rows = rows[:max_rows - made]
-            if len(rows):
-                made += len(rows)
-                yield rows
-            if max_rows is not None and made >= max_rows:
-                return
+
+    def text_batches() -> Iterator[list[str]]:
+        for planned in plan.files:
+            with plan.filesystem.open_input_stream(planned.path) as stream:
+                data = stream.read()
+            docs, _ = split_documents([(data, planned.spec)], split, d.val_fraction, d.on_error)
+            for start in range(0, len(docs), LOCAL_BATCH_DOCS):
+                yield [text for _, text in docs[start:start + LOCAL_BATCH_DOCS]]
+
+    made = 0
+    for rows in pack_batches(text_batches(), tokenizer, d.seq_len, d.add_bos):
+        if max_rows is not None:
+            rows = rows[:max_rows - made]
+        if len(rows):
+            made += len(rows)
+            yield rows
+        if max_rows is not None and made >= max_rows:
+            return
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,7 +148,7 @@ def evaluate_rows(model: torch.nn.Module, row_arrays, tokenizer: Tokenizer, *, b
             totals.loss_nats += float(loss_sum)
             totals.correct += int(correct)
             totals.tokens += targets.numel()
-            totals.bytes += int(spelled[targets.clamp(max=len(spelled) - 1)].sum())
+            totals.bytes += int(spelled[targets].sum())
             totals.sequences += len(chunk)
             if on_batch is not None:
                 on_batch(len(chunk))

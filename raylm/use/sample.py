@@ -46,7 +46,8 @@ def next_steps(run_dir: str) -> str:
     import os
     import shlex
 
-    path = os.path.relpath(run_dir) if not os.path.relpath(run_dir).startswith("..") else run_dir
+    relative = os.path.relpath(run_dir)
+    path = run_dir if relative.startswith("..") else relative
     run = shlex.quote(path)
     return "\n".join([
         "next, with this run:",
