@@ -346,6 +346,9 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         model_raw = {**dataclasses.asdict(base), **model_raw}
     cfg = _build(Config, raw, "")
     cfg.model = _build(ModelConfig, model_raw, "model")
+    if cfg.model.parametrization == "mup" and cfg.model.mup_base_dim is None:
+        # Pinned: a copy of this config at another width (a larger preset) keeps µP's base.
+        cfg.model.mup_base_dim = cfg.model.dim
     validate(cfg)
     return cfg
 

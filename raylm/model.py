@@ -28,6 +28,13 @@ Design choices, and why
 * **Untied output head by default**: Llama uses separate input and output embeddings; tying
   saves ``vocab * dim`` parameters, which matters only for small models, so it is an option
   (``tie_embeddings``).
+* **Width transfer (µP), optional**: ``parametrization: mup`` is the maximal update
+  parametrisation for Adam (Tensor Programs V, Yang et al. 2022) relative to a base width
+  ``mup_base_dim``: hidden matrices get init std and Adam learning rate scaled with their
+  fan-in, the logits a multiplier ``base_dim / dim``, attention the scale ``1 / head_dim``
+  (equal to ``1 / sqrt(head_dim)`` at the base head dim). At the base width it is the standard
+  model exactly, and a learning rate tuned at the base width holds at larger ones. The rules
+  live here, in ``ModelConfig``; see docs/mup.md.
 * **Meta-device friendly**: ``Transformer(config)`` under ``torch.device("meta")`` allocates
   nothing, and ``init_weights()`` re-initialises everything (parameters and rope buffers) in
   place. This is the FSDP2 path: build on meta, ``fully_shard`` every block, ``to_empty``,
@@ -55,6 +62,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -122,6 +130,20 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights (residual outputs are scaled
     down further, see ``Transformer.init_weights``)."""
+    parametrization: Literal["standard", "mup"] = "standard"
+    """``standard``: the usual init and one learning rate. ``mup``: maximal update
+    parametrisation relative to ``mup_base_dim`` (width-scaled init of hidden matrices and
+    their Adam LR, a logit multiplier, attention scale 1/head_dim), so that the learning rate
+    transfers across widths; see docs/mup.md. Equal to ``standard`` at the base width."""
+    mup_base_dim: int | None = None
+    """µP's base width: the ``dim`` at which ``mup`` equals ``standard`` and at which its
+    learning rate was tuned. None: this model's own ``dim`` (then ``mup`` changes nothing until
+    ``dim`` moves away from it; a loaded run config holds the resolved number). Ignored by
+    ``standard``."""
+    mup_base_head_dim: int | None = None
+    """µP's base head dim, where its attention scale equals 1/sqrt(head_dim). None:
+    ``mup_base_dim / n_heads`` (the base model has the same heads, so head_dim grows with
+    width); set it to ``head_dim`` when width grows by adding heads. Ignored by ``standard``."""
     init_from: str = ""
     """Start a fresh run from these weights instead of the random init: ``hf:DIR``, a Hugging
     Face Llama checkpoint directory (continued pretraining; see ``raylm.use.hf``). Empty: random
@@ -162,11 +184,68 @@ class ModelConfig:
 
     @property
     def ffn_hidden_dim(self) -> int:
+        return self._ffn_hidden_dim(self.dim)
+
+    def _ffn_hidden_dim(self, dim: int) -> int:
         # 2/3 of 4*dim keeps three SwiGLU matrices at the cost of two classic MLP matrices.
-        hidden = int(2 * 4 * self.dim / 3)
+        hidden = int(2 * 4 * dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    # -- width transfer (µP): every rule in one place (docs/mup.md has the table) ---------
+
+    @property
+    def base_dim(self) -> int:
+        """The width the parametrisation is relative to: ``dim`` itself under ``standard``."""
+        if self.parametrization != "mup" or self.mup_base_dim is None:
+            return self.dim
+        return self.mup_base_dim
+
+    @property
+    def base_head_dim(self) -> float:
+        """The head dim at which the attention scale is 1/sqrt(head_dim)."""
+        if self.parametrization != "mup":
+            return self.head_dim
+        if self.mup_base_head_dim is not None:
+            return self.mup_base_head_dim
+        return self.base_dim / self.n_heads
+
+    def hidden_lr_multiplier(self, ffn_down: bool = False) -> float:
+        """Adam LR multiplier of a hidden matrix: base fan-in / fan-in (1 under standard).
+
+        The fan-in is ``dim`` for wq, wk, wv, wo (its input is n_heads * head_dim = dim), w1
+        and w3, and the SwiGLU hidden size for w2 (``ffn_down``), compared with the hidden
+        size the same rounding gives at the base width. The init std of the matrix is scaled
+        by the square root of the same ratio (variance ~ 1/fan-in)."""
+        if self.parametrization != "mup":
+            return 1.0
+        if ffn_down:
+            return self._ffn_hidden_dim(self.base_dim) / self.ffn_hidden_dim
+        return self.base_dim / self.dim
+
+    @property
+    def output_multiplier(self) -> float:
+        """Factor on the logits: base_dim / dim (1 under standard and at the base width)."""
+        return self.base_dim / self.dim
+
+    @property
+    def attention_scale(self) -> float | None:
+        """Softmax scale of q.k: None (SDPA's 1/sqrt(head_dim)) under standard and at the base
+        head dim, else sqrt(base_head_dim) / head_dim, i.e. proportional to 1/head_dim."""
+        if self.base_head_dim == self.head_dim:
+            return None
+        return math.sqrt(self.base_head_dim) / self.head_dim
+
+    def lr_multiplier(self, name: str) -> float:
+        """Adam LR multiplier of the parameter called ``name`` in ``named_parameters()`` (any
+        wrapper prefix: FSDP2, activation checkpointing, torch.compile). Hidden matrices get
+        ``hidden_lr_multiplier``; the embedding, the output head (its width scaling is the
+        logit multiplier instead) and the norm gains get 1."""
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _HIDDEN_MATRICES:
+            return self.hidden_lr_multiplier(ffn_down=parts[-2] == "w2")
+        return 1.0
 
     # -- checks -------------------------------------------------------------------------
 
@@ -197,6 +276,19 @@ class ModelConfig:
             raise bad("n_heads", f"must divide model.dim={self.dim}")
         if self.n_heads % self.kv_heads != 0:
             raise bad("n_kv_heads", f"must divide model.n_heads={self.n_heads}")
+        if self.parametrization not in ("standard", "mup"):
+            raise bad("parametrization", "must be standard or mup")
+        for name in ["mup_base_dim", "mup_base_head_dim"]:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise bad(name, "must be a positive integer or null")
+        if self.parametrization == "mup" and self._ffn_hidden_dim(self.base_dim) <= 0:
+            raise bad("mup_base_dim", "gives a SwiGLU hidden size of 0 at the base width; choose a larger one")
+        if (self.init_from and self.parametrization == "mup" and self.tie_embeddings
+                and self.output_multiplier != 1.0):
+            raise bad("init_from", f"a Hugging Face model cannot become a µP model with tied embeddings away from "
+                      f"its base width (model.dim={self.dim}, model.mup_base_dim={self.mup_base_dim}): the logit "
+                      "multiplier would scale the shared embedding; set model.tie_embeddings=false")
         if self.head_dim % 2 != 0:
             raise bad(
                 "n_heads",
@@ -252,6 +344,9 @@ class ModelConfig:
         attention = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
         return float(6 * matmul_params + attention)
 
+
+# Linear layers of a block whose both dimensions grow with width ("hidden" in µP's terms).
+_HIDDEN_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 _PRESETS: dict[str, dict] = {
     # ~0.9M params: unit tests on CPU.
@@ -340,18 +435,19 @@ class RMSNorm(nn.Module):
 
 
 def _causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native_gqa: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native_gqa: bool, scale: float | None = None
 ) -> torch.Tensor:
     """Causal attention of q (B, H, T, D) over k, v (B, KV, T, D), KV dividing H.
 
     ``native_gqa`` lets SDPA broadcast the K/V heads itself; otherwise they are repeated so
-    every SDPA backend can be used.
+    every SDPA backend can be used. ``scale`` None is SDPA's 1/sqrt(D).
     """
-    return _grouped_attention(q, k, v, native_gqa, is_causal=True)
+    return _grouped_attention(q, k, v, native_gqa, is_causal=True, scale=scale)
 
 
 def _cached_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, native_gqa: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, native_gqa: bool,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Attention of q (B, H, T, D) at positions ``start_pos ..`` over the cached k, v
     (B, KV, start_pos + T, D): query i sees keys 0 .. start_pos + i.
@@ -362,29 +458,30 @@ def _cached_attention(
     """
     T, S = q.shape[2], k.shape[2]
     if start_pos == 0:
-        return _grouped_attention(q, k, v, native_gqa, is_causal=True)
+        return _grouped_attention(q, k, v, native_gqa, is_causal=True, scale=scale)
     mask = None
     if T > 1:
         query_pos = start_pos + torch.arange(T, device=q.device).unsqueeze(1)  # (T, 1)
         mask = torch.arange(S, device=q.device) <= query_pos  # (T, S), True = attend
-    return _grouped_attention(q, k, v, native_gqa, is_causal=False, mask=mask)
+    return _grouped_attention(q, k, v, native_gqa, is_causal=False, mask=mask, scale=scale)
 
 
 def _grouped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native_gqa: bool, is_causal: bool,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None, scale: float | None = None,
 ) -> torch.Tensor:
     """SDPA of q (B, H, T, D) over k, v (B, KV, S, D) with KV dividing H."""
     n_heads, n_kv_heads = q.shape[1], k.shape[1]
     if n_kv_heads == n_heads:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
     if native_gqa:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=True)
     # Query head h uses K/V head h // group: repeat_interleave keeps that grouping.
     group = n_heads // n_kv_heads
     k = k.repeat_interleave(group, dim=1)  # (B, H, S, D)
     v = v.repeat_interleave(group, dim=1)  # (B, H, S, D)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 
 # ----------------------------------------------------------------------------------------
@@ -441,6 +538,7 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.kv_heads
         self.head_dim = config.head_dim
+        self.scale = config.attention_scale  # None: 1/sqrt(head_dim); µP away from its base: ~1/head_dim
         self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -464,10 +562,10 @@ class Attention(nn.Module):
         # unequal head counts and SDPA silently falls back to the O(T^2)-memory math kernel.
         native_gqa = _SDPA_HAS_ENABLE_GQA and q.dtype in (torch.float16, torch.bfloat16)
         if cache is None:
-            out = _causal_attention(q, k, v, native_gqa)  # (B, H, T, D)
+            out = _causal_attention(q, k, v, native_gqa, self.scale)  # (B, H, T, D)
         else:
             k, v = cache.update(k, v, start_pos)  # (B, KV, start_pos + T, D) each
-            out = _cached_attention(q, k, v, start_pos, native_gqa)  # (B, H, T, D)
+            out = _cached_attention(q, k, v, start_pos, native_gqa, self.scale)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.wo(out)  # (B, T, dim)
 
@@ -533,6 +631,11 @@ class Transformer(nn.Module):
         (attention ``wo`` and feed-forward ``w2``) use ``init_std / sqrt(2 * n_layers)``:
         every block adds two such outputs to the residual stream, so without the scaling the
         stream's variance at init grows with depth (GPT-2 / nanoGPT). Norm gains are 1.
+        Under µP the hidden matrices' std is further multiplied by
+        ``sqrt(config.hidden_lr_multiplier(...))`` (variance ~ base fan-in / fan-in); the
+        embedding and output head keep ``init_std`` at every width (the output head's width
+        scaling is the logit multiplier). At the base width every factor is 1, so the same
+        seed gives the same weights as ``standard``.
         """
         config = self.config
         if config.tie_embeddings:
@@ -541,14 +644,17 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         std = config.init_std
         residual_std = std / math.sqrt(2 * config.n_layers)
+        # µP: hidden std ~ 1/sqrt(fan-in); both factors are exactly 1 under standard.
+        width = math.sqrt(config.hidden_lr_multiplier())
+        width_ffn_down = math.sqrt(config.hidden_lr_multiplier(ffn_down=True))
         nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
         for layer in self.layers:
             attention, feed_forward = layer.attention, layer.feed_forward
             inputs = (attention.wq, attention.wk, attention.wv, feed_forward.w1, feed_forward.w3)
             for linear in inputs:
-                nn.init.normal_(linear.weight, mean=0.0, std=std)
-            for linear in (attention.wo, feed_forward.w2):
-                nn.init.normal_(linear.weight, mean=0.0, std=residual_std)
+                nn.init.normal_(linear.weight, mean=0.0, std=std * width)
+            nn.init.normal_(attention.wo.weight, mean=0.0, std=residual_std * width)
+            nn.init.normal_(feed_forward.w2.weight, mean=0.0, std=residual_std * width_ffn_down)
             layer.attention_norm.reset_parameters()
             layer.ffn_norm.reset_parameters()
         self.norm.reset_parameters()
@@ -596,4 +702,7 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, cos, sin, cache.layers[i], start_pos)  # (B, T, dim)
         h = self.norm(h)  # (B, T, dim)
-        return self.output(h)  # (B, T, vocab_size)
+        logits = self.output(h)  # (B, T, vocab_size)
+        if self.config.output_multiplier != 1.0:  # µP away from its base width
+            logits = logits * self.config.output_multiplier  # (B, T, vocab_size)
+        return logits

@@ -32,6 +32,9 @@ CONFIGS = {
     # 8 heads over 2 K/V heads, tied output, other eps/theta, SwiGLU size from a multiplier and odd rounding
     "gqa-tied": dict(n_heads=8, n_kv_heads=2, tie_embeddings=True, norm_eps=1e-6, rope_theta=500000.0,
                      ffn_dim_multiplier=1.3, multiple_of=48),
+    # µP at 4x its base width: the logit multiplier 1/4 is folded into lm_head and the attention
+    # scale's ratio sqrt(8 / 32) = 1/2 into q_proj (powers of two, so import divides them out exactly)
+    "mup": dict(parametrization="mup", mup_base_dim=32),
 }
 
 

@@ -54,7 +54,7 @@ import torch.distributed as dist
 from raylm.config import Config
 from raylm.data.order import DataPosition, rounds_per_step, step_shares
 from raylm.errors import CheckpointError, TrainingError
-from raylm.optim import build_optimizer, lr_at, set_lr
+from raylm.optim import apply_group_settings, build_optimizer, lr_at, set_lr
 from raylm.train import checkpoint as ckpt
 from raylm.train.metrics import MetricsWriter, device_peak_flops, peak_memory_bytes
 from raylm.train.parallel import build_model, distributed_world
@@ -243,6 +243,7 @@ class Trainer:
         if self.facts is not None:
             check_resume(path, marker.get("facts"), self.facts, self.cfg.run.resume_changes)
         self.state.load_state_dict(ckpt.load_checkpoint(path, self.model, self.optimizer, verify=False))
+        apply_group_settings(self.optimizer, self.model, self.cfg.optimizer.weight_decay)  # the config's, not the saved
         self.restored_from = path
         self.sink.rewind(self.state.step)
         return self.state

@@ -21,6 +21,13 @@ output rows of wq and wk per head, channel 2k -> k and 2k+1 -> k + head_dim/2, g
 attention scores (q.k is unchanged when q and k are permuted alike); v and wo are untouched.
 Import applies the inverse permutation, so export then import gives the weights back bit for bit.
 
+µP models (`model.parametrization: mup`, docs/mup.md) export to a plain Llama with the same
+outputs: the logit multiplier base_dim / dim is folded into lm_head, and the attention scale's
+ratio to Llama's 1/sqrt(head_dim), sqrt(base_head_dim / head_dim), into wq (RoPE is a rotation,
+linear, so it commutes with the factor). Import into a µP config divides them out again (exact
+when the factors are powers of two). A µP model with tied embeddings away from its base width
+has no such export (the head is the embedding) and is refused in one line.
+
 Export reads a DCP checkpoint written by any number of ranks one shard's worth of tensors at a
 time (DCP reads only the byte ranges of the tensors asked for), converts tensor by tensor and
 writes each safetensors file before reading the next: memory holds at most about two output
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
 import shutil
@@ -83,17 +91,24 @@ _LAYER_NAMES = {
 
 @dataclass(frozen=True)
 class WeightEntry:
-    """One tensor in both namings; `rope_heads` is set for wq/wk (rows permuted per head)."""
+    """One tensor in both namings; `rope_heads` is set for wq/wk (rows permuted per head);
+    HF's tensor is raylm's times `scale` (µP's multipliers folded in, 1 otherwise)."""
 
     raylm: str
     hf: str
     shape: tuple[int, ...]
     rope_heads: int | None = None
+    scale: float = 1.0
 
 
 def weight_entries(cfg: ModelConfig) -> list[WeightEntry]:
     """Every tensor of the HF checkpoint, in transformers' order. With tied embeddings there is
     no lm_head: transformers ties it to embed_tokens from `tie_word_embeddings`."""
+    if cfg.tie_embeddings and cfg.output_multiplier != 1.0:
+        raise ConfigError(f"model.tie_embeddings=true with model.parametrization=mup at model.dim={cfg.dim} != "
+                          f"model.mup_base_dim={cfg.mup_base_dim} has no Llama equivalent: its logit multiplier "
+                          "would have to scale the shared embedding")
+    q_scale = 1.0 if cfg.attention_scale is None else math.sqrt(cfg.base_head_dim / cfg.head_dim)
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in Transformer(cfg).state_dict().items()}
     entries = [WeightEntry("tok_embeddings.weight", "model.embed_tokens.weight", shapes["tok_embeddings.weight"])]
@@ -101,10 +116,12 @@ def weight_entries(cfg: ModelConfig) -> list[WeightEntry]:
         for ours, theirs in _LAYER_NAMES.items():
             name = f"layers.{i}.{ours}"
             heads = cfg.n_heads if ours == "attention.wq.weight" else cfg.kv_heads if ours == "attention.wk.weight" else None
-            entries.append(WeightEntry(name, f"model.layers.{i}.{theirs}", shapes[name], heads))
+            scale = q_scale if ours == "attention.wq.weight" else 1.0
+            entries.append(WeightEntry(name, f"model.layers.{i}.{theirs}", shapes[name], heads, scale))
     entries.append(WeightEntry("norm.weight", "model.norm.weight", shapes["norm.weight"]))
     if not cfg.tie_embeddings:
-        entries.append(WeightEntry("output.weight", "lm_head.weight", shapes["output.weight"]))
+        entries.append(WeightEntry("output.weight", "lm_head.weight", shapes["output.weight"],
+                                   scale=cfg.output_multiplier))
     return entries
 
 
@@ -406,6 +423,8 @@ def _write_weights(checkpoint: Path, entries: list[WeightEntry], out: Path, dtyp
                 weight = source.pop(entry.raylm)  # dropped as soon as converted
                 if entry.rope_heads is not None:
                     weight = rope_to_hf(weight, entry.rope_heads)
+                if entry.scale != 1.0:
+                    weight = weight * entry.scale  # in the checkpoint's fp32, before any cast
                 tensors[entry.hf] = weight.to(dtype).contiguous()
                 weight_map[entry.hf] = name
                 bar.update(tensors[entry.hf].numel() * itemsize)
@@ -476,6 +495,8 @@ def hf_state_dict(hf_dir: str | Path, cfg: ModelConfig) -> dict[str, torch.Tenso
                                   f"needs {entry.shape}")
             if entry.rope_heads is not None:
                 weight = rope_from_hf(weight, entry.rope_heads)
+            if entry.scale != 1.0:
+                weight = weight.to(torch.float32) / entry.scale
             state[entry.raylm] = weight.to(torch.float32).contiguous()
     except (OSError, ValueError, RuntimeError) as e:  # safetensors reports damaged files as these
         if isinstance(e, RaylmError):
