@@ -26,6 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="tokenise and pack the corpus once into Parquet shards + manifest")
     _config_args(p)
 
+    p = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune: small proxy trainings, ASHA, best.yaml")
+    p.add_argument("sweep", nargs="?", metavar="SWEEP.yaml", help="sweep file, e.g. configs/sweeps/debug.yaml")
+    p.add_argument("overrides", nargs="*",
+                   help="sweep keys (num_samples=8) or config keys for every trial (train.max_steps=50)")
+    p.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep; finished trials are kept")
+    p.add_argument("--to-preset", metavar="NAME",
+                   help="write best.yaml for this model preset (e.g. 1b), keeping the transferable hyperparameters")
+    p.add_argument("--to", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override applied to best.yaml only, e.g. --to model.n_layers=24 (repeatable)")
+
     p = sub.add_parser("config", help="print the fully resolved config")
     _config_args(p)
 
@@ -115,6 +125,20 @@ def _use_command(args: argparse.Namespace) -> None:
         export_hf(args.path, args.out, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size))
 
 
+def _tune_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if (args.sweep is None) == (args.resume is None):
+        parser.error("tune: give a sweep file, or --resume SWEEP_DIR")
+    if args.resume and args.overrides:
+        parser.error("tune --resume: a resumed sweep keeps its settings; no overrides")
+    from raylm.ray.tune import resume_command, tune_command
+    from raylm.sweep import load_sweep
+
+    if args.resume:
+        resume_command(args.resume, to_preset=args.to_preset, to_overrides=args.to)
+    else:
+        tune_command(load_sweep(args.sweep, args.overrides), to_preset=args.to_preset, to_overrides=args.to)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Flags may sit between the config and its overrides (`train C --local a.b=1`): argparse
@@ -130,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in USE_COMMANDS:
             _use_command(args)
+            return 0
+        if args.command == "tune":
+            _tune_command(args, parser)
             return 0
         from raylm.config import load_config
 
@@ -161,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         run_dir = getattr(e, "run_dir", None)
-        if run_dir:
+        if getattr(e, "sweep_dir", None):
+            print(f"raylm: interrupted: finished trials are kept; continue with raylm tune --resume {e.sweep_dir}",
+                  file=sys.stderr)
+        elif run_dir:
             print(f"raylm: interrupted: the newest good checkpoint is kept; continue with run.resume_from={run_dir}",
                   file=sys.stderr)
         else:

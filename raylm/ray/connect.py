@@ -36,28 +36,31 @@ def configure_local_cluster() -> None:
     os.environ.setdefault(WORKERS_SOFT_LIMIT_VAR, str(workers_soft_limit()))
 
 
-def connect(progress_bars: bool = False) -> bool:
-    """Join RAY_ADDRESS or start a local cluster (no-op when Ray is up); True if this call started Ray."""
+def connect(progress_bars: bool = False, worker_logs: bool = True) -> bool:
+    """Join RAY_ADDRESS or start a local cluster (no-op when Ray is up); True if this call started Ray.
+
+    `worker_logs`: show the workers' output on this console (a sweep's trials keep theirs in
+    their run directories instead)."""
     if ray.is_initialized():
         quiet_console(progress_bars)
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=worker_logs)
     else:
         # Workers must import raylm even where it is not installed (a source checkout).
         root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         configure_local_cluster()
-        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True)
+        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=worker_logs)
     quiet_console(progress_bars)
     return True
 
 
 @contextlib.contextmanager
-def ray_session(progress_bars: bool = False):
+def ray_session(progress_bars: bool = False, worker_logs: bool = True):
     """Connect for the duration of a command; shut down only a cluster this call started."""
-    started = connect(progress_bars)
+    started = connect(progress_bars, worker_logs)
     try:
         yield
     finally:

@@ -1,0 +1,292 @@
+"""`raylm tune`: Ray Tune runs a sweep's trials, each a real training through `fit(spec)`.
+
+    tune_command(sweep, ...)   prepare the data once, run the Tuner, write results and best.yaml
+    resume_command(dir, ...)   `raylm tune --resume DIR`: Tuner.restore, the finished trials kept
+    trial(config, context)     one trial: its config from the sweep, then raylm's one fit function
+
+A trial is a Tune function trainable that fits a TorchTrainer (the Train V2 pattern;
+`Tuner(TorchTrainer)` is not a trainable in Ray 2.60). `EvalReports` forwards the trainer's
+evaluation reports to Tune, so ASHA sees the held-out loss at every evaluation and each Tune
+result is one evaluation. The sweep's logic (the file, its checks, the results) is
+`raylm.sweep`, which knows nothing of Ray.
+
+Trials read one prepared dataset in the sweep directory, tokenised and packed once before the
+first trial. Each trial's run directory is `runs/<trial id>` with its checkpoints; a trial
+restarted by Tune (a retry, or a resumed sweep) continues that run from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from raylm import sweep as sweeps
+from raylm.errors import ConfigError, RaylmError
+from raylm.ray.cluster import needs
+from raylm.ray.connect import ray_session
+from raylm.ray.errors import user_errors
+from raylm.sweep import Sweep, TrialOutcome
+from raylm.train import checkpoint as ckpt
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    def __init__(self, sweep_dir: Path):
+        super().__init__(str(sweep_dir))
+        self.sweep_dir = sweep_dir
+
+
+# ---------------------------------------------------------------------------------------
+# One trial
+
+
+class EvalReports(TuneReportCallback):
+    """Tune's report callback, forwarding only the trainer's evaluation reports (those that hold
+    the sweep's metric): ASHA and the searchers see one result per evaluation."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics and self.metric in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialContext:
+    sweep: Sweep
+    sweep_dir: str
+    prepared_path: str
+
+
+def trial(config: dict[str, Any], context: TrialContext) -> None:
+    """One Tune trial: the sweep's config with this trial's values, fitted by raylm's one fit function."""
+    from raylm.ray.train import fit
+    from raylm.train.runs import resolve_run
+
+    trial_id = tune.get_context().get_trial_id()
+    runs = Path(context.sweep_dir) / sweeps.RUNS_DIR
+    run_dir = runs / trial_id
+    extra = [f"run.output_dir={runs}", f"run.name={trial_id}", f"data.prepared_path={context.prepared_path}"]
+    if run_dir.exists():
+        if ckpt.latest_checkpoint(run_dir) is not None:
+            extra.append(f"run.resume_from={run_dir}")  # a retry or a resumed sweep continues the trial's run
+        else:  # it stopped before its first checkpoint: start again, keeping what it wrote aside
+            n = 1
+            while (aside := runs / f"{trial_id}.failed-{n}").exists():
+                n += 1
+            run_dir.rename(aside)
+    cfg = context.sweep.trial_config(config["params"], extra)
+    fit(resolve_run(cfg), wait_s=None, callbacks=[EvalReports(context.sweep.metric)])
+
+
+# ---------------------------------------------------------------------------------------
+# The Tuner
+
+
+def _search_space(sweep: Sweep) -> dict[str, Any]:
+    out = {}
+    for key, d in sweep.space.items():
+        lo_hi = d.values
+        if d.kind == "loguniform":
+            out[key] = tune.loguniform(*lo_hi)
+        elif d.kind == "uniform":
+            out[key] = tune.uniform(*lo_hi)
+        elif d.kind == "randint":
+            out[key] = tune.randint(lo_hi[0], lo_hi[1] + 1)  # both ends included
+        elif d.kind == "choice":
+            out[key] = tune.choice(list(d.values))
+        else:
+            out[key] = tune.grid_search(list(d.values))
+    return out
+
+
+def _search_alg(sweep: Sweep):
+    if sweep.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+
+            return OptunaSearch(metric=sweep.metric, mode=sweep.mode, seed=sweep.seed)
+        except (ImportError, AssertionError):
+            raise ConfigError(f"{sweep.path}: search=optuna needs the optuna package: "
+                              "pip install 'raylm[tune]' (or search: random)") from None
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=sweep.seed)
+
+
+def _scheduler(sweep: Sweep):
+    if sweep.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="step", max_t=sweeps.max_steps(sweep), grace_period=sweeps.grace_period(sweep),
+                         reduction_factor=sweep.asha.reduction_factor)
+
+
+def trials_that_fit(sweep: Sweep) -> int:
+    """How many trials the cluster holds at once: its resources over one trial's (workers + driver)."""
+    need = needs(sweep.base_config(), streaming=False)
+    need["CPU"] = need.get("CPU", 0.0) + sweep.trial_cpus
+    total = ray.cluster_resources()
+    fits = [math.floor(total.get(name, 0.0) / amount + 1e-9) for name, amount in need.items() if amount > 0]
+    return max(1, min(fits) if fits else 1)
+
+
+def _trainable(sweep: Sweep, sweep_dir: Path, prepared_path: str):
+    context = TrialContext(sweep, str(sweep_dir), prepared_path)
+    return tune.with_resources(tune.with_parameters(trial, context=context), {"CPU": sweep.trial_cpus})
+
+
+class Progress(tune.Callback):
+    """One line per evaluation and per finished trial, in place of Tune's status tables."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep  # no logger held: Tune pickles its callbacks with its state
+
+    @staticmethod
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.sweep.metric)
+        if value is not None:
+            self.log(f"trial {trial.trial_id}: step {result.get('step')} {self.sweep.metric} {value:.4f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        step = (trial.last_result or {}).get("step", 0)
+        done = "completed" if step >= sweeps.max_steps(self.sweep) else f"stopped at step {step}"
+        self.log(f"trial {trial.trial_id}: {done} ({_params_text(trial.config.get('params', {}))})")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.log(f"trial {trial.trial_id}: failed ({_params_text(trial.config.get('params', {}))})")
+
+
+def _params_text(params: dict) -> str:
+    return ", ".join(f"{k}={sweeps._short(v)}" for k, v in params.items())
+
+
+def prepare_shared_data(sweep: Sweep, sweep_dir: Path, log) -> str:
+    """Tokenise and pack once for every trial: the base config's prepared_path, else `prepared/`."""
+    from raylm.ray.prepare import prepare
+
+    base = sweep.base_config()
+    path = base.data.prepared_path or str(sweep_dir / sweeps.PREPARED_DIR)
+    cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, prepared_path=path))
+    with user_errors():
+        return str(prepare(cfg, log=log))
+
+
+def _tuner(sweep: Sweep, sweep_dir: Path, prepared_path: str, log):
+    max_concurrent = sweep.max_concurrent or trials_that_fit(sweep)
+    tune_config = tune.TuneConfig(
+        metric=sweep.metric, mode=sweep.mode, search_alg=_search_alg(sweep), scheduler=_scheduler(sweep),
+        num_samples=sweep.num_samples, max_concurrent_trials=max_concurrent,
+        trial_dirname_creator=lambda t: t.trial_id)
+    run_config = tune.RunConfig(
+        name=sweeps.TUNE_DIR, storage_path=str(sweep_dir), verbose=0, callbacks=[Progress(sweep)],
+        failure_config=tune.FailureConfig(max_failures=sweep.max_trial_failures))
+    log(f"sweep directory: {sweep_dir}; up to {max_concurrent} trial(s) at once")
+    return tune.Tuner(_trainable(sweep, sweep_dir, prepared_path), param_space={"params": _search_space(sweep)},
+                      tune_config=tune_config, run_config=run_config)
+
+
+def tune_command(sweep: Sweep, *, to_preset: str | None = None, to_overrides: list[str] = (), log=print) -> Path:
+    """`raylm tune SWEEP.yaml`: run every trial, then write the results and best.yaml; the sweep directory."""
+    sweep_dir = sweeps.sweep_dir_for(sweep)
+    if sweep_dir.exists():
+        raise ConfigError(f"{sweep_dir}: already exists; continue it with raylm tune --resume {sweep_dir}, "
+                          "or choose another name")
+    if sweep.search == "optuna":
+        _search_alg(sweep)  # a missing optuna is said before anything is written
+    with ray_session(worker_logs=False):
+        sweep_dir.mkdir(parents=True)
+        sweeps.save_sweep(sweep, sweep_dir)
+        prepared_path = prepare_shared_data(sweep, sweep_dir, log)
+        grid = _fit(_tuner(sweep, sweep_dir, prepared_path, log), sweep_dir)
+        return finish(sweep, sweep_dir, grid, prepared_path, to_preset, to_overrides, log)
+
+
+def resume_command(sweep_dir: str | Path, *, to_preset: str | None = None, to_overrides: list[str] = (),
+                   log=print) -> Path:
+    """`raylm tune --resume DIR`: restore the Tuner; finished trials are kept, unfinished ones continue."""
+    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    sweep = sweeps.read_saved_sweep(sweep_dir)
+    tune_path = sweep_dir / sweeps.TUNE_DIR
+    if not tune.Tuner.can_restore(str(tune_path)):
+        raise ConfigError(f"--resume {sweep_dir}: no Tune state to resume ({tune_path} is missing or empty); "
+                          "start the sweep again")
+    with ray_session(worker_logs=False):
+        prepared_path = prepare_shared_data(sweep, sweep_dir, log)
+        tuner = tune.Tuner.restore(str(tune_path), trainable=_trainable(sweep, sweep_dir, prepared_path),
+                                   resume_unfinished=True, resume_errored=True)
+        log(f"resuming sweep {sweep_dir}")
+        grid = _fit(tuner, sweep_dir)
+        return finish(sweep, sweep_dir, grid, prepared_path, to_preset, to_overrides, log)
+
+
+def _fit(tuner, sweep_dir: Path):
+    with user_errors():
+        grid = tuner.fit()
+    if len(grid) > grid.num_terminated + grid.num_errors:  # Ctrl-C: Tune saved its state and returned
+        raise SweepInterrupted(sweep_dir)
+    return grid
+
+
+# ---------------------------------------------------------------------------------------
+# Results
+
+
+def outcomes(sweep: Sweep, sweep_dir: Path, grid) -> list[TrialOutcome]:
+    steps_max = sweeps.max_steps(sweep)
+    out = []
+    for result in grid:
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        metrics = result.metrics or {}
+        value = metrics.get(sweep.metric)
+        steps = int(metrics.get("step", 0) or 0)
+        run_dir = sweep_dir / sweeps.RUNS_DIR / trial_id
+        latest = ckpt.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        curve = _curve(run_dir, sweep.metric)
+        out.append(TrialOutcome(
+            trial_id=trial_id, params=dict((result.config or {}).get("params", {})),
+            metric=float(value) if value is not None else None, steps=steps,
+            status=sweeps.trial_status(steps, steps_max, str(result.error) if result.error else None),
+            curve=curve, run_dir=str(run_dir), checkpoint=str(latest) if latest else None))
+    return sorted(out, key=lambda o: o.trial_id)
+
+
+def _curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
+    """(step, metric) at every evaluation of the trial's run, from step 0, as its metrics.jsonl holds them."""
+    from raylm.use.plot import read_metrics, series
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    steps, values = series(read_metrics(path)[0], metric)
+    return [(s, v) for s, v in zip(steps, values) if v == v]
+
+
+def finish(sweep: Sweep, sweep_dir: Path, grid, prepared_path: str, to_preset: str | None,
+           to_overrides: list[str], log) -> Path:
+    results = outcomes(sweep, sweep_dir, grid)
+    log(sweeps.results_table(results, sweep))
+    paths = sweeps.write_results(results, sweep, sweep_dir)
+    best = sweeps.best_trial(results, sweep.mode)
+    if best is None:
+        raise RaylmError(f"{sweep_dir}: no trial reported {sweep.metric}; see results.csv for each trial's status")
+    cfg, notes = sweeps.best_config(sweep, best, prepared_path, to_preset, list(to_overrides))
+    best_path = sweep_dir / "best.yaml"
+    cfg.save(best_path)
+    log(f"best trial {best.trial_id}: {sweep.metric} {best.metric:.4f} ({_params_text(best.params)})")
+    for note in notes:
+        log(f"note: {note}")
+    log(f"results: {paths['csv']}, {paths['json']}, {paths['plot']}")
+    log(f"train the winner: raylm train {best_path}")
+    return sweep_dir
