@@ -145,7 +145,8 @@ class TrainConfig:
 @dataclass
 class OptimizerConfig:
     lr: float = 1e-3
-    """Peak learning rate."""
+    """Peak learning rate. Under model.parametrization=mup, that of the base width: hidden
+    matrices get lr x base fan-in / fan-in (docs/mup.md)."""
     min_lr_ratio: float = 0.1
     """The schedule decays to lr * min_lr_ratio."""
     warmup_steps: int = 20
@@ -155,7 +156,9 @@ class OptimizerConfig:
     decay_fraction: float = 0.2
     """For wsd: fraction of steps spent in the final linear decay."""
     weight_decay: float = 0.1
-    """AdamW decay on matrices; norms, and embeddings, are not decayed."""
+    """AdamW decay on matrices; norms, and embeddings, are not decayed. Under µP a hidden group's
+    value is divided by its lr multiplier, so the decay per step (lr x weight_decay) is the same
+    at every width."""
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8

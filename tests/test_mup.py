@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,6 +189,49 @@ def test_the_schedule_and_a_checkpoint_round_trip_keep_each_groups_multiplier(tm
         sorted(2e-3 * g["lr_mult"] for g in optimizer.param_groups))
     for name, tensor in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], tensor), name
+
+
+def _two_rank_groups(rank: int, out: Path) -> dict:
+    """On each rank of a gloo group: a sharded µP model (activation checkpointing on, so names
+    carry a wrapper prefix), its groups by parameter name, one step, a DCP save and a load into
+    a fresh sharded model whose groups were spoiled."""
+    from raylm.train.parallel import build_model
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, ["model.preset=debug", "model.parametrization=mup", "model.mup_base_dim=32",
+                             "train.activation_checkpointing=full"])
+
+    def groups(model, optimizer) -> dict:
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {names[id(p)]: [g["lr_mult"], g["weight_decay"]] for g in optimizer.param_groups for p in g["params"]}
+
+    model, info = build_model(cfg, torch.device("cpu"))
+    optimizer = adam_steps(model, 1, 1e-3, tokens(vocab=cfg.model.vocab_size, batch=2, length=16))
+    ckpt.save_checkpoint(out / "ckpt", model, optimizer, {"step": 1})
+    fresh, _ = build_model(cfg, torch.device("cpu"), seed=5)
+    fresh_opt = build_optimizer(fresh, cfg.optimizer)
+    for group in fresh_opt.param_groups:
+        group["lr_mult"] = -1.0
+    ckpt.load_checkpoint(out / "ckpt", fresh, fresh_opt)
+    return {"sharded": info.sharded, "groups": groups(model, optimizer), "loaded": groups(fresh, fresh_opt),
+            "states": len(fresh_opt.state_dict()["state"])}
+
+
+def test_fsdp2_sharded_parameters_get_the_same_groups_and_a_dcp_checkpoint_restores_them(tmp_path):
+    """FSDP2 keeps the parameters' names (and the optimizer is built after sharding), so every
+    rank groups them as one process does, and DCP brings each group's settings back."""
+    from support import run_ranks
+
+    results = run_ranks(_two_rank_groups, tmp_path)
+    single = built(load_config(None, ["model.preset=debug", "model.parametrization=mup",
+                                      "model.mup_base_dim=32"]).model)
+    optimizer = build_optimizer(single, OptimizerConfig())
+    expected = {n: [group_of(optimizer, p)["lr_mult"], group_of(optimizer, p)["weight_decay"]]
+                for n, p in single.named_parameters()}
+    for result in results:
+        assert result["sharded"] and result["states"] == len(expected)
+        assert {n.replace("._checkpoint_wrapped_module", ""): v for n, v in result["groups"].items()} == expected
+        assert result["loaded"] == result["groups"]
 
 
 def test_invalid_mup_values_and_combinations_are_one_line_config_errors(tmp_path):
