@@ -702,7 +702,8 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, cos, sin, cache.layers[i], start_pos)  # (B, T, dim)
         h = self.norm(h)  # (B, T, dim)
-        logits = self.output(h)  # (B, T, vocab_size)
         if self.config.output_multiplier != 1.0:  # µP away from its base width
-            logits = logits * self.config.output_multiplier  # (B, T, vocab_size)
-        return logits
+            # The logit multiplier, applied before the (linear) head: a (B, T, dim) product
+            # instead of another (B, T, vocab_size) tensor of logits.
+            h = h * self.config.output_multiplier  # (B, T, dim)
+        return self.output(h)  # (B, T, vocab_size)
