@@ -158,6 +158,20 @@ def test_mup_forward_is_standard_attention_and_logits_with_the_multipliers_folde
         assert (plain(batch) - ours).abs().max() > 1e-3  # not vacuous: the factors change the logits
 
 
+def test_the_kv_cache_path_uses_the_same_attention_scale():
+    """Generation (prompt, then one token at a time through the KV cache) gives the logits of one
+    full forward pass under µP too."""
+    from raylm.model import KVCache
+
+    model = built(model_config(256, "mup", 64)).eval()
+    batch = tokens(batch=2, length=12)[:, :-1]
+    with torch.no_grad():
+        full = model(batch)
+        cache = KVCache(model.config)
+        steps = [model(batch[:, :8], cache, 0)] + [model(batch[:, t:t + 1], cache, t) for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_a_base_head_dim_equal_to_head_dim_keeps_the_standard_attention_scale():
     """Width grown by adding heads (head_dim fixed): mup_base_head_dim = head_dim keeps SDPA's scale."""
     cfg = model_config(256, "mup", 64, n_heads=16, n_kv_heads=4, mup_base_head_dim=16)
