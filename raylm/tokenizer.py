@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 
+from raylm import storage
 from raylm.errors import DataError
 
 if TYPE_CHECKING:
@@ -36,11 +37,14 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: tokenizer model not found")
+        """From a local file or an object-storage URI."""
         try:
-            return cls(path.read_bytes(), source=str(path))
+            with storage.errors(path, None, DataError):
+                data = storage.read_bytes(path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise DataError(f"{path}: tokenizer model not found") from None
+        try:
+            return cls(data, source=str(path))
         except RuntimeError as e:  # sentencepiece reports a bad proto as RuntimeError
             raise DataError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
 
@@ -96,12 +100,10 @@ class Tokenizer:
             raise DataError(_training_error(str(e), chunks, vocab_size, character_coverage, fixed_pieces)) from None
         return cls(out.getvalue())
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(self._proto)
-        tmp.replace(path)  # atomic: a crash never leaves half a tokenizer
+    def save(self, path: str | Path) -> str | Path:
+        """To a local file or an object-storage URI, whole or not at all (a crash never leaves half a tokenizer)."""
+        path = storage.location(path)
+        storage.write_bytes(path, self._proto)
         self.source = str(path)
         return path
 
@@ -155,13 +157,13 @@ def _training_error(message: str, chunks: list[str], vocab_size: int, character_
 
 
 def load_or_train(cfg: Config, sample: Callable[[], Iterable[str]], log: Callable[[str], None] = print,
-                  *keep: Path | None) -> Tokenizer:
+                  *keep: str | Path | None) -> Tokenizer:
     """The one load-or-train: tokenizer.path, else the first existing file of `keep` (a resumed
     checkpoint's tokenizer, the prepared data's), else the tokenizer of `model.init_from`
     (continued pretraining keeps the vocabulary the weights were trained with), else a new one
     trained on `sample()`."""
     t = cfg.tokenizer
-    existing = next((Path(p) for p in keep if p is not None and Path(p).is_file()), None)
+    existing = next((p for p in keep if p is not None and storage.is_file(p)), None)
     if t.path is not None:
         tokenizer = Tokenizer.load(t.path)
     elif existing is not None:

@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from raylm import storage
 from raylm.config import STDLIB_CORPUS, Config
 from raylm.data.corpus import hash_fraction, stdlib_files, stdlib_root
 from raylm.data.parse import FileSpec
@@ -101,8 +102,10 @@ def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
     cut = min((path.find(c) for c in _GLOB_CHARS if c in path), default=-1)
     if cut >= 0:
         static = path[:cut]
-    fs, fs_path = pafs.FileSystem.from_uri(static)
-    return fs, fs_path + path[len(static):] if cut >= 0 else fs_path
+    fs, fs_path = storage.resolve(static)  # the endpoint from the AWS environment (raylm.storage)
+    if cut < 0:
+        return fs, fs_path
+    return fs, fs_path + ("/" if static.endswith("/") else "") + path[len(static):]
 
 
 _SKIPPED_DIRS = {"__pycache__", "node_modules"}

@@ -5,6 +5,11 @@ sequences (`data.prepared_path`) and seek to any position instantly. The directo
 under a temporary name and renamed into place when complete, so it is either whole or absent;
 an existing directory is never overwritten (unless an identical config made it: nothing to do).
 
+On object storage (`data.prepared_path=s3://...`), which cannot rename a prefix, the shards
+are written in place and manifest.json last: a prefix without a manifest is no prepared data
+(the reader says so), a failed prepare removes what it wrote, and a prefix that already holds
+anything is never written into.
+
 Layout:  manifest.json, tokenizer.model, train/part-00000.parquet ..., validation/part-...
 Each shard has columns "index" (int64, the global sequence index) and "tokens"
 (fixed_size_list<int32>[seq_len + 1]); rows are in index order, 0, 1, 2, ...
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import raylm
+from raylm import storage
 from raylm.config import Config
 from raylm.data.order import PackedDataset
 from raylm.errors import DataError, EmptySplit
@@ -36,8 +42,9 @@ SHARD_ROWS = 16384
 SPLITS = ("train", "validation")
 
 
-def prepared_dir(cfg: Config) -> Path:
-    return Path(cfg.data.prepared_path or Path("prepared") / cfg.config_name)
+def prepared_dir(cfg: Config) -> str | Path:
+    """data.prepared_path (a local Path or a URI), or prepared/<config name>."""
+    return storage.location(cfg.data.prepared_path or Path("prepared") / cfg.config_name)
 
 
 def config_fingerprint(cfg: Config) -> str:
@@ -57,13 +64,14 @@ def config_fingerprint(cfg: Config) -> str:
 
 
 def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
+    path = storage.location(path)
     try:
-        return json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
+        with storage.errors(path, "data.prepared_path", DataError):
+            return json.loads(storage.read_bytes(storage.child(path, MANIFEST)))
+    except (FileNotFoundError, NotADirectoryError):
         raise DataError(f"data.prepared_path={str(path)!r}: no {MANIFEST} (not a directory written by raylm prepare)") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path / MANIFEST}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise DataError(f"{storage.child(path, MANIFEST)}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def check_prepared(cfg: Config, tokenizer_sha256: str) -> dict:
@@ -93,7 +101,7 @@ def data_fingerprint(manifest: dict, cfg: Config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def summary_lines(out: Path) -> list[str]:
+def summary_lines(out: str | Path) -> list[str]:
     manifest = read_manifest(out)
     lines = [f"prepared {out}: tokenizer sha256 {manifest['tokenizer_sha256'][:12]}, seq_len {manifest['seq_len']}"]
     for split, info in manifest["splits"].items():
@@ -117,13 +125,24 @@ def writing(cfg: Config):
 
     Yields None when an identical config prepared it already; DataError if another one did."""
     out = prepared_dir(cfg)
-    if out.exists():
-        manifest_path = out / MANIFEST
-        if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("config_sha256") == config_fingerprint(cfg):
-            yield None
-            return
+    with storage.errors(out, "data.prepared_path", DataError):
+        found = storage.exists(out)
+        manifest_path = storage.child(out, MANIFEST)
+        same = found and storage.is_file(manifest_path) and \
+            json.loads(storage.read_bytes(manifest_path)).get("config_sha256") == config_fingerprint(cfg)
+    if same:
+        yield None
+        return
+    if found:
         raise DataError(f"{out}: already exists and was not prepared by this config; "
                         "choose another data.prepared_path or remove it")
+    if storage.is_uri(out):
+        try:
+            yield out  # written in place, manifest.json last
+        except BaseException:
+            storage.delete_dir(out)
+            raise
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -135,13 +154,14 @@ def writing(cfg: Config):
         raise
 
 
-def write_split(cfg: Config, batches: Iterable[dict], out: Path, split: str,
+def write_split(cfg: Config, batches: Iterable[dict], out: str | Path, split: str,
                 bad_input: Callable[[], dict], log: Callable[[str], None]) -> dict:
     """Write packed row batches {"tokens", "index"} (in index order) as shards; return the split's manifest entry."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    (out / split).mkdir(parents=True)
+    storage.make_dirs(storage.child(out, split))
+    fs, fs_out = storage.resolve(out)
     width = cfg.data.seq_len + 1
     shards, pending, held, sequences = [], [], 0, 0
     start = last_log = time.perf_counter()
@@ -153,7 +173,7 @@ def write_split(cfg: Config, batches: Iterable[dict], out: Path, split: str,
             "index": pa.array(index, pa.int64()),
             "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.ravel(), pa.int32()), width),
         })
-        pq.write_table(table, out / name, compression="zstd")
+        pq.write_table(table, f"{fs_out}/{name}", filesystem=fs, compression="zstd")
         shards.append(name)
 
     for batch in batches:
@@ -186,7 +206,7 @@ def write_split(cfg: Config, batches: Iterable[dict], out: Path, split: str,
     }
 
 
-def write_manifest(cfg: Config, out: Path, tokenizer_sha256: str, vocab_size: int, splits: dict) -> None:
+def write_manifest(cfg: Config, out: str | Path, tokenizer_sha256: str, vocab_size: int, splits: dict) -> None:
     if splits["train"]["sequences"] == 0:
         raise EmptySplit(f"data.sources: the training split holds less than one sequence of {cfg.data.seq_len} tokens")
     manifest = {
@@ -204,7 +224,7 @@ def write_manifest(cfg: Config, out: Path, tokenizer_sha256: str, vocab_size: in
         "on_error": cfg.data.on_error,
         "splits": splits,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    storage.write_bytes(storage.child(out, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,15 +235,17 @@ def read_split(path: str | Path, split: str = "train", seed: int = 0, shuffle: b
     """A split's shards read whole, served by global index: instant seek, a seeded permutation per epoch."""
     import pyarrow.parquet as pq
 
-    path = Path(path)
+    path = storage.location(path)
     manifest = read_manifest(path)
     info = manifest["splits"].get(split)
     if not info or info["sequences"] == 0:
         raise EmptySplit(f"data.prepared_path={str(path)!r}: no {split} sequences")
     width = manifest["seq_len"] + 1
+    fs, fs_path = storage.resolve(path)
     shards = []
     for name in info["shards"]:
-        table = pq.read_table(path / name, columns=["tokens"])
+        with storage.errors(storage.child(path, name), "data.prepared_path", DataError):
+            table = pq.read_table(f"{fs_path}/{name}", filesystem=fs, columns=["tokens"])
         shards.append(table.column("tokens").combine_chunks().flatten().to_numpy().reshape(-1, width))
     rows = np.concatenate(shards) if len(shards) > 1 else shards[0]  # (N, L + 1) int32
     return PackedDataset(rows, seed=seed, shuffle=shuffle)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,6 +51,7 @@ import ray.train
 import torch
 from ray.train import DataConfig
 
+from raylm import storage
 from raylm.config import Config
 from raylm.data import prepared
 from raylm.data.order import DataPosition, PackedDataset, step_slots
@@ -189,7 +189,7 @@ class TrainStream:
         """(position, anchor) of the checkpoint the workers will restore, or (None, None)."""
         candidates = ckpt.list_checkpoints(self.run_dir)
         if self.initial_checkpoint is not None:
-            candidates.append(Path(self.initial_checkpoint))
+            candidates.append(storage.location(self.initial_checkpoint))
         found = ckpt.newest_good(candidates, log=lambda line: None) if candidates else None
         if found is None:
             return None, None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from raylm import storage
 from raylm.config import Config
 from raylm.data import prepared
 from raylm.data.plan import list_corpus, plan_files
@@ -16,11 +17,13 @@ from raylm.errors import EmptySplit
 from raylm.ray.cluster import check_cluster_fits
 from raylm.ray.data import iter_rows, packed_dataset, sample_documents
 from raylm.tokenizer import load_or_train
+from raylm.train.runs import check_storage
 
 
-def prepare(cfg: Config, log=print) -> Path:
-    """Write the prepared directory for `cfg` (Ray must be up); return its path."""
+def prepare(cfg: Config, log=print) -> str | Path:
+    """Write the prepared directory for `cfg` (Ray must be up); return its path (or URI)."""
     out = prepared.prepared_dir(cfg)
+    check_storage(cfg, reads_sources=True)  # an unreachable store or a missing bucket: one line, before any work
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared_path=str(out)))
     with prepared.writing(cfg) as tmp:
         if tmp is None:
@@ -29,7 +32,7 @@ def prepare(cfg: Config, log=print) -> Path:
         check_cluster_fits(cfg, workers=0, streaming=True)
         listing = list_corpus(cfg)
         tokenizer = load_or_train(cfg, lambda: sample_documents(cfg, listing), log)
-        tokenizer.save(tmp / prepared.TOKENIZER)
+        tokenizer.save(storage.child(tmp, prepared.TOKENIZER))
         log(f"tokenizer: {tokenizer.vocab_size} pieces, sha256 {tokenizer.sha256[:12]}")
         splits = {}
         for split in prepared.SPLITS:

@@ -33,6 +33,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from raylm import storage
 from raylm.config import Config
 from raylm.data import prepared
 from raylm.data.plan import list_corpus
@@ -44,7 +45,8 @@ from raylm.ray.errors import user_errors
 from raylm.train import checkpoint as ckpt
 from raylm.train.local import TrainResult, check_initial, checkpoint_files, log_bad_input, run_facts
 from raylm.train.metrics import MetricsWriter
-from raylm.train.runs import RunSpec, create_run_dir, discard_run_dir, is_uri, obtain_tokenizer, resolve_run
+from raylm.train.runs import (RunSpec, check_storage, create_run_dir, discard_run_dir, is_uri, obtain_tokenizer,
+                              resolve_run)
 from raylm.train.trainer import RankEnv, Trainer
 
 
@@ -68,7 +70,7 @@ def fit(spec: RunSpec, *, wait_s: float | None = FREE_WAIT_S, callbacks: list | 
                                                 else ""))
         with user_errors():
             listing = list_corpus(cfg) if streaming else None
-            prepared_path = Path(cfg.data.prepared_path) if not streaming else None
+            prepared_path = cfg.data.prepared_path if not streaming else None
             tokenizer = obtain_tokenizer(spec, lambda: sample_documents(cfg, listing), log, prepared_path)
             log(f"tokenizer: {tokenizer.vocab_size} pieces, sha256 {tokenizer.sha256[:12]}")
             facts = run_facts(cfg, tokenizer, listing)
@@ -94,11 +96,27 @@ def fit(spec: RunSpec, *, wait_s: float | None = FREE_WAIT_S, callbacks: list | 
         raise DataError(f"data.stream_passes={cfg.data.stream_passes}: the training stream ended after step "
                         f"{int(metrics['stream_ended'])} of {cfg.train.max_steps}; continue with "
                         f"run.resume_from={spec.run_dir} and more passes (or data.stream_passes unset)")
-    final = result.checkpoint
-    marker = ckpt.read_marker(final.path) if final is not None and Path(final.path).is_dir() else None
+    final = checkpoint_location(result.checkpoint, spec.run_dir) if result.checkpoint is not None else None
+    marker = ckpt.read_marker(final) if final is not None and storage.is_dir(final) else None
     if marker is not None and marker["train_state"]["step"] < cfg.train.max_steps:
         raise RunInterrupted(spec.run_dir)  # fit() returned early: Ray's Ctrl-C handler stopped it gracefully
-    return TrainResult(metrics, final.path if final is not None else None, spec.run_dir)
+    return TrainResult(metrics, str(final) if final is not None else None, spec.run_dir)
+
+
+def checkpoint_location(checkpoint: Checkpoint, run_dir: str) -> str:
+    """A Ray Train checkpoint as raylm names it: its local path, or its URI when the run directory
+    is on object storage (Ray keeps the path on its filesystem, `bucket/...`, without the scheme)."""
+    if not storage.is_uri(run_dir):
+        return checkpoint.path
+    return f"{run_dir.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}"
+
+
+def storage_config(spec: RunSpec) -> dict:
+    """RunConfig's storage_path (and, on object storage, storage_filesystem with raylm's endpoint)."""
+    if not storage.is_uri(spec.output_dir):
+        return {"storage_path": spec.output_dir}
+    fs, fs_path = storage.resolve(spec.output_dir)
+    return {"storage_path": fs_path, "storage_filesystem": fs}
 
 
 def scaling_config(cfg: Config) -> ScalingConfig:
@@ -121,7 +139,7 @@ def _torch_trainer(spec: RunSpec, tokenizer, facts, datasets: dict, counter, cal
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=spec.name,
-            storage_path=spec.output_dir,
+            **storage_config(spec),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures,
                                          max_preemption_failures=cfg.run.max_preemptions),
@@ -139,7 +157,8 @@ def _torch_trainer(spec: RunSpec, tokenizer, facts, datasets: dict, counter, cal
 
 def train_command(cfg: Config, log=print) -> TrainResult:
     """`raylm train`: connect (or start a local cluster), fit, and show samples of the final model."""
-    spec = resolve_run(cfg)  # before Ray starts: an impossible resume or name fails at once
+    check_storage(cfg)  # before Ray starts: an unreachable store, a missing bucket,
+    spec = resolve_run(cfg)  # an impossible resume or name fail at once
     with ray_session(), _sigterm_as_interrupt():
         result = fit(spec, log=log)
     if result.checkpoint is None:
@@ -160,7 +179,7 @@ def print_final_samples(checkpoint: str, log=print) -> None:
     from raylm.use.load import load_model, load_run_config
     from raylm.use.sample import print_samples
 
-    cfg = load_run_config(Path(checkpoint))
+    cfg = load_run_config(storage.location(checkpoint))
     if cfg.model.num_params() > 2e9:
         log("samples skipped: the model is too large to sample on the driver; use raylm generate")
         return
@@ -193,7 +212,7 @@ class RaySink:
     """A Ray Train worker's sink: metrics.jsonl/TensorBoard on rank 0, reports and checkpoints to Ray."""
 
     def __init__(self, run_dir: str, rank: int):
-        self.run_dir = Path(run_dir)
+        self.run_dir = storage.location(run_dir)
         self.writer = MetricsWriter(self.run_dir, enabled=rank == 0)
 
     def write(self, record: dict) -> None:
@@ -206,6 +225,7 @@ class RaySink:
         if checkpoint is None:
             ray.train.report(_numbers(record))
             return
+        self.writer.sync()  # a run directory on object storage gets the metrics so far
         try:
             ray.train.report(_numbers(record), checkpoint=Checkpoint.from_directory(str(checkpoint)),
                              checkpoint_dir_name=ckpt.checkpoint_dir_name(record["step"]))
@@ -219,14 +239,19 @@ class RaySink:
         """Ray Train's preemption notice (a barrier: every rank calls it at the same steps)."""
         return ray.train.get_preemption_info() is not None
 
-    def restore_candidates(self) -> list[Path]:
+    def restore_candidates(self) -> list[str | Path]:
         """Ray's latest reported checkpoint (after a restart, or a run continued in place) and the
-        run's checkpoints on disk: one completed while the driver was stopped is newer than Ray's."""
+        run's checkpoints in its directory: one completed while the driver was stopped is newer
+        than Ray's. On object storage they are URIs, read in place (each rank its own byte ranges)."""
         out = []
         latest = ray.train.get_checkpoint()
         if latest is not None:
-            local = type(latest.filesystem).__name__ == "LocalFileSystem"
-            out.append(Path(latest.path) if local else Path(latest.to_directory()))
+            if storage.is_uri(self.run_dir):
+                out.append(checkpoint_location(latest, str(self.run_dir)))
+            elif type(latest.filesystem).__name__ == "LocalFileSystem":
+                out.append(Path(latest.path))
+            else:
+                out.append(Path(latest.to_directory()))
         return out + ckpt.list_checkpoints(self.run_dir)
 
     def close(self) -> None:

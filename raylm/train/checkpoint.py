@@ -51,13 +51,14 @@ damage, not against an attacker, who can rewrite the marker too: safety comes fr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import pickle
+import posixpath
 import re
-import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
@@ -66,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
@@ -75,7 +77,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemBase
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -83,6 +85,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from raylm import storage
 from raylm.errors import CheckpointError
 from raylm.train.parallel import distributed_world
 
@@ -129,7 +132,7 @@ def _file_entry(size_bytes: int, digest) -> dict[str, Any]:
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     train_state: dict[str, Any], *, facts: dict[str, Any] | None = None,
-                    extra_files: dict[str, bytes] | None = None) -> Path:
+                    extra_files: dict[str, bytes] | None = None) -> str | Path:
     """Write this rank's shards to `path` (a collective: every rank calls it) and, on rank 0,
     `extra_files` and the marker that makes the checkpoint complete.
 
@@ -141,7 +144,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     once the marker is written. Raises CheckpointError on every rank, having written nothing,
     if a weight is non-finite.
     """
-    path = Path(path)
+    path = storage.location(path)
     rank, world = distributed_world()
     # Converted first so that a value JSON cannot hold fails on every rank before any write.
     train_state, facts = _plain(train_state), _plain(facts or {})
@@ -149,16 +152,16 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     for name in extra_files:
         _check_extra_name(name)
     _refuse_non_finite(path, model)
-    path.mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(path)
     save_id = _begin_save(path, rank)
     files = _save_dcp(path, model, optimizer, save_id)
     if rank == 0:
-        files.update({name: _write_atomic(path / name, data) for name, data in extra_files.items()})
+        files.update({name: _write_atomic(storage.child(path, name), data) for name, data in extra_files.items()})
     files = _merge_file_lists(_all_gather(files))
     if rank == 0:
         marker = {"format": FORMAT, "save_id": save_id, "world_size": world,
                   "train_state": train_state, "facts": facts, "files": files}
-        _write_atomic(path / MARKER, json.dumps(marker, indent=1).encode())
+        _write_atomic(storage.child(path, MARKER), json.dumps(marker, indent=1).encode())
     if world > 1:
         dist.barrier()  # so that on every rank, a returned save is a complete checkpoint
     return path
@@ -191,7 +194,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _refuse_non_finite(path: Path, model: torch.nn.Module) -> None:
+def _refuse_non_finite(path: str | Path, model: torch.nn.Module) -> None:
     """Raise on every rank if any rank's shard holds a NaN or inf, before anything is written."""
     named = [(name, _local(p.detach())) for name, p in model.named_parameters()]
     # One device-side reduction and one sync, not one per parameter.
@@ -210,20 +213,20 @@ def _refuse_non_finite(path: Path, model: torch.nn.Module) -> None:
     raise CheckpointError(f"refusing to save {path}: the model holds non-finite weights (parameter {bad})")
 
 
-def _begin_save(path: Path, rank: int) -> str:
+def _begin_save(path: str | Path, rank: int) -> str:
     """This save's id. Rank 0 first removes an earlier save's marker, so that a directory being
     rewritten is never taken for complete; the other ranks receive the id only after that, so the
     broadcast is the barrier that keeps every shard write behind the removal."""
     box = [uuid.uuid4().hex if rank == 0 else None]
     if rank == 0:
         for stale in (MARKER, MARKER + ".tmp", ".metadata"):  # .metadata: DCP would warn about it
-            (path / stale).unlink(missing_ok=True)
+            storage.delete_file(storage.child(path, stale))
     if distributed_world()[1] > 1:
         dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def _save_dcp(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def _save_dcp(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               save_id: str) -> dict[str, dict[str, Any]]:
     """DCP-save model, optimizer and RNG; return the files this rank wrote with their checksums."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -232,13 +235,8 @@ def _save_dcp(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     return dict(writer.fs.written)
 
 
-def _write_atomic(file: Path, data: bytes) -> dict[str, Any]:
-    tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
+def _write_atomic(file: str | Path, data: bytes) -> dict[str, Any]:
+    storage.write_bytes(file, data)  # whole or absent: a synced rename locally, one upload on object storage
     digest = _new_digest()
     digest.update(data)
     return _file_entry(len(data), digest)
@@ -291,40 +289,118 @@ class _HashingStream(io.IOBase):
             self._raw.close()
 
 
-class _HashingFileSystem(FileSystem):
-    """DCP's local file system, recording {file name: {bytes, blake2b}} of each file written."""
+class _LocalFileSystem(FileSystem):
+    """DCP's local file system, which can also tell a file's size."""
 
-    def __init__(self) -> None:
+    def size(self, path: str | os.PathLike) -> int:
+        return Path(path).stat().st_size
+
+
+class _ArrowFileSystem(FileSystemBase):
+    """DCP's file system interface over a pyarrow filesystem (object storage); paths are that
+    filesystem's own (`bucket/key`). Reads open random-access files, so each rank fetches only
+    the byte ranges of its shards (`SafeFileSystemReader._slice_file`); a rename is a copy."""
+
+    def __init__(self, fs: pafs.FileSystem):
+        self.fs = fs
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str):
+        opened = self.fs.open_output_stream(str(path)) if mode.startswith("w") else self.fs.open_input_file(str(path))
+        with opened as stream:
+            yield stream
+
+    def concat_path(self, path: str | os.PathLike, suffix: str) -> str:
+        return f"{str(path).rstrip('/')}/{suffix}"
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        self.fs.move(str(path), str(new_path))
+
+    def init_path(self, path: str | os.PathLike) -> str:
+        return str(path)
+
+    def mkdir(self, path: str | os.PathLike) -> None:
+        pass  # prefixes exist through their objects
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return True
+
+    def exists(self, path: str | os.PathLike) -> bool:
+        return self.fs.get_file_info(str(path)).type != pafs.FileType.NotFound
+
+    def rm_file(self, path: str | os.PathLike) -> None:
+        self.fs.delete_file(str(path))
+
+    def size(self, path: str | os.PathLike) -> int:
+        return self.fs.get_file_info(str(path)).size
+
+
+def _dcp_filesystem(path: str | Path) -> tuple[FileSystemBase, str]:
+    """(DCP file system, the checkpoint's path on it) for a local directory or a URI."""
+    if storage.is_uri(path):
+        fs, fs_path = storage.resolve(path)
+        return _ArrowFileSystem(fs), fs_path
+    return _LocalFileSystem(), str(path)
+
+
+class _HashingFileSystem(FileSystemBase):
+    """A DCP file system (local or object storage) recording {file name: {bytes, blake2b}} of
+    each file written through it."""
+
+    def __init__(self, base: _LocalFileSystem | _ArrowFileSystem) -> None:
         super().__init__()
+        self.base = base
         self.written: dict[str, dict[str, Any]] = {}
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str):
         if not mode.startswith("w"):  # DCP's writer only creates files; anything else passes
-            with super().create_stream(path, mode) as stream:
+            with self.base.create_stream(path, mode) as stream:
                 yield stream
             return
-        path = Path(path)
-        with super().create_stream(path, mode) as raw:
+        with self.base.create_stream(path, mode) as raw:
             stream = _HashingStream(raw)
             yield stream
             stream.close()
-        if path.stat().st_size != stream.size_bytes:  # written around the stream: a bug, not a user error
-            raise RuntimeError(f"{path}: {path.stat().st_size} bytes on disk but {stream.size_bytes} hashed")
-        self.written[path.name] = _file_entry(stream.size_bytes, stream.digest)
+        if (size := self.base.size(path)) != stream.size_bytes:  # written around the stream: a bug
+            raise RuntimeError(f"{path}: {size} bytes stored but {stream.size_bytes} hashed")
+        self.written[posixpath.basename(str(path))] = _file_entry(stream.size_bytes, stream.digest)
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
-        super().rename(path, new_path)  # DCP writes .metadata.tmp, then renames it
-        if (entry := self.written.pop(Path(path).name, None)) is not None:
-            self.written[Path(new_path).name] = entry
+        self.base.rename(path, new_path)  # DCP writes .metadata.tmp, then renames it
+        if (entry := self.written.pop(posixpath.basename(str(path)), None)) is not None:
+            self.written[posixpath.basename(str(new_path))] = entry
+
+    def concat_path(self, path: str | os.PathLike, suffix: str) -> str | os.PathLike:
+        return self.base.concat_path(path, suffix)
+
+    def init_path(self, path: str | os.PathLike) -> str | os.PathLike:
+        return self.base.init_path(path)
+
+    def mkdir(self, path: str | os.PathLike) -> None:
+        self.base.mkdir(path)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return True
+
+    def exists(self, path: str | os.PathLike) -> bool:
+        return self.base.exists(path)
+
+    def rm_file(self, path: str | os.PathLike) -> None:
+        self.base.rm_file(path)
 
 
 class _HashingWriter(FileSystemWriter):
     """DCP's file writer with hashing streams, recording raylm's save id in `.metadata`."""
 
-    def __init__(self, path: Path, save_id: str):
-        super().__init__(str(path), overwrite=True)
-        self.fs = _HashingFileSystem()
+    def __init__(self, path: str | Path, save_id: str):
+        base, fs_path = _dcp_filesystem(path)
+        # Object storage has no file to fsync: an upload is durable once it completes.
+        super().__init__(fs_path, overwrite=True, sync_files=isinstance(base, _LocalFileSystem))
+        self.fs = _HashingFileSystem(base)
+        self.path = self.fs.init_path(fs_path)
         self.raylm_save_id = save_id
 
     def storage_meta(self) -> StorageMeta | None:
@@ -359,10 +435,11 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
 
 
-def _read_metadata(path: Path):
+def _read_metadata(path: str | Path):
     try:
-        with open(path / ".metadata", "rb") as f:
-            return _MetadataUnpickler(f).load()
+        with storage.errors(path, None, CheckpointError):
+            data = storage.read_bytes(storage.child(path, ".metadata"))
+        return _MetadataUnpickler(io.BytesIO(data)).load()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no DCP .metadata file; not a checkpoint") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
@@ -370,12 +447,22 @@ def _read_metadata(path: Path):
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's reader with `.metadata` read by the allow-listed unpickler."""
+    """DCP's reader with `.metadata` read by the allow-listed unpickler; a local directory or a URI."""
+
+    def __init__(self, path: str | Path):
+        base, fs_path = _dcp_filesystem(path)
+        super().__init__(fs_path)
+        self.fs, self.path, self.location = base, base.init_path(fs_path), path
+
+    def _slice_file(self, file, sinfo):
+        if isinstance(self.fs, _ArrowFileSystem):  # one ranged read per item, not one request per torch.load read
+            return io.BytesIO(file.read_at(sinfo.length, sinfo.offset))
+        return super()._slice_file(file, sinfo)
 
     def read_metadata(self, *args: Any, **kwargs: Any):
         if kwargs.get("rank") is not None:
-            raise CheckpointError(f"{self.path}: per-rank metadata files are not supported")
-        metadata = _read_metadata(Path(self.path))
+            raise CheckpointError(f"{self.location}: per-rank metadata files are not supported")
+        metadata = _read_metadata(self.location)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -404,17 +491,17 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 def read_marker(path: str | Path) -> dict[str, Any] | None:
     """The cheap check: the parsed marker when it is valid and every file it lists is there with
     its size, else None. Reads no file contents."""
-    return _check_marker(Path(path))[0]
+    return _check_marker(storage.location(path))[0]
 
 
-def _check_marker(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+def _check_marker(path: str | Path) -> tuple[dict[str, Any] | None, str | None]:
     """(marker, None) when the cheap check passes, else (None, a one-line reason)."""
     try:
-        marker = json.loads((path / MARKER).read_text())
+        marker = json.loads(storage.read_bytes(storage.child(path, MARKER)))
     except FileNotFoundError:
         return None, f"{path}: no {MARKER} (not a checkpoint, or one cut short)"
     except (OSError, ValueError) as e:
-        return None, f"{path}/{MARKER}: unreadable ({e})"
+        return None, f"{path}/{MARKER}: unreadable ({str(e).splitlines()[0] if str(e) else e!r})"
     if not isinstance(marker, dict):
         return None, f"{path}/{MARKER}: not a JSON object"
     if marker.get("format") == _LEGACY_FORMAT:
@@ -424,22 +511,26 @@ def _check_marker(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{path}/{MARKER}: format {marker.get('format')!r}, expected {FORMAT!r}"
     if not isinstance(marker.get("files"), dict) or not isinstance(marker.get("train_state"), dict):
         return None, f"{path}/{MARKER}: no 'files' or 'train_state' object"
+    try:
+        sizes = storage.file_sizes(path)  # one listing (one request on object storage)
+    except OSError as e:
+        return None, f"{path}: cannot be listed ({str(e).splitlines()[0]})"
     for name, entry in marker["files"].items():
-        if reason := _listed_file_problem(path, name, entry):
+        if reason := _listed_file_problem(path, name, entry, sizes):
             return None, reason
     return marker, None
 
 
-def _listed_file_problem(path: Path, name: str, entry: Any) -> str | None:
+def _listed_file_problem(path: str | Path, name: str, entry: Any, sizes: dict[str, int]) -> str | None:
     if "/" in name or "\\" in name or name in ("", ".", ".."):
         return f"{path}/{MARKER}: file name {name!r} is not a plain name"
     if (not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int)
             or not isinstance(entry.get("blake2b"), str)):
         return f"{path}/{MARKER}: entry of {name} is not {{\"bytes\": int, \"blake2b\": hex}}"
-    file = path / name
-    if not file.is_file():
+    file = storage.child(path, name)
+    if name not in sizes:
         return f"{file}: missing"
-    if (size := file.stat().st_size) != entry["bytes"]:
+    if (size := sizes[name]) != entry["bytes"]:
         return f"{file}: {size} bytes, the marker says {entry['bytes']} (cut short or from another save)"
     return None
 
@@ -455,7 +546,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
     A collective when a process group with more than one rank is initialised (every rank calls
     it): rank r hashes files[r::world] of its own copy, and all ranks return the same answer.
     """
-    path = Path(path)
+    path = storage.location(path)
     marker, reason = _check_marker(path)
     if reason is None:
         rank, world = distributed_world()
@@ -464,10 +555,10 @@ def verify_checkpoint(path: str | Path) -> str | None:
     return next((r for r in _all_gather(reason) if r is not None), None)
 
 
-def _checksum_problem(path: Path, name: str, entry: dict[str, Any]) -> str | None:
+def _checksum_problem(path: str | Path, name: str, entry: dict[str, Any]) -> str | None:
     digest = _new_digest()
     try:
-        with open(path / name, "rb") as f:
+        with storage.open_input(storage.child(path, name)) as f:
             while chunk := f.read(_HASH_CHUNK_BYTES):
                 digest.update(chunk)
     except OSError as e:
@@ -481,16 +572,18 @@ def _checksum_problem(path: Path, name: str, entry: dict[str, Any]) -> str | Non
 # Choosing a checkpoint
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint directories of a run, oldest first (complete or not)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _DIR_RE.match(p.name))]
+def list_checkpoints(run_dir: str | Path) -> list[str | Path]:
+    """Checkpoint directories of a run, oldest first (complete or not): Paths for a local run
+    directory, URIs for one on object storage."""
+    run_dir = storage.location(run_dir)
+    with storage.errors(run_dir, None, CheckpointError):
+        entries = storage.list_dir(run_dir)
+    found = [(int(m.group(1)), storage.child(run_dir, name)) for e in entries
+             if e.type == pafs.FileType.Directory and (m := _DIR_RE.match(name := posixpath.basename(e.path)))]
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def latest_checkpoint(run_dir: str | Path) -> str | Path | None:
     """The newest complete checkpoint of a run by the cheap check (`read_marker`); incomplete ones
     are skipped. For the driver, which must not read every shard: the restore path on the
     workers picks its checkpoint with `newest_good`, which verifies checksums."""
@@ -501,7 +594,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def newest_good(candidates: Iterable[str | Path],
-                log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
+                log: Callable[[str], None] = print) -> tuple[str | Path, dict[str, Any]] | None:
     """(path, marker) of the newest candidate that passes `verify_checkpoint`, or None.
 
     Candidates are checkpoint directories in any order (duplicates and directories without a
@@ -522,15 +615,16 @@ def newest_good(candidates: Iterable[str | Path],
     return None
 
 
-def _by_step(candidates: Iterable[str | Path]) -> list[Path]:
+def _by_step(candidates: Iterable[str | Path]) -> list[str | Path]:
     """The distinct candidates that have a marker, highest step first (stable for ties)."""
-    seen: dict[Path, Path] = {}
+    seen: dict[str | Path, str | Path] = {}
     for candidate in candidates:
-        seen.setdefault(Path(candidate).resolve(), Path(candidate))
+        path = storage.location(candidate)
+        seen.setdefault(path if storage.is_uri(path) else path.resolve(), path)
     stepped = []
     for path in seen.values():
         try:
-            marker = json.loads((path / MARKER).read_text())
+            marker = json.loads(storage.read_bytes(storage.child(path, MARKER)))
         except (OSError, ValueError):
             continue  # no marker: not a checkpoint, nothing to warn about
         train_state = marker.get("train_state") if isinstance(marker, dict) else None
@@ -548,9 +642,10 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
         return
     oldest_kept = complete[-keep] if keep else None
     for path in checkpoints:
-        if oldest_kept is not None and path.name >= oldest_kept.name:
+        if oldest_kept is not None and storage.name_of(path) >= storage.name_of(oldest_kept):
             break
-        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            storage.delete_dir(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -565,7 +660,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     With `verify` (the default) every checksum is checked first and a damaged checkpoint is
     refused with CheckpointError naming the file; without it, only the cheap check runs.
     """
-    path = Path(path)
+    path = storage.location(path)
     reason = verify_checkpoint(path) if verify else _check_marker(path)[1]
     if reason is not None:
         raise CheckpointError(reason)
@@ -583,7 +678,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     if optim_sd is not None:
         state["optim"] = optim_sd
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
     except CheckpointException as e:  # DCP wraps each rank's error; ours are one-line user errors
         for failure, _traceback in e.failures.values():
             if isinstance(failure, CheckpointError):
@@ -602,17 +697,19 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     return marker["train_state"]
 
 
-def resolve_resume(path: str | Path) -> tuple[Path | None, Path]:
+def resolve_resume(path: str | Path) -> tuple[str | Path | None, str | Path]:
     """For `run.resume_from`: (run dir when `path` is a run directory, else None; checkpoint).
 
     A run directory resolves to its newest complete checkpoint; a checkpoint directory to
     itself. Raises CheckpointError with one line when there is nothing to resume from.
     Runs on the driver, so only the cheap check: the workers verify checksums when they load.
     """
-    path = Path(path).expanduser().resolve()
-    if not path.exists():
-        raise CheckpointError(f"run.resume_from={path}: no such run directory or checkpoint")
-    if (path / MARKER).exists() or (path / ".metadata").exists():
+    path = storage.location(path) if storage.is_uri(path) else Path(path).expanduser().resolve()
+    with storage.errors(path, "run.resume_from", CheckpointError):
+        if not storage.exists(path):
+            raise CheckpointError(f"run.resume_from={path}: no such run directory or checkpoint")
+        is_checkpoint = storage.exists(storage.child(path, MARKER)) or storage.exists(storage.child(path, ".metadata"))
+    if is_checkpoint:
         if (reason := _check_marker(path)[1]) is not None:
             raise CheckpointError(f"run.resume_from={path}: the checkpoint is not usable ({reason}); "
                                   "pass its run directory to resume from the newest complete one")

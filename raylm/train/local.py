@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,8 +23,9 @@ from raylm.errors import RunInterrupted
 from raylm.tokenizer import Tokenizer
 from raylm.train import checkpoint as ckpt
 from raylm.train.parallel import distributed_world, torchrun_group
-from raylm.train.runs import (CONFIG_FILE, TOKENIZER_FILE, RunFacts, RunSpec, check_resume, create_run_dir,
-                              discard_run_dir, obtain_tokenizer, resolve_run)
+from raylm.storage import is_uri
+from raylm.train.runs import (CONFIG_FILE, TOKENIZER_FILE, RunFacts, RunSpec, check_resume, check_storage,
+                              create_run_dir, discard_run_dir, obtain_tokenizer, resolve_run)
 from raylm.train.trainer import LocalSink, RankEnv, Trainer
 
 
@@ -83,6 +83,7 @@ def train_local(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
 
 def _train_local(cfg: Config, device: torch.device, rank: int, world: int, log: Callable[[str], None]) -> TrainResult:
     log = log if rank == 0 else (lambda line: None)
+    check_storage(cfg)
     spec = resolve_run(cfg)
     if rank == 0:
         spec = create_run_dir(spec)
@@ -93,8 +94,8 @@ def _train_local(cfg: Config, device: torch.device, rank: int, world: int, log: 
         if rank == 0:
             log(f"run directory: {spec.run_dir}" + (f" (from {spec.initial_checkpoint})" if spec.initial_checkpoint
                                                     else ""))
-            prepared_path = Path(cfg.data.prepared_path) if cfg.data.prepared_path else None
-            tokenizer = obtain_tokenizer(spec, lambda: tokenizer_sample(spec.cfg, listing), log, prepared_path)
+            tokenizer = obtain_tokenizer(spec, lambda: tokenizer_sample(spec.cfg, listing), log,
+                                         cfg.data.prepared_path)
             log(f"tokenizer: {tokenizer.vocab_size} pieces, sha256 {tokenizer.sha256[:12]}")
         tokenizer = _share(tokenizer, rank)
         facts = run_facts(spec.cfg, tokenizer, listing)
@@ -130,7 +131,7 @@ def _train_local(cfg: Config, device: torch.device, rank: int, world: int, log: 
         from raylm.use.sample import print_samples
 
         print_samples(trainer.model, tokenizer, cfg, log)
-    if latest is not None and rank == 0:
+    if latest is not None and rank == 0 and not is_uri(spec.run_dir):
         from raylm.use.sample import next_steps
 
         log(next_steps(spec.run_dir))

@@ -5,6 +5,13 @@ After a restore (a restart, a resize, a run continued in place) `rewind(step)` d
 records of the steps after the checkpoint, which are trained again, and marks the restart
 with one `{"step": S, "event": "restored"}` line; TensorBoard purges those steps too
 (`purge_step`), so both hold one curve.
+
+A run directory on object storage (s3://, gs://) cannot be appended to: the writer keeps
+metrics.jsonl and tensorboard/ in a local temporary directory, starting from the run's
+metrics.jsonl so far, and uploads them (`sync`) at every checkpoint, at least every
+SYNC_EVERY_S seconds while it writes, and when it closes. A rank 0 killed between two uploads
+loses only records of steps after the last checkpoint, which the restored run trains (and
+records) again.
 """
 
 from __future__ import annotations
@@ -12,10 +19,18 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
+
+from raylm import storage
+
+SYNC_EVERY_S = 60.0
+"""Longest time between uploads of the metrics of a run directory on object storage."""
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
 PEAK_BF16_FLOPS = {
@@ -52,10 +67,20 @@ class MetricsWriter:
         self.enabled = enabled and run_dir is not None
         self._file = None
         self._tb = None
+        self.remote: str | None = None
         if not self.enabled:
             return
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if storage.is_uri(run_dir):  # written here, uploaded by sync()
+            self.remote = str(storage.location(run_dir))
+            self.run_dir = Path(tempfile.mkdtemp(prefix="raylm-metrics-"))
+            try:
+                (self.run_dir / "metrics.jsonl").write_bytes(storage.read_bytes(f"{self.remote}/metrics.jsonl"))
+            except FileNotFoundError:
+                pass
+            self._synced_at = time.monotonic()
+        else:
+            self.run_dir = Path(run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         self._file = open(self.path, "a", buffering=1)
         self.tensorboard = tensorboard
@@ -102,11 +127,36 @@ class MetricsWriter:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, record["step"])
+        if self.remote is not None and time.monotonic() - self._synced_at >= SYNC_EVERY_S:
+            self.sync()
+
+    def sync(self) -> None:
+        """Upload metrics.jsonl and tensorboard/ to a run directory on object storage (no-op otherwise)."""
+        if not self.enabled or self.remote is None:
+            return
+        if self._file is not None:
+            self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+        storage.write_bytes(f"{self.remote}/metrics.jsonl", self.path.read_bytes())
+        if (self.run_dir / "tensorboard").is_dir():
+            storage.copy_dir(self.run_dir / "tensorboard", f"{self.remote}/tensorboard")
+        self._synced_at = time.monotonic()
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            self._file.flush()
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            self._tb.flush()
+        try:
+            self.sync()
+        finally:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+            if self.remote is not None and self.enabled:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                self.enabled = False

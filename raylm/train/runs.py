@@ -10,7 +10,9 @@ goes through the same three steps:
    error, since it would mix two runs' checkpoints.
 2. `create_run_dir(spec) -> RunSpec`: makes the directory with an exclusive `mkdir` (two runs
    started in the same second get `name` and `name-2`), writes config.yaml, and returns the
-   spec with its final name. A resumed run's directory, config.yaml and tokenizer.model are
+   spec with its final name. On object storage (`run.output_dir=s3://...`), which has no
+   exclusive create, a name is taken when no object lies under it yet and config.yaml is then
+   written at once; two starts racing for one name within that request are not told apart. A resumed run's directory, config.yaml and tokenizer.model are
    never rewritten. `discard_run_dir(spec)` undoes a failed start, removing only the files
    this start wrote.
 3. `obtain_tokenizer(...)`: the one load-or-train. Resuming never retrains: the run's (or
@@ -29,17 +31,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from raylm import storage
 from raylm.config import Config
-from raylm.errors import CheckpointError, ConfigError
+from raylm.errors import CheckpointError, ConfigError, DataError
+from raylm.storage import is_uri
 from raylm.tokenizer import Tokenizer, load_or_train
 from raylm.train import checkpoint as ckpt
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.model"
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,7 @@ class RunSpec:
 
     @property
     def run_dir(self) -> str:
-        return f"{self.output_dir.rstrip('/')}/{self.name}" if is_uri(self.output_dir) else str(
-            Path(self.output_dir) / self.name)
-
-    def local_run_dir(self) -> Path:
-        if is_uri(self.output_dir):
-            raise ConfigError(f"run.output_dir={self.output_dir}: run directories on object storage are not "
-                              "supported yet; use a local or shared file system path")
-        return Path(self.run_dir)
+        return str(storage.child(self.output_dir, self.name))
 
 
 def new_run_name(cfg: Config, now: dt.datetime | None = None) -> str:
@@ -81,10 +74,11 @@ def resolve_run(cfg: Config, now: dt.datetime | None = None) -> RunSpec:
     if cfg.run.resume_from:
         run_dir, initial = ckpt.resolve_resume(cfg.run.resume_from)
         if run_dir is not None:  # continue that run in place
-            if cfg.run.name not in (None, run_dir.name):
+            if cfg.run.name not in (None, storage.name_of(run_dir)):
                 raise ConfigError(f"run.name={cfg.run.name}: resuming {run_dir} continues that run; "
                                   "drop run.name or pass a checkpoint directory to start a new run from it")
-            return RunSpec(cfg, str(run_dir.parent), run_dir.name, str(initial), in_place=True)
+            return RunSpec(cfg, str(storage.parent_of(run_dir)), storage.name_of(run_dir), str(initial),
+                           in_place=True)
         initial_checkpoint = str(initial)
     else:
         initial_checkpoint = None
@@ -100,12 +94,29 @@ def resolve_run(cfg: Config, now: dt.datetime | None = None) -> RunSpec:
     return RunSpec(cfg, output_dir, name, initial_checkpoint)
 
 
+def check_storage(cfg: Config, reads_sources: bool | None = None) -> None:
+    """Before anything starts: every object-storage URI the config names has an endpoint that
+    answers and a bucket that exists, else one line naming the key and the URI (one request
+    per URI; local paths are checked where they are used). The sources are checked when the
+    run reads them (`reads_sources`; by default when there is no data.prepared_path)."""
+    storage.check_reachable(cfg.run.output_dir, "run.output_dir", ConfigError)
+    storage.check_reachable(cfg.run.resume_from, "run.resume_from", CheckpointError)
+    storage.check_reachable(cfg.data.prepared_path, "data.prepared_path", DataError)
+    storage.check_reachable(cfg.tokenizer.path, "tokenizer.path", DataError)
+    if reads_sources or (reads_sources is None and not cfg.data.prepared_path):
+        for i, source in enumerate(cfg.data.sources):
+            storage.check_reachable(source.path, f"data.sources.{i}.path", DataError)
+
+
 def create_run_dir(spec: RunSpec) -> RunSpec:
     """Make the run directory (atomically, never an existing one unless resuming in place) and
     write config.yaml; return the spec with its final name."""
     if spec.in_place:
         return spec
-    root = Path(spec.local_run_dir()).parent
+    if is_uri(spec.output_dir):
+        with storage.errors(spec.output_dir, "run.output_dir", ConfigError):
+            return _create_object_run_dir(spec)
+    root = Path(spec.run_dir).parent
     root.mkdir(parents=True, exist_ok=True)
     name, n = spec.name, 1
     while True:
@@ -122,12 +133,33 @@ def create_run_dir(spec: RunSpec) -> RunSpec:
     return dataclasses.replace(spec, name=name, cfg=final_cfg, created=True)
 
 
+def _create_object_run_dir(spec: RunSpec) -> RunSpec:
+    """create_run_dir on object storage: the first free name (no object under it), then config.yaml."""
+    name, n = spec.name, 1
+    while storage.exists(storage.child(spec.output_dir, name)):
+        if spec.cfg.run.name is not None:
+            raise ConfigError(f"run.name={spec.name}: {storage.child(spec.output_dir, name)} already exists; "
+                              "choose another run.name")
+        n += 1
+        name = f"{spec.name}-{n}"
+    final_cfg = dataclasses.replace(spec.cfg, run=dataclasses.replace(spec.cfg.run, name=name))
+    storage.write_bytes(storage.child(spec.output_dir, name, CONFIG_FILE), final_cfg.to_yaml().encode())
+    return dataclasses.replace(spec, name=name, cfg=final_cfg, created=True)
+
+
 def discard_run_dir(spec: RunSpec) -> None:
     """Undo a failed start: remove the files this start wrote and the directory if then empty.
     Anything else in it (another process's files) is left alone."""
     if not spec.created:
         return
-    run_dir = spec.local_run_dir()
+    if is_uri(spec.run_dir):  # an object-storage "directory" is gone with its last object
+        try:
+            for name in (CONFIG_FILE, TOKENIZER_FILE):
+                storage.delete_file(storage.child(spec.run_dir, name))
+        except OSError:
+            pass  # storage gone away: the failure being reported says so already
+        return
+    run_dir = Path(spec.run_dir)
     for name in (CONFIG_FILE, TOKENIZER_FILE):
         (run_dir / name).unlink(missing_ok=True)
     try:
@@ -140,26 +172,27 @@ def discard_run_dir(spec: RunSpec) -> None:
 # The tokenizer: one load-or-train for every driver.
 
 
-def resume_tokenizer_path(spec: RunSpec) -> Path | None:
+def resume_tokenizer_path(spec: RunSpec) -> str | Path | None:
     """The tokenizer a resumed run must keep: the checkpoint's own copy, else its run's."""
     if spec.initial_checkpoint is None:
         return None
-    checkpoint = Path(spec.initial_checkpoint)
-    for candidate in (checkpoint / TOKENIZER_FILE, checkpoint.parent / TOKENIZER_FILE):
-        if candidate.is_file():
+    checkpoint = storage.location(spec.initial_checkpoint)
+    for candidate in (storage.child(checkpoint, TOKENIZER_FILE),
+                      storage.child(storage.parent_of(checkpoint), TOKENIZER_FILE)):
+        if storage.is_file(candidate):
             return candidate
     return None
 
 
 def obtain_tokenizer(spec: RunSpec, sample: Callable[[], Iterable[str]], log: Callable[[str], None] = print,
-                     prepared: Path | None = None) -> Tokenizer:
+                     prepared: str | Path | None = None) -> Tokenizer:
     """`tokenizer.load_or_train` for a run: a resumed run keeps its checkpoint's tokenizer. Saved
     to a new run's directory; a resumed run's copy is never rewritten."""
     tokenizer = load_or_train(spec.cfg, sample, log, resume_tokenizer_path(spec),
-                              prepared / TOKENIZER_FILE if prepared else None)
-    run_dir = spec.local_run_dir()
-    if not (spec.in_place and (run_dir / TOKENIZER_FILE).is_file()):
-        tokenizer.save(run_dir / TOKENIZER_FILE)
+                              storage.child(prepared, TOKENIZER_FILE) if prepared else None)
+    saved = storage.child(spec.run_dir, TOKENIZER_FILE)
+    if not (spec.in_place and storage.is_file(saved)):
+        tokenizer.save(saved)
     return tokenizer
 
 

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from raylm import storage
 from raylm.config import Config
 from raylm.data.order import DataPosition, rounds_per_step, step_shares
 from raylm.errors import CheckpointError, TrainingError
@@ -70,9 +71,9 @@ class Sink(Protocol):
     """Where a run's metrics and checkpoints go; every rank calls every method at the same steps."""
 
     def write(self, record: dict) -> None: ...
-    def checkpoint_dir(self, step: int) -> Path: ...
-    def report(self, record: dict, checkpoint: Path | None) -> None: ...
-    def restore_candidates(self) -> list[Path]: ...
+    def checkpoint_dir(self, step: int) -> str | Path: ...  # a local directory or a URI
+    def report(self, record: dict, checkpoint: str | Path | None) -> None: ...
+    def restore_candidates(self) -> list[str | Path]: ...
     def rewind(self, step: int) -> None: ...
     def preempted(self) -> bool: ...
     def close(self) -> None: ...
@@ -147,23 +148,25 @@ class TrainState:
 
 
 class LocalSink:
-    """Metrics and checkpoints in a local (or shared) run directory, keeping the newest K checkpoints."""
+    """Metrics and checkpoints in a run directory (local, shared, or a URI on object storage, which
+    every rank writes its shards to directly), keeping the newest K checkpoints."""
 
     def __init__(self, run_dir: str | Path, keep_checkpoints: int, rank: int = 0):
-        self.run_dir, self.keep, self.rank = Path(run_dir), keep_checkpoints, rank
+        self.run_dir, self.keep, self.rank = storage.location(run_dir), keep_checkpoints, rank
         self.writer = MetricsWriter(self.run_dir, enabled=rank == 0)
 
     def write(self, record: dict) -> None:
         self.writer.write(record)
 
-    def checkpoint_dir(self, step: int) -> Path:
-        return self.run_dir / ckpt.checkpoint_dir_name(step)
+    def checkpoint_dir(self, step: int) -> str | Path:
+        return storage.child(self.run_dir, ckpt.checkpoint_dir_name(step))
 
-    def report(self, record: dict, checkpoint: Path | None) -> None:
+    def report(self, record: dict, checkpoint: str | Path | None) -> None:
         if checkpoint is not None and self.rank == 0:
+            self.writer.sync()
             ckpt.prune_checkpoints(self.run_dir, self.keep)
 
-    def restore_candidates(self) -> list[Path]:
+    def restore_candidates(self) -> list[str | Path]:
         return ckpt.list_checkpoints(self.run_dir)
 
     def rewind(self, step: int) -> None:
@@ -222,8 +225,8 @@ class Trainer:
         self.model = model
         self.optimizer = optimizer or build_optimizer(model, cfg.optimizer, env.device.type)
         self.state = TrainState()
-        self.restored_from: Path | None = None
-        self.last_checkpoint: Path | None = None
+        self.restored_from: str | Path | None = None
+        self.last_checkpoint: str | Path | None = None
         self.checkpointed_step: int | None = None
 
     # -- restore ---------------------------------------------------------------------------
@@ -232,7 +235,7 @@ class Trainer:
         """Load the newest good checkpoint among the sink's and the initial one, if any."""
         candidates = list(self.sink.restore_candidates())
         if self.initial_checkpoint is not None:
-            candidates.append(Path(self.initial_checkpoint))
+            candidates.append(storage.location(self.initial_checkpoint))
         found = ckpt.newest_good(candidates, log=self.log) if candidates else None
         if found is None:
             if self.initial_checkpoint is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from raylm import storage
 from raylm.config import Config, config_from_dict
 from raylm.errors import CheckpointError, ConfigError
 from raylm.tokenizer import Tokenizer
@@ -21,7 +22,7 @@ from raylm.train.parallel import build_model
 from raylm.train.runs import CONFIG_FILE, TOKENIZER_FILE
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path) -> str | Path:
     """A checkpoint directory as given, or the newest complete one of a run directory; a
     CheckpointError naming the path when there is none."""
     try:
@@ -30,17 +31,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(str(e).removeprefix("run.resume_from=")) from None
 
 
-def _beside(checkpoint: Path, name: str) -> Path:
-    for candidate in (checkpoint / name, checkpoint.parent / name):
-        if candidate.is_file():
+def _beside(checkpoint: str | Path, name: str) -> str | Path:
+    for candidate in (storage.child(checkpoint, name), storage.child(storage.parent_of(checkpoint), name)):
+        if storage.is_file(candidate):
             return candidate
     raise CheckpointError(f"{checkpoint}: no {name} in the checkpoint or its run directory")
 
 
-def load_run_config(checkpoint: Path) -> Config:
+def load_run_config(checkpoint: str | Path) -> Config:
     path = _beside(checkpoint, CONFIG_FILE)
     try:
-        return config_from_dict(yaml.safe_load(path.read_text()) or {})
+        return config_from_dict(yaml.safe_load(storage.read_bytes(path).decode()) or {})
     except (yaml.YAMLError, ConfigError) as e:
         raise CheckpointError(f"{path}: not a raylm config ({str(e).splitlines()[0]})") from None
 

@@ -1,0 +1,260 @@
+"""Where a run's files live: a local path or an object-storage URI (s3://, gs://), as a pyarrow filesystem.
+
+Plain Python and pyarrow, no Ray. Every path a config names (`data.sources[].path`,
+`data.prepared_path`, `run.output_dir`, `run.resume_from`, `tokenizer.path`) goes through
+`resolve(path) -> (pyarrow filesystem, path on it)`; the helpers below (read, write, list,
+delete, copy) take a local path or a URI alike, so the callers have one code path.
+
+Endpoint and credentials come from the standard AWS environment, never from a config file:
+
+- `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`: an S3-compatible endpoint (MinIO, moto, R2).
+  boto3 honours these; pyarrow before 26 does not (apache/arrow#49643), so raylm passes
+  `endpoint_override` (and `scheme="http"` for an http:// endpoint) itself.
+- `AWS_REGION`, else `AWS_DEFAULT_REGION`: the region. With neither and no endpoint, pyarrow
+  asks the bucket for its region (`FileSystem.from_uri`).
+- `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_PROFILE`, instance
+  roles: the AWS SDK's own credential chain, read by whichever process opens a file. The
+  filesystem objects raylm builds carry no keys, so the Ray processes that unpickle them (read
+  tasks, Train workers) use their node's credentials.
+
+gs:// goes through `FileSystem.from_uri` (pyarrow's GcsFileSystem and Google's default
+credentials). Object stores have no rename and no exclusive create: a file written here appears
+whole or not at all (one PUT, or a multipart upload completed on close), which is what the
+checkpoint marker and the prepared manifest, each written last, rely on.
+
+Errors: `check_reachable` says in one line when an endpoint cannot be reached or a bucket does
+not exist, naming the key and the URI, so that a run fails before it starts; `errors(...)`
+turns pyarrow's OSError into the caller's RaylmError the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from raylm.errors import ConfigError, RaylmError
+
+ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+REGION_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def is_uri(path: str | Path | None) -> bool:
+    return path is not None and "://" in str(path)
+
+
+def location(path: str | Path) -> str | Path:
+    """A path as raylm keeps it: a URI as a string (Path would fold its `//`), a local path as a Path."""
+    return str(path).rstrip("/") if is_uri(path) else Path(path)
+
+
+def child(base: str | Path, *names: str) -> str | Path:
+    """`base/name/...` for a URI or a local path."""
+    if is_uri(base):
+        return "/".join([str(base).rstrip("/"), *names])
+    return Path(base).joinpath(*names)
+
+
+def name_of(path: str | Path) -> str:
+    return posixpath.basename(str(path).rstrip("/")) if is_uri(path) else Path(path).name
+
+
+def parent_of(path: str | Path) -> str | Path:
+    if is_uri(path):
+        scheme, rest = str(path).rstrip("/").split("://", 1)
+        return f"{scheme}://{posixpath.dirname(rest)}"
+    return Path(path).parent
+
+
+def endpoint() -> str | None:
+    """The S3 endpoint the environment names (AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL), or None."""
+    return next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None)
+
+
+def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it) for a local path or a URI. ConfigError for a scheme pyarrow lacks."""
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(str(path)))
+    uri = str(path)
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        region = next((os.environ[v] for v in REGION_VARS if os.environ.get(v)), None)
+        fs = _s3(parsed.netloc, endpoint(), region)
+        return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
+    try:
+        fs, fs_path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        raise ConfigError(f"{uri}: not a storage URI this pyarrow can open ({_first_line(e)}); "
+                          "use a local path, s3:// or gs://") from None
+    return fs, fs_path.rstrip("/")
+
+
+@functools.lru_cache(maxsize=64)
+def _s3(bucket: str, endpoint_url: str | None, region: str | None) -> pafs.FileSystem:
+    """One S3FileSystem per (bucket, endpoint, region) in this process (resolving a region is a request)."""
+    if endpoint_url:
+        parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
+        return pafs.S3FileSystem(endpoint_override=parsed.netloc + parsed.path.rstrip("/"),
+                                 scheme=parsed.scheme or "https", region=region or "us-east-1")
+    if region:
+        return pafs.S3FileSystem(region=region)
+    return pafs.FileSystem.from_uri(f"s3://{bucket}")[0]  # asks the bucket for its region
+
+
+def where(path: str | Path) -> str:
+    """The endpoint a URI is reached through, for error messages."""
+    if is_uri(path) and str(path).startswith("s3://"):
+        return endpoint() or "AWS S3"
+    return urlparse(str(path)).scheme + " storage"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------
+# Checks and errors
+
+
+def check_reachable(path: str | Path | None, key: str, error: type[RaylmError] = ConfigError) -> None:
+    """For a URI: fail in one line naming `key` and the URI when its endpoint does not answer or
+    its bucket does not exist (one request). Local paths pass: their callers check them."""
+    if not is_uri(path):
+        return
+    fs, fs_path = resolve(path)
+    bucket = fs_path.split("/", 1)[0]
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as e:
+        raise error(f"{key}={path}: cannot reach the object store at {where(path)} ({_first_line(e)})") from None
+    if info.type == pafs.FileType.NotFound:
+        raise error(f"{key}={path}: bucket {bucket!r} does not exist at {where(path)}; create it or fix the URI")
+
+
+@contextlib.contextmanager
+def errors(path: str | Path, key: str | None, error: type[RaylmError]):
+    """Re-raise pyarrow's OSError (not FileNotFoundError) about `path` as one line of `error`."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        named = f"{key}={path}" if key else str(path)
+        at = f" at {where(path)}" if is_uri(path) else ""
+        raise error(f"{named}: storage error{at} ({_first_line(e)})") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+
+
+def info(path: str | Path) -> pafs.FileInfo:
+    fs, fs_path = resolve(path)
+    return fs.get_file_info(fs_path)
+
+
+def exists(path: str | Path) -> bool:
+    """A file, a directory, or (object storage) any object under the prefix."""
+    return info(path).type != pafs.FileType.NotFound
+
+
+def is_file(path: str | Path) -> bool:
+    return info(path).type == pafs.FileType.File
+
+
+def is_dir(path: str | Path) -> bool:
+    return info(path).type == pafs.FileType.Directory
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The file's bytes; FileNotFoundError when there is none."""
+    if not is_uri(path):
+        return Path(path).read_bytes()
+    fs, fs_path = resolve(path)
+    with fs.open_input_stream(fs_path) as f:
+        return f.read()
+
+
+def open_input(path: str | Path):
+    """A readable binary stream of the file (a context manager); FileNotFoundError when there is none."""
+    if not is_uri(path):
+        return open(path, "rb")
+    fs, fs_path = resolve(path)
+    return fs.open_input_stream(fs_path)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write the whole file at once so that a reader sees all of it or nothing: local files via a
+    synced temporary file renamed into place, objects by one upload (complete when it closes)."""
+    if is_uri(path):
+        fs, fs_path = resolve(path)
+        with fs.open_output_stream(fs_path) as f:
+            f.write(data)
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def make_dirs(path: str | Path) -> None:
+    """mkdir -p; on object storage nothing is needed (prefixes exist through their objects)."""
+    if not is_uri(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def list_dir(path: str | Path) -> list[pafs.FileInfo]:
+    """The entries directly in `path` (files and directories); [] when it does not exist."""
+    fs, fs_path = resolve(path)
+    return fs.get_file_info(pafs.FileSelector(fs_path, allow_not_found=True))
+
+
+def file_sizes(path: str | Path) -> dict[str, int]:
+    """{name: bytes} of the files directly in `path`: one listing, one request on object storage."""
+    return {posixpath.basename(i.path): i.size for i in list_dir(path) if i.type == pafs.FileType.File}
+
+
+def delete_file(path: str | Path) -> None:
+    """Remove a file if it is there."""
+    fs, fs_path = resolve(path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(fs_path)
+
+
+def delete_dir(path: str | Path) -> None:
+    """Remove a directory (or every object under a prefix) if it is there."""
+    fs, fs_path = resolve(path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(fs_path)
+
+
+def copy_dir(source: str | Path, destination: str | Path) -> None:
+    """Copy every file under `source` to the same relative path under `destination` (either may
+    be local or a URI); existing files of the same name are replaced, others are kept."""
+    src_fs, src = resolve(source)
+    dst_fs, dst = resolve(destination)
+    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+@contextlib.contextmanager
+def local_copy(path: str | Path) -> Iterator[Path]:
+    """A local directory with the files of `path`: itself when local, else a temporary download."""
+    if not is_uri(path):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="raylm-download-") as tmp:
+        copy_dir(path, tmp)
+        yield Path(tmp)

@@ -1,0 +1,213 @@
+"""Object storage for real: corpus, prepared shards, run directories and checkpoints on s3://.
+
+The server is moto's (`moto_server`, a local process speaking the S3 HTTP API), reached as
+any S3-compatible endpoint is: through AWS_ENDPOINT_URL and the AWS credential variables, set
+for this module only. Ray's processes inherit their environment from the cluster's start, so
+the session's local cluster is started again inside this module (and once more after it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from raylm import storage
+from raylm.cli import main as cli_main
+from raylm.config import load_config
+from raylm.data.corpus import stdlib_files, stdlib_root
+from raylm.train import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "raylm-test"
+CORPUS = f"s3://{BUCKET}/corpus"
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on a free local port for the session: its endpoint URL."""
+    moto = Path(sys.executable).with_name("moto_server")
+    if not moto.exists():
+        pytest.fail(f"{moto} is missing: install the test extra (pip install -e '.[test]')")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto_server did not answer at {url}")
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def s3(s3_server):
+    """AWS_ENDPOINT_URL and test credentials for this module (restored after it), the bucket, the
+    corpus uploaded to s3://raylm-test/corpus/ (a slice of the default corpus, as text files).
+
+    Ray's processes take their environment from the cluster's start: a cluster already up is
+    stopped here, `s3_ray` starts one with these variables, and the session's is started again
+    after the module."""
+    import ray
+
+    from conftest import start_local_ray
+
+    was_up = ray.is_initialized()
+    if was_up:
+        ray.shutdown()
+    saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"]}
+    os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=s3_server)
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    fs, _ = storage.resolve(f"s3://{BUCKET}")
+    pafs.S3FileSystem(endpoint_override=s3_server.removeprefix("http://"), scheme="http",
+                      allow_bucket_creation=True).create_dir(BUCKET)
+    root = stdlib_root()
+    for path in stdlib_files(200_000):
+        with fs.open_output_stream(f"{BUCKET}/corpus/{path.relative_to(root).as_posix()}") as f:
+            f.write(path.read_bytes())
+    yield s3_server
+    if ray.is_initialized():
+        ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if was_up:
+        start_local_ray()
+
+
+def s3_ls(uri: str) -> list[str]:
+    """Names directly under a URI."""
+    return sorted(storage.name_of(i.path) for i in storage.list_dir(uri))
+
+
+def s3_records(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_bytes(f"{run_dir}/metrics.jsonl").decode().splitlines()]
+
+
+def s3_losses(run_dir: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in s3_records(run_dir) if "loss" in r}
+
+
+# ---------------------------------------------------------------------------------------
+# Without Ray: `raylm train --local` on s3://
+
+
+LOCAL_STEPS, LOCAL_AT = 6, 3
+
+
+def local_config(out: str, *overrides: str):
+    return load_config(None, [
+        "model.preset=debug", "model.vocab_size=512", "model.max_seq_len=64", "data.seq_len=32",
+        f"data.sources=[{{path: '{CORPUS}/', format: text}}]", "tokenizer.sample_bytes=100000",
+        "data.val_fraction=0.1", f"train.max_steps={LOCAL_STEPS}", "train.global_batch_tokens=256",
+        "train.micro_batch_size=4", "train.eval_every=3", "train.eval_batches=1",
+        f"train.checkpoint_every={LOCAL_AT}", "train.log_every=1", "optimizer.warmup_steps=1", "optimizer.lr=3e-3",
+        f"run.output_dir={out}", "run.sample_tokens=0", "run.keep_checkpoints=5", *overrides,
+    ])
+
+
+def test_local_trainer_reads_s3_writes_its_run_to_s3_and_resumes_from_s3_exactly():
+    """`raylm train --local` with its corpus and run directory on s3://: config.yaml,
+    tokenizer.model, metrics.jsonl, TensorBoard events and checksummed checkpoints land in the run
+    directory on the bucket. A new run from s3://.../checkpoint_3 has the uninterrupted losses
+    (and keeps one checkpoint: keep-K on s3), and so does the run continued in place after its
+    newest checkpoint was cut short (its marker lost, as a kill during the upload leaves it)."""
+    from raylm.train.local import train_local
+
+    first = train_local(local_config(f"s3://{BUCKET}/local-runs"), log=lambda line: None)
+    run = first.run_dir
+    assert run.startswith(f"s3://{BUCKET}/local-runs/")
+    names = [ckpt.checkpoint_dir_name(s) for s in (LOCAL_AT, LOCAL_STEPS)]
+    assert s3_ls(run) == sorted(["config.yaml", "tokenizer.model", "metrics.jsonl", "tensorboard", *names])
+    assert any(n.startswith("events.out.tfevents") for n in s3_ls(f"{run}/tensorboard"))
+    assert first.checkpoint == f"{run}/{names[-1]}"
+    assert ckpt.verify_checkpoint(first.checkpoint) is None
+    assert {"config.yaml", "tokenizer.model", ".metadata"} <= set(ckpt.read_marker(first.checkpoint)["files"])
+    uninterrupted = s3_losses(run)
+    assert sorted(uninterrupted) == list(range(1, LOCAL_STEPS + 1))
+
+    start = f"{run}/{names[0]}"
+    resumed = train_local(local_config(f"s3://{BUCKET}/local-runs", f"run.resume_from={start}",
+                                       "run.keep_checkpoints=1"), log=lambda line: None)
+    after = s3_losses(resumed.run_dir)
+    assert sorted(after) == list(range(LOCAL_AT + 1, LOCAL_STEPS + 1))
+    for step in after:
+        assert after[step] == pytest.approx(uninterrupted[step], rel=1e-5)
+    assert [storage.name_of(p) for p in ckpt.list_checkpoints(resumed.run_dir)] == names[-1:]
+
+    storage.delete_file(f"{first.checkpoint}/{ckpt.MARKER}")
+    assert ckpt.latest_checkpoint(run) == start
+    continued = train_local(local_config(f"s3://{BUCKET}/local-runs", f"run.resume_from={run}"),
+                            log=lambda line: None)
+    assert continued.run_dir == run
+    records = s3_records(run)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, LOCAL_STEPS + 1))  # one curve
+    assert [(r["step"], r["dropped_records"]) for r in records if r.get("event") == "restored"] == \
+        [(LOCAL_AT, LOCAL_STEPS - LOCAL_AT)]
+    for step, loss in s3_losses(run).items():
+        assert loss == pytest.approx(uninterrupted[step], rel=1e-5)
+    assert ckpt.verify_checkpoint(first.checkpoint) is None  # saved again, whole
+
+    from raylm.use.load import load_model
+
+    model, tokenizer, cfg = load_model(run)  # generate / eval / export read a run on s3 too
+    assert cfg.run.output_dir == f"s3://{BUCKET}/local-runs" and tokenizer.vocab_size <= 512
+
+
+# ---------------------------------------------------------------------------------------
+# Errors: one line naming the URI, before anything starts
+
+
+def one_line_error(args: list[str], capsys) -> str:
+    start = time.monotonic()
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("raylm: error: "), err
+    assert time.monotonic() - start < 30
+    return err
+
+
+def test_an_unreachable_endpoint_or_a_missing_bucket_is_one_line_naming_the_uri(monkeypatch, tmp_path, capsys):
+    debug = str(ROOT / "configs/debug.yaml")
+    out = f"run.output_dir={tmp_path}"
+    missing = "s3://no-such-bucket/runs"
+    err = one_line_error(["train", debug, "--local", f"run.output_dir={missing}"], capsys)
+    assert f"run.output_dir={missing}: bucket 'no-such-bucket' does not exist" in err
+    err = one_line_error(["train", debug, out, "data.sources.0.path=s3://no-such-bucket/corpus/"], capsys)
+    assert "data.sources.0.path=s3://no-such-bucket/corpus/: bucket 'no-such-bucket' does not exist" in err
+    err = one_line_error(["train", debug, out, "run.resume_from=s3://no-such-bucket/runs/x"], capsys)
+    assert "run.resume_from=s3://no-such-bucket/runs/x: bucket" in err
+    err = one_line_error(["train", debug, "--local", out, f"data.sources.0.path={CORPUS}/nothing-here/"], capsys)
+    assert f"{CORPUS}/nothing-here/" in err and "no such file or directory" in err
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nobody listens there
+    err = one_line_error(["train", debug, "--local", f"run.output_dir=s3://{BUCKET}/runs"], capsys)
+    assert f"run.output_dir=s3://{BUCKET}/runs: cannot reach the object store at http://127.0.0.1:" in err
+    assert not any(tmp_path.iterdir())
