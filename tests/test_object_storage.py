@@ -211,3 +211,145 @@ def test_an_unreachable_endpoint_or_a_missing_bucket_is_one_line_naming_the_uri(
     err = one_line_error(["train", debug, "--local", f"run.output_dir=s3://{BUCKET}/runs"], capsys)
     assert f"run.output_dir=s3://{BUCKET}/runs: cannot reach the object store at http://127.0.0.1:" in err
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------
+# On Ray: Ray Data reads s3://, Ray Train's storage is the bucket
+
+
+RAY_STEPS, RAY_AT, G = 8, 4, 8  # debug preset: 8 sequences of 64 tokens per step
+TOKENIZER = f"s3://{BUCKET}/tokenizers/debug.model"
+
+
+def ray_config(out: str, *overrides: str):
+    """The debug preset on the s3 corpus, one worker, no held-out split (no evaluation pipeline to
+    build), the tokenizer read from s3:// (`s3_ray` trains it once)."""
+    return load_config(ROOT / "configs/debug.yaml", [
+        f"run.output_dir={out}", f"data.sources=[{{path: '{CORPUS}/', format: text}}]", "data.val_fraction=0",
+        f"tokenizer.path={TOKENIZER}", f"train.max_steps={RAY_STEPS}", f"train.checkpoint_every={RAY_AT}",
+        "train.eval_every=0", "train.log_every=1", "run.sample_tokens=0", "run.keep_checkpoints=2",
+        "scaling.num_workers=1", *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3):
+    """The local Ray cluster, started with the module's AWS environment (see `s3`), and the runs'
+    tokenizer at TOKENIZER."""
+    from conftest import start_local_ray
+
+    from raylm.data.local import train_tokenizer_local
+
+    cfg = ray_config("unused", "tokenizer.path=null")
+    train_tokenizer_local(cfg).save(TOKENIZER)
+    return start_local_ray()
+
+
+def _fit(spec):
+    from raylm.ray.train import fit
+
+    return fit(spec, log=lambda line: None).checkpoint
+
+
+def training_worker_pids() -> list[int]:
+    import ray
+
+    alive = ray._private.state.actors(actor_state_name="ALIVE").values()
+    return [a["Pid"] for a in alive if a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]
+
+
+def streaming_reference(cfg, tokenizer_uri: str) -> dict[int, float]:
+    """Losses of the same run in this process without Ray: one worker's stream is the packed
+    rows of the plan in index order (the same rows the Ray Data pipeline packs)."""
+    from support import ListSink
+
+    from raylm.data.local import local_documents, pack_documents
+    from raylm.data.order import PackedDataset
+    from raylm.tokenizer import Tokenizer
+    from raylm.train.trainer import RankEnv, Trainer
+
+    tokenizer = Tokenizer.load(tokenizer_uri)
+    rows = pack_documents(local_documents(cfg, "train"), tokenizer, cfg.data.seq_len, cfg.data.add_bos)
+    sink = ListSink()
+    Trainer(cfg, RankEnv(), sink, PackedDataset(rows, shuffle=False), log=lambda line: None).fit()
+    return sink.losses()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ray_run_streams_its_corpus_from_s3_is_killed_and_resumes_from_its_s3_checkpoint_exactly(s3_ray):
+    """Ray Data reads the corpus from s3://, Ray Train uploads the checkpoints to s3://. A SIGKILL
+    of the training worker after the first checkpoint restarts the run, which restores from the
+    bucket (its stream from the checkpoint's anchor) and finishes: every step is recorded once in
+    the run's metrics.jsonl on s3, each sequence is trained once, and every loss equals that of
+    the same training without Ray."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raylm.train.runs import resolve_run
+
+    cfg = ray_config(f"s3://{BUCKET}/ray-runs")
+    assert cfg.run.max_failures > 0
+    spec = resolve_run(cfg)
+    head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ref = ray.remote(num_cpus=0, max_retries=0)(_fit).options(scheduling_strategy=head).remote(spec)
+    try:
+        deadline = time.monotonic() + 240
+        while ckpt.latest_checkpoint(spec.run_dir) is None:
+            assert time.monotonic() < deadline, "no checkpoint on s3 within 240 s"
+            assert not ray.wait([ref], timeout=0)[0], "the run ended before its first checkpoint"
+            time.sleep(0.2)
+        os.kill(training_worker_pids()[0], signal.SIGKILL)
+        final = ray.get(ref, timeout=300)
+    finally:
+        ray.cancel(ref, force=True)
+
+    run = spec.run_dir
+    assert final == f"{run}/{ckpt.checkpoint_dir_name(RAY_STEPS)}" and ckpt.verify_checkpoint(final) is None
+    assert [storage.name_of(p) for p in ckpt.list_checkpoints(run)] == \
+        [ckpt.checkpoint_dir_name(s) for s in (RAY_AT, RAY_STEPS)]
+    records = s3_records(run)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, RAY_STEPS + 1))
+    restored = [r["step"] for r in records if r.get("event") == "restored"]
+    assert restored == [RAY_AT]
+    state = ckpt.read_marker(final)["train_state"]
+    assert state["data_watermark"] == RAY_STEPS * G and state["data_extra"] == []  # each sequence once
+    reference = streaming_reference(cfg, TOKENIZER)
+    for step, loss in s3_losses(run).items():
+        assert loss == pytest.approx(reference[step], rel=2e-4), step
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_prepare_writes_shards_to_s3_and_a_ray_run_resumes_from_an_s3_checkpoint_on_them(s3_ray, monkeypatch,
+                                                                                           capsys):
+    """`raylm prepare` reads the corpus from s3:// and writes its shards there (a second prepare
+    has nothing to do). `raylm train --local` trains from them into s3://; a Ray run started
+    from its s3://.../checkpoint_4 (run.resume_from) has its losses after step 4."""
+    from raylm.ray.prepare import prepare
+    from raylm.ray.train import train_command
+    from raylm.train.local import train_local
+
+    prepared = f"s3://{BUCKET}/prepared/debug"
+    data = f"data.prepared_path={prepared}"
+    assert prepare(ray_config("unused", data), log=lambda line: None) == prepared
+    assert s3_ls(prepared) == ["manifest.json", "tokenizer.model", "train"]
+    lines = []
+    prepare(ray_config("unused", data), log=lines.append)
+    assert lines == [f"{prepared}: already prepared by an identical config; nothing to do"]
+
+    out = f"s3://{BUCKET}/prepared-runs"
+    reference = train_local(ray_config(out, data), log=lambda line: None)
+    start = f"{reference.run_dir}/{ckpt.checkpoint_dir_name(RAY_AT)}"
+    resumed = train_command(ray_config(out, data, f"run.resume_from={start}"), log=lambda line: None)
+    assert resumed.run_dir.startswith(out) and resumed.run_dir != reference.run_dir
+    assert resumed.checkpoint == f"{resumed.run_dir}/{ckpt.checkpoint_dir_name(RAY_STEPS)}"
+    assert ckpt.verify_checkpoint(resumed.checkpoint) is None
+    before, after = s3_losses(reference.run_dir), s3_losses(resumed.run_dir)
+    assert sorted(after) == list(range(RAY_AT + 1, RAY_STEPS + 1))
+    for step in after:
+        assert after[step] == pytest.approx(before[step], rel=2e-4)
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nobody listens there
+    err = one_line_error(["prepare", str(ROOT / "configs/debug.yaml"), f"data.prepared_path={prepared}-2"], capsys)
+    assert f"data.prepared_path={prepared}-2: cannot reach the object store" in err
