@@ -33,8 +33,6 @@ import contextlib
 import functools
 import os
 import posixpath
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -248,13 +246,3 @@ def copy_dir(source: str | Path, destination: str | Path) -> None:
     dst_fs, dst = resolve(destination)
     pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
-
-@contextlib.contextmanager
-def local_copy(path: str | Path) -> Iterator[Path]:
-    """A local directory with the files of `path`: itself when local, else a temporary download."""
-    if not is_uri(path):
-        yield Path(path)
-        return
-    with tempfile.TemporaryDirectory(prefix="raylm-download-") as tmp:
-        copy_dir(path, tmp)
-        yield Path(tmp)

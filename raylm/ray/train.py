@@ -9,7 +9,10 @@
 
 Runs and resuming. Every run has its own directory `run.output_dir/run.name` (Ray Train's
 storage_path/name): config.yaml, tokenizer.model, metrics.jsonl, tensorboard/ and the
-checkpoint_<step> directories (each carrying the config and tokenizer too). Resuming is
+checkpoint_<step> directories (each carrying the config and tokenizer too). On object storage
+(`run.output_dir=s3://...`) Ray Train gets the bucket as `storage_filesystem` (raylm's, with the
+endpoint from the environment) and uploads the ranks' checkpoint directories there; raylm names
+Ray's checkpoints by their URIs (`checkpoint_location`). Resuming is
 explicit (`raylm.train.runs`). Ctrl-C or SIGTERM of the driver stops the workers; a
 checkpoint is complete and verified or ignored, so the newest good one is where a resumed run
 continues.

@@ -12,6 +12,12 @@ Torch core: no Ray. A checkpoint is a directory:
      "files": {".metadata": {"bytes": 9021, "blake2b": "<hex>"},
                "__0_0.distcp": {"bytes": 1048576, "blake2b": "<hex>"}, ...}}
 
+A checkpoint's path is a local directory or an object-storage URI (s3://, gs://; raylm.storage):
+functions return Paths for the one and URI strings for the other. On object storage DCP's files
+go through pyarrow (`_ArrowFileSystem`): each rank uploads its shards, rank 0 the marker last
+(one upload, so it appears whole or not at all); the cheap check is one listing; a load reads
+every tensor by a ranged read, so a rank fetches only its own shards' bytes.
+
 The schedule is a pure function of the step (raylm.optim.lr_at), so the step is all it needs.
 `facts` is opaque here: the trainer stores what must match on resume (tokenizer hash, seq_len,
 data fingerprint) and compares it.
