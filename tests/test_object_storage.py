@@ -193,7 +193,7 @@ def one_line_error(args: list[str], capsys) -> str:
     return err
 
 
-def test_an_unreachable_endpoint_or_a_missing_bucket_is_one_line_naming_the_uri(monkeypatch, tmp_path, capsys):
+def test_an_unreachable_endpoint_or_a_missing_bucket_is_one_line_naming_the_uri(s3, monkeypatch, tmp_path, capsys):
     debug = str(ROOT / "configs/debug.yaml")
     out = f"run.output_dir={tmp_path}"
     missing = "s3://no-such-bucket/runs"
@@ -210,6 +210,8 @@ def test_an_unreachable_endpoint_or_a_missing_bucket_is_one_line_naming_the_uri(
     err = one_line_error(["train", debug, "--local", f"run.output_dir=s3://{BUCKET}/runs"], capsys)
     assert f"run.output_dir=s3://{BUCKET}/runs: cannot reach the object store at http://127.0.0.1:" in err
     assert not any(tmp_path.iterdir())
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3)
+    storage.check_reachable(f"s3://{BUCKET}/runs", "run.output_dir")  # the S3-specific variable wins, as in boto3
 
 
 # ---------------------------------------------------------------------------------------
