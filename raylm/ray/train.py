@@ -44,6 +44,7 @@ from raylm.errors import DataError, RunInterrupted
 from raylm.ray.cluster import FREE_WAIT_S, check_cluster_fits
 from raylm.ray.connect import ray_session
 from raylm.ray.data import data_config, sample_documents, trainer_datasets, worker_sources
+from raylm.ray.elastic import elastic_callbacks
 from raylm.ray.errors import user_errors
 from raylm.train import checkpoint as ckpt
 from raylm.train.local import TrainResult, check_initial, checkpoint_files, log_bad_input, run_facts
@@ -147,7 +148,7 @@ def _torch_trainer(spec: RunSpec, tokenizer, facts, datasets: dict, counter, cal
             failure_config=FailureConfig(max_failures=cfg.run.max_failures,
                                          max_preemption_failures=cfg.run.max_preemptions),
             logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), *elastic_callbacks(cfg.scaling)],  # a fresh cluster view for resizes
         ),
         datasets=datasets or None,
         dataset_config=data_config(cfg) if datasets else None,
