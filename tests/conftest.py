@@ -18,7 +18,10 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["PYTHONPATH"] = os.pathsep.join(  # train functions defined in test modules unpickle in workers
     p for p in (str(REPO_ROOT), str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH")) if p
 )
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+# Ray Train's wait for a worker group's placement group (only that, not the workers' start): a
+# group sized from a stale view of the cluster never places and is retried smaller after it,
+# so a short wait bounds that cost (raylm/ray/elastic.py keeps the view fresh; Ray's default 60 s).
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 

@@ -40,6 +40,18 @@ def elastic_config(out: Path, *overrides: str):
 
 
 @pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> str:
+    """`tokenizer.path=...` of the tokenizer these runs would train, trained once here in this
+    process: each streaming run (and `raylm prepare`) would otherwise sample the corpus through
+    Ray Data and train the same one again before its first step."""
+    from raylm.data.local import train_tokenizer_local
+
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    train_tokenizer_local(elastic_config(path.parent)).save(path)
+    return f"tokenizer.path={path}"
+
+
+@pytest.fixture(scope="module")
 def cluster():
     """A head node (2 CPUs, 2 trainer slots); tests add and remove worker nodes of 1 slot."""
     import ray
@@ -150,15 +162,15 @@ def assert_each_sequence_trained_once(state: dict, steps: int) -> None:
     assert state["tokens_consumed"] == steps * G * 64
 
 
-def prepare_data(cluster, out: Path) -> str:
+def prepare_data(cluster, out: Path, tokenizer: str) -> str:
     from raylm.ray.prepare import prepare
 
     data = f"data.prepared_path={out / 'prepared'}"
-    prepare(elastic_config(out, data), log=lambda line: None)
+    prepare(elastic_config(out, data, tokenizer), log=lambda line: None)
     return data
 
 
-def test_shrink_and_grow_keep_the_global_batch_and_the_loss_curve(cluster, tmp_path):
+def test_shrink_and_grow_keep_the_global_batch_and_the_loss_curve(cluster, tokenizer, tmp_path):
     """[2, 3] workers on prepared data: a node joins (2 -> 3, an uneven 4/2/2 split), then leaves
     (3 -> 2). Every step is trained once in the final metrics and its loss matches an
     uninterrupted run's: the same trainer in one process, without Ray (the global batch is exact
@@ -167,7 +179,7 @@ def test_shrink_and_grow_keep_the_global_batch_and_the_loss_curve(cluster, tmp_p
 
     from raylm.train.local import train_local
 
-    data = prepare_data(cluster, tmp_path)
+    data = prepare_data(cluster, tmp_path, tokenizer)
     steps = 24
     fixed = elastic_config(tmp_path / "fixed", data, f"train.max_steps={steps}", "scaling.num_workers=2")
     reference_dir = Path(train_local(fixed, log=lambda line: None).run_dir)
@@ -196,14 +208,14 @@ def test_shrink_and_grow_keep_the_global_batch_and_the_loss_curve(cluster, tmp_p
     assert state["step"] == steps and state["data_watermark"] == steps * G and state["data_extra"] == []
 
 
-def test_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(cluster, tmp_path):
+def test_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(cluster, tokenizer, tmp_path):
     """A drain with a deadline (a spot reclaim) on a worker's node: the workers see it at their
     next preemption check, checkpoint at once, and after the node is gone the run restarts
     from that checkpoint, so no step before the check is trained again."""
     import ray
 
     steps = 40
-    cfg = elastic_config(tmp_path, f"train.max_steps={steps}", "scaling.num_workers=[1, 3]",
+    cfg = elastic_config(tmp_path, tokenizer, f"train.max_steps={steps}", "scaling.num_workers=[1, 3]",
                          "train.checkpoint_every=1000")
     node = cluster.add_node(num_cpus=0, resources={"trainer": 1})
     run_dir, ref = fit_in_background(cfg)
@@ -233,7 +245,7 @@ def training_worker_pids() -> list[int]:
     return [a["Pid"] for a in alive if a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]
 
 
-def test_a_killed_worker_restarts_the_run_which_trains_every_sequence_once(cluster, tmp_path):
+def test_a_killed_worker_restarts_the_run_which_trains_every_sequence_once(cluster, tokenizer, tmp_path):
     """SIGKILL of a training worker with default failure settings, streaming data: the run
     restarts from its latest checkpoint (its stream from the checkpoint's anchor, not from the
     start of the corpus), finishes, and its final data position is exactly the first
@@ -241,7 +253,8 @@ def test_a_killed_worker_restarts_the_run_which_trains_every_sequence_once(clust
     import ray
 
     steps = 16
-    cfg = elastic_config(tmp_path, f"train.max_steps={steps}", "scaling.num_workers=2", "train.checkpoint_every=4")
+    cfg = elastic_config(tmp_path, tokenizer, f"train.max_steps={steps}", "scaling.num_workers=2",
+                         "train.checkpoint_every=4")
     assert cfg.run.max_failures > 0  # the default
     run_dir, ref = fit_in_background(cfg)
     wait_for(lambda: len(step_records(run_dir)) >= 6, 180, "step 6", ref)
