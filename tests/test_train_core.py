@@ -77,6 +77,12 @@ def _rank_task(task: str, args: dict, rank: int, out: Path) -> dict:
     cfg = core_config(out)
     if task == "train":
         return train(cfg, Path(args["rows"]), out, Path(args["resume"]) if args.get("resume") else None)
+    if task == "resumed_then_fresh":  # two runs, one group of processes (one spawn's start-up, not two)
+        runs = {}
+        for name, resume in (("resumed", Path(args["resume"])), ("three", None)):  # the resume in fresh processes
+            (out / name).mkdir(exist_ok=True)
+            runs[name] = train(core_config(out / name), Path(args["rows"]), out / name, resume)
+        return runs
     model, _ = build_model(cfg, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg.optimizer, "cpu")
     ckpt.load_checkpoint(args["checkpoint"], model, optimizer)
@@ -87,7 +93,7 @@ def _rank_task(task: str, args: dict, rank: int, out: Path) -> dict:
 
 
 def spawn(task: str, out: Path, world: int = 2, **args) -> list[dict]:
-    """`task` ("train" or "load") on a real gloo group of `world` ranks."""
+    """`task` ("train", "resumed_then_fresh" or "load") on a real gloo group of `world` ranks."""
     return run_ranks(functools.partial(_rank_task, task, {k: str(v) for k, v in args.items()}), Path(out), task,
                      world=world)
 
@@ -159,9 +165,9 @@ def test_uneven_split_on_three_ranks_trains_the_same_batch_as_two(two_rank_run, 
     out, results = two_rank_run
     assert step_shares(core_config().sequences_per_step, 3, 2) == [4, 2, 2]
     uninterrupted = _losses(results[0])
-    three = spawn("train", out=tmp_path / "three", world=3, rows=rows_file)
-    resumed = spawn("train", out=tmp_path / "resumed", world=3, rows=rows_file,
-                    resume=out / ckpt.checkpoint_dir_name(RESUME_AT))
+    runs = spawn("resumed_then_fresh", out=tmp_path, world=3, rows=rows_file,
+                 resume=out / ckpt.checkpoint_dir_name(RESUME_AT))
+    three, resumed = [r["three"] for r in runs], [r["resumed"] for r in runs]
     for step, loss in uninterrupted.items():
         assert _losses(three[0])[step] == pytest.approx(loss, rel=1e-5)
     assert sorted(_losses(resumed[0])) == list(range(RESUME_AT + 1, STEPS + 1))
