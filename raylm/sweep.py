@@ -365,19 +365,24 @@ class TrialOutcome:
     """The final value of the sweep's metric (None: the trial reported none)."""
     steps: int
     status: str
-    """completed | stopped early by ASHA at step N | error: ..."""
+    """completed | stopped early by ASHA at step N | unfinished at step N (interrupted) | error: ..."""
     curve: list[tuple[int, float]]
     """(step, metric) at every evaluation."""
     run_dir: str
     checkpoint: str | None
 
 
-def trial_status(steps: int, max_steps_: int, error: str | None) -> str:
+UNFINISHED = "unfinished"
+
+
+def trial_status(steps: int, max_steps_: int, error: str | None, stopped_at: int | None = None) -> str:
     if error:
         return f"error: {error.strip().splitlines()[-1][:200]}"
-    if steps < max_steps_:
-        return f"stopped early by ASHA at step {steps}"
-    return "completed"
+    if stopped_at is not None:
+        return f"stopped early by ASHA at step {stopped_at}"
+    if steps >= max_steps_:
+        return "completed"
+    return f"{UNFINISHED} at step {steps}"
 
 
 def best_trial(outcomes: list[TrialOutcome], mode: str) -> TrialOutcome | None:
