@@ -321,6 +321,15 @@ def check_sweep(sweep: Sweep) -> None:
                               "or no trial can be stopped early")
 
 
+def trial_count(sweep: Sweep) -> int:
+    """Trials a finished sweep has: num_samples of every grid point (one point without a grid)."""
+    points = 1
+    for d in sweep.space.values():
+        if d.kind == "grid":
+            points *= len(d.values)
+    return sweep.num_samples * points
+
+
 def max_steps(sweep: Sweep) -> int:
     dist = sweep.space.get("train.max_steps")
     return int(max(dist.values)) if dist is not None else sweep.base_config().train.max_steps

@@ -107,7 +107,7 @@ def _finished_trials(out_lines: list[str]) -> list[str]:
 def test_sweep_stops_bad_trials_early_resumes_after_ctrl_c_and_its_winner_trains(tmp_path):
     """Four trials of the debug model; Ctrl-C after two have finished; `--resume` finishes the other two
     without re-running the first two; ASHA stopped at least one early (the table says so); the
-    table, the plot and best.yaml exist, and `raylm train best.yaml` trains to the end.
+    table, the plot and best.yaml exist, and `raylm train best.yaml --local` trains to the end.
 
     Every command runs as a user runs it, each starting its own local cluster: the session's
     cluster is shut down meanwhile. A trial ASHA stops is killed, and Ray Train's
@@ -172,9 +172,9 @@ def _sweep_as_a_user(tmp_path: Path) -> None:
     best_lr = min((r for r in results if r["status"] == "completed"), key=lambda r: r["metric"])["params"]["optimizer.lr"]
     best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
     assert best["optimizer"]["lr"] == best_lr and best["data"]["prepared_path"] == str(sweep_dir / "prepared")
-    trained = subprocess.run([sys.executable, "-m", "raylm", "train", str(sweep_dir / "best.yaml"),
+    trained = subprocess.run([sys.executable, "-m", "raylm", "train", str(sweep_dir / "best.yaml"), "--local",
                               f"run.output_dir={tmp_path / 'best'}"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=600)
+                             text=True, timeout=600)  # the same trainer, without a third cluster start
     assert trained.returncode == 0, (trained.stdout + trained.stderr)[-3000:]
     run_dir, = (tmp_path / "best").iterdir()
     assert (run_dir / f"checkpoint_{best['train']['max_steps']:08d}").is_dir(), sorted(p.name for p in run_dir.iterdir())

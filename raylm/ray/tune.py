@@ -332,7 +332,8 @@ def finish(sweep: Sweep, sweep_dir: Path, grid, prepared_path: str, to_preset: s
            to_overrides: list[str], log) -> Path:
     results = outcomes(sweep, sweep_dir, grid)
     log(sweeps.results_table(results, sweep))
-    if any(o.status.startswith(sweeps.UNFINISHED) for o in results):  # Ctrl-C: Tune saved its state and returned
+    # Ctrl-C: Tune saved its state and returned, with trials unfinished or not yet created
+    if len(results) < sweeps.trial_count(sweep) or any(o.status.startswith(sweeps.UNFINISHED) for o in results):
         raise SweepInterrupted(sweep_dir)
     paths = sweeps.write_results(results, sweep, sweep_dir)
     best = sweeps.best_trial(results, sweep.mode)
