@@ -321,6 +321,15 @@ def check_sweep(sweep: Sweep) -> None:
                               "or no trial can be stopped early")
 
 
+def trial_count(sweep: Sweep) -> int:
+    """Trials a finished sweep has: num_samples of every grid point (one point without a grid)."""
+    points = 1
+    for d in sweep.space.values():
+        if d.kind == "grid":
+            points *= len(d.values)
+    return sweep.num_samples * points
+
+
 def max_steps(sweep: Sweep) -> int:
     dist = sweep.space.get("train.max_steps")
     return int(max(dist.values)) if dist is not None else sweep.base_config().train.max_steps
@@ -365,19 +374,24 @@ class TrialOutcome:
     """The final value of the sweep's metric (None: the trial reported none)."""
     steps: int
     status: str
-    """completed | stopped early by ASHA at step N | error: ..."""
+    """completed | stopped early by ASHA at step N | unfinished at step N (interrupted) | error: ..."""
     curve: list[tuple[int, float]]
     """(step, metric) at every evaluation."""
     run_dir: str
     checkpoint: str | None
 
 
-def trial_status(steps: int, max_steps_: int, error: str | None) -> str:
+UNFINISHED = "unfinished"
+
+
+def trial_status(steps: int, max_steps_: int, error: str | None, stopped_at: int | None = None) -> str:
     if error:
         return f"error: {error.strip().splitlines()[-1][:200]}"
-    if steps < max_steps_:
-        return f"stopped early by ASHA at step {steps}"
-    return "completed"
+    if stopped_at is not None:
+        return f"stopped early by ASHA at step {stopped_at}"
+    if steps >= max_steps_:
+        return "completed"
+    return f"{UNFINISHED} at step {steps}"
 
 
 def best_trial(outcomes: list[TrialOutcome], mode: str) -> TrialOutcome | None:

@@ -52,9 +52,35 @@ def connect(progress_bars: bool = False, worker_logs: bool = True) -> bool:
         root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         configure_local_cluster()
-        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=worker_logs)
+        with _gcs_port() as gcs_address:
+            # RAY_ADDRESS in the workers: Ray's own in-cluster State API calls (Ray Train's
+            # PlacementGroupCleaner, which frees the workers of a trial Tune stops) otherwise
+            # look for "the" Ray instance and fail when the machine runs more than one.
+            ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_ADDRESS": gcs_address}},
+                     log_to_driver=worker_logs)
     quiet_console(progress_bars)
     return True
+
+
+@contextlib.contextmanager
+def _gcs_port():
+    """A free port for the local cluster's GCS (RAY_GCS_SERVER_PORT, read when Ray starts) and its address."""
+    import socket
+
+    from ray._private.services import get_node_ip_address
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    before = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        yield f"{get_node_ip_address()}:{port}"
+    finally:
+        if before is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = before
 
 
 @contextlib.contextmanager

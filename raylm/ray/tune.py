@@ -18,6 +18,7 @@ restarted by Tune (a retry, or a resumed sweep) continues that run from its newe
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
 
 from raylm import sweep as sweeps
 from raylm.errors import ConfigError, RaylmError
@@ -107,27 +109,81 @@ def _search_space(sweep: Sweep) -> dict[str, Any]:
     return out
 
 
-def _search_alg(sweep: Sweep):
+def _search_alg(sweep: Sweep, max_concurrent: int = 1):
     if sweep.search == "optuna":
         try:
+            from ray.tune.search import ConcurrencyLimiter
             from ray.tune.search.optuna import OptunaSearch
 
-            return OptunaSearch(metric=sweep.metric, mode=sweep.mode, seed=sweep.seed)
+            searcher = OptunaSearch(metric=sweep.metric, mode=sweep.mode, seed=sweep.seed)
         except (ImportError, AssertionError):
             raise ConfigError(f"{sweep.path}: search=optuna needs the optuna package: "
                               "pip install 'raylm[tune]' (or search: random)") from None
+        return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=sweep.seed)
+    # TuneConfig.max_concurrent_trials does not reach a variant generator: it takes its own
+    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=max_concurrent)
 
 
-def _scheduler(sweep: Sweep):
+ASHA_STATE = "asha.json"
+
+
+class RecordedASHA(ASHAScheduler):
+    """ASHA that keeps its rungs and its early stops in the sweep directory.
+
+    The results table says which trials ASHA stopped (and at which step) from this record
+    rather than guessing from a short trial, and a resumed sweep (`Tuner.restore` unpickles the
+    scheduler as it was at the start) reloads the rungs, so its decisions go on from the same
+    evidence."""
+
+    def __init__(self, state_path: str, **kwargs):
+        super().__init__(**kwargs)
+        self.state_path = state_path
+        self.stopped: dict[str, int] = {}
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = super().on_trial_result(tune_controller, trial, result)
+        step = result.get(self._time_attr)
+        if action == self.STOP and step is not None and step < self._max_t:
+            self.stopped[trial.trial_id] = int(step)
+        self._save()
+        return action
+
+    def _save(self) -> None:
+        state = {"stopped": self.stopped,
+                 "rungs": [[[milestone, recorded] for milestone, recorded in b._rungs] for b in self._brackets]}
+        tmp = Path(self.state_path + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.state_path)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        saved = read_asha_state(Path(self.state_path))
+        self.stopped = {**saved.get("stopped", {}), **self.stopped}
+        for bracket, rungs in zip(self._brackets, saved.get("rungs", [])):
+            for (milestone, recorded), (saved_milestone, saved_recorded) in zip(bracket._rungs, rungs):
+                if milestone == saved_milestone:
+                    recorded.update({k: v for k, v in saved_recorded.items() if k not in recorded})
+
+
+def read_asha_state(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _scheduler(sweep: Sweep, sweep_dir: Path):
     if sweep.scheduler == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(time_attr="step", max_t=sweeps.max_steps(sweep), grace_period=sweeps.grace_period(sweep),
-                         reduction_factor=sweep.asha.reduction_factor)
+    # stop_last_trials=False: a trial that reaches max_t ends by its fit() returning, so its
+    # TorchTrainer releases its workers' placement group itself. A trial Tune stops is killed,
+    # and Ray Train's PlacementGroupCleaner frees its group once it sees the controller gone
+    # (through the State API: the cluster needs its dashboard).
+    return RecordedASHA(str(sweep_dir / ASHA_STATE), time_attr="step", max_t=sweeps.max_steps(sweep),
+                        grace_period=sweeps.grace_period(sweep), reduction_factor=sweep.asha.reduction_factor,
+                        stop_last_trials=False)
 
 
 def trials_that_fit(sweep: Sweep) -> int:
@@ -186,8 +242,8 @@ def prepare_shared_data(sweep: Sweep, sweep_dir: Path, log) -> str:
 def _tuner(sweep: Sweep, sweep_dir: Path, prepared_path: str, log):
     max_concurrent = sweep.max_concurrent or trials_that_fit(sweep)
     tune_config = tune.TuneConfig(
-        metric=sweep.metric, mode=sweep.mode, search_alg=_search_alg(sweep), scheduler=_scheduler(sweep),
-        num_samples=sweep.num_samples, max_concurrent_trials=max_concurrent,
+        metric=sweep.metric, mode=sweep.mode, search_alg=_search_alg(sweep, max_concurrent),
+        scheduler=_scheduler(sweep, sweep_dir), num_samples=sweep.num_samples,
         trial_dirname_creator=lambda t: t.trial_id)
     run_config = tune.RunConfig(
         name=sweeps.TUNE_DIR, storage_path=str(sweep_dir), verbose=0, callbacks=[Progress(sweep)],
@@ -233,10 +289,7 @@ def resume_command(sweep_dir: str | Path, *, to_preset: str | None = None, to_ov
 
 def _fit(tuner, sweep_dir: Path):
     with user_errors():
-        grid = tuner.fit()
-    if len(grid) > grid.num_terminated + grid.num_errors:  # Ctrl-C: Tune saved its state and returned
-        raise SweepInterrupted(sweep_dir)
-    return grid
+        return tuner.fit()
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,6 +298,7 @@ def _fit(tuner, sweep_dir: Path):
 
 def outcomes(sweep: Sweep, sweep_dir: Path, grid) -> list[TrialOutcome]:
     steps_max = sweeps.max_steps(sweep)
+    stopped = read_asha_state(sweep_dir / ASHA_STATE).get("stopped", {})
     out = []
     for result in grid:
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
@@ -257,7 +311,8 @@ def outcomes(sweep: Sweep, sweep_dir: Path, grid) -> list[TrialOutcome]:
         out.append(TrialOutcome(
             trial_id=trial_id, params=dict((result.config or {}).get("params", {})),
             metric=float(value) if value is not None else None, steps=steps,
-            status=sweeps.trial_status(steps, steps_max, str(result.error) if result.error else None),
+            status=sweeps.trial_status(steps, steps_max, str(result.error) if result.error else None,
+                                       stopped.get(trial_id)),
             curve=curve, run_dir=str(run_dir), checkpoint=str(latest) if latest else None))
     return sorted(out, key=lambda o: o.trial_id)
 
@@ -277,6 +332,9 @@ def finish(sweep: Sweep, sweep_dir: Path, grid, prepared_path: str, to_preset: s
            to_overrides: list[str], log) -> Path:
     results = outcomes(sweep, sweep_dir, grid)
     log(sweeps.results_table(results, sweep))
+    # Ctrl-C: Tune saved its state and returned, with trials unfinished or not yet created
+    if len(results) < sweeps.trial_count(sweep) or any(o.status.startswith(sweeps.UNFINISHED) for o in results):
+        raise SweepInterrupted(sweep_dir)
     paths = sweeps.write_results(results, sweep, sweep_dir)
     best = sweeps.best_trial(results, sweep.mode)
     if best is None:

@@ -1,0 +1,128 @@
+"""Does the best learning rate hold across widths? `raylm tune` sweeps it at three widths under
+standard parametrisation and under µP, and this draws loss against learning rate, one curve per width.
+
+    python bench/lr_transfer.py                         # widths 64 128 256, 7 rates, 120 steps
+    python bench/lr_transfer.py --widths 64 128 256 --steps 120 --out bench/out/lr_transfer
+
+Each (parametrisation, width) is one sweep: a grid over `optimizer.lr`, no early stopping, on
+the debug corpus (one prepared dataset shared by all sweeps), at fixed depth (2 layers, 4 heads,
+so head_dim grows with width). µP's base width is the smallest width: there µP and standard
+are the same model. Prints one JSON line per sweep (the best rate and every rate's final
+held-out loss) and the drift of the best rate across widths, then writes
+`lr_transfer.png` and `lr_transfer.json` in --out. Runs on a local Ray cluster (RAY_ADDRESS
+if set); about 30-40 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RATES = [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]
+
+
+def sweep_file(out: Path, parametrization: str, width: int, base_width: int, steps: int, rates: list[float],
+               prepared: Path) -> Path:
+    sweep = {
+        "base": str(ROOT / "configs/debug.yaml"),
+        "set": {
+            "model.dim": width, "model.n_heads": 4, "model.n_kv_heads": 4, "model.multiple_of": 32,
+            "model.parametrization": parametrization, "model.mup_base_dim": base_width,
+            "train.max_steps": steps, "train.eval_every": steps, "train.eval_batches": 50,
+            "train.checkpoint_every": 0, "train.log_every": 50, "optimizer.warmup_steps": max(2, steps // 10),
+            "run.sample_tokens": 0, "run.keep_checkpoints": 1, "data.prepared_path": str(prepared),
+        },
+        "resources": {"num_workers": 1, "cpus_per_worker": 0.9},
+        "space": {"optimizer.lr": {"grid": rates}},
+        "scheduler": "none",
+        "num_samples": 1,
+        "name": f"{parametrization}-{width}",
+        "output_dir": str(out),
+    }
+    path = out / f"{parametrization}-{width}.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def run(args) -> dict:
+    from raylm.ray.connect import ray_session
+    from raylm.ray.tune import tune_command
+    from raylm.sweep import load_sweep
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = out / "prepared"
+    results: dict = {}
+    with ray_session(worker_logs=False):
+        for parametrization in ("standard", "mup"):
+            for width in args.widths:
+                name = f"{parametrization}-{width}"
+                sweep_dir = out / name
+                if not (sweep_dir / "results.json").is_file():
+                    path = sweep_file(out, parametrization, width, min(args.widths), args.steps, args.rates, prepared)
+                    tune_command(load_sweep(path), log=lambda line: None)
+                trials = json.loads((sweep_dir / "results.json").read_text())["trials"]
+                losses = {t["params"]["optimizer.lr"]: t["metric"] for t in trials}
+                finite = {lr: v for lr, v in losses.items() if v is not None and math.isfinite(v)}
+                best = min(finite, key=finite.get)
+                results.setdefault(parametrization, {})[width] = {"losses": losses, "best_lr": best,
+                                                                  "best_loss": finite[best]}
+                print(json.dumps({"parametrization": parametrization, "width": width, "best_lr": best,
+                                  "best_val_loss": round(finite[best], 4),
+                                  "val_loss": {f"{lr:g}": (None if v is None else round(v, 4))
+                                               for lr, v in sorted(losses.items())}}), flush=True)
+    for parametrization, by_width in results.items():
+        best = [by_width[w]["best_lr"] for w in args.widths]
+        print(json.dumps({"parametrization": parametrization, "best_lr_by_width": dict(zip(args.widths, best)),
+                          "drift_max_over_min": round(max(best) / min(best), 2)}), flush=True)
+    (out / "lr_transfer.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    plot(results, args.widths, out / "lr_transfer.png")
+    print(out / "lr_transfer.png")
+    return results
+
+
+def plot(results: dict, widths: list[int], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, parametrization in zip(axes, ("standard", "mup")):
+        for width in widths:
+            entry = results[parametrization][width]
+            rates = sorted(entry["losses"])
+            values = [entry["losses"][r] if entry["losses"][r] is not None else float("nan") for r in rates]
+            line, = ax.plot(rates, values, marker="o", label=f"width {width}")
+            ax.plot([entry["best_lr"]], [entry["best_loss"]], marker="*", markersize=14, color=line.get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (optimizer.lr)")
+        ax.set_title("standard parametrisation" if parametrization == "standard" else "µP (base width "
+                     f"{min(widths)})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel("final held-out loss")
+    fig.suptitle("Best learning rate (star) across widths: µP lines the optima up")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--rates", type=float, nargs="+", default=RATES)
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--out", default=str(ROOT / "bench/out/lr_transfer"))
+    run(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()
