@@ -72,15 +72,31 @@ def test_sweep_settings_are_checked_and_overridable_from_the_command_line(tmp_pa
 
 def test_optuna_missing_is_one_line(tmp_path):
     """search: optuna is a real optional dependency (raylm[tune]); without it, one line says how to get it."""
-    import importlib.util
+    path = _sweep_file(tmp_path, space={"optimizer.lr": {"loguniform": [1e-4, 1e-2]}}, search="optuna")
+    code = ("import sys; sys.modules['optuna'] = None\n"  # as if not installed
+            "from raylm.cli import main; sys.exit(main(['tune', sys.argv[1]]))")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    err = done.stderr.strip().splitlines()[-1]
+    assert "search=optuna needs the optuna package: pip install 'raylm[tune]'" in err and str(path) in err, err
+    assert not (tmp_path / "sweeps").exists()
 
-    if importlib.util.find_spec("optuna") is not None:
-        pytest.skip("optuna is installed here")
-    from raylm.ray.tune import _search_alg
 
-    sweep = load_sweep(_sweep_file(tmp_path, space={"optimizer.lr": {"loguniform": [1e-4, 1e-2]}}, search="optuna"))
-    with pytest.raises(ConfigError, match=r"search=optuna needs the optuna package: pip install 'raylm\[tune\]'"):
-        _search_alg(sweep)
+def test_optuna_samples_the_space_it_is_given(tmp_path):
+    """The sweep's space reaches Optuna's TPE sampler as Tune distributions: every suggestion is inside it."""
+    pytest.importorskip("optuna")
+    from raylm.ray.tune import _search_alg, _search_space
+
+    sweep = load_sweep(_sweep_file(tmp_path, search="optuna", space={
+        "optimizer.lr": {"loguniform": [1e-4, 1e-2]}, "optimizer.warmup_steps": {"randint": [2, 4]},
+        "optimizer.beta2": {"uniform": [0.9, 0.99]}, "optimizer.schedule": {"choice": ["cosine", "wsd"]}}))
+    searcher = _search_alg(sweep, max_concurrent=8)
+    assert searcher.set_search_properties(sweep.metric, sweep.mode, {"params": _search_space(sweep)})
+    for i in range(6):
+        params = searcher.suggest(f"t{i}")["params"]
+        assert 1e-4 <= params["optimizer.lr"] <= 1e-2 and params["optimizer.warmup_steps"] in (2, 3, 4)
+        assert 0.9 <= params["optimizer.beta2"] <= 0.99 and params["optimizer.schedule"] in ("cosine", "wsd")
+        sweep.trial_config(params)  # and a trial's config builds from it
 
 
 def test_best_config_scaled_to_a_preset_keeps_the_hyperparameters_and_vocabulary(tmp_path):
