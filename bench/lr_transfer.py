@@ -40,7 +40,7 @@ def sweep_file(out: Path, parametrization: str, width: int, base_width: int, ste
             "train.checkpoint_every": 0, "train.log_every": 50, "optimizer.warmup_steps": max(2, steps // 10),
             "run.sample_tokens": 0, "run.keep_checkpoints": 1, "data.prepared_path": str(prepared),
         },
-        "resources": {"num_workers": 1, "cpus_per_worker": 0.9},
+        "resources": {"num_workers": 1, "cpus_per_worker": 0.45},  # 4 trials at a time on 2 CPUs
         "space": {"optimizer.lr": {"grid": rates}},
         "scheduler": "none",
         "num_samples": 1,

@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from raylm.config import Config, load_config
+from raylm.config import Config, load_config, read_yaml
 from raylm.errors import ConfigError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -156,14 +156,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     that; any other (`train.max_steps=50`) is applied to every trial's config, like `set:`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: sweep file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path}{f' line {mark.line + 1}' if mark else ''}: not valid YAML "
-                          f"({getattr(e, 'problem', e)})") from None
+    raw = read_yaml(path, "sweep file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep file is a mapping with base, space and settings")
     config_overrides = []
