@@ -224,7 +224,9 @@ def test_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(cl
     drained_after = max(r["step"] for r in step_records(run_dir))
     ray_cli("drain-node", "--node-id", node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
             "--reason-message", "spot", "--deadline-remaining-seconds", "60", address=cluster.address)
-    wait_for(lambda: ckpt.list_checkpoints(run_dir), 60, "a just-in-time checkpoint", ref)
+    # complete: its directory appears before rank 0 writes the marker last
+    wait_for(lambda: (found := ckpt.list_checkpoints(run_dir)) and ckpt.read_marker(found[0]), 60,
+             "a just-in-time checkpoint", ref)
     saved = ckpt.read_marker(ckpt.list_checkpoints(run_dir)[0])["train_state"]["step"]
     assert drained_after <= saved <= drained_after + 5  # at the next check, a few steps at most
     cluster.remove_node(node)  # the deadline: the instance is reclaimed

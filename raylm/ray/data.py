@@ -70,8 +70,13 @@ ACTOR_START_TIMEOUT_S = 120
 
 
 def bad_input_counter():
-    """One tally actor per pipeline: read tasks add to it, the driver and workers read its report."""
-    return ray.remote(num_cpus=0)(BadInputTally).remote()
+    """One tally actor per pipeline: read tasks add to it, the driver and workers read its report.
+    It lives on the driver's node: a 0-CPU actor may land on any node, and one on a node that
+    leaves (a shrink, a preemption) fails every restart of the run after it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(BadInputTally).options(scheduling_strategy=here).remote()
 
 
 @dataclass
