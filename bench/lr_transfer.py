@@ -54,7 +54,7 @@ def sweep_file(out: Path, parametrization: str, width: int, base_width: int, ste
 
 def run(args) -> dict:
     from raylm.ray.connect import ray_session
-    from raylm.ray.tune import tune_command
+    from raylm.ray.tune import resume_command, tune_command
     from raylm.sweep import load_sweep
 
     out = Path(args.out).resolve()
@@ -66,7 +66,9 @@ def run(args) -> dict:
             for width in args.widths:
                 name = f"{parametrization}-{width}"
                 sweep_dir = out / name
-                if not (sweep_dir / "results.json").is_file():
+                if (sweep_dir / "tune").is_dir() and not (sweep_dir / "results.json").is_file():
+                    resume_command(sweep_dir, log=lambda line: None)  # a run of this bench was interrupted
+                elif not (sweep_dir / "results.json").is_file():
                     path = sweep_file(out, parametrization, width, min(args.widths), args.steps, args.rates, prepared)
                     tune_command(load_sweep(path), log=lambda line: None)
                 trials = json.loads((sweep_dir / "results.json").read_text())["trials"]
