@@ -20,8 +20,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(  # train functions defined in test m
 )
 # Ray Train's wait for a worker group's placement group (only that, not the workers' start): a
 # group sized from a stale view of the cluster never places and is retried smaller after it,
-# so a short wait bounds that cost (raylm/ray/elastic.py keeps the view fresh; Ray's default 60 s).
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
+# so the wait bounds that cost; raylm/ray/elastic.py keeps the view fresh, so Ray's default 60 s
+# is kept: a group may also wait for a previous run's workers to free their CPUs on a busy machine.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
