@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from raylm.config import Config, load_config, read_yaml
+from raylm.config import Config, apply_override, load_config, read_yaml
 from raylm.errors import ConfigError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -164,20 +164,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         key, sep, value = item.partition("=")
         top = key.split(".")[0]
         if sep and top in _SWEEP_KEYS and top not in ("set", "space", "base"):
-            _set_dotted(raw, key, yaml.safe_load(value) if value.strip() else None)
+            apply_override(raw, item)  # the config loader's own dotted-key setter
         else:
             config_overrides.append(item)
     return sweep_from_dict(raw, path, config_overrides)
-
-
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {}) if isinstance(node.get(part), dict) or part not in node else node[part]
-        if not isinstance(node, dict):
-            raise ConfigError(f"{key}: cannot set a sub-key of a {type(node).__name__} value")
-    node[parts[-1]] = value
 
 
 def sweep_from_dict(raw: dict, path: Path, extra_overrides: list[str] = ()) -> Sweep:
@@ -349,8 +339,7 @@ def read_saved_sweep(sweep_dir: str | Path) -> Sweep:
     if not path.is_file():
         raise ConfigError(f"--resume {sweep_dir}: not a sweep directory (no {SWEEP_FILE})")
     raw = yaml.safe_load(path.read_text())
-    space = {k: Distribution(*next(iter(v.items()))) for k, v in raw.pop("space").items()}
-    space = {k: Distribution(d.kind, tuple(d.values)) for k, d in space.items()}
+    space = {k: Distribution(kind, tuple(values)) for k, v in raw.pop("space").items() for kind, values in v.items()}
     asha = AshaConfig(**raw.pop("asha"))
     return Sweep(path=path, base=Path(raw.pop("base")), space=space, asha=asha, **raw)
 
