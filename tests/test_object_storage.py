@@ -394,3 +394,39 @@ def test_prepare_writes_shards_to_s3_and_a_ray_run_resumes_from_an_s3_checkpoint
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nobody listens there
     err = one_line_error(["prepare", str(ROOT / "configs/debug.yaml"), f"data.prepared_path={prepared}-2"], capsys)
     assert f"data.prepared_path={prepared}-2: cannot reach the object store" in err
+
+
+# ---------------------------------------------------------------------------------------
+# The commands that use a run, on a run directory on the bucket
+
+
+def test_generate_eval_export_and_plot_take_a_run_directory_on_the_bucket(tmp_path, capsys):
+    """docs/cluster.md shows `raylm generate|eval|export|plot s3://.../runs/<run>`: each reads the
+    run where it lies, with no local copy. plot reads metrics.jsonl from the bucket and writes its
+    PNGs to RUN/plots there (one upload each), or to a local --out; a prefix with no metrics.jsonl
+    is one line."""
+    from raylm.train.local import train_local
+
+    run = train_local(local_config(f"s3://{BUCKET}/use-runs", "train.max_steps=2", "train.checkpoint_every=2",
+                                   "train.eval_every=2"), log=lambda line: None).run_dir
+    newest = f"{run}/{ckpt.checkpoint_dir_name(2)}"
+    capsys.readouterr()
+    assert cli_main(["generate", run, "--prompt", "def main(", "--max-new-tokens", "4", "--seed", "0",
+                     "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("def main(")
+    assert cli_main(["eval", run, "--max-sequences", "4", "--ray", "no", "--device", "cpu"]) == 0
+    assert f"raylm eval: {newest} on the run's held-out split" in capsys.readouterr().out
+    assert cli_main(["export", run, "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+
+    names = ["loss.png", "lr.png", "throughput.png"]  # a CPU run records no MFU
+    capsys.readouterr()
+    assert cli_main(["plot", run]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{run}/plots/{n}" for n in names]
+    assert s3_ls(f"{run}/plots") == names
+    for name in names:
+        assert storage.read_bytes(f"{run}/plots/{name}")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli_main(["plot", run, "--out", str(tmp_path / "png")]) == 0
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == names
+    err = one_line_error(["plot", f"s3://{BUCKET}/use-runs/no-such-run"], capsys)
+    assert f"s3://{BUCKET}/use-runs/no-such-run/metrics.jsonl: not found" in err

@@ -1,6 +1,7 @@
 """`raylm plot RUN_DIR`: PNGs of a run's metrics.jsonl (loss, learning rate, throughput, MFU) against step.
 
-One file per quantity, in `RUN_DIR/plots` unless `--out` says otherwise:
+One file per quantity, in `RUN_DIR/plots` unless `--out` says otherwise (RUN_DIR and `--out`
+may be s3:// or gs:// URIs: metrics.jsonl is read from the bucket and each PNG is one upload):
 
     loss.png        training loss per step and held-out loss at each evaluation, one axes
     lr.png          the learning rate of each step
@@ -19,6 +20,7 @@ no display and no global backend are involved.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -27,17 +29,19 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from raylm import storage
 from raylm.errors import DataError
 
 FIGSIZE_IN = (8.0, 4.5)
 DPI = 100  # 800 x 450 pixels
 
 
-def read_metrics(path: Path) -> tuple[list[dict], list[int]]:
-    """The step records of a metrics.jsonl, one per step in step order, and the steps restored to."""
+def read_metrics(path: str | Path) -> tuple[list[dict], list[int]]:
+    """The step records of a metrics.jsonl (a local path or a URI), one per step in step order,
+    and the steps restored to."""
     by_step: dict[int, dict] = {}
     restores: list[int] = []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in storage.read_bytes(path).decode(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -82,40 +86,43 @@ def _smoothed(line: tuple[list[int], list[float]], label: str, style: dict) -> l
     return [((steps, means), f"{label} (mean of {window} steps)", style)]
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[str | Path]:
     """Write the run's PNGs into `out` (default RUN_DIR/plots); return their paths."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    run_dir = storage.location(run_dir)
+    # A prefix on a bucket is a directory only through its objects: there, metrics.jsonl is the check.
+    if not storage.is_uri(run_dir) and not run_dir.is_dir():
         raise DataError(f"{run_dir}: no such run directory" if not run_dir.exists()
                         else f"{run_dir}: not a directory; pass the run directory that holds metrics.jsonl")
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    path = storage.child(run_dir, "metrics.jsonl")
+    with storage.errors(path, None, DataError):
+        found = storage.is_file(path)
+    if not found:
         raise DataError(f"{path}: not found; RUN_DIR must be a run directory (runs/<name>), which holds metrics.jsonl")
     try:
         records, restores = read_metrics(path)
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+        raise DataError(f"{path}: cannot read ({e.strerror or str(e).splitlines()[0]})") from None
     if not records:
         raise DataError(f"{path}: holds no metrics records (empty, or no line is a JSON record with a step)")
-    out = run_dir / "plots" if out is None else Path(out)
+    out = storage.child(run_dir, "plots") if out is None else storage.location(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        storage.make_dirs(out)
     except OSError as e:
         raise DataError(f"{out}: cannot create the plots directory ({e.strerror})") from None
 
-    name = run_dir.resolve().name
+    name = storage.name_of(run_dir) if storage.is_uri(run_dir) else run_dir.resolve().name
     written = [p for p in (
-        _plot(out / "loss.png", f"{name}: training and held-out loss", "cross-entropy (nats per token)",
+        _plot(storage.child(out, "loss.png"), f"{name}: training and held-out loss", "cross-entropy (nats per token)",
               [(series(records, "loss"), "training (each step)", {"lw": 1, "alpha": 0.4, "color": "C0"}),
                *_smoothed(series(records, "loss"), "training", {"lw": 2, "color": "C0"}),
                (series(records, "val_loss"), "held-out (each evaluation)",
                 {"lw": 1.5, "marker": "o", "ms": 4, "color": "C1"})],
               restores),
-        _plot(out / "lr.png", f"{name}: learning rate", "learning rate",
+        _plot(storage.child(out, "lr.png"), f"{name}: learning rate", "learning rate",
               [(series(records, "lr"), None, {"lw": 1.5})], restores, from_zero=True),
-        _plot(out / "throughput.png", f"{name}: throughput, all workers", "tokens per second",
+        _plot(storage.child(out, "throughput.png"), f"{name}: throughput, all workers", "tokens per second",
               [(series(records, "tokens_per_second"), None, {"lw": 1})], restores, from_zero=True),
-        _plot(out / "mfu.png", f"{name}: model FLOPs utilisation", "MFU (% of peak bf16 FLOP/s per worker)",
+        _plot(storage.child(out, "mfu.png"), f"{name}: model FLOPs utilisation", "MFU (% of peak bf16 FLOP/s per worker)",
               [(series(records, "mfu"), None, {"lw": 1})], restores, from_zero=True, percent=True),
     ) if p is not None]
     if not written:
@@ -123,8 +130,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     return written
 
 
-def _plot(target: Path, title: str, ylabel: str, lines: list, restores: list[int], from_zero: bool = False,
-          percent: bool = False) -> Path | None:
+def _plot(target: str | Path, title: str, ylabel: str, lines: list, restores: list[int], from_zero: bool = False,
+          percent: bool = False) -> str | Path | None:
     """One PNG of `lines` ((steps, values), legend label, line style) against step; None if all are empty.
 
     `from_zero` starts the y axis at 0, so a rate's wobble is not drawn as a collapse."""
@@ -149,6 +156,12 @@ def _plot(target: Path, title: str, ylabel: str, lines: list, restores: list[int
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=9)
+    if storage.is_uri(target):
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        with storage.errors(target, None, DataError):
+            storage.write_bytes(target, png.getvalue())
+        return target
     try:
         fig.savefig(target)
     except OSError as e:
