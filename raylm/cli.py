@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face Llama directory")
     p.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="a run directory (its newest checkpoint) or a checkpoint")
     p.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers' LlamaForCausalLM")
-    p.add_argument("--out", required=True, metavar="DIR", help="new (or empty) output directory")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="new (or empty) output directory, or an s3:// / gs:// prefix that holds nothing yet")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weight dtype (default float32: exactly the trained weights)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
@@ -75,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON to FILE")
 
     p = sub.add_parser("plot", help="PNGs of loss, learning rate, throughput and MFU against step")
-    p.add_argument("path", metavar="RUN_DIR", help="a run directory (holds metrics.jsonl)")
-    p.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR/plots)")
+    p.add_argument("path", metavar="RUN_DIR", help="a run directory (holds metrics.jsonl), local or s3:// / gs://")
+    p.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR/plots), local or a URI")
 
     p = sub.add_parser("plan", help="memory per GPU, fit, time and cost of a config on N GPUs (no GPU needed)")
     _config_args(p)

@@ -402,9 +402,10 @@ def test_prepare_writes_shards_to_s3_and_a_ray_run_resumes_from_an_s3_checkpoint
 
 def test_generate_eval_export_and_plot_take_a_run_directory_on_the_bucket(tmp_path, capsys):
     """docs/cluster.md shows `raylm generate|eval|export|plot s3://.../runs/<run>`: each reads the
-    run where it lies, with no local copy. plot reads metrics.jsonl from the bucket and writes its
-    PNGs to RUN/plots there (one upload each), or to a local --out; a prefix with no metrics.jsonl
-    is one line."""
+    run where it lies, with no local copy. export writes the same files to a local --out and to
+    an --out prefix on the bucket (which must hold nothing yet); plot reads metrics.jsonl from the
+    bucket and writes its PNGs to RUN/plots there (one upload each), or to a local --out; a prefix
+    with no metrics.jsonl is one line."""
     from raylm.train.local import train_local
 
     run = train_local(local_config(f"s3://{BUCKET}/use-runs", "train.max_steps=2", "train.checkpoint_every=2",
@@ -417,7 +418,13 @@ def test_generate_eval_export_and_plot_take_a_run_directory_on_the_bucket(tmp_pa
     assert cli_main(["eval", run, "--max-sequences", "4", "--ray", "no", "--device", "cpu"]) == 0
     assert f"raylm eval: {newest} on the run's held-out split" in capsys.readouterr().out
     assert cli_main(["export", run, "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
-    assert {"config.json", "model.safetensors", "tokenizer.model"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    exported = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(exported)
+    remote = f"s3://{BUCKET}/use-exports/hf"
+    assert cli_main(["export", run, "--format", "hf", "--out", remote]) == 0
+    assert {name: storage.read_bytes(f"{remote}/{name}") for name in s3_ls(remote)} == exported
+    err = one_line_error(["export", run, "--format", "hf", "--out", remote], capsys)
+    assert f"--out {remote}: already holds objects" in err
 
     names = ["loss.png", "lr.png", "throughput.png"]  # a CPU run records no MFU
     capsys.readouterr()

@@ -48,12 +48,14 @@ instance a run of spaces split 1+8 or 8+1): the text is the same, the ids can di
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,7 @@ from typing import Any
 
 import torch
 
+from raylm import storage
 from raylm.errors import CheckpointError, ConfigError, RaylmError
 from raylm.model import ModelConfig, Transformer
 from raylm.tokenizer import Tokenizer
@@ -341,12 +344,15 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def export_hf(path: str | Path, out: str | Path, *, dtype: str = "float32",
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log: Callable[[str], None] = print) -> Path:
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log: Callable[[str], None] = print) -> str | Path:
     """Write the run's newest complete checkpoint (or the checkpoint `path`) as a Hugging Face
     Llama directory `out`, which must not exist yet or be empty. Returns `out`.
 
     The directory is assembled next to `out` and renamed into place at the end, so a failed
-    export leaves nothing that looks finished.
+    export leaves nothing that looks finished. `out` may be an s3:// or gs:// prefix that holds
+    no object yet: the directory is then assembled in a local temporary directory and uploaded,
+    config.json last (a prefix without it is not a loadable export; a failed upload deletes the
+    prefix).
     """
     from raylm.train import checkpoint as ckpt
     from raylm.train.runs import TOKENIZER_FILE
@@ -354,9 +360,18 @@ def export_hf(path: str | Path, out: str | Path, *, dtype: str = "float32",
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out}: exists and is not an empty directory; choose a new one")
+    remote = storage.is_uri(out)
+    if remote:
+        out = storage.location(out)
+        storage.check_reachable(out, "--out")
+        with storage.errors(out, "--out", ConfigError):
+            taken = storage.exists(out)
+        if taken:
+            raise ConfigError(f"--out {out}: already holds objects; choose a new prefix")
+    else:
+        out = Path(out).expanduser()
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"--out {out}: exists and is not an empty directory; choose a new one")
     checkpoint = resolve_checkpoint(path)
     run_cfg = load_run_config(checkpoint)
     tokenizer = Tokenizer.load(_beside(checkpoint, TOKENIZER_FILE))
@@ -366,7 +381,7 @@ def export_hf(path: str | Path, out: str | Path, *, dtype: str = "float32",
     entries = weight_entries(cfg)
     _check_saved_shapes(checkpoint, entries)
 
-    staging = out.with_name(f".{out.name}.partial")
+    staging = Path(tempfile.mkdtemp(prefix="raylm-export-")) if remote else out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -377,16 +392,33 @@ def export_hf(path: str | Path, out: str | Path, *, dtype: str = "float32",
                 generation_config(cfg, tokenizer, run_cfg.run.temperature, run_cfg.run.top_k)),
             **tokenizer_files(tokenizer, run_cfg.data.add_bos, cfg.max_seq_len),
         }
-        for name, data in files.items():
-            (staging / name).write_bytes(data)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
+        if remote:
+            _upload(staging, out, files)
+        else:
+            for name, data in files.items():
+                (staging / name).write_bytes(data)
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            os.replace(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if remote:
+            with contextlib.suppress(OSError):
+                storage.delete_dir(out)
         raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     log(f"exported {checkpoint} to {out} ({cfg.num_params():,} parameters, {dtype})")
     return out
+
+
+def _upload(staging: Path, out: str, files: dict[str, bytes]) -> None:
+    """The staged weights and `files` to the prefix `out`, config.json last."""
+    for name, data in files.items():
+        if name != "config.json":
+            (staging / name).write_bytes(data)
+    with storage.errors(out, "--out", RaylmError):
+        storage.copy_dir(staging, out)
+        storage.write_bytes(storage.child(out, "config.json"), files["config.json"])
 
 
 def _check_saved_shapes(checkpoint: Path, entries: list[WeightEntry]) -> None:
