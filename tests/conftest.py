@@ -8,7 +8,12 @@ PYTHONPATH (with tests/) so Ray's worker processes import the same `raylm` and t
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -77,3 +82,46 @@ def ray_cluster():
     ray = start_local_ray()
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------
+# Local object-storage servers (the test extra's), shared by the modules that use a bucket
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(exe: Path, *args: str, probe: str = ""):
+    """Start the test extra's server `exe` on a free local port; its URL once it answers (any
+    HTTP status counts), and the process."""
+    if not exe.exists():
+        pytest.fail(f"{exe} is missing: install the test extra (pip install -e '.[test]')")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(exe), *[a.format(port=port) for a in args]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + probe, timeout=1).close()
+            break
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"{exe.name} did not answer at {url}")
+            time.sleep(0.2)
+    return url, proc
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on a free local port for the session: its endpoint URL."""
+    url, proc = _serve(Path(sys.executable).with_name("moto_server"), "-H", "127.0.0.1", "-p", "{port}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)

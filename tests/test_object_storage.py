@@ -13,17 +13,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 
+from conftest import _free_port, _serve
 from raylm import storage
 from raylm.cli import main as cli_main
 from raylm.config import load_config
@@ -36,45 +33,6 @@ CORPUS = f"s3://{BUCKET}/corpus"
 GS_BUCKET = "raylm-test-gs"
 ROOTS = {"s3": f"s3://{BUCKET}", "gs": f"gs://{GS_BUCKET}"}
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(exe: Path, *args: str, probe: str = ""):
-    """Start the test extra's server `exe` on a free local port; its URL once it answers (any
-    HTTP status counts), and the process."""
-    if not exe.exists():
-        pytest.fail(f"{exe} is missing: install the test extra (pip install -e '.[test]')")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(exe), *[a.format(port=port) for a in args]], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + probe, timeout=1).close()
-            break
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"{exe.name} did not answer at {url}")
-            time.sleep(0.2)
-    return url, proc
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    """A moto S3 server on a free local port for the session: its endpoint URL."""
-    url, proc = _serve(Path(sys.executable).with_name("moto_server"), "-H", "127.0.0.1", "-p", "{port}")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
