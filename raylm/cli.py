@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", nargs="?", metavar="SWEEP.yaml", help="sweep file, e.g. configs/sweeps/debug.yaml")
     p.add_argument("overrides", nargs="*",
                    help="sweep keys (num_samples=8) or config keys for every trial (train.max_steps=50)")
-    p.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep; finished trials are kept")
+    p.add_argument("--resume", metavar="SWEEP_DIR",
+                   help="continue an interrupted sweep (a local directory or an s3:// / gs:// URI); "
+                        "finished trials are kept")
     p.add_argument("--to-preset", metavar="NAME",
                    help="write best.yaml for this model preset (e.g. 1b), keeping the transferable hyperparameters")
     p.add_argument("--to", action="append", default=[], metavar="KEY=VALUE",

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from raylm import storage
 from raylm.data.order import rounds_per_step
 from raylm.errors import ConfigError
 from raylm.model import ModelConfig
@@ -267,12 +268,15 @@ class Config:
 # Loading: YAML file -> raw dict -> overrides applied -> dataclasses built and checked.
 
 
-def read_yaml(path: Path, what: str) -> Any:
-    """A YAML file's content; one line naming the file (and line) when it is missing or not YAML."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: {what} not found")
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content, local or on object storage (`raylm train s3://.../best.yaml`); one
+    line naming the file (and line) when it is missing, unreachable or not YAML."""
+    with storage.errors(path, None, ConfigError):
+        if not storage.is_file(path):
+            raise ConfigError(f"{path}: {what} not found")
+        text = storage.read_bytes(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -284,12 +288,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {}
     name = "raylm"
     if path is not None:
-        path = Path(path)
+        path = storage.location(path)
         loaded = read_yaml(path, "config file")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded or {}
-        name = path.stem
+        name = Path(storage.name_of(path)).stem
     raw.setdefault("config_name", name)
     for item in overrides:
         apply_override(raw, item)

@@ -30,7 +30,9 @@ so a key that is not a config path, or a value the config rejects, fails in one 
 A sweep directory holds `sweep.yaml` (the resolved sweep, for `--resume`), `prepared/` (the
 shards every trial reads: the corpus is tokenised and packed once), `runs/<trial>/` (each
 trial's raylm run directory, with its checkpoints), `tune/` (Ray Tune's state), and at the end
-`results.csv`, `results.json`, `val_loss.png` and `best.yaml`.
+`results.csv`, `results.json`, `val_loss.png` and `best.yaml`. It is a local directory or a
+prefix on object storage (`output_dir: s3://bucket/sweeps`, for a cluster whose nodes share no
+disk): every file here is read and written through `raylm.storage`, one whole file at a time.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -46,6 +49,7 @@ from typing import Any
 
 import yaml
 
+from raylm import storage
 from raylm.config import Config, apply_override, load_config, read_yaml
 from raylm.errors import ConfigError
 
@@ -104,6 +108,7 @@ class Sweep:
     seed: int | None = 0
     name: str | None = None
     output_dir: str = "sweeps"
+    """Where sweep directories go: a local folder or an s3:// / gs:// prefix."""
     trial_cpus: float = 0.01
     """CPUs of a trial's driver (it only waits on its TorchTrainer; the workers hold their own)."""
     max_trial_failures: int = 0
@@ -122,7 +127,7 @@ class Sweep:
         return load_config(self.base, self.overrides)
 
     def to_dict(self) -> dict:
-        return {"base": str(self.base), "overrides": list(self.overrides),
+        return {"path": str(self.path), "base": str(self.base), "overrides": list(self.overrides),
                 "space": {k: {d.kind: list(d.values)} for k, d in self.space.items()},
                 "search": self.search, "scheduler": self.scheduler, "asha": dataclasses.asdict(self.asha),
                 "metric": self.metric, "num_samples": self.num_samples, "max_concurrent": self.max_concurrent,
@@ -323,25 +328,35 @@ def grace_period(sweep: Sweep, base: Config | None = None) -> int:
     return sweep.asha.grace_period or base.train.eval_every or max(1, base.train.max_steps // 4)
 
 
-def sweep_dir_for(sweep: Sweep, now: dt.datetime | None = None) -> Path:
+def sweep_location(path: str | Path) -> str | Path:
+    """A sweep directory as raylm keeps it: a URI as a string, a local path made absolute."""
+    where = storage.location(path)
+    return where if storage.is_uri(where) else where.expanduser().resolve()
+
+
+def sweep_dir_for(sweep: Sweep, now: dt.datetime | None = None) -> str | Path:
+    """`output_dir/name` (name: the sweep's, else `<file stem>-<time>`), local or on object storage."""
     name = sweep.name or f"{sweep.path.stem}-{(now or dt.datetime.now()).strftime('%Y%m%d-%H%M%S')}"
-    return Path(sweep.output_dir).expanduser().resolve() / name
+    return sweep_location(storage.child(sweep.output_dir, name))
 
 
-def save_sweep(sweep: Sweep, sweep_dir: Path) -> None:
-    (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump(sweep.to_dict(), sort_keys=False))
+def save_sweep(sweep: Sweep, sweep_dir: str | Path) -> None:
+    storage.write_bytes(storage.child(sweep_dir, SWEEP_FILE), yaml.safe_dump(sweep.to_dict(), sort_keys=False).encode())
 
 
 def read_saved_sweep(sweep_dir: str | Path) -> Sweep:
     """The sweep a directory was started with (for `raylm tune --resume`)."""
-    sweep_dir = Path(sweep_dir)
-    path = sweep_dir / SWEEP_FILE
-    if not path.is_file():
+    sweep_dir = sweep_location(sweep_dir)
+    path = storage.child(sweep_dir, SWEEP_FILE)
+    if not storage.is_file(path):
         raise ConfigError(f"--resume {sweep_dir}: not a sweep directory (no {SWEEP_FILE})")
-    raw = yaml.safe_load(path.read_text())
+    raw = yaml.safe_load(storage.read_bytes(path))
     space = {k: Distribution(kind, tuple(values)) for k, v in raw.pop("space").items() for kind, values in v.items()}
     asha = AshaConfig(**raw.pop("asha"))
-    return Sweep(path=path, base=Path(raw.pop("base")), space=space, asha=asha, **raw)
+    # the sweep file it started from gives the results their name (best.yaml's config_name, the
+    # plot's title); a sweep.yaml written before it was kept names none
+    source = Path(raw.pop("path", SWEEP_FILE))
+    return Sweep(path=source, base=Path(raw.pop("base")), space=space, asha=asha, **raw)
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,22 +416,25 @@ def _short(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def write_results(outcomes: list[TrialOutcome], sweep: Sweep, sweep_dir: Path) -> dict[str, Path]:
+def write_results(outcomes: list[TrialOutcome], sweep: Sweep, sweep_dir: str | Path) -> dict[str, str | Path]:
     """results.csv, results.json and val_loss.png (the metric's curves) in the sweep directory."""
     keys = list(sweep.space)
-    csv_path, json_path = sweep_dir / "results.csv", sweep_dir / "results.json"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["trial", *keys, sweep.metric, "steps", "status", "run_dir", "checkpoint"])
-        for o in outcomes:
-            writer.writerow([o.trial_id, *(o.params.get(k) for k in keys), o.metric, o.steps, o.status, o.run_dir,
-                             o.checkpoint or ""])
-    json_path.write_text(json.dumps({"metric": sweep.metric, "mode": sweep.mode,
-                                     "trials": [dataclasses.asdict(o) for o in outcomes]}, indent=2) + "\n")
-    return {"csv": csv_path, "json": json_path, "plot": plot_curves(outcomes, sweep, sweep_dir / f"{sweep.metric}.png")}
+    csv_path, json_path = storage.child(sweep_dir, "results.csv"), storage.child(sweep_dir, "results.json")
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["trial", *keys, sweep.metric, "steps", "status", "run_dir", "checkpoint"])
+    for o in outcomes:
+        writer.writerow([o.trial_id, *(o.params.get(k) for k in keys), o.metric, o.steps, o.status, o.run_dir,
+                         o.checkpoint or ""])
+    storage.write_bytes(csv_path, table.getvalue().encode())
+    storage.write_bytes(json_path, (json.dumps({"metric": sweep.metric, "mode": sweep.mode,
+                                                "trials": [dataclasses.asdict(o) for o in outcomes]}, indent=2)
+                                    + "\n").encode())
+    plot_path = plot_curves(outcomes, sweep, storage.child(sweep_dir, f"{sweep.metric}.png"))
+    return {"csv": csv_path, "json": json_path, "plot": plot_path}
 
 
-def plot_curves(outcomes: list[TrialOutcome], sweep: Sweep, out: Path) -> Path:
+def plot_curves(outcomes: list[TrialOutcome], sweep: Sweep, out: str | Path) -> str | Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -437,7 +455,9 @@ def plot_curves(outcomes: list[TrialOutcome], sweep: Sweep, out: Path) -> Path:
     if any(o.curve for o in outcomes):
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(out)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    storage.write_bytes(out, png.getvalue())  # one upload on object storage
     return out
 
 

@@ -324,16 +324,17 @@ def test_every_kuberay_pod_runs_as_the_service_account_of_the_file_with_its_irsa
         assert not [v for v in pod.get("volumes", []) if set(v) & {"persistentVolumeClaim", "nfs", "secret", "csi"}]
 
 
-@pytest.mark.xfail(strict=True, reason="raylm tune resolves a sweep's output_dir as a local path "
-                                       "(raylm/sweep.py sweep_dir_for): no URI support yet")
 def test_the_7b_proxy_sweep_writes_its_directory_to_the_bucket():
     """The proxy sweep's trials run on GPU nodes that share no disk, so its directory (each
-    trial's run and checkpoints) must be on the bucket its output_dir names."""
+    trial's run and checkpoints, Tune's state, best.yaml) must be on the bucket its output_dir
+    names, beside the 7B run's corpus and prepared shards."""
     from raylm.sweep import load_sweep, sweep_dir_for
 
     sweep = load_sweep(PROXY_SWEEP)
     assert sweep.output_dir.startswith("s3://")
     assert str(sweep_dir_for(sweep)).startswith(sweep.output_dir + "/")
+    bucket = sweep.output_dir.split("/")[2]
+    assert sweep.base_config().data.prepared_path.startswith(f"s3://{bucket}/")
 
 
 # ---------------------------------------------------------------------------------------

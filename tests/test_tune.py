@@ -1,7 +1,8 @@
-"""`raylm tune`: sweep files checked before any trial, and a real sweep of debug-model trainings on the
-session's local Ray cluster, interrupted with Ctrl-C and resumed, whose winner then trains as is.
+"""`raylm tune`: sweep files checked before any trial; a sweep directory on object storage (a local
+S3 server) holding every file a sweep keeps; and a real sweep of debug-model trainings with its
+directory on that bucket, interrupted with Ctrl-C and resumed, whose winner then trains as is.
 
-configs/sweeps/debug.yaml is the sweep under test: four learning rates on a grid, one trial at a
+configs/sweeps/debug.yaml is the sweep under test: three learning rates on a grid, one trial at a
 time, ASHA at step 10 of 20.
 """
 
@@ -9,20 +10,27 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
 
+from conftest import _free_port
+from raylm import storage
 from raylm.cli import main as cli_main
+from raylm.config import load_config
 from raylm.errors import ConfigError
-from raylm.sweep import best_config, load_sweep, TrialOutcome
+from raylm.sweep import best_config, load_sweep, read_saved_sweep, save_sweep, sweep_dir_for, TrialOutcome
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "configs/sweeps/debug.yaml"
+BUCKET = "raylm-tune-test"
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def _sweep_file(tmp_path: Path, **changes) -> Path:
@@ -110,6 +118,157 @@ def test_best_config_scaled_to_a_preset_keeps_the_hyperparameters_and_vocabulary
 
 
 # ---------------------------------------------------------------------------------------
+# A sweep directory on object storage, without Ray
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch, tmp_path) -> str:
+    """A prefix of its own on the local S3 server's bucket, with the AWS variables set for this test."""
+    for key, value in {**AWS_ENV, "AWS_ENDPOINT_URL": s3_server}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    fs = pafs.S3FileSystem(endpoint_override=s3_server.removeprefix("http://"), scheme="http",
+                           allow_bucket_creation=True)
+    if fs.get_file_info(BUCKET).type == pafs.FileType.NotFound:
+        fs.create_dir(BUCKET)
+    return f"s3://{BUCKET}/{tmp_path.name}"
+
+
+def _ls(uri: str) -> list[str]:
+    return sorted(storage.name_of(i.path) for i in storage.list_dir(uri))
+
+
+def test_a_sweep_directory_on_a_bucket_is_named_by_its_uri_and_its_sweep_file_round_trips(bucket, tmp_path):
+    """output_dir=s3://... stays a URI (as a local path it would become ./s3:/...); a local one is
+    made absolute; sweep.yaml is written to the bucket and `--resume` reads the same sweep back."""
+    path = _sweep_file(tmp_path)
+    sweep = load_sweep(path, [f"output_dir={bucket}/sweeps/", "name=s"])
+    sweep_dir = sweep_dir_for(sweep)
+    assert sweep_dir == f"{bucket}/sweeps/s"
+    assert sweep_dir_for(load_sweep(path, ["output_dir=here/sweeps", "name=s"])) == Path.cwd() / "here/sweeps/s"
+
+    save_sweep(sweep, sweep_dir)
+    assert _ls(sweep_dir) == ["sweep.yaml"]
+    again = read_saved_sweep(sweep_dir + "/")
+    assert again.to_dict() == sweep.to_dict() and again.path == path  # the results keep the sweep file's name
+    with pytest.raises(ConfigError, match=f"--resume {bucket}/nothing: not a sweep directory"):
+        read_saved_sweep(f"{bucket}/nothing")
+
+
+def test_asha_keeps_its_rungs_on_the_bucket_and_a_restored_sweep_decides_from_them(bucket):
+    """ASHA's rule with reduction factor 2, trials in the debug sweep's order (3e-3, 1e-5, 3e-5): at
+    the step-10 rung a trial stops when its held-out loss is worse than the median of those recorded
+    there. The first has nothing to compare with and goes on; the second is worse and stops; the
+    record is on the bucket (asha.json), and the scheduler as `Tuner.restore` unpickles it (as it
+    was when the sweep started) reloads it, so the third is stopped against both, as it would have
+    been without the interruption (a scheduler without the record lets it go on)."""
+    from ray.tune.experiment import Trial
+
+    from raylm.ray.tune import RecordedASHA, read_asha_state
+
+    def scheduler(state_path: str) -> RecordedASHA:
+        return RecordedASHA(state_path, time_attr="step", metric="val_loss", mode="min", max_t=20, grace_period=10,
+                            reduction_factor=2, stop_last_trials=False)
+
+    def result(asha: RecordedASHA, trial: Trial, step: int, val_loss: float) -> str:
+        return asha.on_trial_result(None, trial, {"step": step, "val_loss": val_loss})
+
+    state = f"{bucket}/sweep/asha.json"
+    asha = scheduler(state)
+    at_start = pickle.dumps(asha)
+    fast, tiny, small = (Trial("trial", trial_id=t, stub=True) for t in ("fast", "tiny", "small"))
+    asha.on_trial_add(None, fast)
+    assert [result(asha, fast, step, loss) for step, loss in [(10, 6.0), (20, 5.5)]] == [asha.CONTINUE] * 2
+    asha.on_trial_add(None, tiny)
+    assert result(asha, tiny, 10, 6.90) == asha.STOP
+    assert read_asha_state(state)["stopped"] == {"tiny": 10}
+
+    restored = pickle.loads(at_start)
+    restored.on_trial_add(None, small)
+    assert result(restored, small, 10, 6.88) == restored.STOP  # above the median of 6.0 and 6.9
+    assert read_asha_state(state)["stopped"] == {"tiny": 10, "small": 10}
+    forgetful = scheduler(f"{bucket}/other/asha.json")
+    forgetful.on_trial_add(None, small)
+    assert result(forgetful, small, 10, 6.88) == forgetful.CONTINUE
+
+
+def test_a_finished_sweep_on_a_bucket_writes_results_and_best_yaml_there_and_raylm_reads_best_yaml_from_it(
+        bucket, tmp_path, capsys):
+    """The results (csv, json with each trial's curve read from its metrics.jsonl on the bucket,
+    the PNG) and best.yaml are written to the sweep directory on the bucket, and the command the
+    sweep prints, `raylm train s3://.../best.yaml`, reads the config from there."""
+    from ray.tune import Result
+
+    from raylm.ray.tune import ASHA_STATE, finish
+
+    two = {"optimizer.lr": {"grid": [3e-3, 1e-5]}}
+    sweep = load_sweep(_sweep_file(tmp_path, space=two), [f"output_dir={bucket}/sweeps", "name=s"])
+    sweep_dir = sweep_dir_for(sweep)
+    curves = {"fast": [(0, 6.95), (10, 6.0), (20, 5.5)], "tiny": [(0, 6.95), (10, 6.9)]}
+    lrs = {"fast": 3e-3, "tiny": 1e-5}
+    for trial, curve in curves.items():
+        records = [{"step": step, "val_loss": loss} for step, loss in curve]
+        storage.write_bytes(f"{sweep_dir}/runs/{trial}/metrics.jsonl",
+                            "".join(json.dumps(r) + "\n" for r in records).encode())
+    storage.write_bytes(f"{sweep_dir}/{ASHA_STATE}", json.dumps({"stopped": {"tiny": 10}}).encode())
+    grid = [Result(metrics={"trial_id": t, "step": curves[t][-1][0], "val_loss": curves[t][-1][1],
+                            "config": {"params": {"optimizer.lr": lrs[t]}}},
+                   checkpoint=None, error=None, path=f"{BUCKET}/sweeps/s/tune/{t}") for t in curves]
+    lines: list[str] = []
+    prepared = f"{sweep_dir}/prepared"
+    assert finish(sweep, sweep_dir, grid, prepared, None, [], lines.append) == sweep_dir
+
+    assert {"results.csv", "results.json", "val_loss.png", "best.yaml"} <= set(_ls(sweep_dir))
+    trials = {t["trial_id"]: t for t in json.loads(storage.read_bytes(f"{sweep_dir}/results.json"))["trials"]}
+    assert trials["fast"]["status"] == "completed" and trials["tiny"]["status"] == "stopped early by ASHA at step 10"
+    assert [tuple(p) for p in trials["fast"]["curve"]] == curves["fast"]
+    assert trials["tiny"]["run_dir"] == f"{sweep_dir}/runs/tiny"
+    csv_lines = storage.read_bytes(f"{sweep_dir}/results.csv").decode().splitlines()
+    assert csv_lines[0].startswith("trial,optimizer.lr,val_loss,steps,status") and len(csv_lines) == 3
+    assert storage.read_bytes(f"{sweep_dir}/val_loss.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"train the winner: raylm train {sweep_dir}/best.yaml" in lines
+
+    best = load_config(f"{sweep_dir}/best.yaml")
+    assert (best.optimizer.lr, best.data.prepared_path, best.config_name) == (3e-3, prepared, "sweep-best")
+    capsys.readouterr()
+    assert cli_main(["config", f"{sweep_dir}/best.yaml", "train.max_steps=7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["optimizer"]["lr"], printed["train"]["max_steps"]) == (3e-3, 7)
+
+
+def _one_line_error(args: list[str], capsys) -> str:
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("raylm: error: "), err
+    return err
+
+
+def test_a_sweep_directory_on_a_missing_bucket_an_unreachable_store_or_already_there_is_one_line(
+        bucket, tmp_path, capsys, monkeypatch):
+    """Before Ray starts: a missing bucket or an endpoint that does not answer names output_dir= and
+    the URI; a sweep directory already on the bucket says how to continue it; --resume of a prefix
+    holding no sweep, or a sweep with no Tune state, says so."""
+    path = str(_sweep_file(tmp_path))
+    err = _one_line_error(["tune", path, "output_dir=s3://no-such-bucket/sweeps"], capsys)
+    assert f"{path}: output_dir=s3://no-such-bucket/sweeps: bucket 'no-such-bucket' does not exist" in err
+
+    sweep_dir = f"{bucket}/sweeps/s"
+    save_sweep(load_sweep(path, [f"output_dir={bucket}/sweeps", "name=s"]), sweep_dir)
+    err = _one_line_error(["tune", path, f"output_dir={bucket}/sweeps", "name=s"], capsys)
+    assert f"{sweep_dir}: already exists; continue it with raylm tune --resume {sweep_dir}" in err
+    err = _one_line_error(["tune", "--resume", sweep_dir], capsys)
+    assert f"--resume {sweep_dir}: no Tune state to resume ({sweep_dir}/tune is missing or empty)" in err
+    err = _one_line_error(["tune", "--resume", f"{bucket}/sweeps/none"], capsys)
+    assert f"--resume {bucket}/sweeps/none: not a sweep directory (no sweep.yaml)" in err
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nobody listens there
+    err = _one_line_error(["tune", path, f"output_dir={bucket}/sweeps", "name=t"], capsys)
+    assert f"{path}: output_dir={bucket}/sweeps: cannot reach the object store at http://127.0.0.1:" in err
+    assert not (tmp_path / "sweeps").exists()
+
+
+# ---------------------------------------------------------------------------------------
 # A real sweep
 
 
@@ -118,12 +277,19 @@ def _finished_trials(out_lines: list[str]) -> list[str]:
             if line.startswith("trial ") and (": completed" in line or ": stopped at step" in line)]
 
 
+def _checkpoints(run_dir: str) -> list[str]:
+    return sorted(n for n in _ls(run_dir) if n.startswith("checkpoint_"))
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sweep_stops_bad_trials_early_resumes_after_ctrl_c_and_its_winner_trains(tmp_path):
-    """Four trials of the debug model; Ctrl-C after two have finished; `--resume` finishes the other two
-    without re-running the first two; ASHA stopped at least one early (the table says so); the
-    table, the plot and best.yaml exist, and `raylm train best.yaml --local` trains to the end.
+def test_sweep_stops_bad_trials_early_resumes_after_ctrl_c_and_its_winner_trains(bucket, tmp_path, monkeypatch):
+    """Three trials of the debug model with the sweep directory on a bucket (a local S3 server, as
+    on a cluster whose nodes share no disk); Ctrl-C after two have finished; `--resume` finishes
+    the third without re-running the first two; ASHA stopped both tiny learning rates at step 10,
+    the second of them after the resume, from the rungs recorded before the Ctrl-C (the table
+    says so); the table, the plot and best.yaml are on the bucket, and the command the sweep
+    prints, `raylm train s3://.../best.yaml` (with --local), trains to the end.
 
     Every command runs as a user runs it, each starting its own local cluster: the session's
     cluster is shut down meanwhile. A trial ASHA stops is killed, and Ray Train's
@@ -135,14 +301,15 @@ def test_sweep_stops_bad_trials_early_resumes_after_ctrl_c_and_its_winner_trains
 
     ray.shutdown()
     try:
-        _sweep_as_a_user(tmp_path)
+        _sweep_as_a_user(tmp_path, f"{bucket}/sweeps")
     finally:
+        monkeypatch.undo()  # the session's cluster starts again without this test's AWS variables
         start_local_ray()
 
 
-def _sweep_as_a_user(tmp_path: Path) -> None:
+def _sweep_as_a_user(tmp_path: Path, output_dir: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # `raylm tune` starts its own local cluster
-    proc = subprocess.Popen([sys.executable, "-m", "raylm", "tune", str(SWEEP), f"output_dir={tmp_path}", "name=s"],
+    proc = subprocess.Popen([sys.executable, "-m", "raylm", "tune", str(SWEEP), f"output_dir={output_dir}", "name=s"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:
@@ -157,38 +324,44 @@ def _sweep_as_a_user(tmp_path: Path) -> None:
     lines += rest.splitlines()
     output = "\n".join(lines)
     assert proc.returncode == 130, output[-3000:]
-    assert "continue with raylm tune --resume" in output, output[-3000:]
-    sweep_dir = tmp_path / "s"
+    sweep_dir = f"{output_dir}/s"
+    assert f"continue with raylm tune --resume {sweep_dir}" in output, output[-3000:]
+    assert not (tmp_path / "s3:").exists()  # nothing landed in a local folder named after the URI
     first = _finished_trials(lines)[:2]
-    before = {t: (sweep_dir / "runs" / t / "metrics.jsonl").read_text() for t in first}
-    checkpoints_before = {t: sorted(p.name for p in (sweep_dir / "runs" / t).glob("checkpoint_*")) for t in first}
+    before = {t: storage.read_bytes(f"{sweep_dir}/runs/{t}/metrics.jsonl") for t in first}
+    checkpoints_before = {t: _checkpoints(f"{sweep_dir}/runs/{t}") for t in first}
+    assert all(checkpoints_before.values()), checkpoints_before
 
-    resumed = subprocess.run([sys.executable, "-m", "raylm", "tune", "--resume", str(sweep_dir)], cwd=tmp_path,
+    resumed = subprocess.run([sys.executable, "-m", "raylm", "tune", "--resume", sweep_dir], cwd=tmp_path,
                              env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     logged = resumed.stdout.splitlines()
     for t in first:  # the finished trials were not trained again
-        assert (sweep_dir / "runs" / t / "metrics.jsonl").read_text() == before[t]
-        assert sorted(p.name for p in (sweep_dir / "runs" / t).glob("checkpoint_*")) == checkpoints_before[t]
+        assert storage.read_bytes(f"{sweep_dir}/runs/{t}/metrics.jsonl") == before[t]
+        assert _checkpoints(f"{sweep_dir}/runs/{t}") == checkpoints_before[t]
         assert not any(line.startswith(f"trial {t}:") for line in logged)
 
-    results = json.loads((sweep_dir / "results.json").read_text())["trials"]
-    assert len(results) == 4 and all(r["metric"] is not None for r in results), results
+    results = json.loads(storage.read_bytes(f"{sweep_dir}/results.json"))["trials"]
+    assert len(results) == 3 and all(r["metric"] is not None for r in results), results
     by_lr = {r["params"]["optimizer.lr"]: r for r in results}
     assert by_lr[3e-3]["status"] == "completed" and by_lr[3e-3]["steps"] == 20
-    stopped = [r for r in results if r["status"].startswith("stopped early by ASHA at step 10")]
-    assert stopped and all(r["steps"] == 10 for r in stopped), results
+    # ASHA's step-10 rung, reduction factor 2: 1e-5 is worse than 3e-3 alone; 3e-5 (run after the
+    # resume) is worse than the median of the two recorded before the Ctrl-C
+    for lr in (1e-5, 3e-5):
+        assert (by_lr[lr]["status"], by_lr[lr]["steps"]) == ("stopped early by ASHA at step 10", 10), results
     table = "\n".join(logged)
     assert "stopped early by ASHA at step 10" in table and "completed" in table
     assert all(len(r["curve"]) >= 2 and r["curve"][0][0] == 0 for r in results)  # step 0 and every evaluation
+    assert all(r["run_dir"].startswith(f"{sweep_dir}/runs/") for r in results)
     for name in ("results.csv", "val_loss.png", "best.yaml"):
-        assert (sweep_dir / name).stat().st_size > 0
-    assert (sweep_dir / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
+        assert storage.info(f"{sweep_dir}/{name}").size > 0
+    assert storage.read_bytes(f"{sweep_dir}/val_loss.png")[:4] == b"\x89PNG"
 
     best_lr = min((r for r in results if r["status"] == "completed"), key=lambda r: r["metric"])["params"]["optimizer.lr"]
-    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
-    assert best["optimizer"]["lr"] == best_lr and best["data"]["prepared_path"] == str(sweep_dir / "prepared")
-    trained = subprocess.run([sys.executable, "-m", "raylm", "train", str(sweep_dir / "best.yaml"), "--local",
+    best = yaml.safe_load(storage.read_bytes(f"{sweep_dir}/best.yaml"))
+    assert best["optimizer"]["lr"] == best_lr and best["data"]["prepared_path"] == f"{sweep_dir}/prepared"
+    assert f"train the winner: raylm train {sweep_dir}/best.yaml" in logged
+    trained = subprocess.run([sys.executable, "-m", "raylm", "train", f"{sweep_dir}/best.yaml", "--local",
                               f"run.output_dir={tmp_path / 'best'}"], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=600)  # the same trainer, without a third cluster start
     assert trained.returncode == 0, (trained.stdout + trained.stderr)[-3000:]

@@ -13,6 +13,12 @@ result is one evaluation. The sweep's logic (the file, its checks, the results) 
 Trials read one prepared dataset in the sweep directory, tokenised and packed once before the
 first trial. Each trial's run directory is `runs/<trial id>` with its checkpoints; a trial
 restarted by Tune (a retry, or a resumed sweep) continues that run from its newest checkpoint.
+
+The sweep directory may be on object storage (`output_dir: s3://...`): every file raylm keeps
+there goes through `raylm.storage`, and Tune's own state (`tune/`) is written through the same
+pyarrow filesystem (`RunConfig(storage_path, storage_filesystem)`, as `raylm.ray.train` gives
+Ray Train a run directory on a bucket), so a cluster whose nodes share no disk can run and
+resume a sweep.
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from raylm import storage
 from raylm import sweep as sweeps
 from raylm.errors import ConfigError, RaylmError
 from raylm.ray.cluster import needs
@@ -38,7 +47,7 @@ from raylm.train import checkpoint as ckpt
 
 
 class SweepInterrupted(KeyboardInterrupt):
-    def __init__(self, sweep_dir: Path):
+    def __init__(self, sweep_dir: str | Path):
         super().__init__(str(sweep_dir))
         self.sweep_dir = sweep_dir
 
@@ -73,17 +82,19 @@ def trial(config: dict[str, Any], context: TrialContext) -> None:
     from raylm.train.runs import resolve_run
 
     trial_id = tune.get_context().get_trial_id()
-    runs = Path(context.sweep_dir) / sweeps.RUNS_DIR
-    run_dir = runs / trial_id
+    runs = storage.child(context.sweep_dir, sweeps.RUNS_DIR)
+    run_dir = storage.child(runs, trial_id)
     extra = [f"run.output_dir={runs}", f"run.name={trial_id}", f"data.prepared_path={context.prepared_path}"]
-    if run_dir.exists():
+    if storage.exists(run_dir):
         if ckpt.latest_checkpoint(run_dir) is not None:
             extra.append(f"run.resume_from={run_dir}")  # a retry or a resumed sweep continues the trial's run
         else:  # it stopped before its first checkpoint: start again, keeping what it wrote aside
             n = 1
-            while (aside := runs / f"{trial_id}.failed-{n}").exists():
+            while storage.exists(aside := storage.child(runs, f"{trial_id}.failed-{n}")):
                 n += 1
-            run_dir.rename(aside)
+            # object storage has no rename; a run with no checkpoint is a few small files
+            storage.copy_dir(run_dir, aside)
+            storage.delete_dir(run_dir)
     cfg = context.sweep.trial_config(config["params"], extra)
     fit(resolve_run(cfg), wait_s=None, callbacks=[EvalReports(context.sweep.metric)])
 
@@ -153,13 +164,11 @@ class RecordedASHA(ASHAScheduler):
     def _save(self) -> None:
         state = {"stopped": self.stopped,
                  "rungs": [[[milestone, recorded] for milestone, recorded in b._rungs] for b in self._brackets]}
-        tmp = Path(self.state_path + ".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self.state_path)
+        storage.write_bytes(self.state_path, json.dumps(state).encode())  # whole or not at all
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        saved = read_asha_state(Path(self.state_path))
+        saved = read_asha_state(self.state_path)
         self.stopped = {**saved.get("stopped", {}), **self.stopped}
         for bracket, rungs in zip(self._brackets, saved.get("rungs", [])):
             for (milestone, recorded), (saved_milestone, saved_recorded) in zip(bracket._rungs, rungs):
@@ -167,21 +176,21 @@ class RecordedASHA(ASHAScheduler):
                     recorded.update({k: v for k, v in saved_recorded.items() if k not in recorded})
 
 
-def read_asha_state(path: Path) -> dict:
+def read_asha_state(path: str | Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_bytes(path))
     except (OSError, ValueError):
         return {}
 
 
-def _scheduler(sweep: Sweep, sweep_dir: Path):
+def _scheduler(sweep: Sweep, sweep_dir: str | Path):
     if sweep.scheduler == "none":
         return None
     # stop_last_trials=False: a trial that reaches max_t ends by its fit() returning, so its
     # TorchTrainer releases its workers' placement group itself. A trial Tune stops is killed,
     # and Ray Train's PlacementGroupCleaner frees its group once it sees the controller gone
     # (through the State API: the cluster needs its dashboard).
-    return RecordedASHA(str(sweep_dir / ASHA_STATE), time_attr="step", max_t=sweeps.max_steps(sweep),
+    return RecordedASHA(str(storage.child(sweep_dir, ASHA_STATE)), time_attr="step", max_t=sweeps.max_steps(sweep),
                         grace_period=sweeps.grace_period(sweep), reduction_factor=sweep.asha.reduction_factor,
                         stop_last_trials=False)
 
@@ -195,7 +204,7 @@ def trials_that_fit(sweep: Sweep) -> int:
     return max(1, min(fits) if fits else 1)
 
 
-def _trainable(sweep: Sweep, sweep_dir: Path, prepared_path: str):
+def _trainable(sweep: Sweep, sweep_dir: str | Path, prepared_path: str):
     context = TrialContext(sweep, str(sweep_dir), prepared_path)
     return tune.with_resources(tune.with_parameters(trial, context=context), {"CPU": sweep.trial_cpus})
 
@@ -228,41 +237,58 @@ def _params_text(params: dict) -> str:
     return ", ".join(f"{k}={sweeps._short(v)}" for k, v in params.items())
 
 
-def prepare_shared_data(sweep: Sweep, sweep_dir: Path, log) -> str:
+def prepare_shared_data(sweep: Sweep, sweep_dir: str | Path, log) -> str:
     """Tokenise and pack once for every trial: the base config's prepared_path, else `prepared/`."""
     from raylm.ray.prepare import prepare
 
     base = sweep.base_config()
-    path = base.data.prepared_path or str(sweep_dir / sweeps.PREPARED_DIR)
+    path = base.data.prepared_path or str(storage.child(sweep_dir, sweeps.PREPARED_DIR))
     cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, prepared_path=path))
     with user_errors():
         return str(prepare(cfg, log=log))
 
 
-def _tuner(sweep: Sweep, sweep_dir: Path, prepared_path: str, log):
+def tune_storage(sweep_dir: str | Path) -> tuple[str, pafs.FileSystem]:
+    """Where Tune keeps its state for a sweep directory: (the path on the filesystem, the
+    filesystem). On object storage the path is `bucket/...` without its scheme and the
+    filesystem is raylm's (its endpoint and region), as Ray Train gets a run directory's."""
+    fs, fs_path = storage.resolve(sweep_dir)
+    return fs_path, fs
+
+
+def _tuner(sweep: Sweep, sweep_dir: str | Path, prepared_path: str, log):
     max_concurrent = sweep.max_concurrent or trials_that_fit(sweep)
     tune_config = tune.TuneConfig(
         metric=sweep.metric, mode=sweep.mode, search_alg=_search_alg(sweep, max_concurrent),
         scheduler=_scheduler(sweep, sweep_dir), num_samples=sweep.num_samples,
         trial_dirname_creator=lambda t: t.trial_id)
+    storage_path, storage_filesystem = tune_storage(sweep_dir)
     run_config = tune.RunConfig(
-        name=sweeps.TUNE_DIR, storage_path=str(sweep_dir), verbose=0, callbacks=[Progress(sweep)],
+        name=sweeps.TUNE_DIR, storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0,
+        callbacks=[Progress(sweep)],
         failure_config=tune.FailureConfig(max_failures=sweep.max_trial_failures))
     log(f"sweep directory: {sweep_dir}; up to {max_concurrent} trial(s) at once")
     return tune.Tuner(_trainable(sweep, sweep_dir, prepared_path), param_space={"params": _search_space(sweep)},
                       tune_config=tune_config, run_config=run_config)
 
 
-def tune_command(sweep: Sweep, *, to_preset: str | None = None, to_overrides: list[str] = (), log=print) -> Path:
+def tune_command(sweep: Sweep, *, to_preset: str | None = None, to_overrides: list[str] = (),
+                 log=print) -> str | Path:
     """`raylm tune SWEEP.yaml`: run every trial, then write the results and best.yaml; the sweep directory."""
     sweep_dir = sweeps.sweep_dir_for(sweep)
-    if sweep_dir.exists():
+    try:  # an unreachable endpoint or a missing bucket: one line, before anything runs
+        storage.check_reachable(sweep.output_dir, "output_dir")
+    except ConfigError as e:
+        raise ConfigError(f"{sweep.path}: {e}") from None
+    with storage.errors(sweep_dir, "output_dir", ConfigError):
+        found = storage.exists(sweep_dir)
+    if found:
         raise ConfigError(f"{sweep_dir}: already exists; continue it with raylm tune --resume {sweep_dir}, "
                           "or choose another name")
     if sweep.search == "optuna":
         _search_alg(sweep)  # a missing optuna is said before anything is written
     with ray_session(worker_logs=False):
-        sweep_dir.mkdir(parents=True)
+        storage.make_dirs(sweep_dir)
         sweeps.save_sweep(sweep, sweep_dir)
         prepared_path = prepare_shared_data(sweep, sweep_dir, log)
         grid = _fit(_tuner(sweep, sweep_dir, prepared_path, log), sweep_dir)
@@ -270,24 +296,26 @@ def tune_command(sweep: Sweep, *, to_preset: str | None = None, to_overrides: li
 
 
 def resume_command(sweep_dir: str | Path, *, to_preset: str | None = None, to_overrides: list[str] = (),
-                   log=print) -> Path:
+                   log=print) -> str | Path:
     """`raylm tune --resume DIR`: restore the Tuner; finished trials are kept, unfinished ones continue."""
-    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    sweep_dir = sweeps.sweep_location(sweep_dir)
+    storage.check_reachable(sweep_dir, "--resume")
     sweep = sweeps.read_saved_sweep(sweep_dir)
-    tune_path = sweep_dir / sweeps.TUNE_DIR
-    if not tune.Tuner.can_restore(str(tune_path)):
+    tune_path = storage.child(sweep_dir, sweeps.TUNE_DIR)
+    tune_fs_path, tune_fs = tune_storage(tune_path)
+    if not tune.Tuner.can_restore(tune_fs_path, storage_filesystem=tune_fs):
         raise ConfigError(f"--resume {sweep_dir}: no Tune state to resume ({tune_path} is missing or empty); "
                           "start the sweep again")
     with ray_session(worker_logs=False):
         prepared_path = prepare_shared_data(sweep, sweep_dir, log)
-        tuner = tune.Tuner.restore(str(tune_path), trainable=_trainable(sweep, sweep_dir, prepared_path),
-                                   resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(tune_fs_path, trainable=_trainable(sweep, sweep_dir, prepared_path),
+                                   resume_unfinished=True, resume_errored=True, storage_filesystem=tune_fs)
         log(f"resuming sweep {sweep_dir}")
         grid = _fit(tuner, sweep_dir)
         return finish(sweep, sweep_dir, grid, prepared_path, to_preset, to_overrides, log)
 
 
-def _fit(tuner, sweep_dir: Path):
+def _fit(tuner, sweep_dir: str | Path):
     with user_errors():
         return tuner.fit()
 
@@ -296,17 +324,17 @@ def _fit(tuner, sweep_dir: Path):
 # Results
 
 
-def outcomes(sweep: Sweep, sweep_dir: Path, grid) -> list[TrialOutcome]:
+def outcomes(sweep: Sweep, sweep_dir: str | Path, grid) -> list[TrialOutcome]:
     steps_max = sweeps.max_steps(sweep)
-    stopped = read_asha_state(sweep_dir / ASHA_STATE).get("stopped", {})
+    stopped = read_asha_state(storage.child(sweep_dir, ASHA_STATE)).get("stopped", {})
     out = []
     for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        trial_id = (result.metrics or {}).get("trial_id") or storage.name_of(result.path)
         metrics = result.metrics or {}
         value = metrics.get(sweep.metric)
         steps = int(metrics.get("step", 0) or 0)
-        run_dir = sweep_dir / sweeps.RUNS_DIR / trial_id
-        latest = ckpt.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        run_dir = storage.child(sweep_dir, sweeps.RUNS_DIR, trial_id)
+        latest = ckpt.latest_checkpoint(run_dir)  # None when the trial wrote no run directory
         curve = _curve(run_dir, sweep.metric)
         out.append(TrialOutcome(
             trial_id=trial_id, params=dict((result.config or {}).get("params", {})),
@@ -317,19 +345,19 @@ def outcomes(sweep: Sweep, sweep_dir: Path, grid) -> list[TrialOutcome]:
     return sorted(out, key=lambda o: o.trial_id)
 
 
-def _curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
+def _curve(run_dir: str | Path, metric: str) -> list[tuple[int, float]]:
     """(step, metric) at every evaluation of the trial's run, from step 0, as its metrics.jsonl holds them."""
     from raylm.use.plot import read_metrics, series
 
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    path = storage.child(run_dir, "metrics.jsonl")
+    if not storage.is_file(path):
         return []
     steps, values = series(read_metrics(path)[0], metric)
     return [(s, v) for s, v in zip(steps, values) if v == v]
 
 
-def finish(sweep: Sweep, sweep_dir: Path, grid, prepared_path: str, to_preset: str | None,
-           to_overrides: list[str], log) -> Path:
+def finish(sweep: Sweep, sweep_dir: str | Path, grid, prepared_path: str, to_preset: str | None,
+           to_overrides: list[str], log) -> str | Path:
     results = outcomes(sweep, sweep_dir, grid)
     log(sweeps.results_table(results, sweep))
     # Ctrl-C: Tune saved its state and returned, with trials unfinished or not yet created
@@ -340,8 +368,8 @@ def finish(sweep: Sweep, sweep_dir: Path, grid, prepared_path: str, to_preset: s
     if best is None:
         raise RaylmError(f"{sweep_dir}: no trial reported {sweep.metric}; see results.csv for each trial's status")
     cfg, notes = sweeps.best_config(sweep, best, prepared_path, to_preset, list(to_overrides))
-    best_path = sweep_dir / "best.yaml"
-    cfg.save(best_path)
+    best_path = storage.child(sweep_dir, "best.yaml")
+    storage.write_bytes(best_path, cfg.to_yaml().encode())
     log(f"best trial {best.trial_id}: {sweep.metric} {best.metric:.4f} ({_params_text(best.params)})")
     for note in notes:
         log(f"note: {note}")
