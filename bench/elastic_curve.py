@@ -12,7 +12,7 @@ prepared data), with `scaling.num_workers=[2, 3]`:
 It writes a PNG overlaying both loss curves, marks the events, and prints the largest
 per-step difference of the losses.
 
-    python bench/elastic_curve.py [--steps 60] [--out docs/elastic_curve.png]
+    python bench/elastic_curve.py [--steps 60] [--out docs/img/elastic_curve.png]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def wait(predicate, what: str, timeout: float = 300) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--out", default=str(ROOT / "docs/elastic_curve.png"))
+    parser.add_argument("--out", default=str(ROOT / "docs/img/elastic_curve.png"))
     args = parser.parse_args()
     os.environ["RAY_AUTH_MODE"] = "disabled"
 
