@@ -10,7 +10,7 @@ anchors (the 'replay' column). Finally a training worker of a running job is SIG
 the time from the kill to the next new step is measured (Ray restarts the worker group from
 the latest checkpoint).
 
-    python bench/restart_cost.py [--early 20] [--late 200] [override ...]
+    python bench/restart_cost.py [--early 20] [--late 200] [--repeats 3] [override ...]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -55,7 +56,9 @@ def without_anchor(checkpoint: Path, out: Path) -> Path:
     return copy
 
 
-def time_to_first_step(load_config, config, overrides, checkpoint: Path, name: str) -> float:
+def time_to_first_step(load_config, config, overrides, checkpoint: Path, name: str) -> tuple[float, float]:
+    """(seconds from the call of `fit` to the first step's record, of which the first step's
+    wait for its data)."""
     from raylm.ray.train import fit
     from raylm.train import checkpoint as ckpt
     from raylm.train.runs import resolve_run
@@ -67,7 +70,7 @@ def time_to_first_step(load_config, config, overrides, checkpoint: Path, name: s
     result = fit(resolve_run(cfg), log=lambda line: None)
     first = step_records(Path(result.run_dir))[0]
     assert first["step"] == step + 1
-    return first["time"] - start
+    return first["time"] - start, first["step_time_s"] * first["data_wait_fraction"]
 
 
 def kill_to_next_step(load_config, config, overrides) -> tuple[float, int]:
@@ -108,6 +111,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs/debug.yaml"))
     parser.add_argument("--early", type=int, default=20)
     parser.add_argument("--late", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3, help="anchored restarts at each point (median taken)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -129,29 +133,50 @@ def main() -> None:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
+    # The passes the base run's stream holds (derived from its train.max_steps), fixed for every
+    # run here: the resumed runs stop after 2 steps, and would otherwise each plan a stream of
+    # their own length (a later restart, a longer plan), which a real restart of the same run
+    # does not do.
+    from raylm.data.plan import plan_files, stream_passes
+
+    cfg = load_config(args.config, [*overrides, "run.name=base", f"train.max_steps={args.late}",
+                                    f"train.checkpoint_every={args.early}"])
+    overrides.append(f"data.stream_passes={stream_passes(cfg, plan_files(cfg, 'train'))}")
     cfg = load_config(args.config, [*overrides, "run.name=base", f"train.max_steps={args.late}",
                                     f"train.checkpoint_every={args.early}"])
     start = time.time()
     base = Path(fit(resolve_run(cfg), log=lambda line: None).run_dir)
     print(f"base run: {args.late} steps of {cfg.train.global_batch_tokens:,} tokens in {time.time() - start:.0f} s")
 
-    rows = []
+    # Anchored restarts alternate early/late `--repeats` times (the fixed cost of a Ray Train
+    # start on a small machine varies by seconds); the medians are compared. Replay runs once.
+    anchored: dict[int, list[tuple[float, float]]] = {args.early: [], args.late: []}
+    replay, tokens = {}, {}
+    for i in range(args.repeats):
+        for step in (args.early, args.late):
+            checkpoint = base / ckpt.checkpoint_dir_name(step)
+            anchored[step].append(time_to_first_step(load_config, args.config, overrides, checkpoint,
+                                                     f"anchored-{step}-{i}"))
+            print(f"  anchored restart at step {step}: {anchored[step][-1][0]:.1f} s "
+                  f"(first step's data wait {anchored[step][-1][1]:.1f} s)", flush=True)
     for step in (args.early, args.late):
         checkpoint = base / ckpt.checkpoint_dir_name(step)
-        anchored = time_to_first_step(load_config, args.config, overrides, checkpoint, f"anchored-{step}")
-        replay = time_to_first_step(load_config, args.config, overrides, without_anchor(checkpoint, out),
-                                    f"replay-{step}")
-        tokens = ckpt.read_marker(checkpoint)["train_state"]["tokens_consumed"]
-        rows.append((step, tokens, anchored, replay))
+        replay[step] = time_to_first_step(load_config, args.config, overrides, without_anchor(checkpoint, out),
+                                          f"replay-{step}")[0]
+        tokens[step] = ckpt.read_marker(checkpoint)["train_state"]["tokens_consumed"]
     kill_s, kill_step = kill_to_next_step(load_config, args.config, overrides)
     ray.shutdown()
 
-    print(f"{'restart at step':>16} {'tokens consumed':>16} {'anchored (s)':>13} {'replay (s)':>11}")
-    for step, tokens, anchored, replay in rows:
-        print(f"{step:>16} {tokens:>16,} {anchored:>13.1f} {replay:>11.1f}")
-    (_, t1, a1, r1), (_, t2, a2, r2) = rows
-    print(f"ratio late/early ({t2 / t1:.0f}x the tokens): anchored {a2 / a1:.2f} (goal <= 1.2), "
-          f"replay {r2 / r1:.2f}")
+    median = {step: statistics.median(t for t, _ in runs) for step, runs in anchored.items()}
+    wait = {step: statistics.median(w for _, w in runs) for step, runs in anchored.items()}
+    print(f"{'restart at step':>16} {'tokens consumed':>16} {'anchored, median (s)':>21} {'of it data wait (s)':>20} "
+          f"{'anchored, each (s)':>24} {'replay (s)':>11}")
+    for step in (args.early, args.late):
+        each = " ".join(f"{t:.1f}" for t, _ in anchored[step])
+        print(f"{step:>16} {tokens[step]:>16,} {median[step]:>21.1f} {wait[step]:>20.1f} {each:>24} {replay[step]:>11.1f}")
+    e, l = args.early, args.late
+    print(f"ratio late/early ({tokens[l] / tokens[e]:.0f}x the tokens): anchored {median[l] / median[e]:.2f} "
+          f"(goal <= 1.2), replay {replay[l] / replay[e]:.2f}")
     print(f"worker SIGKILLed after step {kill_step}: {kill_s:.1f} s from the kill to the next step "
           f"(restart from the checkpoint of step {kill_step // 10 * 10})")
     shutil.rmtree(out, ignore_errors=True)
