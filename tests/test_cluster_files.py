@@ -574,11 +574,17 @@ def test_local_cluster_script_runs_a_job_with_the_token_and_refuses_clients_with
         # The guide's job, `raylm train` as a job, with the token from the client's env: it
         # finishes and leaves its checkpoint. (2 logical CPUs a node: the data pipeline's actors
         # and tasks and the worker must fit on the nodes at once.)
-        runs = tmp_path / "runs"
+        # Its tokenizer trained here beforehand (tokenizer.path): the job skips sampling the corpus.
+        from raylm.data.local import train_tokenizer_local
+
+        runs, job_args = tmp_path / "runs", ["train.max_steps=2", "train.eval_every=0", "run.sample_tokens=4",
+                                             "data.val_fraction=0", "data.sources.0.max_bytes=100000",
+                                             "tokenizer.sample_bytes=100000", "scaling.num_workers=1"]
+        tokenizer = tmp_path / "tokenizer.model"
+        train_tokenizer_local(load_config(ROOT / "configs/debug.yaml", job_args)).save(tokenizer)
         submit = [str(RAY_BIN), "job", "submit", "--working-dir", str(ROOT), "--",
                   sys.executable, "-m", "raylm", "train", "configs/debug.yaml", f"run.output_dir={runs}",
-                  "train.max_steps=2", "train.eval_every=0", "run.sample_tokens=4", "data.val_fraction=0",
-                  "data.sources.0.max_bytes=100000", "tokenizer.sample_bytes=100000", "scaling.num_workers=1"]
+                  f"tokenizer.path={tokenizer}", *job_args]
         client = {**env, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}
         done = subprocess.run(submit, env=client, capture_output=True, text=True, timeout=400, cwd=tmp_path)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
