@@ -20,9 +20,11 @@ Endpoint and credentials come from the standard AWS environment, never from a co
 gs:// is pyarrow's GcsFileSystem with Google's default credentials (the node's service account,
 `GOOGLE_APPLICATION_CREDENTIALS`), through `FileSystem.from_uri`. `STORAGE_EMULATOR_HOST`
 (`host:port` or a URL; the variable Google's own clients honour, which pyarrow does not read)
-points it at a GCS emulator instead, with anonymous credentials, as those clients do. Object stores have no rename and no exclusive create: a file written here appears
-whole or not at all (one PUT, or a multipart upload completed on close), which is what the
-checkpoint marker and the prepared manifest, each written last, rely on.
+points it at a GCS emulator instead, with anonymous credentials, as those clients do.
+
+Object stores have no rename and no exclusive create: a file written here appears whole or not
+at all (one PUT, or a multipart upload completed on close), which is what the checkpoint marker
+and the prepared manifest, each written last, rely on.
 
 Errors: `check_reachable` says in one line when an endpoint cannot be reached or a bucket does
 not exist, naming the key and the URI, so that a run fails before it starts; `errors(...)`

@@ -115,11 +115,12 @@ def checkpoint_location(checkpoint: Checkpoint, run_dir: str) -> str:
     return f"{run_dir.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}"
 
 
-def storage_config(spec: RunSpec) -> dict:
-    """RunConfig's storage_path (and, on object storage, storage_filesystem with raylm's endpoint)."""
-    if not storage.is_uri(spec.output_dir):
-        return {"storage_path": spec.output_dir}
-    fs, fs_path = storage.resolve(spec.output_dir)
+def storage_config(path: str | Path) -> dict:
+    """A Ray RunConfig's (Train's or Tune's) storage_path for a local path or a URI, and on
+    object storage its storage_filesystem: raylm's, with its endpoint and region."""
+    if not storage.is_uri(path):
+        return {"storage_path": str(path)}
+    fs, fs_path = storage.resolve(path)
     return {"storage_path": fs_path, "storage_filesystem": fs}
 
 
@@ -143,7 +144,7 @@ def _torch_trainer(spec: RunSpec, tokenizer, facts, datasets: dict, counter, cal
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=spec.name,
-            **storage_config(spec),
+            **storage_config(spec.output_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures,
                                          max_preemption_failures=cfg.run.max_preemptions),

@@ -29,8 +29,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
-
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -42,6 +40,7 @@ from raylm.errors import ConfigError, RaylmError
 from raylm.ray.cluster import needs
 from raylm.ray.connect import ray_session
 from raylm.ray.errors import user_errors
+from raylm.ray.train import storage_config
 from raylm.sweep import Sweep, TrialOutcome
 from raylm.train import checkpoint as ckpt
 
@@ -248,24 +247,14 @@ def prepare_shared_data(sweep: Sweep, sweep_dir: str | Path, log) -> str:
         return str(prepare(cfg, log=log))
 
 
-def tune_storage(sweep_dir: str | Path) -> tuple[str, pafs.FileSystem]:
-    """Where Tune keeps its state for a sweep directory: (the path on the filesystem, the
-    filesystem). On object storage the path is `bucket/...` without its scheme and the
-    filesystem is raylm's (its endpoint and region), as Ray Train gets a run directory's."""
-    fs, fs_path = storage.resolve(sweep_dir)
-    return fs_path, fs
-
-
 def _tuner(sweep: Sweep, sweep_dir: str | Path, prepared_path: str, log):
     max_concurrent = sweep.max_concurrent or trials_that_fit(sweep)
     tune_config = tune.TuneConfig(
         metric=sweep.metric, mode=sweep.mode, search_alg=_search_alg(sweep, max_concurrent),
         scheduler=_scheduler(sweep, sweep_dir), num_samples=sweep.num_samples,
         trial_dirname_creator=lambda t: t.trial_id)
-    storage_path, storage_filesystem = tune_storage(sweep_dir)
     run_config = tune.RunConfig(
-        name=sweeps.TUNE_DIR, storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0,
-        callbacks=[Progress(sweep)],
+        name=sweeps.TUNE_DIR, **storage_config(sweep_dir), verbose=0, callbacks=[Progress(sweep)],
         failure_config=tune.FailureConfig(max_failures=sweep.max_trial_failures))
     log(f"sweep directory: {sweep_dir}; up to {max_concurrent} trial(s) at once")
     return tune.Tuner(_trainable(sweep, sweep_dir, prepared_path), param_space={"params": _search_space(sweep)},
@@ -302,7 +291,8 @@ def resume_command(sweep_dir: str | Path, *, to_preset: str | None = None, to_ov
     storage.check_reachable(sweep_dir, "--resume")
     sweep = sweeps.read_saved_sweep(sweep_dir)
     tune_path = storage.child(sweep_dir, sweeps.TUNE_DIR)
-    tune_fs_path, tune_fs = tune_storage(tune_path)
+    where = storage_config(tune_path)
+    tune_fs_path, tune_fs = where["storage_path"], where.get("storage_filesystem")
     if not tune.Tuner.can_restore(tune_fs_path, storage_filesystem=tune_fs):
         raise ConfigError(f"--resume {sweep_dir}: no Tune state to resume ({tune_path} is missing or empty); "
                           "start the sweep again")
