@@ -33,7 +33,8 @@ def batches(files: list[np.ndarray], first_pos: int, rng) -> list[dict]:
         i += n
         out.append({"stream": [np.concatenate([t for _, t in chunk])],
                     "seg_pos": [np.array([p for p, _ in chunk], dtype=np.int64)],
-                    "seg_len": [np.array([t.size for _, t in chunk], dtype=np.int64)]})
+                    "seg_len": [np.array([t.size for _, t in chunk], dtype=np.int64)],
+                    "span": np.array([[chunk[0][0], 0, chunk[-1][0], 0]])})  # one document a file
     return out
 
 
@@ -74,3 +75,24 @@ def test_restart_drops_what_the_position_consumed():
     expected = [i for i in range(len(full["index"])) if i >= 10 and i not in (12, 15)]
     assert again["index"].tolist() == expected
     assert np.array_equal(again["tokens"], full["tokens"][expected])
+
+
+def span_batch(first_pos, first_ord, last_pos, last_ord):
+    return {"stream": [np.arange(3, 3 + 2 * L, dtype=np.int32)], "seg_pos": [np.array([first_pos])],
+            "seg_len": [np.array([2 * L])], "span": np.array([[first_pos, first_ord, last_pos, last_ord]])}
+
+
+def test_packing_refuses_batches_out_of_stream_order():
+    """Ray Data may run an actor's tasks out of order; the packer must notice, not mis-number rows."""
+    files = files_of_tokens()
+    parts = batches(files, 0, np.random.default_rng(3))
+    packer = PackIndex(L, None)
+    packer(parts[1])  # it overtook parts[0]
+    with pytest.raises(RuntimeError, match="out of stream order"):
+        packer(parts[0])
+    packer = PackIndex(L, None)
+    packer(span_batch(4, 0, 4, 2))
+    packer(span_batch(4, 3, 6, 1))  # the next document of file 4, then on to file 6
+    for bad in (span_batch(6, 3, 6, 5), span_batch(5, 0, 5, 1), span_batch(7, 1, 7, 2)):
+        with pytest.raises(RuntimeError, match="out of stream order"):
+            packer(bad)  # a gap in file 6, a step back, a file's first documents missing

@@ -1,13 +1,15 @@
 """The Ray Data corpus pipeline: read, tokenise on a CPU actor pool, pack, index, stream to workers.
 
-    plan positions -> read + parse (tasks, data.read_cpus each)   -> {"doc_id", "text", "pos"}
+    plan positions -> read + parse (tasks, data.read_cpus each)   -> {"doc_id", "text", "pos", "ord"}
     tokenise + frame   (actor pool: data.tokenize_actors x data.tokenize_cpus; one tokenizer
                         per actor, one sentencepiece thread each)  -> one token stream per batch
     pack + index       (one actor, PACK_CPUS)                      -> {"tokens": int32 (L+1,),
                                                                        "index": int64, "anchor": (2,)}
 
 Order. `preserve_order=True` makes every stage hand on its output in input order, and the
-single packing actor keeps the carry between batches, so the rows are exactly a sequential
+single packing actor keeps the carry between batches and runs its batches in that order (made
+with `allow_out_of_order_execution=False`: Ray Data's default lets an actor's tasks overtake
+each other, which once packed a stream rotated by one batch; `PackIndex` checks), so the rows are exactly a sequential
 pack of the documents in plan order (`raylm.data.plan`): the same rows as `raylm.data.local`
 and as the prepared shards. Row k of the stream has global index k. Each row also carries its
 anchor: the plan position of the file its first token comes from and that token's offset in
@@ -100,7 +102,7 @@ def _ordered(ds):
 
 def documents_dataset(cfg: Config, plan: FilePlan, split: str, counter, *, with_priority: bool = False,
                       first: int = 0):
-    """Rows {"doc_id", "text", "pos"} (plus "priority" when sampling) of `split`, in plan order,
+    """Rows {"doc_id", "text", "pos", "ord"} (plus "priority" when sampling) of `split`, in plan order,
     from plan position `first` on."""
     d = cfg.data
     rest = FilePlan(plan.filesystem, plan.files[first:])
@@ -145,6 +147,13 @@ def packed_dataset(cfg: Config, tokenizer: Tokenizer, plan: FilePlan, split: str
         num_cpus=PACK_CPUS,
         batch_size=None,
         batch_format="numpy",
+        # Its state is the stream so far: batches run in the order they come (Ray Data's
+        # default lets them overtake each other), and a dead actor fails the execution instead
+        # of being replaced by a fresh one that would number the rest of the rows from the
+        # start (the run restarts from its checkpoint, which rebuilds the state exactly).
+        allow_out_of_order_execution=False,
+        max_restarts=0,
+        max_task_retries=0,
     )
     ds = _ordered(ds)
     # Start reading only once the actors are up. Otherwise bad input in the first file fails

@@ -40,13 +40,14 @@ def plan_payload(plan) -> tuple:
 
 
 def read_parse(batch, plan, first, split, val_fraction, on_error, counter, priority_seed):
-    """Read task: plan positions {"data"} (relative to `first`) -> documents {"doc_id", "text", "pos"}
-    of `split` (+ "priority"); "pos" is the position in the plan of the file a document came from.
+    """Read task: plan positions {"data"} (relative to `first`) -> documents {"doc_id", "text", "pos",
+    "ord"} of `split` (+ "priority"); "pos" is the position in the plan of the file a document came
+    from, "ord" the document's number among that file's documents of `split`.
 
     `plan`: an object reference to `plan_payload(plan)`.
     """
     paths, table, specs, filesystem = _plan(plan)
-    ids, texts, positions, problems = [], [], [], []
+    ids, texts, positions, ordinals, problems = [], [], [], [], []
     for pos in (int(first) + np.asarray(batch["data"], dtype=np.int64)).tolist():
         path = paths[table[pos]]
         with filesystem.open_input_stream(path) as f:
@@ -56,9 +57,10 @@ def read_parse(batch, plan, first, split, val_fraction, on_error, counter, prior
         ids += [d for d, _ in docs]
         texts += [t for _, t in docs]
         positions += [pos] * len(docs)
+        ordinals += range(len(docs))
     ray.get(counter.add.remote(problems, len(ids)))  # before the rows move on: the driver's report is complete
     out = {"doc_id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object),
-           "pos": np.array(positions, dtype=np.int64)}
+           "pos": np.array(positions, dtype=np.int64), "ord": np.array(ordinals, dtype=np.int64)}
     if priority_seed is not None:
         out["priority"] = np.array([sample_priority(priority_seed, i) for i in ids], dtype=np.float64)
     return out
@@ -66,7 +68,8 @@ def read_parse(batch, plan, first, split, val_fraction, on_error, counter, prior
 
 class TokenizeFrame:
     """Actor: encode a batch of documents and frame them into one token stream (one output row),
-    with the stream's file segments: consecutive runs of tokens from one plan position."""
+    with the stream's file segments (consecutive runs of tokens from one plan position) and its
+    span: (pos, ord) of its first and its last document, which `PackIndex` checks."""
 
     def __init__(self, tokenizer, add_bos: bool):
         self.sp = tokenizer.sp  # loaded once per actor (the Tokenizer pickles as its model bytes)
@@ -79,8 +82,11 @@ class TokenizeFrame:
         pos = np.asarray(batch["pos"], dtype=np.int64)
         starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]]) if len(pos) else np.zeros(0, dtype=np.int64)
         seg_len = np.add.reduceat(framed, starts) if len(pos) else np.zeros(0, dtype=np.int64)
+        ordinal = np.asarray(batch["ord"], dtype=np.int64)
+        span = np.array([[pos[0], ordinal[0], pos[-1], ordinal[-1]]] if len(pos) else [[-1, -1, -1, -1]],
+                        dtype=np.int64)
         return {"stream": stream[None, :], "documents": np.array([len(ids)], dtype=np.int64),
-                "seg_pos": pos[starts][None, :], "seg_len": seg_len[None, :]}
+                "seg_pos": pos[starts][None, :], "seg_len": seg_len[None, :], "span": span}
 
 
 class PackIndex:
@@ -91,6 +97,12 @@ class PackIndex:
     A pipeline that starts at an anchor (`first_index`, `skip_tokens`: its plan starts at the
     anchor's file) drops the file's first `skip_tokens` tokens, so its first row is row
     `first_index` exactly as the full stream packed it.
+
+    Its batches must come in stream order: Ray Data lets actor tasks run out of order unless
+    the actor is made with `allow_out_of_order_execution=False` (`raylm.ray.data.packed_dataset`
+    does), and a batch out of order would number and pack rows wrongly without a sound. Each
+    batch's span is therefore checked to continue the one before it (the next document of the
+    same file, or the first document of a later file); a gap or a step back raises.
     """
 
     def __init__(self, seq_len: int, skip: dict | None, first_index: int = 0, skip_tokens: int = 0):
@@ -102,6 +114,17 @@ class PackIndex:
         self.next_index = first_index
         self.skip_tokens = skip_tokens
         self.cur_pos, self.cur_off = -1, 0  # the file being read and its tokens so far
+        self.last_doc = (-1, -1)  # (pos, ord) of the last document packed
+
+    def _check_order(self, spans: np.ndarray) -> None:
+        for first_pos, first_ord, last_pos, last_ord in spans.reshape(-1, 4).tolist():
+            if first_pos < 0:
+                continue  # a batch without documents
+            pos, ord_ = self.last_doc
+            if not ((first_pos == pos and first_ord == ord_ + 1) or (first_pos > pos and first_ord == 0)):
+                raise RuntimeError(f"packing got documents out of stream order: document {first_ord} of plan "
+                                   f"position {first_pos} after document {ord_} of position {pos}")
+            self.last_doc = (last_pos, last_ord)
 
     def _token_anchors(self, seg_pos: np.ndarray, seg_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         starts = np.empty(len(seg_pos), dtype=np.int64)
@@ -119,6 +142,7 @@ class PackIndex:
             parts = [np.asarray(s, dtype=dtype).ravel() for s in batch[name]]
             return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
+        self._check_order(np.asarray(batch["span"], dtype=np.int64))
         stream = joined("stream", TOKEN_DTYPE)
         pos_tok, off_tok = self._token_anchors(joined("seg_pos", np.int64), joined("seg_len", np.int64))
         if self.skip_tokens:
