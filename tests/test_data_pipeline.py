@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from raylm.config import load_config
 from raylm.data.corpus import is_validation
@@ -261,3 +262,33 @@ def test_cluster_too_small_fails_before_workers_start(ray_cluster):
     with pytest.raises(ConfigError, match=r"needs 2.35: .*data.read_tasks=4 x data.read_cpus=0.2"):
         check_cluster_fits(config("scaling.num_workers=2", "scaling.cpus_per_worker=0.25", "data.read_tasks=4"))
 
+
+
+def test_no_stage_of_the_training_stream_asks_for_more_cpu_than_ray_datas_cap(ray_cluster, tmp_path, tokenizer):
+    """Under Ray Train's cap on Ray Data (data_cpus), a stage whose task needs more than the cap
+    runs only once every stage upstream of it is done: the first rows then wait for the whole
+    planned stream (seen: Dataset.repartition's 1-CPU tasks: 72 s to the first batch of an
+    11-pass plan, bench/RESULTS.md). Each stage fits, and the stream starts under the cap."""
+    from raylm.data.plan import plan_files
+    from raylm.ray.cluster import data_cpus
+    from raylm.ray.data import TrainStream, bad_input_counter, data_config
+
+    cfg = config("data.sources.0.max_bytes=300000", "data.stream_passes=4")
+    plan = plan_files(cfg, "train", passes=4)
+    counter = bad_input_counter()
+    ds = TrainStream(cfg, tokenizer, plan, counter, str(tmp_path), None)()
+    op, actors, tasks = ds._logical_plan.dag, 0.0, []
+    while op is not None:
+        if isinstance(getattr(op, "ray_remote_args", None), dict):
+            cpus = op.ray_remote_args.get("num_cpus", 1)
+            if isinstance(op.compute, ray.data.ActorPoolStrategy):
+                actors += cpus * op.compute.min_size  # held for the whole stream
+            else:
+                tasks.append((op.name, cpus))
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    assert actors > 0 and len(tasks) >= 2, tasks
+    assert all(cpus <= data_cpus(cfg) - actors + 1e-9 for _, cpus in tasks), (data_cpus(cfg), actors, tasks)
+
+    ds.context.execution_options = data_config(cfg)._resolve_execution_options("train")
+    batches = iter(ds.streaming_split(1, equal=False)[0].iter_batches(batch_size=8, batch_format="numpy"))
+    assert next(batches)["index"].tolist() == list(range(8))
