@@ -285,6 +285,7 @@ def test_no_stage_of_the_training_stream_asks_for_more_cpu_than_ray_datas_cap(ra
                 actors += cpus * op.compute.min_size  # held for the whole stream
             else:
                 tasks.append((op.name, cpus))
+                assert op.compute.size is not None, op.name  # bounded: no worker process per tiny task
         op = op.input_dependencies[0] if op.input_dependencies else None
     assert actors > 0 and len(tasks) >= 2, tasks
     assert all(cpus <= data_cpus(cfg) - actors + 1e-9 for _, cpus in tasks), (data_cpus(cfg), actors, tasks)

@@ -62,6 +62,36 @@ def pack_documents(docs: list[Document], tokenizer: Tokenizer, seq_len: int, add
     return np.concatenate(parts)
 
 
+def first_rows(cfg: Config, tokenizer: Tokenizer, split: str, n: int, listing: CorpusListing | None = None
+               ) -> np.ndarray:
+    """The first `n` rows (at most; (k, seq_len + 1)) of `split`'s sequential pack, reading files
+    in plan order only until they are filled: the held-out rows evaluation reads, in the
+    driver's process, at the cost of the files they come from (bad input as data.on_error says,
+    not counted: the run's report counts the training stream's)."""
+    d = cfg.data
+    try:
+        plan = plan_files(cfg, split, listing=listing)
+    except EmptySplit:
+        return np.zeros((0, d.seq_len + 1), dtype=TOKEN_DTYPE)
+
+    def texts():
+        for f in plan.files:
+            with plan.filesystem.open_input_stream(f.path) as stream:
+                docs, _ = split_documents([(stream.read(), f.spec)], split, d.val_fraction, d.on_error)
+            yield [text for _, text in docs]
+
+    parts, have = [], 0
+    if n > 0:
+        for rows in pack_batches(texts(), tokenizer, d.seq_len, d.add_bos):
+            parts.append(rows)
+            have += len(rows)
+            if have >= n:
+                break
+    if not parts:
+        return np.zeros((0, d.seq_len + 1), dtype=TOKEN_DTYPE)
+    return np.concatenate(parts)[:n]
+
+
 def tokenizer_sample(cfg: Config, listing: CorpusListing | None = None) -> list[str]:
     """The tokenizer's training sample without Ray: the same seeded documents the Ray path samples."""
     docs = local_documents(cfg, "train", mixture=False, listing=listing)

@@ -34,8 +34,9 @@ most one checkpoint interval of data, not of the corpus up to the resume point. 
 mode seeks instantly.
 
 Validation: the held-out documents, in a seeded order that spreads over every source and file
-(`raylm.data.plan`), packed the same way, cut to the rows evaluation reads (`Config.eval_sequences`)
-and materialised on the driver; every worker reads it whole and evaluates its share.
+(`raylm.data.plan`), packed the same way, cut to the rows evaluation reads (`Config.eval_sequences`),
+made on the driver from the few files they need (`validation_dataset`); every worker reads
+them whole and evaluates its share.
 
 Bad input skipped under `data.on_error=skip` is counted in one `BadInputTally` actor per
 pipeline (`Pipeline.counter`); the training workers read its report into their metrics.
@@ -60,7 +61,7 @@ from raylm.data.order import DataPosition, PackedDataset, step_slots
 from raylm.data.parse import BadInputTally
 from raylm.data.plan import CorpusListing, FilePlan, plan_files, read_blocks, stream_passes, tokenize_batch_docs
 from raylm.data.transforms import TOKEN_DTYPE
-from raylm.errors import DataError, EmptySplit
+from raylm.errors import DataError
 from raylm.ray.cluster import PACK_CPUS, data_cpus
 from raylm.ray.errors import user_errors
 from raylm.ray.stages import PackIndex, TokenizeFrame, plan_payload, read_parse
@@ -170,21 +171,19 @@ def iter_rows(ds, batch_rows: int = 1024):
 
 
 def validation_dataset(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing) -> Pipeline | None:
-    """The held-out rows evaluation reads, materialised; None when there are none."""
-    try:
-        plan = plan_files(cfg, "validation", listing=listing)
-    except EmptySplit:
+    """The held-out rows evaluation reads, as a small in-memory Dataset; None when there are none.
+
+    They are the first `Config.eval_sequences` rows of the validation split's pack, made in
+    this process (`raylm.data.local.first_rows`: the same plan, parser and packing as the
+    pipeline, so the same rows): reading a few held-out files costs less than starting a
+    tokenizer pool and a packer for them, which every run did before its first step."""
+    from raylm.data.local import first_rows
+
+    rows = first_rows(cfg, tokenizer, "validation", cfg.eval_sequences, listing=listing)
+    if not len(rows):
         return None
-    pipeline = packed_dataset(cfg, tokenizer, plan, "validation")
-    # Iterated to the end on the driver, then handed on as plain rows: a `.materialize()` of a
-    # limited pipeline can leave its tokenizer actors alive, holding CPUs a later run needs
-    # (seen as a hang on 2 CPUs); an exhausted iterator shuts its executor down.
-    limited = _ordered(pipeline.dataset.limit(cfg.eval_sequences))
-    rows = [{"tokens": t, "index": int(i)} for p in iter_rows(limited, batch_rows=None)
-            for t, i in zip(p["tokens"], p["index"])]
-    if not rows:
-        return None
-    return Pipeline(ray.data.from_items(rows), pipeline.counter)
+    items = [{"tokens": t, "index": i} for i, t in enumerate(rows)]
+    return Pipeline(ray.data.from_items(items), None)
 
 
 class TrainStream:
@@ -237,13 +236,16 @@ def _small_blocks(ds, rows: int):
     been read, tokenised and packed into the object store (measured: 72 s to the first batch
     for an 11-pass plan of a 40 MB corpus, 21 s for 3 passes; 13.5 s and 11.4 s with this).
     Ray Data gives the operator no public knob for it, so its logical operator's remote
-    arguments are set here; where a Ray version lays the plan out differently the stream is
+    arguments and concurrency are set here; where a Ray version lays the plan out differently the stream is
     only slower to start, never different.
     """
     ds = _ordered(ds.repartition(target_num_rows_per_block=rows))
     op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
-    if isinstance(getattr(op, "ray_remote_args", None), dict):
+    if isinstance(getattr(op, "ray_remote_args", None), dict) and hasattr(op, "compute"):
         op.ray_remote_args["num_cpus"] = PACK_CPUS
+        # One task at a time: tasks this small would otherwise run by the dozen, each in a
+        # worker process of its own (seen: 20 idle workers of 200 MB on 2 CPUs).
+        object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=1))
     return ds
 
 
