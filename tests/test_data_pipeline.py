@@ -263,7 +263,6 @@ def test_cluster_too_small_fails_before_workers_start(ray_cluster):
         check_cluster_fits(config("scaling.num_workers=2", "scaling.cpus_per_worker=0.25", "data.read_tasks=4"))
 
 
-
 def test_no_stage_of_the_training_stream_asks_for_more_cpu_than_ray_datas_cap(ray_cluster, tmp_path, tokenizer):
     """Under Ray Train's cap on Ray Data (data_cpus), a stage whose task needs more than the cap
     runs only once every stage upstream of it is done: the first rows then wait for the whole

@@ -22,22 +22,30 @@ from raylm.errors import EmptySplit
 from raylm.tokenizer import Tokenizer, load_or_train
 
 
+def _file_documents(cfg: Config, split: str, *, mixture: bool = True, listing: CorpusListing | None = None,
+                    tally: BadInputTally | None = None) -> Iterator[list[tuple[str, str]]]:
+    """Each file's (doc_id, text) documents of `split`, file by file in the Ray Data pipeline's
+    plan order (same file plan, same parser), read only as far as the caller iterates.
+
+    Bad input raises (data.on_error=raise) or is counted in `tally` and skipped."""
+    plan = plan_files(cfg, split, mixture=mixture, listing=listing)
+    for f in plan.files:
+        with plan.filesystem.open_input_stream(f.path) as stream:
+            docs, problems = split_documents([(stream.read(), f.spec)], split, cfg.data.val_fraction,
+                                             cfg.data.on_error)
+        if tally is not None:
+            tally.add(problems, len(docs))
+        yield docs
+
+
 def local_documents(cfg: Config, split: str, *, mixture: bool = True, listing: CorpusListing | None = None,
                     tally: BadInputTally | None = None) -> list[Document]:
     """The documents of `split` in the order the Ray Data pipeline reads them (same file plan, same parser).
 
     Bad input raises (data.on_error=raise) or is counted in `tally` and skipped."""
-    plan = plan_files(cfg, split, mixture=mixture, listing=listing)
-
-    def read(path: str) -> bytes:
-        with plan.filesystem.open_input_stream(path) as stream:
-            return stream.read()
-
-    files = ((read(f.path), f.spec) for f in plan.files)
-    docs, problems = split_documents(files, split, cfg.data.val_fraction, cfg.data.on_error)
-    if tally is not None:
-        tally.add(problems, len(docs))
-    return [Document(doc_id, text) for doc_id, text in docs]
+    return [Document(doc_id, text) for docs in _file_documents(cfg, split, mixture=mixture, listing=listing,
+                                                               tally=tally)
+            for doc_id, text in docs]
 
 
 def pack_batches(text_batches: Iterable[list[str]], tokenizer: Tokenizer, seq_len: int, add_bos: bool
@@ -69,26 +77,16 @@ def first_rows(cfg: Config, tokenizer: Tokenizer, split: str, n: int, listing: C
     driver's process, at the cost of the files they come from (bad input as data.on_error says,
     not counted: the run's report counts the training stream's)."""
     d = cfg.data
+    parts, have = [np.zeros((0, d.seq_len + 1), dtype=TOKEN_DTYPE)], 0
     try:
-        plan = plan_files(cfg, split, listing=listing)
-    except EmptySplit:
-        return np.zeros((0, d.seq_len + 1), dtype=TOKEN_DTYPE)
-
-    def texts():
-        for f in plan.files:
-            with plan.filesystem.open_input_stream(f.path) as stream:
-                docs, _ = split_documents([(stream.read(), f.spec)], split, d.val_fraction, d.on_error)
-            yield [text for _, text in docs]
-
-    parts, have = [], 0
-    if n > 0:
-        for rows in pack_batches(texts(), tokenizer, d.seq_len, d.add_bos):
+        texts = ([text for _, text in docs] for docs in _file_documents(cfg, split, listing=listing))
+        for rows in pack_batches(texts, tokenizer, d.seq_len, d.add_bos) if n > 0 else ():
             parts.append(rows)
             have += len(rows)
             if have >= n:
                 break
-    if not parts:
-        return np.zeros((0, d.seq_len + 1), dtype=TOKEN_DTYPE)
+    except EmptySplit:
+        pass
     return np.concatenate(parts)[:n]
 
 

@@ -7,11 +7,11 @@
                                                                        "index": int64, "anchor": (2,)}
 
 Order. `preserve_order=True` makes every stage hand on its output in input order, and the
-single packing actor keeps the carry between batches and runs its batches in that order (made
-with `allow_out_of_order_execution=False`: Ray Data's default lets an actor's tasks overtake
-each other, which once packed a stream rotated by one batch; `PackIndex` checks), so the rows are exactly a sequential
-pack of the documents in plan order (`raylm.data.plan`): the same rows as `raylm.data.local`
-and as the prepared shards. Row k of the stream has global index k. Each row also carries its
+single packing actor keeps the carry between batches and runs its batches in that order
+(`allow_out_of_order_execution=False`: Ray Data's default lets an actor's tasks overtake each
+other, which once packed a stream rotated by one batch; `PackIndex` checks), so the rows are
+exactly a sequential pack of the documents in plan order (`raylm.data.plan`): the same rows as
+`raylm.data.local` and as the prepared shards. Row k of the stream has global index k. Each row also carries its
 anchor: the plan position of the file its first token comes from and that token's offset in
 the file's framed tokens.
 
@@ -170,7 +170,7 @@ def iter_rows(ds, batch_rows: int = 1024):
         yield from ds.iter_batches(batch_size=batch_rows, batch_format="numpy", prefetch_batches=2)
 
 
-def validation_dataset(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing) -> Pipeline | None:
+def validation_dataset(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing):
     """The held-out rows evaluation reads, as a small in-memory Dataset; None when there are none.
 
     They are the first `Config.eval_sequences` rows of the validation split's pack, made in
@@ -182,8 +182,7 @@ def validation_dataset(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing
     rows = first_rows(cfg, tokenizer, "validation", cfg.eval_sequences, listing=listing)
     if not len(rows):
         return None
-    items = [{"tokens": t, "index": i} for i, t in enumerate(rows)]
-    return Pipeline(ray.data.from_items(items), None)
+    return ray.data.from_items([{"tokens": t, "index": i} for i, t in enumerate(rows)])
 
 
 class TrainStream:
@@ -236,8 +235,8 @@ def _small_blocks(ds, rows: int):
     been read, tokenised and packed into the object store (measured: 72 s to the first batch
     for an 11-pass plan of a 40 MB corpus, 21 s for 3 passes; 13.5 s and 11.4 s with this).
     Ray Data gives the operator no public knob for it, so its logical operator's remote
-    arguments and concurrency are set here; where a Ray version lays the plan out differently the stream is
-    only slower to start, never different.
+    arguments and concurrency are set here; where a Ray version lays the plan out differently,
+    the stream is only slower to start, never different.
     """
     ds = _ordered(ds.repartition(target_num_rows_per_block=rows))
     op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
@@ -261,7 +260,7 @@ def trainer_datasets(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing, 
                                 str(initial_checkpoint) if initial_checkpoint else None)}
     val = validation_dataset(cfg, tokenizer, listing)
     if val is not None:
-        out["validation"] = val.dataset
+        out["validation"] = val
     return out, counter
 
 
