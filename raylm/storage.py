@@ -3,7 +3,9 @@
 Plain Python and pyarrow, no Ray. Every path a config names (`data.sources[].path`,
 `data.prepared_path`, `run.output_dir`, `run.resume_from`, `tokenizer.path`) goes through
 `resolve(path) -> (pyarrow filesystem, path on it)`; the helpers below (read, write, list,
-delete, copy) take a local path or a URI alike, so the callers have one code path.
+delete, copy) take a local path or a URI alike, so the callers have one code path. The schemes
+are explicit (`SCHEMES`, and `file://` for reading): any other `scheme://` is a ConfigError,
+never a local folder named `scheme:`.
 
 Endpoint and credentials come from the standard AWS environment, never from a config file:
 
@@ -24,11 +26,14 @@ points it at a GCS emulator instead, with anonymous credentials, as those client
 
 Object stores have no rename and no exclusive create: a file written here appears whole or not
 at all (one PUT, or a multipart upload completed on close), which is what the checkpoint marker
-and the prepared manifest, each written last, rely on.
+and the prepared manifest, each written last, rely on. A command that writes many files under a
+prefix (prepare, export) writes them through a `WriteLog`, so that a failure deletes exactly
+those, never the prefix and never a concurrent writer's objects.
 
 Errors: `check_reachable` says in one line when an endpoint cannot be reached or a bucket does
-not exist, naming the key and the URI, so that a run fails before it starts; `errors(...)`
-turns pyarrow's OSError into the caller's RaylmError the same way.
+not exist, naming the key and the URI, so that a run fails before it starts; `check_writable_dir`
+does the same for a local output directory (a file, under a file, /proc); `errors(...)` turns
+pyarrow's OSError into the caller's RaylmError the same way.
 """
 
 from __future__ import annotations
@@ -203,17 +208,16 @@ def check_writable_dir(path: str | Path, key: str, error: type[RaylmError] = Con
     of all. URIs pass: `check_reachable` checks them."""
     if is_uri(path):
         return
-    target = Path(path).expanduser().absolute()
-    if target.exists() and not target.is_dir():
-        raise error(f"{key}={path}: is a file, not a directory")
-    nearest = target
-    while not nearest.exists():
-        if nearest.is_symlink():
-            raise error(f"{key}={path}: {nearest} is a link to {os.readlink(nearest)}, which does not exist")
-        nearest = nearest.parent
-    if not nearest.is_dir():
-        raise error(f"{key}={path}: {nearest} is a file, not a directory")
+    target = nearest = Path(path).expanduser().absolute()
     try:
+        if target.exists() and not target.is_dir():
+            raise error(f"{key}={path}: is a file, not a directory")
+        while not nearest.exists():
+            if nearest.is_symlink():
+                raise error(f"{key}={path}: {nearest} is a link to {os.readlink(nearest)}, which does not exist")
+            nearest = nearest.parent
+        if not nearest.is_dir():
+            raise error(f"{key}={path}: {nearest} is a file, not a directory")
         os.rmdir(tempfile.mkdtemp(prefix=".raylm-write-check-", dir=nearest))
     except OSError as e:
         raise error(f"{key}={path}: cannot create a directory in {nearest} ({e.strerror or e})") from None
@@ -430,11 +434,15 @@ class WriteLog:
         """Delete the files written here that are unchanged since; return those left (replaced by another writer)."""
         left = []
         for fs_path, stamp in self._files.items():
-            found = self.fs.get_file_info(fs_path)
-            if found.type == pafs.FileType.File and (found.size, found.mtime_ns) == stamp:
-                with contextlib.suppress(FileNotFoundError):
+            try:
+                found = self.fs.get_file_info(fs_path)
+                if found.type == pafs.FileType.File and (found.size, found.mtime_ns) == stamp:
                     self.fs.delete_file(fs_path)
-            elif found.type != pafs.FileType.NotFound:
+                elif found.type != pafs.FileType.NotFound:
+                    left.append(fs_path)
+            except FileNotFoundError:
+                pass
+            except OSError:  # the store went away: the rest is still tried
                 left.append(fs_path)
         self._files.clear()
         return left
