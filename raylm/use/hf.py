@@ -427,16 +427,17 @@ def _local_out(out: Path) -> Path:
     """`--out` on a local disk, checked: a new or empty directory in a place this process can
     write. A link is followed when it names a directory (the export lands there, the link is
     kept); a link to nothing is refused rather than replaced."""
+    shown = out
     if out.is_symlink():
         try:
             target = out.resolve(strict=True)
         except (OSError, RuntimeError):  # a link to nothing, or a loop of links
             raise ConfigError(f"--out {out}: is a link to {os.readlink(out)}, which does not exist; "
                               "give a directory") from None
-        out = target
+        shown, out = f"{out} (a link to {target})", target
     storage.check_writable_dir(out, "--out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out}: exists and is not an empty directory; choose a new one")
+        raise ConfigError(f"--out {shown}: exists and is not an empty directory; choose a new one")
     return out
 
 
