@@ -426,8 +426,9 @@ class WriteLog:
         with errors(self.root, self.key, self.error):
             found = self.foreign()
         if found:
+            example = f"{scheme_of(self.root)}://{found[0]}" if is_uri(self.root) else found[0]
             raise self.error(f"{self.key}={self.root}: {len(found)} file(s) appeared there while this command "
-                             f"was writing (another writer? e.g. {found[0]}); they were left alone; choose another "
+                             f"was writing (another writer? e.g. {example}); they were left alone; choose another "
                              f"{self.key}")
 
     def remove(self) -> list[str]:
