@@ -105,18 +105,21 @@ def s3_files(prefix: str) -> dict[str, bytes]:
             for e in listing if e.type == pafs.FileType.File}
 
 
-def second_writer_then_fail(monkeypatch, failing_name: str, foreign: str) -> None:
+def second_writer_then_fail(monkeypatch, failing_name: str, foreign: str) -> set[str]:
     """raylm's `storage.write_bytes` of a file named `failing_name`: first a real second writer puts
-    `foreign` beside it (after every existence check), then the upload fails."""
-    write = storage.write_bytes
+    `foreign` beside it (after every existence check), then the upload fails. Returns the set that
+    will hold the names of the objects under the prefix at that moment."""
+    write, seen = storage.write_bytes, set()
 
     def write_bytes(path, data):
         if storage.is_uri(path) and storage.name_of(path) == failing_name:
             write(foreign, b"another writer's object")
+            seen.update(s3_files(str(storage.parent_of(path))))
             raise OSError("connection reset by peer")
         return write(path, data)
 
     monkeypatch.setattr(storage, "write_bytes", write_bytes)
+    return seen
 
 
 def test_a_failed_export_to_s3_deletes_only_its_own_objects(run, bucket, monkeypatch, capsys):
@@ -126,8 +129,9 @@ def test_a_failed_export_to_s3_deletes_only_its_own_objects(run, bucket, monkeyp
     out = f"{bucket}/failed-export"
     foreign = f"{out}/theirs/keep.bin"
     with monkeypatch.context() as patch:
-        second_writer_then_fail(patch, "config.json", foreign)
+        seen = second_writer_then_fail(patch, "config.json", foreign)
         err = one_line_error(["export", str(run), "--out", out], capsys)
+    assert {"model.safetensors", "tokenizer.json", "theirs/keep.bin"} <= seen  # ours were there
     assert f"--out={out}: storage error" in err and "connection reset by peer" in err
     assert s3_files(out) == {"theirs/keep.bin": b"another writer's object"}
     storage.delete_file(foreign)  # the other writer removes its object
@@ -173,14 +177,17 @@ def test_export_and_prepare_refuse_a_prefix_that_holds_objects(run, bucket, caps
 
 
 @pytest.mark.slow
-def test_a_failed_prepare_to_s3_deletes_only_its_own_objects(ray_cluster, bucket, monkeypatch, capsys):
+def test_a_failed_prepare_to_s3_deletes_only_its_own_objects(ray_cluster, run, bucket, monkeypatch, capsys):
     """`raylm prepare` to s3:// failing as it writes manifest.json, after another writer put an
     object under the prefix, deletes its tokenizer and shards and nothing else."""
     out = f"{bucket}/failed-prepare"
-    second_writer_then_fail(monkeypatch, "manifest.json", f"{out}/theirs.parquet")
-    assert cli_main(["prepare", DEBUG, f"data.prepared_path={out}"]) == 2
+    tokenizer = next(run.glob("checkpoint_*/tokenizer.model"))  # no tokenizer training: a smaller corpus
+    seen = second_writer_then_fail(monkeypatch, "manifest.json", f"{out}/theirs.parquet")
+    assert cli_main(["prepare", DEBUG, f"data.prepared_path={out}", f"tokenizer.path={tokenizer}",
+                     "data.sources.0.max_bytes=60000"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"raylm: error: data.prepared_path={out}: storage error") and "connection reset" in err
+    assert {"tokenizer.model", "train/part-00000.parquet", "theirs.parquet"} <= seen  # ours were there
     assert s3_files(out) == {"theirs.parquet": b"another writer's object"}
 
 
