@@ -102,8 +102,19 @@ def _ray_rows(*args, **kwargs):
     yield from ray_rows(*args, **kwargs)
 
 
+def _check_path_args(args: argparse.Namespace) -> None:
+    """A URI of a scheme raylm does not know is one line naming the argument, never a local folder."""
+    from raylm import storage
+
+    run = "RUN_DIR" if args.command == "plot" else "RUN_OR_CHECKPOINT"
+    storage.check_scheme(args.path, run, storage.SCHEMES)
+    storage.check_scheme(getattr(args, "out", None), "--out", storage.SCHEMES)
+    storage.check_scheme(getattr(args, "data", None), "--data", storage.READ_SCHEMES)
+
+
 def _use_command(args: argparse.Namespace) -> None:
     """Commands on a run or checkpoint rather than on a config."""
+    _check_path_args(args)
     if args.command == "eval":
         from raylm.use.evaluate import eval_command
 

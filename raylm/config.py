@@ -523,6 +523,7 @@ def validate(cfg: Config) -> None:
         f"must be a multiple of data.seq_len={d.seq_len}",
     )
     _check_workers(cfg)
+    _check_paths(cfg)
     _require(s.resize_check_s > 0, "scaling.resize_check_s", s.resize_check_s, "must be > 0 seconds")
     for key, value in [("run.max_failures", r.max_failures), ("run.max_preemptions", r.max_preemptions)]:
         _require(value >= -1, key, value, "must be >= 0, or -1 for no limit")
@@ -538,6 +539,21 @@ def validate(cfg: Config) -> None:
     init_from = cfg.model.init_from
     _require(init_from == "" or (init_from.startswith("hf:") and len(init_from) > 3), "model.init_from", init_from,
              "must be empty (random init) or hf:DIR, a Hugging Face Llama checkpoint directory")
+
+
+def _check_paths(cfg: Config) -> None:
+    """Every path-valued key is a local path or a URI of a scheme raylm reads (`file://` too) or
+    writes (s3://, gs://); any other `scheme://` is refused, never taken for a local folder."""
+    reads, writes = storage.READ_SCHEMES, storage.SCHEMES
+    for i, src in enumerate(cfg.data.sources):
+        storage.check_scheme(src.path, f"data.sources.{i}.path", reads)
+    storage.check_scheme(cfg.tokenizer.path, "tokenizer.path", reads)
+    storage.check_scheme(cfg.data.prepared_path, "data.prepared_path", writes)
+    storage.check_scheme(cfg.run.output_dir, "run.output_dir", writes)
+    storage.check_scheme(cfg.run.resume_from, "run.resume_from", writes)
+    init_from = cfg.model.init_from
+    _require(not storage.is_uri(init_from.removeprefix("hf:")), "model.init_from", init_from,
+             "hf:DIR must name a local directory (download the checkpoint first)")
 
 
 def _check_workers(cfg: Config) -> None:

@@ -3,7 +3,9 @@
 Plain Python and pyarrow, no Ray. Every path a config names (`data.sources[].path`,
 `data.prepared_path`, `run.output_dir`, `run.resume_from`, `tokenizer.path`) goes through
 `resolve(path) -> (pyarrow filesystem, path on it)`; the helpers below (read, write, list,
-delete, copy) take a local path or a URI alike, so the callers have one code path.
+delete, copy) take a local path or a URI alike, so the callers have one code path. The schemes
+are explicit (`SCHEMES`, and `file://` for reading): any other `scheme://` is a ConfigError,
+never a local folder named `scheme:`.
 
 Endpoint and credentials come from the standard AWS environment, never from a config file:
 
@@ -24,11 +26,14 @@ points it at a GCS emulator instead, with anonymous credentials, as those client
 
 Object stores have no rename and no exclusive create: a file written here appears whole or not
 at all (one PUT, or a multipart upload completed on close), which is what the checkpoint marker
-and the prepared manifest, each written last, rely on.
+and the prepared manifest, each written last, rely on. A command that writes many files under a
+prefix (prepare, export) writes them through a `WriteLog`, so that a failure deletes exactly
+those, never the prefix and never a concurrent writer's objects.
 
 Errors: `check_reachable` says in one line when an endpoint cannot be reached or a bucket does
-not exist, naming the key and the URI, so that a run fails before it starts; `errors(...)`
-turns pyarrow's OSError into the caller's RaylmError the same way.
+not exist, naming the key and the URI, so that a run fails before it starts; `check_writable_dir`
+does the same for a local output directory (a file, under a file, /proc); `errors(...)` turns
+pyarrow's OSError into the caller's RaylmError the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import datetime
 import functools
 import os
 import posixpath
+import re
+import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -51,13 +58,43 @@ REGION_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 GCS_EMULATOR_VAR = "STORAGE_EMULATOR_HOST"
 
 
+SCHEMES = ("s3", "gs")
+"""The object stores raylm reads and writes. `file://` is also read (a source path; pyarrow's
+local filesystem); every other `scheme://` is refused, never taken for a local folder."""
+READ_SCHEMES = (*SCHEMES, "file")
+_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def is_uri(path: str | Path | None) -> bool:
-    return path is not None and "://" in str(path)
+    """`scheme://...`: anything else (even with a `://` further in) is a local path."""
+    return path is not None and _URI.match(str(path)) is not None
+
+
+def scheme_of(path: str | Path) -> str | None:
+    """The scheme of a URI (lower case), None for a local path."""
+    match = _URI.match(str(path))
+    return match.group(1).lower() if match else None
+
+
+def check_scheme(path: str | Path | None, key: str | None = None, schemes: tuple[str, ...] = READ_SCHEMES,
+                 error: type[RaylmError] = ConfigError) -> None:
+    """One line naming `key` and the value when `path` is a URI of a scheme outside `schemes`."""
+    scheme = scheme_of(path) if path is not None else None
+    if scheme is None or scheme in schemes:
+        return
+    named = f"{key}={path}" if key else str(path)
+    options = ["a local path", *(f"{s}://" for s in schemes)]
+    allowed = ", ".join(options[:-1]) + " or " + options[-1]
+    raise error(f"{named}: unsupported storage scheme {scheme}:// here; use {allowed}")
 
 
 def location(path: str | Path) -> str | Path:
-    """A path as raylm keeps it: a URI as a string (Path would fold its `//`), a local path as a Path."""
-    return str(path).rstrip("/") if is_uri(path) else Path(path)
+    """A path as raylm keeps it: a URI as a string (Path would fold its `//`), a local path as a
+    Path. ConfigError for a URI of a scheme raylm does not know."""
+    if is_uri(path):
+        check_scheme(path)
+        return str(path).rstrip("/")
+    return Path(path)
 
 
 def child(base: str | Path, *names: str) -> str | Path:
@@ -93,6 +130,7 @@ def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
     if not is_uri(path):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(str(path)))
     uri = str(path)
+    check_scheme(uri)
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         region = next((os.environ[v] for v in REGION_VARS if os.environ.get(v)), None)
@@ -160,6 +198,29 @@ def check_reachable(path: str | Path | None, key: str, error: type[RaylmError] =
         raise error(f"{key}={path}: cannot reach the object store at {where(path)} ({_first_line(e)})") from None
     if info.type == pafs.FileType.NotFound:
         raise error(f"{key}={path}: bucket {bucket!r} does not exist at {where(path)}; create it or fix the URI")
+
+
+def check_writable_dir(path: str | Path, key: str, error: type[RaylmError] = ConfigError) -> None:
+    """For a local path: one line naming `key` when `path` is not, and cannot become, a directory
+    this process writes in: it is a file, a link to nothing, under a file, or the nearest existing
+    directory above it refuses a new entry (read-only, /proc). That last is tried for real (an
+    empty directory made and removed at once): permissions alone do not say it, for root least
+    of all. URIs pass: `check_reachable` checks them."""
+    if is_uri(path):
+        return
+    target = nearest = Path(path).expanduser().absolute()
+    try:
+        if target.exists() and not target.is_dir():
+            raise error(f"{key}={path}: is a file, not a directory")
+        while not nearest.exists():
+            if nearest.is_symlink():
+                raise error(f"{key}={path}: {nearest} is a link to {os.readlink(nearest)}, which does not exist")
+            nearest = nearest.parent
+        if not nearest.is_dir():
+            raise error(f"{key}={path}: {nearest} is a file, not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".raylm-write-check-", dir=nearest))
+    except OSError as e:
+        raise error(f"{key}={path}: cannot create a directory in {nearest} ({e.strerror or e})") from None
 
 
 @contextlib.contextmanager
@@ -277,6 +338,115 @@ def delete_dir(path: str | Path) -> None:
     fs, fs_path = resolve(path)
     with contextlib.suppress(FileNotFoundError):
         fs.delete_dir(fs_path)
+
+
+def holds_files(path: str | Path) -> bool:
+    """Whether any file lies at or under `path`. On object storage the empty "directory" markers
+    that pyarrow leaves when it deletes a prefix's last object (apache/arrow#36275) do not count,
+    so a prefix that a failed command cleaned up may be written again. Stops at the first file."""
+    fs, fs_path = resolve(path)
+    found = fs.get_file_info(fs_path)
+    if found.type != pafs.FileType.Directory:
+        return found.type == pafs.FileType.File
+    deep = isinstance(fs, pafs.GcsFileSystem)  # its one-level listing misses prefixes (see _gcs_children)
+    pending = [fs_path]
+    while pending:
+        entries = fs.get_file_info(pafs.FileSelector(pending.pop(), recursive=deep, allow_not_found=True))
+        if any(e.type == pafs.FileType.File for e in entries):
+            return True
+        pending += [] if deep else [e.path for e in entries if e.type == pafs.FileType.Directory]
+    return False
+
+
+class WriteLog:
+    """The files one command writes under `root` (a directory or a prefix), so that a failed
+    command removes exactly those and never a file another writer put beside them. Its errors
+    are one line of `error` naming `key`.
+
+    Object stores have no rename and, through pyarrow, no exclusive create, so on a bucket this
+    is a best effort with small windows, never a delete of a whole prefix: a file is written
+    only while its name is free (one request just before), `check_alone` says before the last
+    file (a manifest, config.json) whether anyone else wrote under `root` meanwhile, and
+    `remove` deletes a file only while it is still the one written here (same size and
+    modification time); a file another writer has replaced since is theirs and is left.
+    """
+
+    def __init__(self, root: str | Path, key: str, error: type[RaylmError] = ConfigError):
+        self.root, self.key, self.error = location(root), key, error
+        self.fs, self._root = resolve(self.root)
+        self._files: dict[str, tuple[int, int | None]] = {}  # path on fs -> (size, mtime_ns) as written
+
+    def _claim(self, path: str | Path) -> str:
+        fs_path = resolve(path)[1]
+        if self.fs.get_file_info(fs_path).type != pafs.FileType.NotFound:
+            raise self.error(f"{self.key}={self.root}: {path} appeared while this command was writing there "
+                             f"(another writer?); it was left alone; choose another {self.key}")
+        return fs_path
+
+    def _record(self, fs_path: str) -> None:
+        found = self.fs.get_file_info(fs_path)
+        self._files[fs_path] = (found.size, found.mtime_ns)
+
+    def write_bytes(self, path: str | Path, data: bytes) -> None:
+        with errors(self.root, self.key, self.error):
+            fs_path = self._claim(path)
+            write_bytes(path, data)
+            self._record(fs_path)
+
+    @contextlib.contextmanager
+    def output(self, path: str | Path):
+        """A binary output stream to `path`, the file recorded once it is closed."""
+        with errors(self.root, self.key, self.error):
+            fs_path = self._claim(path)
+            try:
+                with self.fs.open_output_stream(fs_path) as f:
+                    yield f
+            finally:
+                if self.fs.get_file_info(fs_path).type == pafs.FileType.File:
+                    self._record(fs_path)
+
+    def copy_file(self, source: str | Path, path: str | Path) -> None:
+        """A local file `source` to `path`, streamed."""
+        with errors(self.root, self.key, self.error):
+            fs_path = self._claim(path)
+            try:
+                pafs.copy_files(str(source), fs_path, source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=self.fs)
+            finally:
+                if self.fs.get_file_info(fs_path).type == pafs.FileType.File:
+                    self._record(fs_path)
+
+    def foreign(self) -> list[str]:
+        """The files under `root` that this log did not write (paths on its filesystem)."""
+        listing = self.fs.get_file_info(pafs.FileSelector(self._root, recursive=True, allow_not_found=True))
+        return sorted(e.path for e in listing if e.type == pafs.FileType.File and e.path not in self._files)
+
+    def check_alone(self) -> None:
+        """One line when another writer put files under `root` while this command wrote there."""
+        with errors(self.root, self.key, self.error):
+            found = self.foreign()
+        if found:
+            example = f"{scheme_of(self.root)}://{found[0]}" if is_uri(self.root) else found[0]
+            raise self.error(f"{self.key}={self.root}: {len(found)} file(s) appeared there while this command "
+                             f"was writing (another writer? e.g. {example}); they were left alone; choose another "
+                             f"{self.key}")
+
+    def remove(self) -> list[str]:
+        """Delete the files written here that are unchanged since; return those left (replaced by another writer)."""
+        left = []
+        for fs_path, stamp in self._files.items():
+            try:
+                found = self.fs.get_file_info(fs_path)
+                if found.type == pafs.FileType.File and (found.size, found.mtime_ns) == stamp:
+                    self.fs.delete_file(fs_path)
+                elif found.type != pafs.FileType.NotFound:
+                    left.append(fs_path)
+            except FileNotFoundError:
+                pass
+            except OSError:  # the store went away: the rest is still tried
+                left.append(fs_path)
+        self._files.clear()
+        return left
 
 
 def copy_dir(source: str | Path, destination: str | Path) -> None:

@@ -7,8 +7,9 @@ an existing directory is never overwritten (unless an identical config made it: 
 
 On object storage (`data.prepared_path=s3://...`), which cannot rename a prefix, the shards
 are written in place and manifest.json last: a prefix without a manifest is no prepared data
-(the reader says so), a failed prepare removes what it wrote, and a prefix that already holds
-anything is never written into.
+(the reader says so), a failed prepare removes exactly the files it wrote (never the prefix,
+never a concurrent writer's objects), and a prefix that already holds a file is never written
+into.
 
 Layout:  manifest.json, tokenizer.model, train/part-00000.parquet ..., validation/part-...
 Each shard has columns "index" (int64, the global sequence index) and "tokens"
@@ -17,13 +18,14 @@ Each shard has columns "index" (int64, the global sequence index) and "tokens"
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,12 +123,19 @@ def summary_lines(out: str | Path) -> list[str]:
 
 @contextmanager
 def writing(cfg: Config):
-    """Yield a temporary directory that becomes `prepared_dir(cfg)` only if the block completes.
+    """Yield a `storage.WriteLog` to write the prepared files with; they become `prepared_dir(cfg)`
+    only if the block completes. Yields None when an identical config prepared it already;
+    DataError if another one did, or when the place holds anything else.
 
-    Yields None when an identical config prepared it already; DataError if another one did."""
+    Locally the files go to a new hidden directory beside it, unique to this process (a
+    neighbour's is never touched), renamed into place at the end. On object storage they go to
+    the prefix itself, manifest.json last, and a failure removes exactly the files this command
+    wrote: never the prefix, never another writer's objects (`storage.WriteLog`)."""
     out = prepared_dir(cfg)
+    storage.check_writable_dir(out, "data.prepared_path", DataError)
+    remote = storage.is_uri(out)
     with storage.errors(out, "data.prepared_path", DataError):
-        found = storage.exists(out)
+        found = storage.holds_files(out) if remote else storage.exists(out)
         manifest_path = storage.child(out, MANIFEST)
         same = found and storage.is_file(manifest_path) and \
             json.loads(storage.read_bytes(manifest_path)).get("config_sha256") == config_fingerprint(cfg)
@@ -136,32 +145,36 @@ def writing(cfg: Config):
     if found:
         raise DataError(f"{out}: already exists and was not prepared by this config; "
                         "choose another data.prepared_path or remove it")
-    if storage.is_uri(out):
+    if remote:
+        target = storage.WriteLog(out, "data.prepared_path", DataError)
         try:
-            yield out  # written in place, manifest.json last
+            yield target
         except BaseException:
-            storage.delete_dir(out)
+            with contextlib.suppress(OSError):
+                target.remove()
             raise
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        yield tmp
-        os.rename(tmp, out)  # atomic: the directory appears complete or not at all
+        yield storage.WriteLog(tmp, "data.prepared_path", DataError)
+        try:
+            os.rename(tmp, out)  # atomic: the directory appears complete or not at all
+        except OSError:  # a non-empty directory took the name meanwhile
+            raise DataError(f"{out}: appeared while this prepare ran (another prepare?); it was left alone") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def write_split(cfg: Config, batches: Iterable[dict], out: str | Path, split: str,
+def write_split(cfg: Config, batches: Iterable[dict], target: storage.WriteLog, split: str,
                 bad_input: Callable[[], dict], log: Callable[[str], None]) -> dict:
-    """Write packed row batches {"tokens", "index"} (in index order) as shards; return the split's manifest entry."""
+    """Write packed row batches {"tokens", "index"} (in index order) as shards through `target`
+    (from `writing`); return the split's manifest entry."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    storage.make_dirs(storage.child(out, split))
-    fs, fs_out = storage.resolve(out)
+    storage.make_dirs(storage.child(target.root, split))
     width = cfg.data.seq_len + 1
     shards, pending, held, sequences = [], [], 0, 0
     start = last_log = time.perf_counter()
@@ -173,7 +186,8 @@ def write_split(cfg: Config, batches: Iterable[dict], out: str | Path, split: st
             "index": pa.array(index, pa.int64()),
             "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.ravel(), pa.int32()), width),
         })
-        pq.write_table(table, f"{fs_out}/{name}", filesystem=fs, compression="zstd")
+        with target.output(storage.child(target.root, name)) as f:
+            pq.write_table(table, f, compression="zstd")
         shards.append(name)
 
     for batch in batches:
@@ -206,7 +220,9 @@ def write_split(cfg: Config, batches: Iterable[dict], out: str | Path, split: st
     }
 
 
-def write_manifest(cfg: Config, out: str | Path, tokenizer_sha256: str, vocab_size: int, splits: dict) -> None:
+def write_manifest(cfg: Config, target: storage.WriteLog, tokenizer_sha256: str, vocab_size: int,
+                   splits: dict) -> None:
+    """manifest.json, the last file: refused when another writer put files beside this command's."""
     if splits["train"]["sequences"] == 0:
         raise EmptySplit(f"data.sources: the training split holds less than one sequence of {cfg.data.seq_len} tokens")
     manifest = {
@@ -224,7 +240,8 @@ def write_manifest(cfg: Config, out: str | Path, tokenizer_sha256: str, vocab_si
         "on_error": cfg.data.on_error,
         "splits": splits,
     }
-    storage.write_bytes(storage.child(out, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
+    target.check_alone()
+    target.write_bytes(storage.child(target.root, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,14 +25,14 @@ def prepare(cfg: Config, log=print) -> str | Path:
     out = prepared.prepared_dir(cfg)
     check_storage(cfg, reads_sources=True)  # an unreachable store or a missing bucket: one line, before any work
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared_path=str(out)))
-    with prepared.writing(cfg) as tmp:
-        if tmp is None:
+    with prepared.writing(cfg) as target:
+        if target is None:
             log(f"{out}: already prepared by an identical config; nothing to do")
             return out
         check_cluster_fits(cfg, workers=0, streaming=True)
         listing = list_corpus(cfg)
         tokenizer = load_or_train(cfg, lambda: sample_documents(cfg, listing), log)
-        tokenizer.save(storage.child(tmp, prepared.TOKENIZER))
+        target.write_bytes(storage.child(target.root, prepared.TOKENIZER), tokenizer.to_bytes())
         log(f"tokenizer: {tokenizer.vocab_size} pieces, sha256 {tokenizer.sha256[:12]}")
         splits = {}
         for split in prepared.SPLITS:
@@ -43,7 +43,7 @@ def prepare(cfg: Config, log=print) -> str | Path:
                     raise
                 continue
             pipeline = packed_dataset(cfg, tokenizer, plan, split)
-            splits[split] = prepared.write_split(cfg, iter_rows(pipeline.dataset), tmp, split,
+            splits[split] = prepared.write_split(cfg, iter_rows(pipeline.dataset), target, split,
                                                  pipeline.bad_input, log)
-        prepared.write_manifest(cfg, tmp, tokenizer.sha256, tokenizer.vocab_size, splits)
+        prepared.write_manifest(cfg, target, tokenizer.sha256, tokenizer.vocab_size, splits)
     return out

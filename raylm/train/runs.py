@@ -100,6 +100,7 @@ def check_storage(cfg: Config, reads_sources: bool | None = None) -> None:
     per URI; local paths are checked where they are used). The sources are checked when the
     run reads them (`reads_sources`; by default when there is no data.prepared_path)."""
     storage.check_reachable(cfg.run.output_dir, "run.output_dir", ConfigError)
+    storage.check_writable_dir(cfg.run.output_dir, "run.output_dir")  # a file, /proc, under a file: one line
     storage.check_reachable(cfg.run.resume_from, "run.resume_from", CheckpointError)
     storage.check_reachable(cfg.data.prepared_path, "data.prepared_path", DataError)
     storage.check_reachable(cfg.tokenizer.path, "tokenizer.path", DataError)

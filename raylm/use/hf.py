@@ -348,11 +348,14 @@ def export_hf(path: str | Path, out: str | Path, *, dtype: str = "float32",
     """Write the run's newest complete checkpoint (or the checkpoint `path`) as a Hugging Face
     Llama directory `out`, which must not exist yet or be empty. Returns `out`.
 
-    The directory is assembled next to `out` and renamed into place at the end, so a failed
-    export leaves nothing that looks finished. `out` may be an s3:// or gs:// prefix that holds
-    no object yet: the directory is then assembled in a local temporary directory and uploaded,
-    config.json last (a prefix without it is not a loadable export; a failed upload deletes the
-    prefix).
+    The directory is assembled next to `out`, in a hidden directory made for this export alone
+    (`.OUT.partial-XXXX`: another export's, or a user's folder of any name, is never touched),
+    and renamed into place at the end, so a failed export leaves nothing that looks finished. A
+    link to an empty directory is followed: the export lands in the directory it names, and the
+    link stays. `out` may be an s3:// or gs:// prefix that holds no file yet: the directory is
+    then assembled in a local temporary directory and uploaded file by file, config.json last
+    (a prefix without it is not a loadable export); a failed upload deletes exactly the files
+    it wrote, never the prefix nor another writer's objects (`storage.WriteLog`).
     """
     from raylm.train import checkpoint as ckpt
     from raylm.train.runs import TOKENIZER_FILE
@@ -360,18 +363,17 @@ def export_hf(path: str | Path, out: str | Path, *, dtype: str = "float32",
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
+    storage.check_scheme(out, "--out", storage.SCHEMES)
     remote = storage.is_uri(out)
     if remote:
         out = storage.location(out)
         storage.check_reachable(out, "--out")
         with storage.errors(out, "--out", ConfigError):
-            taken = storage.exists(out)
+            taken = storage.holds_files(out)
         if taken:
             raise ConfigError(f"--out {out}: already holds objects; choose a new prefix")
     else:
-        out = Path(out).expanduser()
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ConfigError(f"--out {out}: exists and is not an empty directory; choose a new one")
+        out = _local_out(Path(out).expanduser())
     checkpoint = resolve_checkpoint(path)
     run_cfg = load_run_config(checkpoint)
     tokenizer = Tokenizer.load(_beside(checkpoint, TOKENIZER_FILE))
@@ -381,9 +383,13 @@ def export_hf(path: str | Path, out: str | Path, *, dtype: str = "float32",
     entries = weight_entries(cfg)
     _check_saved_shapes(checkpoint, entries)
 
-    staging = Path(tempfile.mkdtemp(prefix="raylm-export-")) if remote else out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    if remote:
+        staging, made = Path(tempfile.mkdtemp(prefix="raylm-export-")), []
+        uploads = storage.WriteLog(out, "--out", RaylmError)
+    else:
+        made = [d for d in [out.parent, *out.parent.parents] if not d.exists()]  # deepest first
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         _write_weights(checkpoint, entries, staging, torch_dtype, max_shard_bytes)
         files = {
@@ -393,32 +399,60 @@ def export_hf(path: str | Path, out: str | Path, *, dtype: str = "float32",
             **tokenizer_files(tokenizer, run_cfg.data.add_bos, cfg.max_seq_len),
         }
         if remote:
-            _upload(staging, out, files)
+            _upload(staging, uploads, files)
         else:
             for name, data in files.items():
                 (staging / name).write_bytes(data)
-            if out.exists():
-                out.rmdir()  # empty, checked above
-            os.replace(staging, out)
+            try:
+                os.replace(staging, out)  # atomic, onto an empty directory too; never onto a non-empty one
+            except OSError:
+                raise ConfigError(f"--out {out}: was filled while this export ran (another export?); "
+                                  "it was left alone") from None
     except BaseException:
         if remote:
             with contextlib.suppress(OSError):
-                storage.delete_dir(out)
+                uploads.remove()
+        shutil.rmtree(staging, ignore_errors=True)
+        for directory in made:  # only the parents this export made, and only while empty
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise
-    finally:
+    if remote:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"exported {checkpoint} to {out} ({cfg.num_params():,} parameters, {dtype})")
     return out
 
 
-def _upload(staging: Path, out: str, files: dict[str, bytes]) -> None:
-    """The staged weights and `files` to the prefix `out`, config.json last."""
+def _local_out(out: Path) -> Path:
+    """`--out` on a local disk, checked: a new or empty directory in a place this process can
+    write. A link is followed when it names a directory (the export lands there, the link is
+    kept); a link to nothing is refused rather than replaced."""
+    shown = out
+    if out.is_symlink():
+        try:
+            target = out.resolve(strict=True)
+        except (OSError, RuntimeError):  # a link to nothing, or a loop of links
+            raise ConfigError(f"--out {out}: is a link to {os.readlink(out)}, which does not exist; "
+                              "give a directory") from None
+        shown, out = f"{out} (a link to {target})", target
+    storage.check_writable_dir(out, "--out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {shown}: exists and is not an empty directory; choose a new one")
+    return out
+
+
+def _upload(staging: Path, uploads: storage.WriteLog, files: dict[str, bytes]) -> None:
+    """The staged weights and `files` to the prefix `uploads.root`, one file at a time (each
+    recorded, so a failure deletes exactly these), config.json last and only while no other
+    writer has put files there."""
     for name, data in files.items():
         if name != "config.json":
             (staging / name).write_bytes(data)
-    with storage.errors(out, "--out", RaylmError):
-        storage.copy_dir(staging, out)
-        storage.write_bytes(storage.child(out, "config.json"), files["config.json"])
+    with storage.errors(uploads.root, "--out", RaylmError):
+        for path in sorted(staging.iterdir()):
+            uploads.copy_file(path, storage.child(uploads.root, path.name))
+        uploads.check_alone()
+        uploads.write_bytes(storage.child(uploads.root, "config.json"), files["config.json"])
 
 
 def _check_saved_shapes(checkpoint: Path, entries: list[WeightEntry]) -> None:
