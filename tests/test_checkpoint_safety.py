@@ -33,6 +33,7 @@ from raylm.train.trainer import LocalSink, RankEnv, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/debug.yaml"
+ABANDONED = "abandoned"  # RUN/abandoned/<checkpoint>.<UTC time>: where checkpoints above a restore go
 
 
 def small(out: Path) -> list[str]:
@@ -52,7 +53,7 @@ def steps_of(run: Path) -> list[int]:
 
 def abandoned(run: Path) -> list[str]:
     """Names (without the time stamp) of the checkpoints set aside in `run`."""
-    where = run / ckpt.ABANDONED
+    where = run / ABANDONED
     return sorted(p.name.split(".")[0] for p in where.iterdir()) if where.exists() else []
 
 
@@ -118,13 +119,13 @@ def test_resume_after_a_fallback_keeps_the_good_checkpoints_and_sets_the_damaged
     out = capsys.readouterr().out
     assert code == 0
     assert "from step 2 (" in out
-    warnings = [line for line in out.splitlines() if "abandoned future" in line]
-    assert len(warnings) == 1 and f"moved {name(4)}, {name(6)} to {run / ckpt.ABANDONED}/" in warnings[0]
-    assert steps_of(run) == [4, 5]
     assert ckpt.latest_checkpoint(run) == run / name(5)
+    assert steps_of(run) == [4, 5]
     assert all(ckpt.verify_checkpoint(p) is None for p in ckpt.list_checkpoints(run))
+    warnings = [line for line in out.splitlines() if "abandoned future" in line]
+    assert len(warnings) == 1 and f"moved {name(4)}, {name(6)} to {run / ABANDONED}/" in warnings[0]
     assert abandoned(run) == [name(4), name(6)]
-    moved = {int(p.name.split(".")[0].split("_")[1]): digest(p) for p in (run / ckpt.ABANDONED).iterdir()}
+    moved = {int(p.name.split(".")[0].split("_")[1]): digest(p) for p in (run / ABANDONED).iterdir()}
     assert moved == before  # the user's files, untouched
 
 
@@ -173,16 +174,17 @@ KINDS = ("zero", "flip", "cut", "no_marker")
 @pytest.mark.parametrize("seed", range(4))
 def test_after_any_damage_resume_and_prune_the_newest_verified_checkpoint_exists(tmp_path, seed):
     """Property, over random sequences of rounds (each: damage a random subset of the run's
-    checkpoints in random ways, then resume in place with a random keep and checkpoint interval):
-    the run restores the newest undamaged checkpoint (or starts fresh when none is left); every
-    checkpoint above it is set aside whole, never deleted; the prune keeps at most `keep` and
-    the newest checkpoint of the run is the verified one just written at the last step."""
+    checkpoints in random ways, then resume in place with a random keep, checkpoint interval and
+    last step): the run restores the newest undamaged checkpoint (or starts fresh when none is
+    left); the newest checkpoint of the run afterwards is the verified one it wrote at its last
+    step; the prune keeps at most `keep`; every checkpoint above the restored step is set aside
+    whole, never deleted."""
     rng = random.Random(seed)
     run = tmp_path / "run"
     run.mkdir()
     log: list[str] = []
     _fit(run, max_steps=6, every=2, keep=5, log=log)
-    damaged: set[str] = set()
+    damaged: dict[str, str] = {}  # name -> digest of the damaged directory still in the run
     set_aside = 0
     for _round in range(3):
         present = steps_of(run)
@@ -190,24 +192,24 @@ def test_after_any_damage_resume_and_prune_the_newest_verified_checkpoint_exists
         hit = rng.sample(undamaged, rng.randint(1, len(undamaged)))
         for step in hit:
             damage(run / name(step), rng.choice(KINDS))
-            damaged.add(name(step))
+            damaged[name(step)] = digest(run / name(step))
         good = [s for s in present if name(s) not in damaged]
         expected = max(good, default=0)
         above = {s: digest(run / name(s)) for s in present if s > expected}
         keep, every = rng.randint(1, 3), rng.randint(1, 2)
-        max_steps = max(present) + rng.randint(1, 3)
+        max_steps = expected + rng.randint(1, 4)  # below the damaged ones, or past them
         trainer = _fit(run, max_steps, every, keep, log)
 
         restored = trainer.restored_from
         assert (int(Path(restored).name.split("_")[1]) if restored else 0) == expected, log
-        set_aside += len(above)
-        moved = [digest(p) for p in (run / ckpt.ABANDONED).iterdir()] if set_aside else []
-        assert len(moved) == set_aside and all(d in moved for d in above.values())  # set aside whole, never deleted
         now = steps_of(run)
-        assert now[-1] == max_steps and ckpt.verify_checkpoint(run / name(max_steps)) is None
-        assert all(s <= max_steps for s in now)
+        assert now[-1] == max_steps and ckpt.verify_checkpoint(run / name(max_steps)) is None, (now, log)
         assert len([s for s in now if ckpt.is_complete(run / name(s))]) <= keep
-        damaged = {n for n in damaged if (run / n).exists()}  # rewritten or pruned ones are gone
+        set_aside += len(above)
+        moved = [digest(p) for p in (run / ABANDONED).iterdir()] if (run / ABANDONED).exists() else []
+        assert len(moved) == set_aside and all(d in moved for d in above.values())  # set aside whole, never deleted
+        # Pruned, moved aside, or a new checkpoint of that step written since: no longer damaged.
+        damaged = {n: d for n, d in damaged.items() if (run / n).exists() and digest(run / n) == d}
 
 
 # ---------------------------------------------------------------------------------------

@@ -43,6 +43,15 @@ and only then lets any rank write (the id's broadcast is the barrier). A directo
 a failed save or upload is therefore never vouched for by a stale marker, and a shard mixed in
 from another save fails its checksum. DCP's `.metadata` records the same id.
 
+Keep-K and abandoned futures: `prune_checkpoints` counts by the cheap check, so it is told what
+it may never delete (the checkpoint just written, the newest verified one). A run that restores
+step S moves its checkpoints above S aside first (`set_aside_after`, into `RUN/abandoned/`):
+they are damaged, cut short or newer than one that is, and would otherwise take keep-K slots
+from the good ones and be overwritten piece by piece.
+
+Ctrl-C: DCP wraps a KeyboardInterrupt raised during a save or load in its CheckpointException;
+it is raised again as KeyboardInterrupt, so a Ctrl-C mid-save stops a run like one between saves.
+
 No checkpoint holds non-finite weights: the ranks agree (one all-reduce) before anything is
 written, and all refuse together.
 
