@@ -314,3 +314,37 @@ def test_a_damaged_checkpoint_named_by_the_user_is_one_line_and_exit_2(damaged_r
     assert err == [f"raylm: error: {damaged_run / name(6)}/__0_0.distcp: checksum mismatch (damaged or from another "
                    "save); name its run directory to use the newest good checkpoint"]
     assert not (tmp_path / "hf").exists()
+
+
+def test_on_a_bucket_a_damaged_future_is_moved_aside_and_one_cut_short_is_deleted(base_run, s3_server, monkeypatch):
+    """Object storage, where a move is a copy of every byte: above the step restored (2), the
+    zero-filled 6 (a complete marker: it might be good data read badly) is copied to
+    RUN/abandoned/ whole and removed from the run; the cut-short 4 (no marker: nothing vouches
+    for its files) is deleted; one warning line says both. 2 stays."""
+    import pyarrow.fs as pafs
+
+    from raylm import storage
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    pafs.S3FileSystem(endpoint_override=s3_server.removeprefix("http://"), scheme="http",
+                      allow_bucket_creation=True).create_dir("raylm-safety")
+    run = "s3://raylm-safety/run"
+    for step in (2, 4, 6):
+        storage.copy_dir(base_run / name(step), f"{run}/{name(step)}")
+    shard = f"{run}/{name(6)}/__0_0.distcp"
+    zeros = bytes(len(storage.read_bytes(shard)))
+    storage.write_bytes(shard, zeros)
+    storage.delete_file(f"{run}/{name(4)}/{ckpt.MARKER}")
+    log: list[str] = []
+    moved = ckpt.set_aside_after(run, 2, log.append)
+    assert [storage.name_of(p) for p in ckpt.list_checkpoints(run)] == [name(2)]
+    assert len(moved) == 1 and moved[0].startswith(f"{run}/{ABANDONED}/{name(6)}.")
+    assert storage.read_bytes(f"{moved[0]}/__0_0.distcp") == zeros
+    assert ckpt.read_marker(moved[0]) is not None  # whole: every file there, at its size
+    assert not storage.exists(f"{run}/{name(4)}") and not storage.exists(f"{run}/{name(6)}")
+    assert log == [f"warning: {run}: checkpoints above step 2, the one this run continues from, belong to an "
+                   f"abandoned future: moved {name(6)} to {run}/{ABANDONED}/; deleted {name(4)} (cut short)"]

@@ -79,10 +79,11 @@ class Sink(Protocol):
     def rewind(self, step: int) -> None: ...
     def preempted(self) -> bool: ...
     def close(self) -> None: ...
-    # Optional, for sinks that keep checkpoints in a run directory: called on rank 0 once after
-    # the restore, before the first save, with the step restored (0: a fresh start); moves the
-    # run's checkpoints above it aside (`checkpoint.set_aside_after`).
-    # def set_aside_after(self, step: int, log: Callable[[str], None]) -> None: ...
+
+    # A sink that keeps checkpoints in a run directory also has `set_aside_after(step, log)`,
+    # called on rank 0 once after the restore, before the first save, with the step restored
+    # (0: a fresh start): it moves the run's checkpoints above that step aside
+    # (`checkpoint.set_aside_after`). A sink without it (a test's in-memory one) is left as is.
 
 
 @dataclass
