@@ -259,6 +259,24 @@ class RaySink:
                 out.append(Path(latest.to_directory()))
         return out + ckpt.list_checkpoints(self.run_dir)
 
+    def set_aside_after(self, step: int, log) -> None:
+        """Rank 0, after the restore: the run's checkpoints above `step` are moved aside
+        (`checkpoint.set_aside_after`), except those Ray Train lists as reported.
+
+        Ray keeps its own keep-K list (`CheckpointConfig.num_to_keep`; restored from its snapshot
+        in the run directory on a resume in place, which Ray refuses when an entry's directory is
+        gone), so an entry of it must stay where Ray put it. Ray deletes its entries itself,
+        oldest report first, never its latest report; before this run's first save it deletes
+        nothing, and after it the newest verified checkpoint is that latest report. A checkpoint
+        cut short was never reported, so what Ray lists was whole when written; one damaged
+        since is left to Ray's keep-K. Limit: Ray deletes an entry by its path, so when this run
+        saves again at the step of such an entry and Ray evicts the old entry later, the new
+        directory goes with it (Ray has no way to forget one entry)."""
+        reported = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        held = [checkpoint_location(r.checkpoint, str(self.run_dir)) for r in reported]
+        ckpt.set_aside_after(self.run_dir, step, log, leave=held)
+
     def close(self) -> None:
         self.writer.close()
 

@@ -43,6 +43,15 @@ and only then lets any rank write (the id's broadcast is the barrier). A directo
 a failed save or upload is therefore never vouched for by a stale marker, and a shard mixed in
 from another save fails its checksum. DCP's `.metadata` records the same id.
 
+Keep-K and abandoned futures: `prune_checkpoints` counts by the cheap check, so it is told what
+it may never delete (the checkpoint just written, the newest verified one). A run that restores
+step S moves its checkpoints above S aside first (`set_aside_after`, into `RUN/abandoned/`):
+they are damaged, cut short or newer than one that is, and would otherwise take keep-K slots
+from the good ones and be overwritten piece by piece.
+
+Ctrl-C: DCP wraps a KeyboardInterrupt raised during a save or load in its CheckpointException;
+it is raised again as KeyboardInterrupt, so a Ctrl-C mid-save stops a run like one between saves.
+
 No checkpoint holds non-finite weights: the ranks agree (one all-reduce) before anything is
 written, and all refuse together.
 
@@ -58,6 +67,7 @@ damage, not against an attacker, who can rewrite the marker too: safety comes fr
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import io
 import json
@@ -237,8 +247,21 @@ def _save_dcp(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.O
     """DCP-save model, optimizer and RNG; return the files this rank wrote with their checksums."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     writer = _HashingWriter(path, save_id)
-    dcp.save({"model": model_sd, "optim": optim_sd, "rng": _rng_state()}, storage_writer=writer)
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd, "rng": _rng_state()}, storage_writer=writer)
+    except CheckpointException as e:
+        _raise_interrupt(e)
+        raise
     return dict(writer.fs.written)
+
+
+def _raise_interrupt(e: CheckpointException) -> None:
+    """DCP catches every BaseException of a save or load step, Ctrl-C's KeyboardInterrupt included,
+    and raises a CheckpointException holding each rank's; a Ctrl-C is raised again as itself, so
+    that a save or load cut by Ctrl-C stops the run like a Ctrl-C anywhere else. The directory
+    it was writing has no marker, so nothing takes it for a checkpoint."""
+    if any(isinstance(failure, KeyboardInterrupt) for failure, _traceback in e.failures.values()):
+        raise KeyboardInterrupt from None
 
 
 def _write_atomic(file: str | Path, data: bytes) -> dict[str, Any]:
@@ -640,18 +663,103 @@ def _by_step(candidates: Iterable[str | Path]) -> list[str | Path]:
     return [path for _, path in sorted(stepped, key=lambda item: -item[0])]
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (and incomplete ones older than them)."""
+def _step_of(path: str | Path) -> int:
+    return int(_DIR_RE.match(storage.name_of(path)).group(1))
+
+
+def _same(a: str | Path, b: str | Path) -> bool:
+    if storage.is_uri(a) or storage.is_uri(b):
+        return str(storage.location(a)) == str(storage.location(b))
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int, protect: Iterable[str | Path] = ()) -> None:
+    """Delete all but the newest `keep` complete checkpoints (and incomplete ones older than them),
+    never one in `protect`.
+
+    Complete is the cheap check, so a damaged checkpoint of the right size counts as kept: the
+    trainer protects the checkpoint it just wrote (verified, since this process wrote it) and
+    the newest verified one, and sets aside every checkpoint above the step it restored before
+    its first save (`set_aside_after`), so that damaged checkpoints of an abandoned future never
+    take the slots of good ones.
+    """
     checkpoints = list_checkpoints(run_dir)
     complete = [p for p in checkpoints if is_complete(p)]
     if len(complete) <= keep:
         return
-    oldest_kept = complete[-keep] if keep else None
+    protect = list(protect)
+    oldest_kept = _step_of(complete[-keep]) if keep else None
     for path in checkpoints:
-        if oldest_kept is not None and storage.name_of(path) >= storage.name_of(oldest_kept):
+        if oldest_kept is not None and _step_of(path) >= oldest_kept:
             break
+        if any(_same(path, kept) for kept in protect):
+            continue
         with contextlib.suppress(OSError):
             storage.delete_dir(path)
+
+
+ABANDONED = "abandoned"
+
+
+def set_aside_after(run_dir: str | Path, step: int, log: Callable[[str], None] = print,
+                    leave: Iterable[str | Path] = ()) -> list[str | Path]:
+    """Move every checkpoint of `run_dir` above `step` (the step a run restored, 0 for a fresh
+    start) out of the run's checkpoints, into `run_dir/abandoned/<name>.<UTC time>`; return
+    where they went. Call it on one rank, after the restore and before the first save.
+
+    Such a checkpoint belongs to a future the run has abandoned: it failed verification, was cut
+    short, or follows one that did. Left in place it would fill keep-K slots (the prune counts by
+    the cheap check) and be overwritten step by step. Moved aside, nothing lists, restores or
+    prunes it, and it stays for the user to inspect or delete: a checkpoint that failed on a
+    transient read error is not lost. Locally a move is a rename. On object storage, where a
+    move is a copy of every byte, one with a complete marker is copied then deleted; one cut
+    short (no complete marker: nothing can vouch for its files) is deleted. `leave`: paths
+    not to touch (Ray Train's own list, `raylm.ray.train.RaySink`). One warning line says
+    what was done.
+    """
+    run_dir = storage.location(run_dir)
+    above = [p for p in list_checkpoints(run_dir) if _step_of(p) > step]
+    left = [p for p in above if any(_same(p, other) for other in leave)]
+    above = [p for p in above if p not in left]
+    moved: list[str | Path] = []
+    deleted: list[str] = []
+    stamp = _utc_stamp()
+    for path in above:
+        name = storage.name_of(path)
+        if storage.is_uri(run_dir) and not is_complete(path):
+            with storage.errors(path, None, CheckpointError):
+                storage.delete_dir(path)
+            deleted.append(name)
+            continue
+        target = storage.child(run_dir, ABANDONED, f"{name}.{stamp}")
+        n = 1
+        while storage.exists(target):
+            n += 1
+            target = storage.child(run_dir, ABANDONED, f"{name}.{stamp}-{n}")
+        with storage.errors(path, None, CheckpointError):
+            if storage.is_uri(run_dir):
+                storage.copy_dir(path, target)
+                storage.delete_dir(path)
+            else:
+                Path(target).parent.mkdir(exist_ok=True)
+                os.rename(path, target)
+        moved.append(target)
+    if above or left:
+        parts = []
+        if moved:
+            parts.append(f"moved {', '.join(storage.name_of(p).split('.')[0] for p in moved)} to "
+                         f"{storage.child(run_dir, ABANDONED)}/")
+        if deleted:
+            parts.append(f"deleted {', '.join(deleted)} (cut short)")
+        if left:
+            parts.append(f"left {', '.join(storage.name_of(p) for p in left)} to Ray Train's keep-K")
+        log(f"warning: {run_dir}: checkpoints above step {step}, the one this run continues from, belong to an "
+            f"abandoned future: {'; '.join(parts)}")
+    return moved
+
+
+def _utc_stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
 # ---------------------------------------------------------------------------------------
@@ -686,6 +794,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     try:
         dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
     except CheckpointException as e:  # DCP wraps each rank's error; ours are one-line user errors
+        _raise_interrupt(e)
         for failure, _traceback in e.failures.values():
             if isinstance(failure, CheckpointError):
                 raise CheckpointError(str(failure)) from None

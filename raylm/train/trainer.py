@@ -33,6 +33,8 @@ checkpoint (they are trained again), so metrics.jsonl and TensorBoard hold one c
 Restore: the newest checkpoint that verifies among the sink's (a restart after a failure, a
 run continued in place) and the one the run starts from (`run.resume_from`). A damaged one
 is skipped with a warning. Its recorded `RunFacts` must match this run's (`runs.check_resume`).
+Then rank 0 moves the run's checkpoints above the restored step aside (`sink.set_aside_after`,
+`checkpoint.set_aside_after`): they belong to an abandoned future, and keep-K never counts them.
 
 Non-finite steps: a step whose loss or gradient norm is not finite applies no update and is
 counted (`skipped_steps`); `train.max_nonfinite_steps` of them in a row stop the run with a
@@ -77,6 +79,11 @@ class Sink(Protocol):
     def rewind(self, step: int) -> None: ...
     def preempted(self) -> bool: ...
     def close(self) -> None: ...
+
+    # A sink that keeps checkpoints in a run directory also has `set_aside_after(step, log)`,
+    # called on rank 0 once after the restore, before the first save, with the step restored
+    # (0: a fresh start): it moves the run's checkpoints above that step aside
+    # (`checkpoint.set_aside_after`). A sink without it (a test's in-memory one) is left as is.
 
 
 @dataclass
@@ -149,7 +156,9 @@ class TrainState:
 
 class LocalSink:
     """Metrics and checkpoints in a run directory (local, shared, or a URI on object storage, which
-    every rank writes its shards to directly), keeping the newest K checkpoints."""
+    every rank writes its shards to directly), keeping the newest K checkpoints. The checkpoint
+    just written is the newest verified one (written by this process, after the restore moved
+    every newer one aside), and the prune never deletes it."""
 
     def __init__(self, run_dir: str | Path, keep_checkpoints: int, rank: int = 0):
         self.run_dir, self.keep, self.rank = storage.location(run_dir), keep_checkpoints, rank
@@ -164,7 +173,10 @@ class LocalSink:
     def report(self, record: dict, checkpoint: str | Path | None) -> None:
         if checkpoint is not None and self.rank == 0:
             self.writer.sync()
-            ckpt.prune_checkpoints(self.run_dir, self.keep)
+            ckpt.prune_checkpoints(self.run_dir, self.keep, protect=[checkpoint])
+
+    def set_aside_after(self, step: int, log: Callable[[str], None]) -> None:
+        ckpt.set_aside_after(self.run_dir, step, log)
 
     def restore_candidates(self) -> list[str | Path]:
         return ckpt.list_checkpoints(self.run_dir)
@@ -232,7 +244,24 @@ class Trainer:
     # -- restore ---------------------------------------------------------------------------
 
     def restore(self) -> TrainState:
-        """Load the newest good checkpoint among the sink's and the initial one, if any."""
+        """Load the newest good checkpoint among the sink's and the initial one, if any; then set
+        aside the sink's checkpoints above the step restored (`_set_aside_future`)."""
+        state = self._restore()
+        self._set_aside_future(state.step)
+        return state
+
+    def _set_aside_future(self, step: int) -> None:
+        """Checkpoints of this run above the restored step (damaged, cut short, or newer than one
+        that is) belong to an abandoned future: rank 0 moves them aside before any rank saves, so
+        that they are never restored, overwritten piecemeal or counted by keep-K. A fresh start
+        (step 0) in a directory that holds checkpoints moves them all: none was usable."""
+        set_aside = getattr(self.sink, "set_aside_after", None)
+        if set_aside is not None and self.env.is_main:
+            set_aside(step, self.log)
+        if distributed_world()[1] > 1:
+            dist.barrier()  # no rank writes into a checkpoint directory before it is moved
+
+    def _restore(self) -> TrainState:
         candidates = list(self.sink.restore_candidates())
         if self.initial_checkpoint is not None:
             candidates.append(storage.location(self.initial_checkpoint))

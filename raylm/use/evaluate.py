@@ -191,7 +191,7 @@ def eval_command(path: str, *, data: str | None = None, fmt: str | None = None, 
     if use_ray not in ("auto", "yes", "no"):
         raise ConfigError(f"--ray={use_ray!r}: must be auto, yes or no")
     checkpoint = resolve_checkpoint(path)
-    model, tokenizer, run_cfg = load_model(checkpoint, resolve_device(device))
+    model, tokenizer, run_cfg = load_model(checkpoint, resolve_device(device), verified=True)
     if data is None:
         cfg, split, what = run_cfg, "validation", "the run's held-out split"
     else:

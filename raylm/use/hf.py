@@ -345,7 +345,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def export_hf(path: str | Path, out: str | Path, *, dtype: str = "float32",
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log: Callable[[str], None] = print) -> str | Path:
-    """Write the run's newest complete checkpoint (or the checkpoint `path`) as a Hugging Face
+    """Write the run's newest verified checkpoint (or the checkpoint `path`) as a Hugging Face
     Llama directory `out`, which must not exist yet or be empty. Returns `out`.
 
     The directory is assembled next to `out`, in a hidden directory made for this export alone
@@ -357,7 +357,6 @@ def export_hf(path: str | Path, out: str | Path, *, dtype: str = "float32",
     (a prefix without it is not a loadable export); a failed upload deletes exactly the files
     it wrote, never the prefix nor another writer's objects (`storage.WriteLog`).
     """
-    from raylm.train import checkpoint as ckpt
     from raylm.train.runs import TOKENIZER_FILE
     from raylm.use.load import _beside, load_run_config, resolve_checkpoint
 
@@ -377,8 +376,6 @@ def export_hf(path: str | Path, out: str | Path, *, dtype: str = "float32",
     checkpoint = resolve_checkpoint(path)
     run_cfg = load_run_config(checkpoint)
     tokenizer = Tokenizer.load(_beside(checkpoint, TOKENIZER_FILE))
-    if (reason := ckpt.verify_checkpoint(checkpoint)) is not None:
-        raise CheckpointError(reason)
     cfg, torch_dtype = run_cfg.model, DTYPES[dtype]
     entries = weight_entries(cfg)
     _check_saved_shapes(checkpoint, entries)
