@@ -133,10 +133,10 @@ def test_a_user_error_in_ray_train_workers_prints_only_raylms_line(tmp_path):
     cfg = load_config(str(ROOT / "configs/debug.yaml"), [f"data.sources=[{{path: {good}, format: jsonl}}]"])
     tokenizer = train_tokenizer_local(cfg).save(tmp_path / "tok.model")
     corpus = bad_jsonl(tmp_path / "x.jsonl")
-    code, out, err = finish(raylm_cli("train", "configs/debug.yaml", f"data.sources=[{{path: {corpus}, format: jsonl}}]",
-                                      "data.on_error=raise", "data.val_fraction=0", f"tokenizer.path={tokenizer}",
-                                      f"run.output_dir={tmp_path / 'runs'}", "train.max_steps=4",
-                                      "run.max_failures=0"))
+    code, out, err = finish(raylm_cli("train", "configs/debug.yaml",
+                                      f"data.sources=[{{path: {corpus}, format: jsonl}}]", "data.on_error=raise",
+                                      "data.val_fraction=0", f"tokenizer.path={tokenizer}",
+                                      f"run.output_dir={tmp_path / 'runs'}", "train.max_steps=4", "run.max_failures=0"))
     line = assert_only_the_line(code, out, err)
     assert line.startswith(f"raylm: error: {corpus}:{BAD_LINE}: malformed JSON"), out + err
     train_logs = "".join(p.read_text(errors="replace") for p in (ray_logs_named(line) / "train").glob("*worker*.log"))

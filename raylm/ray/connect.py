@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -86,9 +87,9 @@ def _connect(progress_bars: bool, worker_logs: bool) -> Session:
             # RAY_ADDRESS in the workers: Ray's own in-cluster State API calls (Ray Train's
             # PlacementGroupCleaner, which frees the workers of a trial Tune stops) otherwise
             # look for "the" Ray instance and fail when the machine runs more than one.
-            context = ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_ADDRESS": gcs_address},
-                                                             "worker_process_setup_hook": SETUP_HOOK},
-                               log_to_driver=worker_logs)
+            env = {"env_vars": {"PYTHONPATH": path, "RAY_ADDRESS": gcs_address},
+                   "worker_process_setup_hook": SETUP_HOOK}
+            context = ray.init(address="local", runtime_env=env, log_to_driver=worker_logs)
         session_dir = context.address_info.get("session_dir")
         session = Session(True, "the local Ray cluster",
                           f"Ray's logs: {Path(session_dir) / 'logs'}" if session_dir else None)
@@ -97,13 +98,10 @@ def _connect(progress_bars: bool, worker_logs: bool) -> Session:
 
 
 def _job_setup_hook() -> dict:
-    """The job's runtime_env addition for a cluster raylm joins: the console hook, unless a job
-    submitted with its own hook (Ray refuses two) already has one."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    import json
-
-    submitted = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}").get("runtime_env") or {}
+    """The job's runtime_env addition for a cluster raylm joins: the console hook, unless the job
+    was submitted (`ray job submit`, which passes its config in RAY_JOB_CONFIG_JSON_ENV_VAR)
+    with a hook of its own: Ray refuses to merge two."""
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
     return {} if "worker_process_setup_hook" in submitted else {"worker_process_setup_hook": SETUP_HOOK}
 
 
