@@ -256,7 +256,8 @@ def test_lost_cluster_is_classified_by_exception_type(ray_cluster):
 
 def test_cluster_loss_becomes_one_line_with_the_resume_command_and_exit_1():
     """`cluster_loss(run_dir)` turns a lost cluster into ClusterLost naming run.resume_from, exit
-    status 1 (2 stays "fix your input"); any other exception passes untouched."""
+    status 1 (2 stays "fix your input"); any other exception passes untouched, and a command that
+    raises nothing is left alone."""
     import ray.exceptions as rex
 
     from raylm.ray.errors import ClusterLost, cluster_loss
@@ -269,6 +270,9 @@ def test_cluster_loss_becomes_one_line_with_the_resume_command_and_exit_1():
     with pytest.raises(ValueError):  # anything else passes untouched
         with cluster_loss("/runs/r1"):
             raise ValueError("a bug")
+    with cluster_loss("/runs/r1"):  # and no error is no error
+        done = True
+    assert done
     assert lost.value.exit_code == 1
 
 

@@ -155,7 +155,8 @@ def cluster_loss(run_dir: str | None = None):
         cause = lost_cluster_cause(e)
         if cause is None:
             raise
-    raise ClusterLost(cause, run_dir) from None
+    if cause is not None:
+        raise ClusterLost(cause, run_dir) from None
 
 
 # ---------------------------------------------------------------------------------------
