@@ -54,7 +54,7 @@ class ClusterLost(errors.RaylmError):
         if run_dir is not None:
             then = f"its finished checkpoints are kept: continue with run.resume_from={run_dir}"
         else:
-            then = "run the command again once it is up"
+            then = "run the command again"
         message = f"{cluster} went away ({cause}); {then}"
         super().__init__(message + (f" ({logs})" if logs else ""))
 
