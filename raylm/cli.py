@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             from raylm.ray.train import train_command
 
             train_command(cfg)
-    except RaylmError as e:
+    except RaylmError as e:  # exit status 2: fix the input; 1: the run stopped otherwise (a lost Ray cluster)
         print(f"raylm: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt as e:
         run_dir = getattr(e, "run_dir", None)
         if getattr(e, "sweep_dir", None):

@@ -10,17 +10,29 @@ and pyarrow again: measured on 2 CPUs, reading a 68 MB corpus cost 17 CPU-second
 and 3 with the workers kept (bench/RESULTS.md). A cluster started with `ray start` takes the
 same setting from its nodes' environment (docs/cluster.md); raylm does not change a cluster
 it joins.
+
+What the console shows. A user error raised in a worker reaches the user as raylm's one line:
+every worker process of the job (a local cluster's or one joined at RAY_ADDRESS) runs
+`raylm.ray.errors.hide_user_error_tracebacks` when it starts (Ray's
+`worker_process_setup_hook`), and the driver does for the duration of the command, so Ray's
+copies of the traceback go to Ray's log files only; the line names where those are. A lost
+cluster is one line too (`raylm.ray.errors.ClusterLost`, exit status 1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 import ray
+
+from raylm.errors import RaylmError
+from raylm.ray.errors import ClusterLost, cluster_loss, user_error_tracebacks_hidden
 
 WORKERS_SOFT_LIMIT_VAR = "RAY_num_workers_soft_limit"
 
@@ -36,17 +48,36 @@ def configure_local_cluster() -> None:
     os.environ.setdefault(WORKERS_SOFT_LIMIT_VAR, str(workers_soft_limit()))
 
 
+SETUP_HOOK = "raylm.ray.errors.hide_user_error_tracebacks"
+
+
+@dataclasses.dataclass
+class Session:
+    """What this process joined: whether it started the cluster, and where Ray's logs are."""
+
+    started: bool
+    cluster: str = "the Ray cluster"
+    logs: str | None = None
+
+
 def connect(progress_bars: bool = False, worker_logs: bool = True) -> bool:
     """Join RAY_ADDRESS or start a local cluster (no-op when Ray is up); True if this call started Ray.
 
     `worker_logs`: show the workers' output on this console (a sweep's trials keep theirs in
     their run directories instead)."""
+    return _connect(progress_bars, worker_logs).started
+
+
+def _connect(progress_bars: bool, worker_logs: bool) -> Session:
     if ray.is_initialized():
         quiet_console(progress_bars)
-        return False
+        return Session(False)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=worker_logs)
+        context = ray.init(address=address, log_to_driver=worker_logs, runtime_env=_job_setup_hook())
+        url = getattr(context, "dashboard_url", None)
+        session = Session(True, f"the Ray cluster at RAY_ADDRESS={address}",
+                          "Ray's logs: `ray logs` on the cluster" + (f", or its dashboard http://{url}" if url else ""))
     else:
         # Workers must import raylm even where it is not installed (a source checkout).
         root = str(Path(__file__).resolve().parents[2])
@@ -56,10 +87,22 @@ def connect(progress_bars: bool = False, worker_logs: bool = True) -> bool:
             # RAY_ADDRESS in the workers: Ray's own in-cluster State API calls (Ray Train's
             # PlacementGroupCleaner, which frees the workers of a trial Tune stops) otherwise
             # look for "the" Ray instance and fail when the machine runs more than one.
-            ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_ADDRESS": gcs_address}},
-                     log_to_driver=worker_logs)
+            env = {"env_vars": {"PYTHONPATH": path, "RAY_ADDRESS": gcs_address},
+                   "worker_process_setup_hook": SETUP_HOOK}
+            context = ray.init(address="local", runtime_env=env, log_to_driver=worker_logs)
+        session_dir = context.address_info.get("session_dir")
+        session = Session(True, "the local Ray cluster",
+                          f"Ray's logs: {Path(session_dir) / 'logs'}" if session_dir else None)
     quiet_console(progress_bars)
-    return True
+    return session
+
+
+def _job_setup_hook() -> dict:
+    """The job's runtime_env addition for a cluster raylm joins: the console hook, unless the job
+    was submitted (`ray job submit`, which passes its config in RAY_JOB_CONFIG_JSON_ENV_VAR)
+    with a hook of its own: Ray refuses to merge two."""
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    return {} if "worker_process_setup_hook" in submitted else {"worker_process_setup_hook": SETUP_HOOK}
 
 
 @contextlib.contextmanager
@@ -85,13 +128,33 @@ def _gcs_port():
 
 @contextlib.contextmanager
 def ray_session(progress_bars: bool = False, worker_logs: bool = True):
-    """Connect for the duration of a command; shut down only a cluster this call started."""
-    started = connect(progress_bars, worker_logs)
+    """Connect for the duration of a command; shut down only a cluster this call started.
+
+    A user error raised in Ray comes out as its one line naming Ray's logs (where its traceback
+    went), a lost cluster as `ClusterLost`."""
+    session = _connect(progress_bars, worker_logs)
+    try:
+        with _one_line(session), cluster_loss(), user_error_tracebacks_hidden():
+            yield
+    finally:
+        if session.started:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _one_line(session: Session):
+    """Say which cluster went away, and where a user error's traceback is."""
+    amended = None
     try:
         yield
-    finally:
-        if started:
-            ray.shutdown()
+    except ClusterLost as e:
+        amended = ClusterLost(e.cause, e.run_dir, session.cluster, session.logs)
+    except RaylmError as e:
+        if not (getattr(e, "raised_in_ray", False) and session.logs):
+            raise
+        amended = type(e)(f"{e} ({session.logs})")
+    if amended is not None:
+        raise amended
 
 
 def quiet_console(progress_bars: bool = False) -> None:

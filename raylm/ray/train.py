@@ -45,7 +45,7 @@ from raylm.ray.cluster import FREE_WAIT_S, check_cluster_fits
 from raylm.ray.connect import ray_session
 from raylm.ray.data import data_config, sample_documents, trainer_datasets, worker_sources
 from raylm.ray.elastic import elastic_callbacks
-from raylm.ray.errors import user_errors
+from raylm.ray.errors import cluster_loss, user_errors
 from raylm.train import checkpoint as ckpt
 from raylm.train.local import TrainResult, check_initial, checkpoint_files, log_bad_input, run_facts
 from raylm.train.metrics import MetricsWriter
@@ -88,7 +88,7 @@ def fit(spec: RunSpec, *, wait_s: float | None = FREE_WAIT_S, callbacks: list | 
     except BaseException:
         discard_run_dir(spec)
         raise
-    with user_errors():
+    with cluster_loss(spec.run_dir), user_errors():
         try:
             result = trainer.fit()
         except (KeyboardInterrupt, SystemExit):  # Ray's own Ctrl-C handler aborts fit() with sys.exit
