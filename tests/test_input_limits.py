@@ -201,10 +201,17 @@ def test_weights_equal_to_the_sources_bytes_are_accepted_and_read_every_file_onc
 
 
 def test_a_training_stream_of_millions_of_passes_is_one_line_naming_the_setting():
-    """A tiny corpus for a very long run would plan passes x files reads up front."""
-    long = load_config(ROOT / "configs/debug.yaml", ["train.max_steps=100000000", "train.global_batch_tokens=65536"])
-    with pytest.raises(DataError, match=r"^train.max_steps=100000000: the training stream would plan [\d,]+ passes"):
-        plan.plan_files(long, "train", passes=plan.stream_passes(long, plan.plan_files(long, "train")))
+    """A tiny corpus for a very long run would plan passes x files reads up front (sized so that
+    code without the bound plans for seconds and fails, rather than for hours)."""
+    long = load_config(ROOT / "configs/debug.yaml", ["train.max_steps=2000000"])
+    passes = plan.stream_passes(long, plan.plan_files(long, "train"))
+    assert passes > 100_000
+    with pytest.raises(DataError, match=r"^train.max_steps=2000000: the training stream would plan [\d,]+ passes "
+                                        r".*set data.stream_passes to at most [\d,]+"):
+        plan.plan_files(long, "train", passes=passes)
+    fixed = load_config(ROOT / "configs/debug.yaml", ["data.stream_passes=1000000"])
+    with pytest.raises(DataError, match=r"^data.stream_passes=1000000: the training stream would plan"):
+        plan.plan_files(fixed, "train", passes=plan.stream_passes(fixed, plan.plan_files(fixed, "train")))
 
 
 # ---------------------------------------------------------------------------------------
