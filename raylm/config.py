@@ -10,6 +10,7 @@ valid. This module imports neither torch nor Ray beyond the model's config class
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -447,6 +448,7 @@ def _require(ok: bool, key: str, value: Any, valid: str) -> None:
 
 
 def validate(cfg: Config) -> None:
+    _check_numbers(cfg, lower=False)  # nan, inf and absurd sizes first: later checks compute with them
     try:
         cfg.model.validate()
     except ValueError as e:
@@ -539,6 +541,116 @@ def validate(cfg: Config) -> None:
     init_from = cfg.model.init_from
     _require(init_from == "" or (init_from.startswith("hf:") and len(init_from) > 3), "model.init_from", init_from,
              "must be empty (random init) or hf:DIR, a Hugging Face Llama checkpoint directory")
+    _check_numbers(cfg, lower=True)
+
+
+# Every numeric setting and its finite range, both ends included: `validate` refuses nan, inf and
+# anything outside (one line naming the key) before anything starts. The bounds are generous
+# (a 70B model, a 1T-token run and a thousand-node cluster fit), tighter rules with their own
+# messages (positive, below 1, a multiple of seq_len...) are in `validate`. `*` stands for a list
+# index or a mapping key. A new numeric field needs a row here (tests/test_input_limits.py checks).
+NUMERIC_RANGES: dict[str, tuple[float, float]] = {
+    "model.dim": (1, 2**16),
+    "model.n_layers": (1, 1024),
+    "model.n_heads": (1, 1024),
+    "model.n_kv_heads": (1, 1024),
+    "model.vocab_size": (1, 2**22),
+    "model.multiple_of": (1, 2**16),
+    "model.ffn_dim_multiplier": (0.01, 100),
+    "model.norm_eps": (1e-12, 1),
+    "model.rope_theta": (1, 1e9),
+    "model.max_seq_len": (1, 2**20),
+    "model.init_std": (1e-6, 1),
+    "model.mup_base_dim": (1, 2**16),
+    "model.mup_base_head_dim": (1, 2**16),
+    "tokenizer.character_coverage": (0.98, 1),
+    "tokenizer.sample_docs": (1, 10**8),
+    "tokenizer.sample_bytes": (1, 2**32),
+    "tokenizer.max_piece_length": (1, 512),
+    "tokenizer.seed": (0, 2**32 - 1),
+    "data.sources.*.weight": (1e-9, 1e15),  # relative; weights equal to bytes fit (the plan bounds the repeats)
+    "data.sources.*.max_bytes": (1, 2**50),
+    "data.seq_len": (1, 2**20),
+    "data.val_fraction": (0, 0.99),
+    "data.seed": (0, 2**32 - 1),
+    "data.tokenize_actors": (1, 1024),
+    "data.tokenize_cpus": (0.001, 1024),
+    "data.tokenize_batch_docs": (1, 10**6),
+    "data.read_cpus": (0.001, 1024),
+    "data.read_tasks": (1, 1024),
+    "data.max_document_bytes": (1, 2**30),
+    "data.stream_passes": (1, 10**6),
+    "train.max_steps": (1, 10**9),
+    "train.global_batch_tokens": (1, 2**30),
+    "train.micro_batch_size": (1, 2**16),
+    "train.eval_every": (0, 10**9),
+    "train.eval_batches": (1, 10**6),
+    "train.log_every": (1, 10**9),
+    "train.checkpoint_every": (0, 10**9),
+    "train.grad_clip": (0, 1e6),
+    "train.seed": (0, 2**32 - 1),
+    "train.peak_flops": (1e6, 1e18),
+    "train.preemption_check_every": (0, 10**9),
+    "train.max_nonfinite_steps": (1, 10**6),
+    "optimizer.lr": (1e-12, 10),
+    "optimizer.min_lr_ratio": (0, 1),
+    "optimizer.warmup_steps": (0, 10**9),
+    "optimizer.decay_fraction": (0, 1),
+    "optimizer.weight_decay": (0, 10),
+    "optimizer.beta1": (0, 1),
+    "optimizer.beta2": (0, 1),
+    "optimizer.eps": (1e-30, 1),
+    "scaling.num_workers": (1, 10**5),
+    "scaling.num_workers.*": (1, 10**5),
+    "scaling.resize_check_s": (0.001, 86400),
+    "scaling.cpus_per_worker": (0, 1024),
+    "scaling.resources_per_worker.*": (0, 1e6),
+    "run.keep_checkpoints": (1, 10**6),
+    "run.max_failures": (-1, 10**6),
+    "run.max_preemptions": (-1, 10**6),
+    "run.sample_tokens": (0, 2**20),
+    "run.temperature": (0, 100),
+    "run.top_k": (0, 2**22),
+}
+
+
+def numeric_settings(cfg: Config) -> list[tuple[str, str, Any]]:
+    """(dotted key, its NUMERIC_RANGES row, value) for every number the config holds."""
+    out: list[tuple[str, str, Any]] = []
+
+    def walk(obj: Any, key: str, row: str) -> None:
+        if dataclasses.is_dataclass(obj):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name,
+                     f"{row}.{f.name}" if row else f.name)
+        elif isinstance(obj, list):
+            for i, item in enumerate(obj):
+                walk(item, f"{key}.{i}", f"{row}.*")
+        elif isinstance(obj, dict):
+            for k, item in obj.items():
+                walk(item, f"{key}.{k}", f"{row}.*")
+        elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+            out.append((key, row, obj))
+
+    walk(cfg, "", "")
+    return out
+
+
+def _check_numbers(cfg: Config, lower: bool) -> None:
+    """Every number finite and within its NUMERIC_RANGES row: first (lower=False) the upper ends,
+    before anything computes with the values, then (lower=True, after the checks with their own
+    wording) the lower ones."""
+    for key, row, value in numeric_settings(cfg):
+        if row not in NUMERIC_RANGES:
+            raise TypeError(f"config field {row} has no row in NUMERIC_RANGES")  # a bug in this module
+        lo, hi = NUMERIC_RANGES[row]
+        valid = f"must be a finite number in [{_number(lo)}, {_number(hi)}]"
+        _require(not isinstance(value, float) or math.isfinite(value), key, value, valid)
+        _require(value <= hi and (not lower or value >= lo), key, value, valid)
+
+
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def _check_paths(cfg: Config) -> None:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from raylm.config import Config
 from raylm.data import prepared
 from raylm.data.local import local_datasets, tokenizer_sample
-from raylm.data.plan import data_fingerprint, list_corpus
+from raylm.data.plan import corpus_files, data_fingerprint, list_corpus
 from raylm.errors import RunInterrupted
 from raylm.tokenizer import Tokenizer
 from raylm.train import checkpoint as ckpt
@@ -57,9 +57,9 @@ def run_facts(cfg: Config, tokenizer: Tokenizer, listing=None) -> RunFacts:
     """This run's facts; `listing` is the corpus listed once (streaming), unused with prepared data."""
     if cfg.data.prepared_path:
         fingerprint = prepared.data_fingerprint(prepared.read_manifest(cfg.data.prepared_path), cfg)
-    else:
-        fingerprint = data_fingerprint(cfg, listing or list_corpus(cfg))
-    return RunFacts(tokenizer.sha256, cfg.data.seq_len, fingerprint)
+        return RunFacts(tokenizer.sha256, cfg.data.seq_len, fingerprint)
+    listing = listing or list_corpus(cfg)
+    return RunFacts(tokenizer.sha256, cfg.data.seq_len, data_fingerprint(cfg, listing), corpus_files(cfg, listing))
 
 
 def check_initial(spec: RunSpec, facts: RunFacts) -> None:

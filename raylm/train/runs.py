@@ -33,6 +33,7 @@ from pathlib import Path
 
 from raylm import storage
 from raylm.config import Config
+from raylm.data.plan import corpus_changes
 from raylm.errors import CheckpointError, ConfigError, DataError
 from raylm.storage import is_uri
 from raylm.tokenizer import Tokenizer, load_or_train
@@ -209,6 +210,10 @@ class RunFacts:
     seq_len: int
     data_fingerprint: str
     """A hash of the corpus files (path, size) and the settings that decide the sequences."""
+    data_files: dict | None = None
+    """The corpus file by file (`raylm.data.plan.corpus_files`: size, mtime, a content hash of
+    small local files) and the data settings, so that a resume says which files changed; None
+    for prepared data (its manifest's fingerprint is the data_fingerprint)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -219,16 +224,28 @@ _FACT_NAMES = {"tokenizer_sha256": ("tokenizer", "tokenizer sha256"), "seq_len":
 
 
 def check_resume(checkpoint: str | Path, saved: dict | None, facts: RunFacts, allowed: Iterable[str]) -> None:
-    """One line naming the first fact that differs from the checkpoint's, unless allowed."""
+    """One line naming the first fact that differs from the checkpoint's, unless allowed. The
+    corpus is compared file by file where both sides recorded it (a file edited in place at the
+    same size is a change; the same small files with other modification times, or the default
+    corpus under another install prefix, are not), else by the fingerprint alone (checkpoints
+    from before files were recorded, prepared data)."""
     if not saved:
         return  # a checkpoint from before facts were recorded: nothing to compare
     allowed = set(allowed)
     for key, (option, label) in _FACT_NAMES.items():
         then, now = saved.get(key), getattr(facts, key)
-        if then is None or then == now or option in allowed:
+        if option in allowed or then is None:
+            continue
+        if key == "data_fingerprint" and saved.get("data_files") and facts.data_files:
+            change = corpus_changes(saved["data_files"], facts.data_files)
+            if change:
+                raise CheckpointError(
+                    f"run.resume_from: {checkpoint} was trained on other data (corpus fingerprint differs: {change}); "
+                    f"resume with the same data, or allow it with run.resume_changes=[data]")
+            continue
+        if then == now:
             continue
         show = (lambda v: str(v)[:12]) if key != "seq_len" else str
         raise CheckpointError(
             f"run.resume_from: {checkpoint} was trained with {label} {show(then)}, this run has {show(now)}; "
             f"resume with the same {option}, or allow it with run.resume_changes=[{option}]")
-
