@@ -36,7 +36,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raylm import storage
+from raylm import lock, storage
 from raylm.config import Config
 from raylm.data import prepared
 from raylm.data.plan import list_corpus
@@ -49,7 +49,7 @@ from raylm.ray.errors import user_errors
 from raylm.train import checkpoint as ckpt
 from raylm.train.local import TrainResult, check_initial, checkpoint_files, log_bad_input, run_facts
 from raylm.train.metrics import MetricsWriter
-from raylm.train.runs import (RunSpec, check_storage, create_run_dir, discard_run_dir, is_uri, obtain_tokenizer,
+from raylm.train.runs import (RunSpec, check_storage, discard_run_dir, is_uri, obtain_tokenizer, open_run_dir,
                               resolve_run)
 from raylm.train.trainer import RankEnv, Trainer
 
@@ -60,15 +60,23 @@ from raylm.train.trainer import RankEnv, Trainer
 
 def fit(spec: RunSpec, *, wait_s: float | None = FREE_WAIT_S, callbacks: list | None = None,
         log=print) -> TrainResult:
-    """Create the run's directory, get its tokenizer and data, and fit a TorchTrainer (Ray must be up).
+    """Create the run's directory (or take a resumed one's lock), get its tokenizer and data, and fit a
+    TorchTrainer (Ray must be up). The run directory's lock is held until the fit ends.
 
     `wait_s`: how long to wait for the cluster's resources to be free (None: as long as it
     takes, as in a Tune trial). `callbacks`: Ray Train `UserCallback`s (Tune's report callback).
     """
+    check_cluster_fits(spec.cfg, wait_s=wait_s)
+    spec, held = open_run_dir(spec)  # this driver holds it for the whole fit: the workers write as its part
+    try:
+        return _fit_held(spec, held, callbacks, log)
+    finally:
+        held.release()
+
+
+def _fit_held(spec: RunSpec, held, callbacks: list | None, log) -> TrainResult:
     cfg = spec.cfg
     streaming = not cfg.data.prepared_path
-    check_cluster_fits(cfg, wait_s=wait_s)
-    spec = create_run_dir(spec)
     try:
         log(f"run directory: {spec.run_dir}" + (f" (from {spec.initial_checkpoint})" if spec.initial_checkpoint
                                                 else ""))
@@ -86,7 +94,7 @@ def fit(spec: RunSpec, *, wait_s: float | None = FREE_WAIT_S, callbacks: list | 
                 datasets, counter = {}, None
         trainer = _torch_trainer(spec, tokenizer, facts, datasets, counter, callbacks)
     except BaseException:
-        discard_run_dir(spec)
+        discard_run_dir(spec, held)
         raise
     with user_errors():
         try:
@@ -164,6 +172,8 @@ def train_command(cfg: Config, log=print) -> TrainResult:
     """`raylm train`: connect (or start a local cluster), fit, and show samples of the final model."""
     check_storage(cfg)  # before Ray starts: an unreachable store, a missing bucket,
     spec = resolve_run(cfg)  # an impossible resume or name fail at once
+    if spec.in_place:  # and a run another process writes to (fit takes the lock itself)
+        lock.check_free(spec.run_dir, "run directory")
     with ray_session(), _sigterm_as_interrupt():
         result = fit(spec, log=log)
     if result.checkpoint is None:
