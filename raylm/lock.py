@@ -22,8 +22,8 @@ Taking a lease is exclusive on every store:
 The holder refreshes `heartbeat` every REFRESH_S seconds (a daemon thread). A lease is stale,
 and may be taken over, when its holder is gone:
 
-- same host (hostname and boot id) and its pid is not alive (or is another process than the one
-  that started): stale at once;
+- same host (hostname, boot id and pid namespace) and its pid is not alive (or is another
+  process than the one that took the lock): stale at once;
 - another host: its heartbeat is older than STALE_AFTER_S (3 refresh periods). Hosts' clocks are
   assumed to agree within a few seconds (NTP).
 
@@ -66,8 +66,11 @@ class LockHeld(RaylmError):
 
 
 def _boot_id() -> str:
+    """This boot of this machine and this pid namespace: where a pid means the same process
+    (containers on one machine share its boot id and may share a hostname, not their pids)."""
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:
         return ""
 

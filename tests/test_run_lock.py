@@ -91,6 +91,7 @@ def run_dir(base_run, tmp_path) -> Path:
 # Item 2: two writers on one run directory
 
 
+@pytest.mark.slow
 def test_a_second_local_run_on_a_held_run_dir_stops_in_one_line_naming_the_holder_and_loses_nothing(run_dir):
     """Two `raylm train --local run.resume_from=RUN` together: the second exits 2 with one line naming the
     first (host, pid, start) and touches nothing; the first's metrics rows and checkpoints stay whole."""
@@ -271,6 +272,18 @@ def test_on_s3_a_second_local_run_is_refused_in_one_line_and_a_dead_lease_taken_
 # Item 9: raylm tune
 
 
+@pytest.fixture
+def no_ray_start(monkeypatch):
+    """A tripwire: these checks come before any Ray start, so reaching one fails the test (and a
+    regression never starts a sweep inside the test)."""
+    import raylm.ray.tune
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("raylm tune went on to start Ray")
+
+    monkeypatch.setattr(raylm.ray.tune, "ray_session", tripwire)
+
+
 def _sweep_file(tmp_path: Path, **keys) -> Path:
     lines = [f"base: {DEBUG}", f"output_dir: {tmp_path / 'sweeps'}", "scheduler: none",
              "set: {train.max_steps: 4, train.eval_every: 2}",
@@ -289,7 +302,7 @@ def _sweep_file(tmp_path: Path, **keys) -> Path:
     ("max_trial_failures", "lots", "max_trial_failures='lots': must be an integer"),
     ("seed", "1.5", "seed=1.5: must be an integer"),
 ])
-def test_a_bad_sweep_key_is_one_line_and_nothing_is_written(tmp_path, capsys, key, value, said):
+def test_a_bad_sweep_key_is_one_line_and_nothing_is_written(tmp_path, capsys, no_ray_start, key, value, said):
     path = _sweep_file(tmp_path, **{key: value})
     assert cli_main(["tune", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -297,14 +310,14 @@ def test_a_bad_sweep_key_is_one_line_and_nothing_is_written(tmp_path, capsys, ke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
 
 
-def test_a_sweep_name_from_the_command_line_cannot_escape_output_dir(tmp_path, capsys):
+def test_a_sweep_name_from_the_command_line_cannot_escape_output_dir(tmp_path, capsys, no_ray_start):
     path = _sweep_file(tmp_path)
     assert cli_main(["tune", str(path), "name=../escaped"]) == 2
     assert "name='../escaped': must be a plain name" in capsys.readouterr().err
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "sweeps").exists()
 
 
-def test_a_second_resume_of_a_held_sweep_stops_in_one_line_naming_the_holder(tmp_path, capsys):
+def test_a_second_resume_of_a_held_sweep_stops_in_one_line_naming_the_holder(tmp_path, capsys, no_ray_start):
     """`raylm tune --resume DIR` takes the sweep directory's lock before anything else."""
     from raylm import sweep as sweeps
 

@@ -13,7 +13,8 @@ checkpoint_<step> directories (each carrying the config and tokenizer too). On o
 (`run.output_dir=s3://...`) Ray Train gets the bucket as `storage_filesystem` (raylm's, with the
 endpoint from the environment) and uploads the ranks' checkpoint directories there; raylm names
 Ray's checkpoints by their URIs (`checkpoint_location`). Resuming is
-explicit (`raylm.train.runs`). Ctrl-C or SIGTERM of the driver stops the workers; a
+explicit (`raylm.train.runs`). The driver that calls `fit` holds the run directory's lock
+(`raylm.lock`) for the whole fit; its workers write as part of it. Ctrl-C or SIGTERM of the driver stops the workers; a
 checkpoint is complete and verified or ignored, so the newest good one is where a resumed run
 continues.
 """

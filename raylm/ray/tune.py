@@ -13,6 +13,8 @@ result is one evaluation. The sweep's logic (the file, its checks, the results) 
 Trials read one prepared dataset in the sweep directory, tokenised and packed once before the
 first trial. Each trial's run directory is `runs/<trial id>` with its checkpoints; a trial
 restarted by Tune (a retry, or a resumed sweep) continues that run from its newest checkpoint.
+The `raylm tune` process holds the sweep directory's lock (made and locked in one step; taken
+first by `--resume`), and each trial holds its run directory's (`raylm.lock`).
 
 The sweep directory may be on object storage (`output_dir: s3://...`): every file raylm keeps
 there goes through `raylm.storage`, and Tune's own state (`tune/`) is written through the same

@@ -1,10 +1,10 @@
 """`raylm train --local` and torchrun: the whole job without Ray (run dir, tokenizer, data, trainer, samples).
 
 One process, or every rank of a torchrun group (`torchrun --nproc-per-node 2 -m raylm train
-CONFIG`; torchrun implies --local): rank 0 creates the run directory and obtains the tokenizer and tells the
-other ranks; every rank packs the data in memory (or reads prepared shards) and runs the one
-`Trainer` with a `LocalSink`, so checkpoints, keep-K, resume and its checks follow the same
-rules as on Ray.
+CONFIG`; torchrun implies --local): rank 0 creates the run directory (or takes a resumed run's),
+holds its lock for the run's life (`raylm.lock`), obtains the tokenizer and tells the other
+ranks; every rank packs the data in memory (or reads prepared shards) and runs the one `Trainer`
+with a `LocalSink`, so checkpoints, keep-K, resume and its checks follow the same rules as on Ray.
 """
 
 from __future__ import annotations
