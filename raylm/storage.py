@@ -456,3 +456,17 @@ def copy_dir(source: str | Path, destination: str | Path) -> None:
     dst_fs, dst = resolve(destination)
     pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
+
+
+def delete_dir_except(path: str | Path, keep: str) -> None:
+    """Remove everything in the directory `path` except its entry named `keep` (a lock held
+    while the rest goes); nothing when `path` does not exist."""
+    fs, _ = resolve(path)
+    for entry in list_dir(path):
+        if posixpath.basename(entry.path) == keep:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if entry.type == pafs.FileType.Directory:
+                fs.delete_dir(entry.path)
+            else:
+                fs.delete_file(entry.path)

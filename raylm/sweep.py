@@ -50,7 +50,7 @@ from typing import Any
 import yaml
 
 from raylm import storage
-from raylm.config import Config, apply_override, load_config, read_yaml
+from raylm.config import NAME_RULE, Config, apply_override, is_plain_name, load_config, read_yaml
 from raylm.errors import ConfigError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -203,11 +203,11 @@ def sweep_from_dict(raw: dict, path: Path, extra_overrides: list[str] = ()) -> S
         num_samples=_positive_int(raw.get("num_samples", 1), where, "num_samples"),
         max_concurrent=None if raw.get("max_concurrent") is None else _positive_int(
             raw["max_concurrent"], where, "max_concurrent"),
-        seed=raw.get("seed", 0),
-        name=raw.get("name"),
-        output_dir=str(raw.get("output_dir", "sweeps")),
-        trial_cpus=float(raw.get("trial_cpus", 0.01)),
-        max_trial_failures=int(raw.get("max_trial_failures", 0)),
+        seed=_seed(raw.get("seed", 0), where),
+        name=_name(raw.get("name"), where),
+        output_dir=_output_dir(raw.get("output_dir", "sweeps"), where),
+        trial_cpus=_positive_number(raw.get("trial_cpus", 0.01), where, "trial_cpus"),
+        max_trial_failures=_count(raw.get("max_trial_failures", 0), where, "max_trial_failures"),
     )
     check_sweep(sweep)
     return sweep
@@ -232,6 +232,36 @@ def _choice(value: Any, valid: tuple, where: str, key: str) -> str:
 def _positive_int(value: Any, where: str, key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{where}: {key}={value!r}: must be a positive integer")
+    return value
+
+
+def _count(value: Any, where: str, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1000:
+        raise ConfigError(f"{where}: {key}={value!r}: must be an integer from 0 to 1000")
+    return value
+
+
+def _positive_number(value: Any, where: str, key: str, high: float = 1e6) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= high:
+        raise ConfigError(f"{where}: {key}={value!r}: must be a number above 0 and at most {high:g}")
+    return float(value)
+
+
+def _seed(value: Any, where: str) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32):
+        raise ConfigError(f"{where}: seed={value!r}: must be an integer from 0 to 2**32-1, or null")
+    return value
+
+
+def _name(value: Any, where: str) -> str | None:
+    if value is not None and not (isinstance(value, str) and is_plain_name(value)):
+        raise ConfigError(f"{where}: name={value!r}: {NAME_RULE}")
+    return value
+
+
+def _output_dir(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: output_dir={value!r}: must be a folder or an s3:// / gs:// prefix")
     return value
 
 

@@ -13,7 +13,8 @@ checkpoint_<step> directories (each carrying the config and tokenizer too). On o
 (`run.output_dir=s3://...`) Ray Train gets the bucket as `storage_filesystem` (raylm's, with the
 endpoint from the environment) and uploads the ranks' checkpoint directories there; raylm names
 Ray's checkpoints by their URIs (`checkpoint_location`). Resuming is
-explicit (`raylm.train.runs`). Ctrl-C or SIGTERM of the driver stops the workers; a
+explicit (`raylm.train.runs`). The driver that calls `fit` holds the run directory's lock
+(`raylm.lock`) for the whole fit; its workers write as part of it. Ctrl-C or SIGTERM of the driver stops the workers; a
 checkpoint is complete and verified or ignored, so the newest good one is where a resumed run
 continues.
 """
@@ -36,7 +37,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raylm import storage
+from raylm import lock, storage
 from raylm.config import Config
 from raylm.data import prepared
 from raylm.data.plan import list_corpus
@@ -49,7 +50,7 @@ from raylm.ray.errors import cluster_loss, user_errors
 from raylm.train import checkpoint as ckpt
 from raylm.train.local import TrainResult, check_initial, checkpoint_files, log_bad_input, run_facts
 from raylm.train.metrics import MetricsWriter
-from raylm.train.runs import (RunSpec, check_storage, create_run_dir, discard_run_dir, is_uri, obtain_tokenizer,
+from raylm.train.runs import (RunSpec, check_storage, discard_run_dir, is_uri, obtain_tokenizer, open_run_dir,
                               resolve_run)
 from raylm.train.trainer import RankEnv, Trainer
 
@@ -60,15 +61,23 @@ from raylm.train.trainer import RankEnv, Trainer
 
 def fit(spec: RunSpec, *, wait_s: float | None = FREE_WAIT_S, callbacks: list | None = None,
         log=print) -> TrainResult:
-    """Create the run's directory, get its tokenizer and data, and fit a TorchTrainer (Ray must be up).
+    """Create the run's directory (or take a resumed one's lock), get its tokenizer and data, and fit a
+    TorchTrainer (Ray must be up). The run directory's lock is held until the fit ends.
 
     `wait_s`: how long to wait for the cluster's resources to be free (None: as long as it
     takes, as in a Tune trial). `callbacks`: Ray Train `UserCallback`s (Tune's report callback).
     """
+    check_cluster_fits(spec.cfg, wait_s=wait_s)
+    spec, held = open_run_dir(spec)  # this driver holds it for the whole fit: the workers write as its part
+    try:
+        return _fit_held(spec, held, callbacks, log)
+    finally:
+        held.release()
+
+
+def _fit_held(spec: RunSpec, held, callbacks: list | None, log) -> TrainResult:
     cfg = spec.cfg
     streaming = not cfg.data.prepared_path
-    check_cluster_fits(cfg, wait_s=wait_s)
-    spec = create_run_dir(spec)
     try:
         log(f"run directory: {spec.run_dir}" + (f" (from {spec.initial_checkpoint})" if spec.initial_checkpoint
                                                 else ""))
@@ -86,7 +95,7 @@ def fit(spec: RunSpec, *, wait_s: float | None = FREE_WAIT_S, callbacks: list | 
                 datasets, counter = {}, None
         trainer = _torch_trainer(spec, tokenizer, facts, datasets, counter, callbacks)
     except BaseException:
-        discard_run_dir(spec)
+        discard_run_dir(spec, held)
         raise
     with cluster_loss(spec.run_dir), user_errors():
         try:
@@ -164,6 +173,8 @@ def train_command(cfg: Config, log=print) -> TrainResult:
     """`raylm train`: connect (or start a local cluster), fit, and show samples of the final model."""
     check_storage(cfg)  # before Ray starts: an unreachable store, a missing bucket,
     spec = resolve_run(cfg)  # an impossible resume or name fail at once
+    if spec.in_place:  # and a run another process writes to (fit takes the lock itself)
+        lock.check_free(spec.run_dir, "run directory")
     with ray_session(), _sigterm_as_interrupt():
         result = fit(spec, log=log)
     if result.checkpoint is None:

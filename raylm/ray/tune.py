@@ -13,6 +13,8 @@ result is one evaluation. The sweep's logic (the file, its checks, the results) 
 Trials read one prepared dataset in the sweep directory, tokenised and packed once before the
 first trial. Each trial's run directory is `runs/<trial id>` with its checkpoints; a trial
 restarted by Tune (a retry, or a resumed sweep) continues that run from its newest checkpoint.
+The `raylm tune` process holds the sweep directory's lock (made and locked in one step; taken
+first by `--resume`), and each trial holds its run directory's (`raylm.lock`).
 
 The sweep directory may be on object storage (`output_dir: s3://...`): every file raylm keeps
 there goes through `raylm.storage`, and Tune's own state (`tune/`) is written through the same
@@ -23,6 +25,7 @@ resume a sweep.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,7 +37,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from raylm import storage
+from raylm import lock, storage
 from raylm import sweep as sweeps
 from raylm.errors import ConfigError, RaylmError
 from raylm.ray.cluster import needs
@@ -87,15 +90,29 @@ def trial(config: dict[str, Any], context: TrialContext) -> None:
     if storage.exists(run_dir):
         if ckpt.latest_checkpoint(run_dir) is not None:
             extra.append(f"run.resume_from={run_dir}")  # a retry or a resumed sweep continues the trial's run
-        else:  # it stopped before its first checkpoint: start again, keeping what it wrote aside
-            n = 1
-            while storage.exists(aside := storage.child(runs, f"{trial_id}.failed-{n}")):
-                n += 1
-            # object storage has no rename; a run with no checkpoint is a few small files
-            storage.copy_dir(run_dir, aside)
-            storage.delete_dir(run_dir)
+        else:
+            set_aside(runs, trial_id)
     cfg = context.sweep.trial_config(config["params"], extra)
-    fit(resolve_run(cfg), wait_s=None, callbacks=[EvalReports(context.sweep.metric)])
+    fit(resolve_run(cfg), wait_s=None, callbacks=[EvalReports(context.sweep.metric)])  # holds the run's lock
+
+
+def set_aside(runs: str | Path, trial_id: str) -> None:
+    """A trial run that stopped before its first checkpoint starts again: what it wrote is copied
+    to `<trial>.failed-<n>` and removed, under its lock, so a run another process still writes
+    (a live lock) is never removed: LockHeld names that process instead."""
+    run_dir = storage.child(runs, trial_id)
+    with lock.acquire(run_dir, "trial run directory"):
+        n = 1
+        while storage.exists(aside := storage.child(runs, f"{trial_id}.failed-{n}")):
+            n += 1
+        # object storage has no rename; a run with no checkpoint is a few small files
+        storage.make_dirs(aside)  # pyarrow's copy_files makes no local destination folder itself
+        storage.copy_dir(run_dir, aside)
+        storage.delete_file(storage.child(aside, lock.LOCK_FILE))
+        storage.delete_dir_except(run_dir, lock.LOCK_FILE)
+    if not storage.is_uri(run_dir):
+        with contextlib.suppress(OSError):
+            Path(run_dir).rmdir()  # empty once its lock is released; fit makes it again
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,15 +286,15 @@ def tune_command(sweep: Sweep, *, to_preset: str | None = None, to_overrides: li
         storage.check_reachable(sweep.output_dir, "output_dir")
     except ConfigError as e:
         raise ConfigError(f"{sweep.path}: {e}") from None
-    with storage.errors(sweep_dir, "output_dir", ConfigError):
-        found = storage.exists(sweep_dir)
-    if found:
-        raise ConfigError(f"{sweep_dir}: already exists; continue it with raylm tune --resume {sweep_dir}, "
-                          "or choose another name")
     if sweep.search == "optuna":
         _search_alg(sweep)  # a missing optuna is said before anything is written
-    with ray_session(worker_logs=False):
-        storage.make_dirs(sweep_dir)
+    with storage.errors(sweep_dir, "output_dir", ConfigError):
+        try:  # the sweep directory is made and locked at once: of two sweeps of one name, one starts
+            held = lock.create(sweep_dir, "sweep directory")
+        except FileExistsError:
+            raise ConfigError(f"{sweep_dir}: already exists; continue it with raylm tune --resume {sweep_dir}, "
+                              "or choose another name") from None
+    with held, ray_session(worker_logs=False):
         sweeps.save_sweep(sweep, sweep_dir)
         prepared_path = prepare_shared_data(sweep, sweep_dir, log)
         grid = _fit(_tuner(sweep, sweep_dir, prepared_path, log), sweep_dir)
@@ -286,23 +303,25 @@ def tune_command(sweep: Sweep, *, to_preset: str | None = None, to_overrides: li
 
 def resume_command(sweep_dir: str | Path, *, to_preset: str | None = None, to_overrides: list[str] = (),
                    log=print) -> str | Path:
-    """`raylm tune --resume DIR`: restore the Tuner; finished trials are kept, unfinished ones continue."""
+    """`raylm tune --resume DIR`: restore the Tuner; finished trials are kept, unfinished ones continue.
+    The sweep directory is locked first: a second --resume of it stops in one line naming the first."""
     sweep_dir = sweeps.sweep_location(sweep_dir)
     storage.check_reachable(sweep_dir, "--resume")
     sweep = sweeps.read_saved_sweep(sweep_dir)
-    tune_path = storage.child(sweep_dir, sweeps.TUNE_DIR)
-    where = storage_config(tune_path)
-    tune_fs_path, tune_fs = where["storage_path"], where.get("storage_filesystem")
-    if not tune.Tuner.can_restore(tune_fs_path, storage_filesystem=tune_fs):
-        raise ConfigError(f"--resume {sweep_dir}: no Tune state to resume ({tune_path} is missing or empty); "
-                          "start the sweep again")
-    with ray_session(worker_logs=False):
-        prepared_path = prepare_shared_data(sweep, sweep_dir, log)
-        tuner = tune.Tuner.restore(tune_fs_path, trainable=_trainable(sweep, sweep_dir, prepared_path),
-                                   resume_unfinished=True, resume_errored=True, storage_filesystem=tune_fs)
-        log(f"resuming sweep {sweep_dir}")
-        grid = _fit(tuner, sweep_dir)
-        return finish(sweep, sweep_dir, grid, prepared_path, to_preset, to_overrides, log)
+    with lock.acquire(sweep_dir, "sweep directory"):
+        tune_path = storage.child(sweep_dir, sweeps.TUNE_DIR)
+        where = storage_config(tune_path)
+        tune_fs_path, tune_fs = where["storage_path"], where.get("storage_filesystem")
+        if not tune.Tuner.can_restore(tune_fs_path, storage_filesystem=tune_fs):
+            raise ConfigError(f"--resume {sweep_dir}: no Tune state to resume ({tune_path} is missing or empty); "
+                              "start the sweep again")
+        with ray_session(worker_logs=False):
+            prepared_path = prepare_shared_data(sweep, sweep_dir, log)
+            tuner = tune.Tuner.restore(tune_fs_path, trainable=_trainable(sweep, sweep_dir, prepared_path),
+                                       resume_unfinished=True, resume_errored=True, storage_filesystem=tune_fs)
+            log(f"resuming sweep {sweep_dir}")
+            grid = _fit(tuner, sweep_dir)
+            return finish(sweep, sweep_dir, grid, prepared_path, to_preset, to_overrides, log)
 
 
 def _fit(tuner, sweep_dir: str | Path):

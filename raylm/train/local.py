@@ -1,10 +1,10 @@
 """`raylm train --local` and torchrun: the whole job without Ray (run dir, tokenizer, data, trainer, samples).
 
 One process, or every rank of a torchrun group (`torchrun --nproc-per-node 2 -m raylm train
-CONFIG`; torchrun implies --local): rank 0 creates the run directory and obtains the tokenizer and tells the
-other ranks; every rank packs the data in memory (or reads prepared shards) and runs the one
-`Trainer` with a `LocalSink`, so checkpoints, keep-K, resume and its checks follow the same
-rules as on Ray.
+CONFIG`; torchrun implies --local): rank 0 creates the run directory (or takes a resumed run's),
+holds its lock for the run's life (`raylm.lock`), obtains the tokenizer and tells the other
+ranks; every rank packs the data in memory (or reads prepared shards) and runs the one `Trainer`
+with a `LocalSink`, so checkpoints, keep-K, resume and its checks follow the same rules as on Ray.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from raylm.config import Config
 from raylm.data import prepared
 from raylm.data.local import local_datasets, tokenizer_sample
 from raylm.data.plan import corpus_files, data_fingerprint, list_corpus
-from raylm.errors import RunInterrupted
+from raylm.errors import RaylmError, RunInterrupted
 from raylm.tokenizer import Tokenizer
 from raylm.train import checkpoint as ckpt
 from raylm.train.parallel import distributed_world, torchrun_group
 from raylm.storage import is_uri
 from raylm.train.runs import (CONFIG_FILE, TOKENIZER_FILE, RunFacts, RunSpec, check_resume, check_storage,
-                              create_run_dir, discard_run_dir, obtain_tokenizer, resolve_run)
+                              discard_run_dir, obtain_tokenizer, open_run_dir, resolve_run)
 from raylm.train.trainer import LocalSink, RankEnv, Trainer
 
 
@@ -85,9 +85,28 @@ def _train_local(cfg: Config, device: torch.device, rank: int, world: int, log: 
     log = log if rank == 0 else (lambda line: None)
     check_storage(cfg)
     spec = resolve_run(cfg)
-    if rank == 0:
-        spec = create_run_dir(spec)
+    held = None
+    if rank == 0:  # rank 0 holds the run directory for the group: the other ranks write as its part
+        try:
+            spec, held = open_run_dir(spec)
+        except RaylmError as e:
+            if world == 1:
+                raise
+            spec = e
     spec = _share(spec, rank)
+    if isinstance(spec, RaylmError):
+        raise spec
+    try:
+        return _train_held(spec, device, rank, world, log, held)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _train_held(spec: RunSpec, device: torch.device, rank: int, world: int, log: Callable[[str], None],
+                held) -> TrainResult:
+    """The run, its directory held (by rank 0)."""
+    cfg = spec.cfg
     try:
         listing = None if cfg.data.prepared_path else list_corpus(spec.cfg)
         tokenizer = None
@@ -109,7 +128,7 @@ def _train_local(cfg: Config, device: torch.device, rank: int, world: int, log: 
             f"of {cfg.data.seq_len} tokens")
     except BaseException:
         if rank == 0:
-            discard_run_dir(spec)
+            discard_run_dir(spec, held)
         raise
 
     sink = LocalSink(spec.run_dir, cfg.run.keep_checkpoints, rank)

@@ -8,13 +8,16 @@ goes through the same three steps:
    fresh name; `run.resume_from=<run dir>` continues that run in place; `run.resume_from=
    <checkpoint>` starts a new run from it. Naming an existing run without resuming it is an
    error, since it would mix two runs' checkpoints.
-2. `create_run_dir(spec) -> RunSpec`: makes the directory with an exclusive `mkdir` (two runs
-   started in the same second get `name` and `name-2`), writes config.yaml, and returns the
-   spec with its final name. On object storage (`run.output_dir=s3://...`), which has no
-   exclusive create, a name is taken when no object lies under it yet and config.yaml is then
-   written at once; two starts racing for one name within that request are not told apart. A resumed run's directory, config.yaml and tokenizer.model are
-   never rewritten. `discard_run_dir(spec)` undoes a failed start, removing only the files
-   this start wrote.
+2. `open_run_dir(spec) -> (RunSpec, DirLock)`: the run directory, held by this process for the
+   run's life (`raylm.lock`: one writer per run directory; a second gets one line naming the
+   holder). A new run's directory is made with an exclusive `mkdir` (two runs started in the
+   same second get `name` and `name-2`) and locked before config.yaml is written; the spec comes
+   back with its final name. On object storage (`run.output_dir=s3://...`) a name is taken when
+   no object lies under it and its lease is created first (a conditional write on S3). A run
+   resumed in place is locked before anything in it is read or written, and its resume point
+   is read again under the lock. A resumed run's directory, config.yaml and tokenizer.model are
+   never rewritten. `discard_run_dir(spec, lock)` undoes a failed start, removing only the
+   files this start wrote, and releases the lock.
 3. `obtain_tokenizer(...)`: the one load-or-train. Resuming never retrains: the run's (or
    the checkpoint's) tokenizer is loaded.
 
@@ -31,10 +34,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from raylm import storage
+from raylm import lock, storage
 from raylm.config import Config
 from raylm.data.plan import corpus_changes
 from raylm.errors import CheckpointError, ConfigError, DataError
+from raylm.lock import DirLock
 from raylm.storage import is_uri
 from raylm.tokenizer import Tokenizer, load_or_train
 from raylm.train import checkpoint as ckpt
@@ -110,11 +114,18 @@ def check_storage(cfg: Config, reads_sources: bool | None = None) -> None:
             storage.check_reachable(source.path, f"data.sources.{i}.path", DataError)
 
 
-def create_run_dir(spec: RunSpec) -> RunSpec:
-    """Make the run directory (atomically, never an existing one unless resuming in place) and
-    write config.yaml; return the spec with its final name."""
+def open_run_dir(spec: RunSpec) -> tuple[RunSpec, DirLock]:
+    """The run directory, held by this process until the returned lock is released: a new one
+    made (atomically, never an existing one) with config.yaml written, or the run resumed in
+    place locked and its resume point read again. LockHeld (one line naming the holder) when
+    another live process writes to it."""
     if spec.in_place:
-        return spec
+        held = lock.acquire(spec.run_dir, "run directory")
+        try:  # the holder that just left may have saved a newer checkpoint
+            return resolve_run(spec.cfg), held
+        except BaseException:
+            held.release()
+            raise
     if is_uri(spec.output_dir):
         with storage.errors(spec.output_dir, "run.output_dir", ConfigError):
             return _create_object_run_dir(spec)
@@ -123,49 +134,75 @@ def create_run_dir(spec: RunSpec) -> RunSpec:
     name, n = spec.name, 1
     while True:
         try:
-            (root / name).mkdir()  # exclusive: exactly one concurrent start gets each name
+            held = lock.create(root / name, "run directory")  # exclusive mkdir: one start gets each name
             break
         except FileExistsError:
             if spec.cfg.run.name is not None:  # an explicit name is never changed behind the user's back
                 raise ConfigError(f"run.name={spec.name}: {root / name} already exists; choose another run.name")
             n += 1
             name = f"{spec.name}-{n}"
-    final_cfg = dataclasses.replace(spec.cfg, run=dataclasses.replace(spec.cfg.run, name=name))
-    final_cfg.save(root / name / CONFIG_FILE)
-    return dataclasses.replace(spec, name=name, cfg=final_cfg, created=True)
-
-
-def _create_object_run_dir(spec: RunSpec) -> RunSpec:
-    """create_run_dir on object storage: the first free name (no object under it), then config.yaml."""
-    name, n = spec.name, 1
-    while storage.exists(storage.child(spec.output_dir, name)):
-        if spec.cfg.run.name is not None:
-            raise ConfigError(f"run.name={spec.name}: {storage.child(spec.output_dir, name)} already exists; "
-                              "choose another run.name")
-        n += 1
-        name = f"{spec.name}-{n}"
-    final_cfg = dataclasses.replace(spec.cfg, run=dataclasses.replace(spec.cfg.run, name=name))
-    storage.write_bytes(storage.child(spec.output_dir, name, CONFIG_FILE), final_cfg.to_yaml().encode())
-    return dataclasses.replace(spec, name=name, cfg=final_cfg, created=True)
-
-
-def discard_run_dir(spec: RunSpec) -> None:
-    """Undo a failed start: remove the files this start wrote and the directory if then empty.
-    Anything else in it (another process's files) is left alone."""
-    if not spec.created:
-        return
-    if is_uri(spec.run_dir):  # an object-storage "directory" is gone with its last object
-        try:
-            for name in (CONFIG_FILE, TOKENIZER_FILE):
-                storage.delete_file(storage.child(spec.run_dir, name))
-        except OSError:
-            pass  # storage gone away: the failure being reported says so already
-        return
-    run_dir = Path(spec.run_dir)
-    for name in (CONFIG_FILE, TOKENIZER_FILE):
-        (run_dir / name).unlink(missing_ok=True)
+    spec = dataclasses.replace(spec, name=name, created=True)
     try:
-        run_dir.rmdir()
+        final_cfg = dataclasses.replace(spec.cfg, run=dataclasses.replace(spec.cfg.run, name=name))
+        final_cfg.save(root / name / CONFIG_FILE)
+    except BaseException:
+        discard_run_dir(spec, held)
+        raise
+    return dataclasses.replace(spec, cfg=final_cfg), held
+
+
+def create_run_dir(spec: RunSpec) -> RunSpec:
+    """`open_run_dir` for a new run, released at once: the directory and config.yaml, not held."""
+    spec, held = open_run_dir(spec)
+    held.release()
+    return spec
+
+
+def _create_object_run_dir(spec: RunSpec) -> tuple[RunSpec, DirLock]:
+    """open_run_dir on object storage: the first free name (no object under it, and its lease
+    created by this start), then config.yaml."""
+    name, n = spec.name, 1
+    while True:
+        try:
+            held = lock.create(storage.child(spec.output_dir, name), "run directory")
+            break
+        except FileExistsError:
+            if spec.cfg.run.name is not None:
+                raise ConfigError(f"run.name={spec.name}: {storage.child(spec.output_dir, name)} already exists; "
+                                  "choose another run.name") from None
+            n += 1
+            name = f"{spec.name}-{n}"
+    spec = dataclasses.replace(spec, name=name, created=True)
+    try:
+        final_cfg = dataclasses.replace(spec.cfg, run=dataclasses.replace(spec.cfg.run, name=name))
+        storage.write_bytes(storage.child(spec.output_dir, name, CONFIG_FILE), final_cfg.to_yaml().encode())
+    except BaseException:
+        discard_run_dir(spec, held)
+        raise
+    return dataclasses.replace(spec, cfg=final_cfg), held
+
+
+def discard_run_dir(spec: RunSpec, held: DirLock | None = None) -> None:
+    """Undo a failed start: remove the files this start wrote, release its lock, and remove the
+    directory if then empty. Anything else in it (another process's files) is left alone."""
+    try:
+        if not spec.created:
+            return
+        if is_uri(spec.run_dir):  # an object-storage "directory" is gone with its last object
+            try:
+                for name in (CONFIG_FILE, TOKENIZER_FILE):
+                    storage.delete_file(storage.child(spec.run_dir, name))
+            except OSError:
+                pass  # storage gone away: the failure being reported says so already
+            return
+        run_dir = Path(spec.run_dir)
+        for name in (CONFIG_FILE, TOKENIZER_FILE):
+            (run_dir / name).unlink(missing_ok=True)
+    finally:
+        if held is not None:
+            held.release()
+    try:
+        Path(spec.run_dir).rmdir()
     except OSError:
         pass
 
