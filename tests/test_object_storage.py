@@ -174,12 +174,13 @@ def test_local_trainer_reads_its_bucket_writes_its_run_there_and_resumes_from_it
 
 
 def one_line_error(args: list[str], capsys) -> str:
+    """Exit 2 and one line. (No wall-clock limit: how soon an unreachable store is given up on is
+    storage.py's bounded retry, retry_time_limit, not something a test can time on a busy machine;
+    the callers check that nothing was written.)"""
     capsys.readouterr()  # only this command's output (Ray Data logs to a stream of an earlier capture)
-    start = time.monotonic()
     assert cli_main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("raylm: error: "), err
-    assert time.monotonic() - start < 30
     return err
 
 
