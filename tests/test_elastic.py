@@ -278,7 +278,7 @@ def test_a_preemption_checkpoints_at_once_and_a_killed_worker_restarts_the_run_e
     # The restarted group's workers: as many live as the world size its rows report (an old
     # group's actors may still be listed alive for a moment after the restart).
     size = step_records(run_dir)[-1]["world_size"]
-    pids = wait_for(lambda: (p := training_worker_pids()) if len(p) == size else None, 300,
+    pids = wait_for(lambda: p if len(p := training_worker_pids()) == size else None, 300,
                     f"{size} live training workers", ended=ended(ref))
     with frozen(pids):
         trained = [r["step"] for r in step_records(run_dir) if r["step"] > saved]
