@@ -283,16 +283,21 @@ def test_a_preemption_checkpoints_at_once_and_a_killed_worker_restarts_the_run_e
     with frozen(pids):
         trained = [r["step"] for r in step_records(run_dir) if r["step"] > saved]
         assert len(trained) >= 2 and max(trained) < steps, "the run got to its end before the kill"
+        restores_before_kill = sum(1 for r in records(run_dir) if r.get("event") == "restored")
         os.kill(pids[-1], signal.SIGKILL)
     ray.get(ref, timeout=600)
 
     got = step_records(run_dir)
     assert [r["step"] for r in got] == list(range(1, steps + 1))  # redone steps replaced the lost ones
     assert {r["world_size"] for r in got if r["step"] > saved} <= {1, 2}
+    # Every restart restores the preemption's checkpoint: after the drain and after the kill
+    # (and after any restart Ray makes for its own reasons: seen under a load average of 40, its
+    # PlacementGroupCleaner took the live controller for dead and removed the workers' group).
     restored = [r for r in records(run_dir) if r.get("event") == "restored"]
-    assert [r["step"] for r in restored] == [saved, saved]  # the preemption's checkpoint, twice
+    assert len(restored) >= 2 and {r["step"] for r in restored} == {saved}, restored
     assert restored[0]["step"] >= drained_at  # no step trained before the drain was lost
-    assert restored[1]["dropped_records"] >= 2  # the steps trained between the restart and the kill
+    # The kill's restart drops the steps trained between the restart and the kill.
+    assert restored[restores_before_kill]["dropped_records"] >= len(trained)
     state = final_position(run_dir)
     assert state["step"] == steps
     assert_each_sequence_trained_once(state, steps)
