@@ -1,13 +1,17 @@
-"""Shared test pieces: an in-memory sink, a real two-rank gloo group, a crafted pickle."""
+"""Shared test pieces: an in-memory sink, a real two-rank gloo group, a crafted pickle;
+waits for events (`wait_for`) and a pause the test controls (`frozen`), so no test depends on speed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from raylm.train import checkpoint as ckpt
@@ -89,3 +93,49 @@ def run_ranks(work: Callable[[int, Path], dict], out: Path, tag: str = "result",
         port = s.getsockname()[1]
     mp.spawn(_rank_main, args=(world, port, work, str(out), tag), nprocs=world, join=True)
     return [json.loads((out / f"{tag}_rank{r}.json").read_text()) for r in range(world)]
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, *,
+             ended: Callable[[], bool] | None = None, poll_s: float = 0.1):
+    """Poll `predicate` until it returns something truthy, and return that.
+
+    `what` names the event in the failure. `ended()` is True once the thing that should make the
+    event has stopped (it may raise that thing's own error): the predicate then gets one last
+    look, and the failure says the event can no longer come. `timeout_s` only bounds a hang:
+    pick it generous; the test never depends on how soon the event comes."""
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if value := predicate():
+            return value
+        if ended is not None and ended():
+            if value := predicate():
+                return value
+            pytest.fail(f"it ended before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def frozen(pids: list[int]) -> Iterator[list[int]]:
+    """Processes `pids` stopped (SIGSTOP) for the block and continued (SIGCONT) after it: a pause
+    the test controls, so that what it does in the block (a drain, a kill) lands at a step it
+    has read there, however fast or slow the machine. Keep the block short: a stopped Ray
+    worker answers no health check (Ray Train gives one 10 minutes)."""
+    stopped = []
+    try:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue  # gone already (an actor table lags its processes' exits)
+            stopped.append(pid)
+        yield stopped
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # killed in the block

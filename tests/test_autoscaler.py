@@ -13,6 +13,7 @@ must fit the autoscaler's node groups.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ import yaml
 
 from raylm.config import Config, load_config
 from raylm.train import checkpoint as ckpt
+from support import frozen, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -36,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AUTOSCALER_YAML = ROOT / "cluster" / "local-autoscaler.yaml"
 RAY = str(Path(sys.executable).with_name("ray"))
 
-MAX_STEPS = 120
+MAX_STEPS = 40
 DATA = ["data.sources.0.max_bytes=100000", "tokenizer.sample_bytes=100000", "data.val_fraction=0"]
 ELASTIC = ["scaling.num_workers=[1, 3]", "scaling.resources_per_worker={trainer: 1}", "scaling.cpus_per_worker=0",
            "scaling.use_gpu=false", "scaling.resize_check_s=10"]
@@ -179,7 +181,7 @@ class FakeCluster:
     def __init__(self, address: str, head: subprocess.Popen, temp_dir: Path, log: Path, env: dict):
         self.address, self.head, self.temp_dir, self.log, self.env = address, head, temp_dir, log, env
 
-    def wait_started(self, timeout_s: float = 120) -> None:
+    def wait_started(self, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
         while "Ray runtime started" not in self.log.read_text():
             assert self.head.poll() is None, \
@@ -221,10 +223,9 @@ def fake_cluster(tmp_path_factory):
     address = f"{get_node_ip_address()}:{port}"
     config = yaml.safe_load(AUTOSCALER_YAML.read_text())
     config["provider"]["gcs_address"] = address  # fake nodes join this head, not <ip>:6379
-    # One gpu node kept up (min_workers 1 here, 0 in the file): the run starts on it at once, at
-    # 1 worker. From 0 nodes it would start at 1, 2 or 3 workers: the fake provider launches the
-    # 3 nodes within seconds, and Ray Train sees nodes through the AutoscalingCoordinator, which
-    # looks at the cluster every 20 s.
+    # One gpu node kept up (min_workers 1 here, 0 in the file): the run starts on it at 1 worker
+    # (the test holds the autoscaler back until then). From 0 nodes it would start at 1, 2 or 3
+    # workers: the fake provider launches the 3 nodes within seconds of the run's request.
     config["available_node_types"]["gpu"]["min_workers"] = 1
     (work / "autoscaler.yaml").write_text(yaml.safe_dump(config))
     temp_dir = Path("/tmp") / f"raylm-fake-{os.getpid()}"  # short: Ray's socket paths have a length limit
@@ -266,41 +267,99 @@ def prepared_data(ray_cluster, tmp_path_factory) -> str:
     return override
 
 
+def session_processes(sid: int, match) -> list[int]:
+    """Live processes of session `sid` whose command line satisfies `match` (Ray's workers
+    set theirs to `ray::ClassName...`)."""
+    found = []
+    for pid in _session_pids(sid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if match(cmdline):
+            found.append(pid)
+    return found
+
+
+def step_rows(runs: Path) -> list[dict]:
+    """The step records so far of the one run under `runs`."""
+    rows = []
+    for path in runs.glob("*/metrics.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written
+            if "loss" in record:
+                rows.append(record)
+    return rows
+
+
+def checkpointed(runs: Path) -> bool:
+    return any(ckpt.latest_checkpoint(run) is not None for run in runs.glob("*"))
+
+
 @pytest.mark.slow
 def test_elastic_run_makes_the_autoscaler_launch_gpu_nodes_and_grows_to_its_max(fake_cluster, prepared_data,
                                                                                   tmp_path):
-    """Timing. Prepared shards: a resize restarts without a data pipeline. The run's controller
-    creates Ray's AutoscalingCoordinator with its request, so the coordinator's first look at the
-    cluster (20 s later) sees the 2 nodes launched for the request (~10-15 s) and Ray Train
-    resizes at its first check, resize_check_s (10 s) after the one-worker group started (~20 s):
-    one worker trains ~8 s, 20-60 steps of 24 sequences (a few on a busy machine, and the run's
-    controller may look again sooner), past a checkpoint (every 2 steps) that keeps them in
-    metrics.jsonl across the resize, and well short of max_steps."""
+    """The run starts on the one gpu node at 1 worker; its request for 3 makes the autoscaler
+    launch two more nodes; it grows to 3 and stays there. Every step is recorded once: at 1
+    worker up to the checkpoint it restored at the resize, at 3 after.
+
+    The test makes that order, not timing: the autoscaler is stopped (`frozen`) until the run
+    has trained at 1 worker past a checkpoint, so the run cannot start at 3 (wherever Ray's
+    AutoscalingCoordinator, which looks at the cluster every 20 s, is in its period); then the
+    one training worker is stopped until the run has grown, so it cannot finish at 1 worker
+    (however long the launch and the coordinator's next look take). Prepared shards: a resize
+    restarts without a data pipeline."""
     fake_cluster.wait_started()
-    fake_cluster.wait_for_nodes({"ray.head.default": 1, "gpu": 1}, 120)  # the group's floor, nothing more
+    fake_cluster.wait_for_nodes({"ray.head.default": 1, "gpu": 1}, 300)  # the group's floor, nothing more
+    (monitor,) = session_processes(fake_cluster.head.pid, lambda c: "/autoscaler/" in c and "monitor.py" in c)
 
     runs = tmp_path / "runs"
     train = [sys.executable, "-m", "raylm", "train", "configs/debug.yaml", *DATA, prepared_data, *ELASTIC, *RUN,
              f"run.output_dir={runs}"]
-    done = subprocess.run(train, cwd=ROOT, env=fake_cluster.env, capture_output=True, text=True, timeout=420)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    (run,) = runs.iterdir()
-    assert f"final checkpoint: {run / ckpt.checkpoint_dir_name(MAX_STEPS)}" in done.stdout
+    log = tmp_path / "train.log"
+    with log.open("w") as out:
+        run = subprocess.Popen(train, cwd=ROOT, env=fake_cluster.env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        with frozen([monitor]):  # no node is launched for the run's request yet
+            wait_for(lambda: checkpointed(runs), 600, "a checkpoint at 1 worker", ended=lambda: run.poll() is not None)
+            (worker,) = wait_for(lambda: session_processes(fake_cluster.head.pid,
+                                                           lambda c: c.startswith("ray::RayTrainWorker")),
+                                 120, "the training worker's process")
+            os.kill(worker, signal.SIGSTOP)
+        try:  # the autoscaler runs, the run waits at 1 worker
+            rows = step_rows(runs)
+            assert {r["world_size"] for r in rows} == {1} and max(r["step"] for r in rows) < MAX_STEPS
+            wait_for(lambda: any(r["world_size"] == 3 for r in step_rows(runs)), 600, "the run to grow to 3",
+                     ended=lambda: run.poll() is not None)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGCONT)  # killed already at the resize, as a rule
+        run.wait(timeout=900)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    output = log.read_text()
+    assert run.returncode == 0, output[-8000:]
+    (run_dir,) = runs.iterdir()
+    assert f"final checkpoint: {run_dir / ckpt.checkpoint_dir_name(MAX_STEPS)}" in output
 
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, MAX_STEPS + 1))  # steps after the restored one: trained again
     sizes = [r["world_size"] for r in steps]
-    assert sizes[0] == 1, sizes  # not 3: the resize came before any checkpoint (raise resize_check_s)
-    assert sizes[-1] == 3, sizes  # not 1: the run finished before the resize (raise MAX_STEPS)
+    assert sizes[0] == 1, sizes
     grown = sizes.index(3)
     assert sizes[grown:] == [3] * (MAX_STEPS - grown), sizes  # at its max, it stays there
     assert grown in [r["step"] for r in records if r.get("event") == "restored"]  # restored at the resize
-    assert ckpt.read_marker(run / ckpt.checkpoint_dir_name(MAX_STEPS))["world_size"] == 3
+    assert ckpt.read_marker(run_dir / ckpt.checkpoint_dir_name(MAX_STEPS))["world_size"] == 3
 
     # The autoscaler launched the other two nodes, for Ray Train's request of 3 `trainer` bundles.
     assert active_nodes(fake_cluster.status()) == {"ray.head.default": 1, "gpu": 3}
-    monitor = fake_cluster.monitor_log()
-    assert "{'trainer': 1.0}: 3 from request_resources()" in monitor
-    launches = [int(n) for n in re.findall(r":event_summary:Adding (\d+) node\(s\) of type gpu", monitor)]
+    monitor_log = fake_cluster.monitor_log()
+    assert "{'trainer': 1.0}: 3 from request_resources()" in monitor_log
+    launches = [int(n) for n in re.findall(r":event_summary:Adding (\d+) node\(s\) of type gpu", monitor_log)]
     assert launches[0] == 1 and sum(launches[1:]) >= 2, launches  # the floor, then the run's 2 more

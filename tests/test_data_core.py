@@ -6,7 +6,6 @@ import io
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -92,16 +91,17 @@ def test_valid_records_around_bad_ones_are_kept():
 
 
 def test_deep_nesting_and_lone_surrogates_cost_only_their_own_records():
-    """100,000-deep JSON and half surrogate pairs are problems of their lines, found in
-    milliseconds; the records around them, deep-but-legal nesting and real pairs included, are
-    kept, and the interpreter recurses as before afterwards."""
+    """100,000-deep JSON and half surrogate pairs are problems of their lines; the records around
+    them, deep-but-legal nesting and real pairs included, are kept, and the interpreter recurses
+    as before afterwards (its recursion limit unchanged, a deep call still possible). No
+    wall-clock limit: how fast the decoder gives up depends on the machine."""
     deep = b"[" * 100_000
     legal = b'{"meta": ' + b"[" * 50 + b"]" * 50 + b', "text": "nested meta"}'
     data = b"\n".join([b'{"text": "one"}', deep, b'{"text": "a\\ud800b"}', legal, b'{"text": "\\ud83d\\ude00"}']
                       + [deep] * 20 + [b'{"text": "last"}'])
-    start = time.perf_counter()
+    limit = sys.getrecursionlimit()
     docs, problems = parse_file(data, spec("jsonl"))
-    assert time.perf_counter() - start < 1.0
+    assert sys.getrecursionlimit() == limit
     assert docs == [("f:1", "one"), ("f:4", "nested meta"), ("f:5", "\U0001f600"), ("f:26", "last")]
     assert problems[:2] == [
         ("malformed_json", "c/f:2: malformed JSON (nested too deeply)"),

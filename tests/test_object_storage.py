@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import urllib.request
 from pathlib import Path
 
@@ -174,12 +173,13 @@ def test_local_trainer_reads_its_bucket_writes_its_run_there_and_resumes_from_it
 
 
 def one_line_error(args: list[str], capsys) -> str:
+    """Exit 2 and one line. (No wall-clock limit: how soon an unreachable store is given up on is
+    storage.py's bounded retry, retry_time_limit, not something a test can time on a busy machine;
+    the callers check that nothing was written.)"""
     capsys.readouterr()  # only this command's output (Ray Data logs to a stream of an earlier capture)
-    start = time.monotonic()
     assert cli_main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("raylm: error: "), err
-    assert time.monotonic() - start < 30
     return err
 
 
@@ -276,41 +276,48 @@ def streaming_reference(cfg, tokenizer_uri: str) -> dict[int, float]:
 @pytest.mark.slow
 def test_a_ray_run_streams_its_corpus_from_s3_is_killed_and_resumes_from_its_s3_checkpoint_exactly(s3_ray):
     """Ray Data reads the corpus from s3://, Ray Train uploads the checkpoints to s3://. A SIGKILL
-    of the training worker after the first checkpoint restarts the run, which restores from the
+    of the training worker after its first checkpoint restarts the run, which restores from the
     bucket (its stream from the checkpoint's anchor) and finishes: every step is recorded once in
     the run's metrics.jsonl on s3, each sequence is trained once, and every loss equals that of
-    the same training without Ray."""
+    the same training without Ray. The kill is made while the worker is stopped (`frozen`) at a
+    checkpoint the test has read, so it cannot come after the run's end."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from support import frozen, wait_for
 
     from raylm.train.runs import resolve_run
 
-    cfg = ray_config(f"s3://{BUCKET}/ray-runs")
+    steps = 3 * RAY_AT  # the kill comes after the first checkpoint, well before the last one
+    cfg = ray_config(f"s3://{BUCKET}/ray-runs", f"train.max_steps={steps}")
     assert cfg.run.max_failures > 0
     spec = resolve_run(cfg)
     head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     ref = ray.remote(num_cpus=0, max_retries=0)(_fit).options(scheduling_strategy=head).remote(spec)
     try:
-        deadline = time.monotonic() + 240
-        while ckpt.latest_checkpoint(spec.run_dir) is None:
-            assert time.monotonic() < deadline, "no checkpoint on s3 within 240 s"
-            assert not ray.wait([ref], timeout=0)[0], "the run ended before its first checkpoint"
-            time.sleep(0.2)
-        os.kill(training_worker_pids()[0], signal.SIGKILL)
-        final = ray.get(ref, timeout=300)
+        wait_for(lambda: ckpt.latest_checkpoint(spec.run_dir), 600, "a checkpoint on s3",
+                 ended=lambda: bool(ray.wait([ref], timeout=0)[0]))
+        (worker,) = wait_for(lambda: pids if len(pids := training_worker_pids()) == 1 else None, 300,
+                             "the one training worker")
+        with frozen([worker]):
+            killed_after = int(ckpt.read_marker(ckpt.latest_checkpoint(spec.run_dir))["train_state"]["step"])
+            assert killed_after < steps and not ray.wait([ref], timeout=0)[0], "the run got to its end before the kill"
+            os.kill(worker, signal.SIGKILL)
+        final = ray.get(ref, timeout=600)
     finally:
         ray.cancel(ref, force=True)
 
     run = spec.run_dir
-    assert final == f"{run}/{ckpt.checkpoint_dir_name(RAY_STEPS)}" and ckpt.verify_checkpoint(final) is None
-    assert [storage.name_of(p) for p in ckpt.list_checkpoints(run)] == \
-        [ckpt.checkpoint_dir_name(s) for s in (RAY_AT, RAY_STEPS)]
+    assert final == f"{run}/{ckpt.checkpoint_dir_name(steps)}" and ckpt.verify_checkpoint(final) is None
+    # The newest two (run.keep_checkpoints=2); the one restored from may be kept beside them
+    # (Ray Train's num_to_keep has kept it: seen [4, 8, 12] after a restore from 4).
+    assert [storage.name_of(p) for p in ckpt.list_checkpoints(run)][-2:] == \
+        [ckpt.checkpoint_dir_name(s) for s in (steps - RAY_AT, steps)]
     records = s3_records(run)
-    assert [r["step"] for r in records if "loss" in r] == list(range(1, RAY_STEPS + 1))
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))
     restored = [r["step"] for r in records if r.get("event") == "restored"]
-    assert restored == [RAY_AT]
+    assert restored == [killed_after]
     state = ckpt.read_marker(final)["train_state"]
-    assert state["data_watermark"] == RAY_STEPS * G and state["data_extra"] == []  # each sequence once
+    assert state["data_watermark"] == steps * G and state["data_extra"] == []  # each sequence once
     reference = streaming_reference(cfg, TOKENIZER)
     for step, loss in s3_losses(run).items():
         assert loss == pytest.approx(reference[step], rel=2e-4), step

@@ -196,18 +196,47 @@ def test_non_finite_steps_in_a_row_stop_with_one_line_and_every_checkpoint_stays
 
 
 def test_sampling_never_picks_an_id_the_tokenizer_does_not_have(local_run):
-    """model.vocab_size (512) can exceed the tokenizer's pieces; sampled ids stay in its range."""
+    """A model's vocab_size may exceed the tokenizer's pieces (a small corpus yields fewer). Here
+    the run's model is widened by 64 ids the tokenizer lacks, whose logits win every draw (half
+    the rows along +1, half along -1: whatever the hidden state, one half scores ~1e4 |sum(h)|),
+    and still every id sampled, greedy or at temperature 1, is one the tokenizer has; `sample`
+    returns the decoding of exactly those ids. Without the limit the same model and seed pick
+    out-of-range ids (so the setup does make them win)."""
+    import dataclasses
+
+    from raylm.use.generate import SamplingOptions, generate_ids
     from raylm.use.load import load_model
     from raylm.use.sample import sample
 
-    model, tokenizer, cfg = load_model(local_run.run_dir)
+    trained, tokenizer, cfg = load_model(local_run.run_dir)
+    vocab = tokenizer.vocab_size
+    model_vocab = vocab + 64  # ids vocab..model_vocab-1 exist in the model only
+    model = Transformer(dataclasses.replace(cfg.model, vocab_size=model_vocab))
+    weights = trained.state_dict()
+    for name, tensor in model.state_dict().items():  # the trained weights, the new rows zero
+        with torch.no_grad():
+            tensor.zero_()
+            tensor[tuple(slice(0, n) for n in weights[name].shape)] = weights[name]
     with torch.no_grad():
-        model.output.weight[tokenizer.vocab_size:] = 0.0
-        model.output.weight[tokenizer.vocab_size:, 0] = 1e4  # the out-of-range ids dominate the logits
-    generator = torch.Generator().manual_seed(0)
-    text = sample(model, tokenizer, "def ", 8, temperature=1.0, top_k=0, generator=generator)
-    assert isinstance(text, str)
-    assert sample(model, tokenizer, "def ", 8, temperature=0, top_k=0) is not None
+        outside = model.output.weight[vocab:]  # (model_vocab - vocab, dim)
+        outside[0::2] = 1e4
+        outside[1::2] = -1e4
+    prompt = [tokenizer.bos_id, *tokenizer.encode_one("def ")]
+    for temperature in (1.0, 0.0):
+        options = SamplingOptions(max_new_tokens=8, temperature=temperature, top_k=0, seed=0, stop_at_eos=False)
+        unlimited = list(generate_ids(model, prompt, options, vocab_limit=model_vocab, eos_id=None,
+                                      generator=options.generator()))
+        assert unlimited and all(i >= vocab for i in unlimited), unlimited  # they do win when allowed
+        ids = list(generate_ids(model, prompt, options, vocab_limit=vocab, eos_id=None,
+                                generator=options.generator()))
+        assert len(ids) == 8 and all(0 <= i < vocab for i in ids), ids
+
+    options = SamplingOptions(max_new_tokens=8, temperature=1.0, top_k=0, seed=0)
+    ids = list(generate_ids(model, prompt, options, vocab_limit=vocab, eos_id=tokenizer.eos_id,
+                            generator=torch.Generator().manual_seed(0)))
+    assert all(0 <= i < vocab for i in ids)
+    text = sample(model, tokenizer, "def ", 8, temperature=1.0, top_k=0, generator=torch.Generator().manual_seed(0))
+    assert text == tokenizer.decode(ids)
 
 
 def test_a_checkpoint_of_another_run_is_never_resumed_silently(local_run, tmp_path):
