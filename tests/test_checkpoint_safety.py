@@ -267,6 +267,33 @@ def test_ctrl_c_during_a_save_is_the_one_interrupted_line_and_the_half_written_c
     assert [r["step"] for r in records if "loss" in r] == [3, 4, 5, 6]
 
 
+def test_ctrl_c_at_any_write_of_a_save_is_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """A Ctrl-C may land at any write of a save, also while torch.save is inside a shard's zip
+    file: its writer, cut mid-file, raises its own RuntimeError ("unexpected pos") on the way out
+    with the KeyboardInterrupt as its context, and DCP wraps that. At every write position the
+    save ends as a KeyboardInterrupt (by hand, 1 Ctrl-C in 12 gave a traceback and exit 1
+    before), and the directory it was writing has no marker."""
+    torch.manual_seed(0)
+    cfg = load_config(CONFIG)
+    model = Transformer(cfg.model)
+    optimizer = build_optimizer(model, cfg.optimizer, "cpu")
+    write = ckpt._HashingStream.write
+    calls = [0, 0]  # writes so far, the write to interrupt
+
+    def interrupted_write(self, data):
+        calls[0] += 1
+        if calls[0] == calls[1]:
+            raise KeyboardInterrupt  # what Python's SIGINT handler raises between bytecodes
+        return write(self, data)
+
+    monkeypatch.setattr(ckpt._HashingStream, "write", interrupted_write)
+    for k in range(1, 41):
+        calls[:] = [0, k]
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save_checkpoint(tmp_path / f"k{k}" / name(1), model, optimizer, {"step": 1})
+        assert not ckpt.is_complete(tmp_path / f"k{k}" / name(1))
+
+
 # ---------------------------------------------------------------------------------------
 # Item 5: generate, eval and export on a run whose newest checkpoint is damaged
 

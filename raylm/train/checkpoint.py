@@ -259,9 +259,22 @@ def _raise_interrupt(e: CheckpointException) -> None:
     """DCP catches every BaseException of a save or load step, Ctrl-C's KeyboardInterrupt included,
     and raises a CheckpointException holding each rank's; a Ctrl-C is raised again as itself, so
     that a save or load cut by Ctrl-C stops the run like a Ctrl-C anywhere else. The directory
-    it was writing has no marker, so nothing takes it for a checkpoint."""
-    if any(isinstance(failure, KeyboardInterrupt) for failure, _traceback in e.failures.values()):
+    it was writing has no marker, so nothing takes it for a checkpoint. The Ctrl-C may also be
+    the context of the failure DCP holds: torch.save's zip writer, cut mid-file, raises its own
+    RuntimeError on the way out ("unexpected pos"), with the KeyboardInterrupt behind it."""
+    if any(_is_interrupt(failure) for failure, _traceback in e.failures.values()):
         raise KeyboardInterrupt from None
+
+
+def _is_interrupt(failure: BaseException | None) -> bool:
+    """Whether `failure` is a KeyboardInterrupt or was raised while one was handled."""
+    seen: set[int] = set()
+    while failure is not None and id(failure) not in seen:
+        if isinstance(failure, KeyboardInterrupt):
+            return True
+        seen.add(id(failure))
+        failure = failure.__cause__ or failure.__context__
+    return False
 
 
 def _write_atomic(file: str | Path, data: bytes) -> dict[str, Any]:
