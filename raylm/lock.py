@@ -28,10 +28,11 @@ and may be taken over, when its holder is gone:
   assumed to agree within a few seconds (NTP).
 
 A takeover is a compare-and-swap, so that of two processes that find one stale lease only one
-wins: on local disks and NFS the stale lease is renamed to a name private to the taker, which
-then checks that what it moved is the lease it judged stale (if not, it puts it back and gives
-way) before it creates its own; on S3 the new lease is put with `If-Match: <ETag of the stale
-lease>`; on the best-effort stores it is replaced and read back as above.
+wins: on local disks and NFS the taker holds a kernel lock (flock) while it reads the lease again
+and, if it is still the one it judged stale, replaces it in one rename (the name is never
+absent, so no exclusive create slips in); refreshes and releases take the same kernel lock, and
+it dies with its holder, so it never goes stale. On S3 the new lease is put with `If-Match:
+<ETag of the stale lease>`; on the best-effort stores it is replaced and read back as above.
 """
 
 from __future__ import annotations
@@ -175,38 +176,65 @@ class _LocalStore:
         except FileNotFoundError:
             return None, None
 
-    def take_over(self, stale: Lease, version, lease: Lease):
-        aside = f"{self.path}.stale-{lease.token}"
+    @contextlib.contextmanager
+    def _guard(self):
+        """Excludes the other read-compare-replace sequences on this lease (takeovers, refreshes,
+        releases) of every process and thread; the kernel drops it when its holder dies, so it
+        never goes stale. A flock of the directory; where the file system refuses that (NFS
+        emulates flock with whole-file locks, which a directory opened for reading cannot take),
+        of a `raylm.lock.guard` file beside the lease."""
+        import fcntl
+
+        fd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return self.create(lease)  # gone meanwhile (its holder released it): a plain create
-        try:
-            moved = Lease.from_bytes(Path(aside).read_bytes())
-            if moved is not None and moved.token != stale.token:  # another taker won first: put its lease back
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, self.path)
-                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                os.close(fd)
+                fd = os.open(f"{self.path}.guard", os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
         finally:
-            os.unlink(aside)
-        return self.create(lease)
+            os.close(fd)  # releases the flock
+
+    def _current(self) -> Lease | None:
+        data, _ = self.read()
+        return Lease.from_bytes(data) if data else None
+
+    def _replace(self, lease: Lease) -> None:
+        """The lease file replaced whole in one rename: the name is never absent, so an exclusive
+        create (`link`) can never slip in between."""
+        tmp = self._tmp(lease.token)
+        with open(tmp, "wb") as f:
+            f.write(lease.to_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def take_over(self, stale: Lease, version, lease: Lease):
+        with self._guard():
+            current = self._current()
+            if current is None:
+                return self.create(lease)  # released meanwhile: a plain exclusive create
+            if current.token != stale.token:
+                return None  # another taker won first
+            self._replace(lease)
+            return True
 
     def refresh(self, lease: Lease, version):
-        data, _ = self.read()
-        current = Lease.from_bytes(data) if data else None
-        if current is None or current.token != lease.token:
-            return None
-        tmp = self._tmp(lease.token)
-        Path(tmp).write_bytes(lease.to_bytes())
-        os.replace(tmp, self.path)
-        return True
+        with self._guard():
+            current = self._current()
+            if current is None or current.token != lease.token:
+                return None
+            self._replace(lease)
+            return True
 
     def delete(self, lease: Lease, version) -> None:
-        data, _ = self.read()
-        current = Lease.from_bytes(data) if data else None
-        if current is not None and current.token == lease.token:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        with self._guard():
+            current = self._current()
+            if current is not None and current.token == lease.token:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
 
 
 class _S3Store:
