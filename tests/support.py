@@ -48,6 +48,10 @@ class ListSink:
     def close(self) -> None:
         pass
 
+    def set_aside_after(self, step: int, log) -> None:
+        if self.root is not None:
+            ckpt.set_aside_after(self.root, step, log)
+
     def losses(self) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in self.records if "loss" in r}
 

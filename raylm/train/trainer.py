@@ -79,11 +79,10 @@ class Sink(Protocol):
     def rewind(self, step: int) -> None: ...
     def preempted(self) -> bool: ...
     def close(self) -> None: ...
-
-    # A sink that keeps checkpoints in a run directory also has `set_aside_after(step, log)`,
-    # called on rank 0 once after the restore, before the first save, with the step restored
-    # (0: a fresh start): it moves the run's checkpoints above that step aside
-    # (`checkpoint.set_aside_after`). A sink without it (a test's in-memory one) is left as is.
+    def set_aside_after(self, step: int, log: Callable[[str], None]) -> None: ...
+    """Called on rank 0 once after the restore, before the first save, with the step restored
+    (0: a fresh start): move the run's checkpoints above that step aside
+    (`checkpoint.set_aside_after`)."""
 
 
 @dataclass
@@ -255,9 +254,8 @@ class Trainer:
         that is) belong to an abandoned future: rank 0 moves them aside before any rank saves, so
         that they are never restored, overwritten piecemeal or counted by keep-K. A fresh start
         (step 0) in a directory that holds checkpoints moves them all: none was usable."""
-        set_aside = getattr(self.sink, "set_aside_after", None)
-        if set_aside is not None and self.env.is_main:
-            set_aside(step, self.log)
+        if self.env.is_main:
+            self.sink.set_aside_after(step, self.log)
         if distributed_world()[1] > 1:
             dist.barrier()  # no rank writes into a checkpoint directory before it is moved
 
