@@ -48,7 +48,7 @@ def configure_local_cluster() -> None:
     os.environ.setdefault(WORKERS_SOFT_LIMIT_VAR, str(workers_soft_limit()))
 
 
-SETUP_HOOK = "raylm.ray.errors.hide_user_error_tracebacks"
+SETUP_HOOK = "raylm.ray.worker.setup"
 
 
 @dataclasses.dataclass
