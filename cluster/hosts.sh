@@ -26,14 +26,17 @@
 # a new node, as a cloud's node supervisor would restart it). `ray stop` is never run: a host's
 # processes stop when its PID namespace's init dies.
 #
-# Env: RAYLM_HOSTS_PREFIX (default rl; namespaces are PREFIX-hub, PREFIX-h0, ...), RAYLM_HOSTS_DIR
-# (state, default /var/lib/raylm-hosts/PREFIX; not under /tmp), RAYLM_HOSTS_SUBNET (default 198.18.0),
-# RAY_HEALTH (extra `ray start --system-config`-free env for the head, e.g.
-# "RAY_health_check_period_ms=1000 RAY_health_check_failure_threshold=5").
+# Env: RAYLM_HOSTS_PREFIX (default rl; namespaces are PREFIX-hub, PREFIX-h0, ..., so several sets of
+# hosts can be up at once), RAYLM_HOSTS_DIR (state and the hosts' disks: DIR/PREFIX/HOST/disk; default
+# /var/lib/raylm-hosts; not under /tmp, and hidden from the hosts), RAYLM_HOSTS_SUBNET (default
+# 198.18.0), RAYLM_HOSTS_PYTHON (the interpreter with raylm and Ray; default the checkout's .venv),
+# RAYLM_HOSTS_ENV (extra VAR=value words for every process on the hosts, e.g. Ray's health-check
+# settings "RAY_health_check_period_ms=1000 RAY_health_check_failure_threshold=5": docs/elastic.md).
 set -euo pipefail
 
 PREFIX="${RAYLM_HOSTS_PREFIX:-rl}"
-STATE="${RAYLM_HOSTS_DIR:-/var/lib/raylm-hosts/$PREFIX}"
+BASE="${RAYLM_HOSTS_DIR:-/var/lib/raylm-hosts}"
+STATE="$BASE/$PREFIX"
 SUBNET="${RAYLM_HOSTS_SUBNET:-198.18.0}"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 SELF="$REPO/cluster/hosts.sh"
@@ -94,7 +97,7 @@ host_init() {  # runs as PID 1 of the host's PID namespace, in its own mount and
     printf '127.0.0.1 localhost raylm-host\n::1 localhost\n' > "$disk/hosts"
     mount --bind "$disk/hosts" /etc/hosts
     # Hide every host's state (other hosts' disks included); this host's disk stays at /tmp etc.
-    mount -t tmpfs -o size=1m tmpfs "$(dirname "$STATE")"
+    mount -t tmpfs -o size=1m tmpfs "$BASE"
     touch /tmp/.raylm-host-ready
     exec "$(python_bin)" -c '
 import os, time
@@ -168,7 +171,7 @@ host_exec() {  # HOST CMD...
     alive "$host" || die "host $host is not running"
     # shellcheck disable=SC2046
     nsenter --target "$(init_pid "$host")" --mount --pid --uts --net --wd=/tmp -- \
-        env -i $(host_env) ${RAY_HEALTH:-} "$@"
+        env -i $(host_env) "$@"
 }
 
 start_services() {  # HOST: its supervised Ray node (and on h0 moto_server)

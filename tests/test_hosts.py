@@ -1,0 +1,298 @@
+"""raylm on real hosts: `cluster/hosts.sh` makes a head (Ray head + moto_server), a worker host and a
+client host out of Linux namespaces, each with its own address in 198.18.0.0/24, its own disk and
+processes, and a hostname that resolves to 127.0.0.1 (as many cloud images map their own name). Jobs
+are submitted from the client with `ray job submit`; corpus and runs travel through s3:// on the
+head's moto_server, since the hosts share no writable directory. One cluster for the module; its
+finaliser removes every namespace it made, even after a failure.
+
+Needs root, `ip`, `unshare` and `nsenter` (Linux): elsewhere the module is skipped with the reason in
+pytest's summary."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.hosts, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+HOSTS = ROOT / "cluster" / "hosts.sh"
+CORPUS = "s3://corpus/stdlib/"
+CORPUS_DIRS = ("json", "email", "asyncio")  # ~0.9 MB of the standard library's sources
+
+
+def why_not() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "host tests need Linux namespaces"
+    if os.geteuid() != 0:
+        return "host tests need root (network, mount and PID namespaces): run as root, as CI does"
+    for tool in ("ip", "unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"host tests need '{tool}' on PATH"
+    return None
+
+
+class Hosts:
+    """`cluster/hosts.sh` with this module's prefix (namespaces PREFIX-*, state under DIR/PREFIX)."""
+
+    def __init__(self, prefix: str, base: Path):
+        self.prefix = prefix
+        self.env = {**os.environ, "RAYLM_HOSTS_PREFIX": prefix, "RAYLM_HOSTS_DIR": str(base),
+                    "RAYLM_HOSTS_PYTHON": sys.executable}
+
+    def sh(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["bash", str(HOSTS), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"hosts.sh {' '.join(args[:3])} exited {proc.returncode}:\n"
+                                 f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return proc
+
+    def run(self, host: str, command: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+        return self.sh("exec", host, "bash", "-c", command, timeout=timeout, check=check)
+
+    def python(self, host: str, code: str, timeout: float = 900) -> str:
+        return self.sh("exec", host, "python", "-c", code, timeout=timeout).stdout
+
+    def namespaces(self) -> list[str]:
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        return [line.split()[0] for line in out.splitlines() if line.split()[0].startswith(self.prefix + "-")]
+
+
+UPLOAD = f"""
+import boto3, glob, os, sysconfig
+s3 = boto3.client("s3")
+for bucket in ("corpus", "runs"):
+    s3.create_bucket(Bucket=bucket)
+lib = sysconfig.get_paths()["stdlib"]
+for d in {CORPUS_DIRS!r}:
+    for f in sorted(glob.glob(os.path.join(lib, d, "*.py"))):
+        s3.upload_file(f, "corpus", "stdlib/" + os.path.relpath(f, lib))
+"""
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    reason = why_not()
+    if reason:
+        pytest.skip(reason)
+    prefix = f"rlt{os.getpid() % 100000}"
+    h = Hosts(prefix, Path("/var/lib/raylm-hosts"))
+    try:
+        h.sh("up", "2", "--cpus", "2", timeout=900)
+        h.python("client", UPLOAD)
+        yield h
+    finally:
+        h.sh("down", check=False, timeout=300)
+        left = h.namespaces()
+        assert not left, f"namespaces left behind: {left}"
+
+
+def train_args(name: str, *overrides: str) -> str:
+    """A `raylm train` command line (for the hosts' shell) on the debug preset over the s3 corpus."""
+    args = [f"{ROOT}/configs/debug.yaml", "run.output_dir=s3://runs/", f"run.name={name}",
+            f"data.sources=[{{path: '{CORPUS}', format: text}}]", "data.val_fraction=0",
+            "train.eval_every=0", "train.log_every=1", "run.sample_tokens=0", *overrides]
+    return "python -m raylm train " + " ".join(f"'{a}'" for a in args)
+
+
+def submit(h: Hosts, command: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    return h.run("client", f"ray job submit --address $RAYLM_DASHBOARD -- {command} 2>&1", timeout=timeout,
+                 check=False)
+
+
+def records(h: Hosts, run: str) -> list[dict]:
+    out = h.python("client", f"from raylm import storage; print(storage.read_bytes('{run}/metrics.jsonl').decode())")
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+# The losses of the same training in one process (no Ray, no process group), computed on the client
+# host from the same s3 corpus and the run's own tokenizer: the stream is the plan's packed rows in
+# index order, as the Ray pipeline packs them.
+REFERENCE = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from support import ListSink
+from raylm.config import load_config
+from raylm.data.local import local_documents, pack_documents
+from raylm.data.order import PackedDataset
+from raylm.tokenizer import Tokenizer
+from raylm.train.trainer import RankEnv, Trainer
+cfg = load_config({config!r}, {overrides!r})
+tokenizer = Tokenizer.load({run!r} + "/tokenizer.model")
+rows = pack_documents(local_documents(cfg, "train"), tokenizer, cfg.data.seq_len, cfg.data.add_bos)
+sink = ListSink()
+Trainer(cfg, RankEnv(), sink, PackedDataset(rows, shuffle=False), log=lambda line: None).fit()
+print(json.dumps(sink.losses()))
+"""
+
+
+def test_a_two_host_run_submitted_from_a_client_trains_one_worker_per_host_over_s3_and_matches_one_process(hosts):
+    """`raylm train` with scaling.num_workers=[2,2] and one `host` resource per worker, submitted
+    with `ray job submit` from the client host: one training worker on each host (their Ray node
+    IPs differ), gloo connects although every hostname resolves to 127.0.0.1 (the workers pin
+    gloo to the interface holding the node's Ray IP), the corpus streams from s3:// and the run
+    lands on s3://. Every step is recorded once and every loss equals the same training in one
+    process (rel 1e-4)."""
+    steps = 6
+    overrides = [f"train.max_steps={steps}", "train.checkpoint_every=3", "scaling.num_workers=[2,2]",
+                 "scaling.resources_per_worker={host: 1}"]
+    proc = submit(hosts, train_args("two-hosts", *overrides))
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert "succeeded" in proc.stdout
+    workers = json.loads(hosts.python("client", """
+import json, ray
+from ray.util.state import list_actors
+ray.init(address="auto", logging_level="ERROR")
+nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+print(json.dumps(sorted(nodes[a.node_id] for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")],
+                                                                 detail=True, limit=1000))))
+""").splitlines()[-1])
+    assert sorted(set(workers)) == ["198.18.0.1", "198.18.0.2"], workers
+
+    run = "s3://runs/two-hosts"
+    rows = records(hosts, run)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
+    reference_overrides = ["run.output_dir=s3://runs/", f"data.sources=[{{path: '{CORPUS}', format: text}}]",
+                           "data.val_fraction=0", "train.eval_every=0", "train.log_every=1",
+                           f"train.max_steps={steps}", "train.checkpoint_every=1000", "scaling.num_workers=1"]
+    reference = json.loads(hosts.python("client", REFERENCE.format(
+        tests=str(ROOT / "tests"), config=str(ROOT / "configs/debug.yaml"), overrides=reference_overrides,
+        run=run)).splitlines()[-1])
+    for r in rows:
+        if "loss" in r:
+            assert r["loss"] == pytest.approx(reference[str(r["step"])], rel=1e-4), r["step"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults that cross a network: a partition, a host crash, a spot preemption. Each runs [1, 2]
+# workers (one per host) and makes its fault while the head's training workers are stopped at a
+# step the test has read (`frozen`), so no fault can come after the run's end however slow the
+# machine; the head's workers are found in the head's own PID namespace, never by name alone.
+
+G = 8  # debug preset: sequences per step
+FAULT_STEPS = 40
+
+
+def host_processes(h: Hosts, host: str, marker: bytes = b"RayTrainWorker") -> list[int]:
+    """This machine's pids of `host`'s processes whose command line holds `marker`."""
+    init = int((Path(h.env["RAYLM_HOSTS_DIR"]) / h.prefix / host / "pid").read_text())
+    ns = os.readlink(f"/proc/{init}/ns/pid")
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/ns/pid") == ns and marker in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def step_rows(h: Hosts, run: str) -> list[dict]:
+    try:
+        return [r for r in records(h, run) if "loss" in r]
+    except AssertionError:  # no metrics.jsonl yet
+        return []
+
+
+def alive_nodes(h: Hosts) -> dict[str, str]:
+    """Node id -> IP of the cluster's alive nodes."""
+    return json.loads(h.python("client", """
+import json, ray
+ray.init(address="auto", logging_level="ERROR")
+print(json.dumps({n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}))
+""").splitlines()[-1])
+
+
+class Job:
+    """A `raylm train` submitted from the client host, running in the background."""
+
+    def __init__(self, h: Hosts, name: str, *overrides: str):
+        self.h, self.run = h, f"s3://runs/{name}"
+        command = train_args(name, f"train.max_steps={FAULT_STEPS}", "scaling.num_workers=[1,2]",
+                             "scaling.resources_per_worker={host: 1}", "scaling.resize_check_s=5", *overrides)
+        self.proc = subprocess.Popen(["bash", str(HOSTS), "exec", "client", "bash", "-c",
+                                      f"ray job submit --address $RAYLM_DASHBOARD -- {command} 2>&1"],
+                                     env=h.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def ended(self) -> bool:
+        return self.proc.poll() is not None
+
+    def rows(self) -> list[dict]:
+        return step_rows(self.h, self.run)
+
+    def last_step(self) -> int:
+        return max((r["step"] for r in self.rows()), default=0)
+
+    def finish(self, timeout: float = 1800) -> str:
+        out, _ = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0 and "succeeded" in out, out[-6000:]
+        return out
+
+
+def check_every_step_once(job: Job) -> list[dict]:
+    rows = job.rows()
+    assert [r["step"] for r in rows] == list(range(1, FAULT_STEPS + 1))  # none lost, none repeated
+    assert all(r["tokens_consumed"] == r["step"] * G * 64 for r in rows)
+    marker = json.loads(job.h.python("client", f"""
+import json
+from raylm.train import checkpoint as ckpt
+print(json.dumps(ckpt.read_marker(ckpt.latest_checkpoint({job.run!r}))["train_state"]))
+""").splitlines()[-1])
+    assert marker["step"] == FAULT_STEPS and marker["data_watermark"] == FAULT_STEPS * G
+    assert marker["data_extra"] == []  # each sequence trained once
+    return rows
+
+
+def lose_and_regain_worker_host(hosts: Hosts, name: str, lose, regain) -> list[dict]:
+    """[1, 2] workers; at a step read while the head's workers are stopped, `lose()` takes the
+    worker host away; the run goes on with 1 worker; `regain()` brings the host back (its
+    supervisor restarts its Ray node); the run grows back to 2 workers and finishes."""
+    from support import frozen, wait_for
+
+    job = Job(hosts, name, "train.checkpoint_every=2")
+    try:
+        wait_for(lambda: (r := job.rows()) and r[-1]["world_size"] == 2 and r[-1]["step"] >= 3, 1200,
+                 "steps on 2 workers", ended=job.ended, poll_s=2)
+        with frozen(host_processes(hosts, "h0")):
+            at = job.last_step()
+            assert at < FAULT_STEPS - 10, "the run got too far before the fault"
+            lose()
+        wait_for(lambda: any(r["world_size"] == 1 and r["step"] > at - 2 for r in job.rows()), 1200,
+                 "steps on 1 worker after the fault", ended=job.ended, poll_s=2)
+        with frozen(host_processes(hosts, "h0")):
+            shrunk_at = job.last_step()
+            assert shrunk_at < FAULT_STEPS - 4, "the run got too far before the host came back"
+            regain()
+            wait_for(lambda: "198.18.0.2" in alive_nodes(hosts).values(), 600, "the worker host to rejoin",
+                     poll_s=2)
+        wait_for(lambda: any(r["world_size"] == 2 and r["step"] > shrunk_at for r in job.rows()), 1200,
+                 "the run to grow back to 2 workers", ended=job.ended, poll_s=2)
+        job.finish()
+    finally:
+        if not job.ended():
+            job.proc.kill()
+    rows = check_every_step_once(job)
+    sizes = [r["world_size"] for r in rows]
+    assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2
+    return rows
+
+
+def test_a_partitioned_worker_host_is_dropped_then_rejoins_and_the_run_grows_back(hosts):
+    """The worker host's link goes down mid-run (no process dies): the run goes on with the
+    head's worker; when the link returns the host's Ray node, marked dead meanwhile, exits and its
+    supervisor restarts it; the run grows back to 2 workers. Every step once, each sequence once."""
+    lose_and_regain_worker_host(hosts, "partition", lambda: hosts.sh("cut", "h1"), lambda: hosts.sh("heal", "h1"))
+
+
+def test_a_crashed_worker_host_is_dropped_then_rebooted_and_the_run_grows_back(hosts):
+    """Every process of the worker host is SIGKILLed at once (its PID namespace's init dies): the
+    run goes on with the head's worker; the host boots again and rejoins; the run grows back to 2
+    workers. Every step once, each sequence once."""
+    lose_and_regain_worker_host(hosts, "crash", lambda: hosts.sh("crash", "h1"), lambda: hosts.sh("revive", "h1"))
