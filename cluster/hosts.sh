@@ -119,6 +119,16 @@ make_net() {
     ip -n "$hub" link set lo up
 }
 
+find_init() {  # HOST: this machine's pid of the host's PID 1 (in its network namespace, pid 1 inside)
+    local netino p status
+    netino="$(stat -L -c %i "/run/netns/$(netns "$1")" 2>/dev/null)" || return 0
+    for p in /proc/[0-9]*; do
+        [[ "$(stat -L -c %i "$p/ns/net" 2>/dev/null)" == "$netino" ]] || continue
+        status="$(grep '^NSpid:' "$p/status" 2>/dev/null)" || continue
+        if [[ "$(echo "$status" | awk '{print NF, $NF}')" == "3 1" ]]; then echo "${p#/proc/}"; return 0; fi
+    done
+}
+
 boot_host() {  # HOST: start its init (network already made)
     local host="$1" venv
     venv="$("$(python_bin)" -c 'import sys; print(sys.prefix)')"
@@ -128,9 +138,9 @@ boot_host() {  # HOST: start its init (network already made)
     chmod 600 "$STATE/$host/disk/tmp/auth_token" 2>/dev/null || true
     setsid ip netns exec "$(netns "$host")" unshare --mount --pid --uts --fork --mount-proc --propagation private \
         bash "$SELF" _init "$host" "$venv" </dev/null >"$STATE/$host/init.log" 2>&1 &
-    local outer=$! child="" i
+    local child="" i
     for i in $(seq 1 100); do
-        child="$(cat "/proc/$outer/task/$outer/children" 2>/dev/null | awk '{print $1}')"
+        child="$(find_init "$host")"
         [[ -n "$child" ]] && break
         sleep 0.1
     done
