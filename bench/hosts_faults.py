@@ -14,8 +14,8 @@ the client host; after 3 steps on 2 workers the fault hits the worker host h1:
 Printed per fault: seconds from the fault to the next new step (the first step number the run had
 not reached before the fault), the steps redone (trained before the fault and trained again after
 the restart), the steps lost and repeated in the final metrics (goal 0 and 0), and the largest
-relative loss difference against the same training in one process (no Ray; the global batch is
-exact at any world size, so an uninterrupted run has the same losses up to summation order).
+relative loss difference against the same run on one host (both workers on the head),
+uninterrupted (the global batch is exact at any world size).
 
 `--detect` measures instead how long the head takes to declare a cut-off host dead (the cost that
 decides a partition's), for Ray's default health checks and for the setting docs/elastic.md
@@ -39,8 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_hosts import (CORPUS, FAULT_STEPS, REFERENCE, Hosts, Job, UPLOAD, alive_nodes,  # noqa: E402
-                        host_processes, why_not)
+from test_hosts import FAULT_STEPS, UPLOAD, Hosts, Job, alive_nodes, host_processes, why_not  # noqa: E402
 from support import frozen  # noqa: E402
 
 FAST = "RAY_health_check_period_ms=1000 RAY_health_check_failure_threshold=5"
@@ -96,8 +95,8 @@ def run_fault(h: Hosts, fault: str, reference: dict | None) -> tuple[dict, dict]
     events = [r for r in records_all(h, job.run) if r.get("event") == "restored"]
     steps = [r["step"] for r in rows]
     if reference is None:
-        reference = one_process_reference(h, job.run)
-    worst = max(abs(r["loss"] - reference[str(r["step"])]) / abs(reference[str(r["step"])]) for r in rows)
+        reference = one_host_reference(h)
+    worst = max(abs(r["loss"] - reference[r["step"]]) / abs(reference[r["step"]]) for r in rows)
     restored_at = events[0]["step"] if events else at
     return {
         "fault": fault,
@@ -124,13 +123,12 @@ def records_all(h: Hosts, run: str) -> list[dict]:
     return records(h, run)
 
 
-def one_process_reference(h: Hosts, run: str) -> dict:
-    overrides = ["run.output_dir=s3://runs/", f"data.sources=[{{path: '{CORPUS}', format: text}}]",
-                 "data.val_fraction=0", "train.eval_every=0", "train.log_every=1",
-                 f"train.max_steps={FAULT_STEPS}", "train.checkpoint_every=1000", "scaling.num_workers=1"]
-    return json.loads(h.python("client", REFERENCE.format(
-        tests=str(ROOT / "tests"), config=str(ROOT / "configs/debug.yaml"), overrides=overrides,
-        run=run)).splitlines()[-1])
+def one_host_reference(h: Hosts) -> dict:
+    """Step -> loss of the same run on one host (both workers on the head), uninterrupted."""
+    job = Job(h, "bench-one-host", "train.checkpoint_every=1000", "scaling.num_workers=2",
+              "scaling.resources_per_worker={host_h0: 0.5}")
+    job.finish()
+    return {r["step"]: r["loss"] for r in job.rows()}
 
 
 def detect(h: Hosts) -> float:
@@ -185,7 +183,7 @@ def main() -> None:
     h = cluster(prefix)
     try:
         print("| fault | seconds to next new step | steps redone | steps lost | steps repeated | "
-              "max rel loss diff vs one process | world size per step |")
+              "max rel loss diff vs one host | world size per step |")
         print("|---|---:|---:|---:|---:|---:|---|")
         reference = None
         for fault in ("partition", "crash", "preemption"):
