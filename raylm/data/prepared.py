@@ -366,6 +366,15 @@ class PreparedSplit:
             yield self._collect(ahead.popleft())
 
 
+    def close(self) -> None:
+        """Wait for the reads in flight, then drop the open files (a later read opens them again)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        with self._lock:
+            self._files.clear()
+
+
 def read_split(path: str | Path, split: str = "train", seed: int = 0, shuffle: bool = True) -> PreparedSplit:
     """A split of prepared data, read by global index (only the rows asked for)."""
     return PreparedSplit(path, split, seed=seed, shuffle=shuffle)
