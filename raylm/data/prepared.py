@@ -51,7 +51,7 @@ from raylm.errors import DataError, EmptySplit
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 FORMAT = 2
-SHARD_BYTES = 256 * 2**20  # per shard (whole rows): 7B at seq 4096 in uint16 is ~3,300 shards for 840 GB
+SHARD_BYTES = 256 * 2**20  # per shard (whole rows): 7B at seq 4096 in uint16 is ~3,100 shards for 840 GB
 SPLITS = ("train", "validation")
 READ_AHEAD = 4  # micro-batches a reader fetches ahead of the one being trained on
 READ_THREADS = 16  # ranged reads in flight at once (a bucket's latency, not its bandwidth, bounds one)
