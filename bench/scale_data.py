@@ -179,33 +179,40 @@ def main() -> None:
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}")
     print(f"# worker: rank {WORKER['rank']} of {WORKER['world']}, micro-batch {WORKER['micro']}, "
           f"{WORKER['step']} sequences/step, {args.batches} micro-batches; seq_len {SEQ_LEN}, uint16 rows; "
-          f"shards of {args.shard_mb} MiB; median of {args.repeats} fresh workers")
+          f"shards of {args.shard_mb} MiB; median of {args.repeats} fresh workers, "
+          "run round-robin over the sizes")
     print("| where | dataset | shards | peak RSS MiB (after imports) | first batch s | read / trained | "
           "bytes read | trained bytes | reads |")
     print("|---|---|---|---|---|---|---|---|---|")
     try:
         for where in args.where:
+            paths, splits = {}, {}
             for gb in args.sizes_gb:
-                path = f"s3://{BUCKET}/{gb}gb" if where == "s3" else str(root / f"{gb}gb")
+                paths[gb] = f"s3://{BUCKET}/{gb}gb" if where == "s3" else str(root / f"{gb}gb")
                 t = time.perf_counter()
-                split = write_dataset(path, gb, args.shard_mb)
-                write_s = time.perf_counter() - t
-                points = sorted((run_point(path, args.batches, env) for _ in range(args.repeats)),
-                                key=lambda p: p["first_batch_s"])
-                p = points[len(points) // 2]
-                size = split["sequences"] * (SEQ_LEN + 1) * 2
-                print(f"| {where} | {size / 1e9:.2f} GB | {len(split['shards'])} | "
-                      f"{max(q['rss_peak_mib'] for q in points):.0f} ({p['rss_imports_mib']:.0f}) | "
+                splits[gb] = write_dataset(paths[gb], gb, args.shard_mb)
+                print(f"#   {where} {gb} GB written in {time.perf_counter() - t:.0f} s", flush=True)
+            points = {gb: [] for gb in args.sizes_gb}
+            for _ in range(args.repeats):  # round-robin over the sizes: load drifts alike for each
+                for gb in args.sizes_gb:
+                    points[gb].append(run_point(paths[gb], args.batches, env))
+            for gb in args.sizes_gb:
+                runs = sorted(points[gb], key=lambda q: q["first_batch_s"])
+                p = runs[len(runs) // 2]
+                size = splits[gb]["sequences"] * (SEQ_LEN + 1) * 2
+                print(f"| {where} | {size / 1e9:.2f} GB | {len(splits[gb]['shards'])} | "
+                      f"{max(q['rss_peak_mib'] for q in runs):.0f} ({p['rss_imports_mib']:.0f}) | "
                       f"{p['first_batch_s']:.3f} | {p['bytes_read'] / p['trained_bytes']:.3f} | "
                       f"{p['bytes_read']:,} | {p['trained_bytes']:,} | {p['reads']} |", flush=True)
-                print(f"#   written in {write_s:.0f} s; first batch of each worker: "
-                      f"{', '.join('%.3f' % q['first_batch_s'] for q in points)} s", flush=True)
+                print(f"#   first batch of each worker: {', '.join('%.3f' % q['first_batch_s'] for q in runs)} s; "
+                      f"peak RSS: {', '.join('%.0f' % q['rss_peak_mib'] for q in runs)} MiB", flush=True)
+            for gb in args.sizes_gb:
                 if where == "s3":
                     from raylm import storage
 
-                    storage.resolve(path)[0].delete_dir(f"{BUCKET}/{gb}gb")
+                    storage.resolve(paths[gb])[0].delete_dir(f"{BUCKET}/{gb}gb")
                 else:
-                    shutil.rmtree(path, ignore_errors=True)
+                    shutil.rmtree(paths[gb], ignore_errors=True)
     finally:
         if moto is not None:
             moto.terminate()

@@ -135,6 +135,9 @@ def test_old_and_damaged_prepared_data_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"^data.prepared_path='.*old' is prepared format 1 .*run raylm prepare "
                                         r"again into a new data.prepared_path$"):
         prepared.read_split(old)
+    with pytest.raises(DataError, match="is prepared format 1"):  # prepare into it again: not "nothing to do"
+        with prepared.writing(load_config(None, ["model.preset=debug", f"data.prepared_path={old}"])):
+            pass
     shard = tmp_path / "prep" / "train" / "part-00004.bin"
     shard.write_bytes(shard.read_bytes()[:100])
     data = prepared.read_split(tmp_path / "prep", shuffle=False)

@@ -165,8 +165,10 @@ def writing(cfg: Config):
     with storage.errors(out, "data.prepared_path", DataError):
         found = storage.holds_files(out) if remote else storage.exists(out)
         manifest_path = storage.child(out, MANIFEST)
-        same = found and storage.is_file(manifest_path) and \
-            json.loads(storage.read_bytes(manifest_path)).get("config_sha256") == config_fingerprint(cfg)
+        existing = json.loads(storage.read_bytes(manifest_path)) if found and storage.is_file(manifest_path) else {}
+    if existing and existing.get("format", 1) != FORMAT:  # the same config in an old format: not "nothing to do"
+        check_format(existing, out)
+    same = existing.get("config_sha256") == config_fingerprint(cfg)
     if same:
         yield None
         return
