@@ -17,7 +17,9 @@ A shard is raw fixed-width rows, no header: row r of the split is bytes
 little-endian tokens of the manifest's `token_dtype` (uint16 when the vocabulary fits, else
 int32); rows are in global index order 0, 1, 2, ... Fixed width is what lets a rank read only
 the rows it trains on: a row is one ranged read (a pread locally, a ranged GET on a bucket),
-with no row group or page to decompress for the rows of other ranks. Shards are about
+with no row group or page to decompress for the rows of other ranks. (There is no cache of
+whole row groups: the shuffled order spreads a rank's rows over the split, and a group's other
+rows belong to other ranks, so reading groups would read the data about W times over.) Shards are about
 `SHARD_BYTES` each (whole rows), so a split of any size is a modest number of objects.
 Format 1 (whole zstd Parquet shards, read whole by every worker) is refused in one line.
 """
