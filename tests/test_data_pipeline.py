@@ -160,7 +160,7 @@ def test_prepared_shards_hold_the_streaming_sequences(ray_cluster, tmp_path, tok
     assert manifest["tokenizer_sha256"] == tokenizer.sha256 and manifest["seq_len"] == 32
     stream_tokens, _ = rows_of(pipeline(cfg, tokenizer))
     prepared = read_split(out, "train", shuffle=False)
-    assert np.array_equal(prepared.rows, stream_tokens)
+    assert np.array_equal(prepared.take(np.arange(len(prepared)))["tokens"], stream_tokens)
     assert manifest["splits"]["validation"]["sequences"] > 0
 
     check_prepared(cfg, Tokenizer.load(out / "tokenizer.model").sha256)

@@ -187,7 +187,7 @@ def test_a_failed_prepare_to_s3_deletes_only_its_own_objects(ray_cluster, run, b
                      "data.sources.0.max_bytes=60000"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"raylm: error: data.prepared_path={out}: storage error") and "connection reset" in err
-    assert {"tokenizer.model", "train/part-00000.parquet", "theirs.parquet"} <= seen  # ours were there
+    assert {"tokenizer.model", "train/part-00000.bin", "theirs.parquet"} <= seen  # ours were there
     assert s3_files(out) == {"theirs.parquet": b"another writer's object"}
 
 

@@ -159,3 +159,66 @@ def unseen_micro_batches(position: DataPosition, rank: int, world_size: int, mic
                 real = shifted
             yield real
         k += 1
+
+
+class IndexPermutation:
+    """Global index -> row of an N-row dataset without holding a permutation: a fresh seeded
+    bijection of [0, N) each epoch, computed per index (prepared data, any N).
+
+    A balanced Feistel network over the smallest 2**(2h) >= N, with cycle-walking: an index
+    whose image falls outside [0, N) is mapped again until it lands inside, which keeps the
+    map a bijection of [0, N) (fewer than 4 walks on average, since 2**(2h) < 4N). Memory is
+    O(batch), whatever N; the order depends only on (seed, epoch, N), so a run resumed at any
+    world size maps every global index to the same row.
+    """
+
+    ROUNDS = 6
+
+    def __init__(self, n_rows: int, seed: int, shuffle: bool = True):
+        if n_rows <= 0:
+            raise ValueError("IndexPermutation needs at least one row")
+        self.n_rows, self.seed, self.shuffle = n_rows, seed, shuffle
+        self.half_bits = max(1, (int(n_rows - 1).bit_length() + 1) // 2)
+        self._keys: dict[int, np.ndarray] = {}
+
+    def _round_keys(self, epoch: int) -> np.ndarray:
+        if epoch not in self._keys:
+            if len(self._keys) > 4:
+                self._keys.clear()
+            rng = np.random.default_rng([self.seed, epoch, 0xFE1])
+            self._keys[epoch] = rng.integers(0, 2**63, self.ROUNDS, dtype=np.uint64)
+        return self._keys[epoch]
+
+    @staticmethod
+    def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+        """splitmix64's finaliser of x + key: every output bit depends on every input bit."""
+        with np.errstate(over="ignore"):
+            z = (x + key) * np.uint64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            return z ^ (z >> np.uint64(31))
+
+    def _feistel(self, x: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        h = np.uint64(self.half_bits)
+        mask = np.uint64((1 << self.half_bits) - 1)
+        left, right = x >> h, x & mask
+        for key in keys:
+            left, right = right, left ^ (self._mix(right, key) & mask)
+        return (left << h) | right
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        epochs, positions = np.divmod(indices, self.n_rows)
+        if not self.shuffle:
+            return positions
+        out = np.empty_like(indices)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            keys = self._round_keys(int(epoch))
+            x = positions[mask].astype(np.uint64)
+            outside = np.ones(x.shape, dtype=bool)
+            while outside.any():  # cycle-walking: bounded, each walk is a step along x's cycle
+                x[outside] = self._feistel(x[outside], keys)
+                outside = x >= np.uint64(self.n_rows)
+            out[mask] = x.astype(np.int64)
+        return out
