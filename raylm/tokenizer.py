@@ -188,6 +188,8 @@ def _training_chunks(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
     """Cut documents at line ends into chunks sentencepiece accepts, until max_bytes."""
     total = 0
     for text in texts:
+        if text.startswith("\0"):  # a supervised document: its segments joined (`raylm.data.parse.plain_text`)
+            text = text.replace("\0", "")
         start = 0
         while start < len(text) and total < max_bytes:
             end = min(len(text), start + _MAX_SENTENCE_CHARS)

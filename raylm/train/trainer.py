@@ -394,7 +394,8 @@ class Trainer:
         set_lr(self.optimizer, lr)
         global_tokens = cfg.sequences_per_step * cfg.data.seq_len
         stats = train_step(self.model, self.optimizer, micro, env.device, cfg.train.precision, cfg.train.grad_clip,
-                           env.world_size, global_tokens=global_tokens)
+                           env.world_size, global_tokens=global_tokens,
+                           document_mask=cfg.data.documents_masked, supervised=cfg.data.supervised)
         step_s = time.perf_counter() - step_start  # train_step's host sync waited for the device
 
         state.step += 1
@@ -430,7 +431,7 @@ class Trainer:
         B, E = cfg.train.micro_batch_size, cfg.eval_sequences
         it = self.val_data.micro_batches(DataPosition(), env.rank, env.world_size, B, E)
         result = evaluate(self.model, (next(it) for _ in range(rounds_per_step(E, env.world_size, B))),
-                          env.device, cfg.train.precision)
+                          env.device, cfg.train.precision, cfg.data.documents_masked, cfg.data.supervised)
         if result:
             self.log(f"eval at step {step}: held-out loss {result['val_loss']:.4f}, "
                      f"perplexity {result['val_perplexity']:.2f}, accuracy {result['val_accuracy']:.3f}")
