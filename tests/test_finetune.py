@@ -266,3 +266,102 @@ def test_config_refuses_supervised_sources_without_bos_or_with_prepared_shards()
     cfg = load_config(None, ["data.sources.0.format=pairs", "data.sources.0.path=x.jsonl"])
     assert cfg.data.supervised and cfg.data.documents_masked
     assert not load_config(None, []).data.documents_masked
+
+
+# ---------------------------------------------------------------------------------------
+# End to end: fine-tune a raylm run on pairs (`--local`), resume, and the Ray path
+
+
+SNIPPETS = {
+    "os": ["os.path.join(a, b)", "os.getcwd()", "os.listdir('.')", "os.environ.get('HOME')"],
+    "json": ["json.dumps(data)", "json.loads(text)", "json.dump(obj, f)", "json.JSONDecoder()"],
+    "re": ["re.compile(pattern)", "re.sub('a', 'b', s)", "re.findall(r'\\d+', s)", "re.match(p, s)"],
+    "math": ["math.sqrt(x)", "math.floor(2.5)", "math.pi * r * r", "math.log(x, 2)"],
+}
+
+
+def write_task(path: Path, copies: int = 5) -> Path:
+    """Pairs in the stdlib task's shape (prompt "<snippet>\\nPackage:", completion " <label>"),
+    and one record without its completion."""
+    lines = [json.dumps({"prompt": f"{code}  # {k}\nPackage:", "completion": f" {label}"})
+             for k in range(copies) for label, codes in SNIPPETS.items() for code in codes]
+    lines.insert(7, json.dumps({"prompt": "import sys\nPackage:"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def base_overrides(out: Path) -> list[str]:
+    return ["model.preset=debug", "model.vocab_size=512", "model.max_seq_len=64", "data.seq_len=64",
+            "data.sources.0.max_bytes=200000", "tokenizer.sample_bytes=100000", "train.max_steps=3",
+            "train.global_batch_tokens=256", "train.micro_batch_size=2", "train.eval_every=0",
+            "train.checkpoint_every=3", "train.log_every=1", "optimizer.warmup_steps=1", "optimizer.lr=3e-3",
+            f"run.output_dir={out}", "run.sample_tokens=0"]
+
+
+def finetune_overrides(out: Path, base: str, task: Path, steps: int, *extra: str) -> list[str]:
+    return base_overrides(out) + [
+        f"model.init_from={base}", "data.sources.0.path=" + str(task), "data.sources.0.format=pairs",
+        "data.sources.0.max_bytes=null", "data.val_fraction=0.2", "data.on_error=skip",
+        f"train.max_steps={steps}", "train.checkpoint_every=2", "train.eval_every=2", "train.eval_batches=1",
+        "optimizer.lr=1e-3", *extra]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    from raylm.train.local import train_local
+
+    out = tmp_path_factory.mktemp("ft_base")
+    return train_local(load_config(None, base_overrides(out)), log=lambda line: None)
+
+
+def test_finetune_from_a_raylm_run_loads_its_weights_keeps_its_tokenizer_counts_bad_records_and_resumes(
+        base_run, tmp_path):
+    """`model.init_from=RUN` starts from the run's newest checkpoint's weights (step-0 held-out
+    loss equals the base model's on the same rows) at step 0 with a fresh optimizer, with the
+    run's tokenizer (same bytes); the record without a completion is a counted skip; resuming
+    the fine-tune in place continues its own checkpoints, not the import."""
+    from raylm.data.local import local_datasets
+    from raylm.data.order import DataPosition, rounds_per_step
+    from raylm.tokenizer import Tokenizer
+    from raylm.train.local import train_local
+    from raylm.train.step import evaluate
+    from raylm.use.load import load_model
+
+    task = write_task(tmp_path / "train.jsonl")
+    lines: list[str] = []
+    cfg = load_config(None, finetune_overrides(tmp_path / "ft", base_run.run_dir, task, 2))
+    result = train_local(cfg, log=lines.append)
+    run = Path(result.run_dir)
+    assert (run / "tokenizer.model").read_bytes() == (Path(base_run.run_dir) / "tokenizer.model").read_bytes()
+    assert f"initial weights from {base_run.checkpoint}" in lines
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert records[-1]["bad_input_skipped"] == 1
+
+    base_model, tokenizer, _ = load_model(base_run.checkpoint)
+    _, val = local_datasets(cfg, Tokenizer.load(run / "tokenizer.model"))
+    B, E = cfg.train.micro_batch_size, cfg.eval_sequences
+    it = val.micro_batches(DataPosition(), 0, 1, B, E)
+    expected = evaluate(base_model, (next(it) for _ in range(rounds_per_step(E, 1, B))), torch.device("cpu"),
+                        "fp32", document_mask=True, supervised=True)
+    step0 = next(r for r in records if r["step"] == 0)
+    assert step0["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+
+    resumed = train_local(load_config(None, finetune_overrides(tmp_path / "ft", base_run.run_dir, task, 4,
+                                                               f"run.resume_from={run}")), log=lines.append)
+    assert resumed.run_dir == str(run)
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_init_from_a_run_of_another_shape_is_one_line(base_run, tmp_path):
+    from raylm.train.runs import resolve_run
+
+    task = write_task(tmp_path / "train.jsonl")
+    cfg = load_config(None, finetune_overrides(tmp_path, base_run.run_dir, task, 2, "model.vocab_size=600"))
+    with pytest.raises(ConfigError) as e:
+        resolve_run(cfg)
+    assert str(e.value) == (f"model.vocab_size=600: model.init_from={base_run.run_dir} was trained with "
+                            "model.vocab_size=512; use its model settings (model.preset and the keys it overrides) "
+                            "to start from its weights")

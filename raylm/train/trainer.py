@@ -61,7 +61,7 @@ from raylm.optim import apply_group_settings, build_optimizer, lr_at, set_lr
 from raylm.train import checkpoint as ckpt
 from raylm.train.metrics import MetricsWriter, device_peak_flops, peak_memory_bytes
 from raylm.train.parallel import build_model, distributed_world
-from raylm.train.runs import RunFacts, check_resume
+from raylm.train.runs import RunFacts, check_resume, init_checkpoint
 from raylm.train.step import evaluate, train_step
 
 
@@ -284,11 +284,15 @@ class Trainer:
         restores its own checkpoints, never the import."""
         self.sink.rewind(0)
         init_from = self.cfg.model.init_from
-        if init_from:
+        if init_from.startswith("hf:"):
             from raylm.use.hf import load_hf_weights
 
             load_hf_weights(self.model, self.cfg.model)
             self.log(f"initial weights from {init_from}")
+        elif init_from:  # a raylm run or checkpoint: its weights only (not its optimizer, step or data)
+            source = init_checkpoint(init_from)
+            ckpt.load_checkpoint(source, self.model, verify=False)  # init_checkpoint verified it
+            self.log(f"initial weights from {source}")
         return self.state
 
     # -- the loop --------------------------------------------------------------------------
