@@ -365,3 +365,74 @@ def test_init_from_a_run_of_another_shape_is_one_line(base_run, tmp_path):
     assert str(e.value) == (f"model.vocab_size=600: model.init_from={base_run.run_dir} was trained with "
                             "model.vocab_size=512; use its model settings (model.preset and the keys it overrides) "
                             "to start from its weights")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_streams_pairs_with_their_masks_and_fine_tunes_on_two_workers(ray_cluster, base_run, tmp_path):
+    """The Ray Data pipeline packs pairs into the same rows, masks included, as the single-process
+    path; `raylm train` (Ray Train, 2 workers, streaming) fine-tunes from the run with a finite
+    loss and counts the bad record."""
+    from raylm.data.local import local_documents, pack_documents
+    from raylm.data.plan import plan_files
+    from raylm.ray.data import iter_rows, packed_dataset
+    from raylm.ray.train import train_command
+    from raylm.tokenizer import Tokenizer
+
+    task = write_task(tmp_path / "train.jsonl")
+    cfg = load_config(None, finetune_overrides(tmp_path / "ray", base_run.run_dir, task, 2,
+                                               "scaling.num_workers=2", "scaling.cpus_per_worker=0.25",
+                                               "data.tokenize_actors=1", "data.shuffle_files=false"))
+    tokenizer = Tokenizer.load(Path(base_run.run_dir) / "tokenizer.model")
+    expected = pack_documents(local_documents(cfg, "train"), tokenizer, cfg.data.seq_len, cfg.data.add_bos)
+    pipeline = packed_dataset(cfg, tokenizer, plan_files(cfg, "train"), "train")
+    rows = np.concatenate([b["tokens"] for b in iter_rows(pipeline.dataset)])
+    assert (expected < 0).any() and np.array_equal(rows, expected)
+
+    run = Path(train_command(cfg).run_dir)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if "loss" in r]
+    assert [r["step"] for r in trained] == [1, 2] and all(np.isfinite(r["loss"]) for r in trained)
+    assert trained[-1]["bad_input_skipped"] == 1
+
+
+def write_chat(path: Path, copies: int = 6) -> Path:
+    lines = []
+    for k in range(copies):
+        for label, codes in SNIPPETS.items():
+            lines.append(json.dumps({"messages": [
+                {"role": "system", "content": "Name the package."},
+                {"role": "user", "content": f"{codes[k % 4]}  # {k}"},
+                {"role": "assistant", "content": label}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_chat_fine_tune_exports_a_template_that_hugging_face_renders_as_raylm_does(base_run, tmp_path):
+    """A `format: chat` run trains (assistant turns only) and `raylm export --format hf` writes
+    its template to tokenizer_config.json: `apply_chat_template` renders a conversation to the
+    very string raylm trained on. The other template is checked through the same files."""
+    from transformers import AutoTokenizer
+
+    from raylm.tokenizer import Tokenizer
+    from raylm.train.local import train_local
+    from raylm.use.hf import export_hf, tokenizer_files
+
+    data = write_chat(tmp_path / "chat.jsonl")
+    overrides = finetune_overrides(tmp_path / "chat", base_run.run_dir, data, 1, "data.sources.0.format=chat",
+                                   "data.sources.0.template=chatml", "train.eval_every=0")
+    result = train_local(load_config(None, overrides), log=lambda line: None)
+    export_hf(result.run_dir, tmp_path / "hf", log=lambda line: None)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for generation_prompt in (False, True):
+        rendered = hf.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=generation_prompt)
+        assert rendered == chat.render(CONVERSATION, "chatml") + ("<|im_start|>assistant\n" if generation_prompt
+                                                                  else "")
+    tokenizer = Tokenizer.load(Path(base_run.run_dir) / "tokenizer.model")
+    other = tmp_path / "llama2"
+    other.mkdir()
+    for name, data in tokenizer_files(tokenizer, True, 64, chat.JINJA["llama2"]).items():
+        (other / name).write_bytes(data)
+    for conversation in (CONVERSATION, CONVERSATION[1:]):
+        assert AutoTokenizer.from_pretrained(other).apply_chat_template(conversation, tokenize=False) \
+            == chat.render(conversation, "llama2")
