@@ -436,3 +436,17 @@ def test_chat_fine_tune_exports_a_template_that_hugging_face_renders_as_raylm_do
     for conversation in (CONVERSATION, CONVERSATION[1:]):
         assert AutoTokenizer.from_pretrained(other).apply_chat_template(conversation, tokenize=False) \
             == chat.render(conversation, "llama2")
+
+
+def test_finetune_demo_config_starts_from_the_demo_runs_shape_on_pairs_with_a_lower_lr():
+    """configs/finetune-demo.yaml loads, starts from the demo run with the demo model's shape
+    (so `model.init_from` accepts it), trains on pairs with document masks, with a lower
+    learning rate and fewer steps than the demo."""
+    import dataclasses
+
+    root = Path(__file__).resolve().parents[1]
+    ft, demo = load_config(root / "configs/finetune-demo.yaml", []), load_config(root / "configs/demo.yaml", [])
+    assert ft.model.init_from == "runs/demo"
+    assert dataclasses.replace(ft.model, init_from="") == demo.model
+    assert ft.data.sources[0].format == "pairs" and ft.data.documents_masked
+    assert ft.optimizer.lr < demo.optimizer.lr and ft.train.max_steps < demo.train.max_steps
