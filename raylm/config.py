@@ -694,8 +694,11 @@ def _check_paths(cfg: Config) -> None:
     storage.check_scheme(cfg.run.output_dir, "run.output_dir", writes)
     storage.check_scheme(cfg.run.resume_from, "run.resume_from", writes)
     init_from = cfg.model.init_from
-    _require(not storage.is_uri(init_from.removeprefix("hf:")), "model.init_from", init_from,
-             "hf:DIR must name a local directory (download the checkpoint first)")
+    if init_from.startswith("hf:"):
+        _require(not storage.is_uri(init_from.removeprefix("hf:")), "model.init_from", init_from,
+                 "hf:DIR must name a local directory (download the checkpoint first)")
+    else:  # a raylm run or checkpoint, local or on object storage
+        storage.check_scheme(init_from or None, "model.init_from", writes)
 
 
 def _check_workers(cfg: Config) -> None:
