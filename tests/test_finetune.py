@@ -153,7 +153,7 @@ def test_a_pair_cut_by_a_row_boundary_trains_nothing_without_its_prompt():
 # Loss normalisation: the global count of trained tokens
 
 
-def _grads_after_step(model, micro, supervised, world_size=1, global_tokens=None):
+def _step_stats(model, micro, supervised, world_size=1, global_tokens=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     stats = train_step(model, opt, micro, torch.device("cpu"), "fp32", 0.0, world_size, global_tokens,
                        document_mask=True, supervised=supervised)
@@ -190,7 +190,7 @@ def test_supervised_step_divides_by_the_trained_tokens_of_the_whole_batch():
     counts = [trained_count({"tokens": rows[i:i + 2]}, supervised=True) for i in (0, 2)]
     assert counts[0] != counts[1] and 0 < sum(counts) < rows.size
     expected_loss, expected_grads = _reference_mean(model, rows)
-    stats = _grads_after_step(model, [{"tokens": rows[:2]}, {"tokens": rows[2:]}], supervised=True,
+    stats = _step_stats(model, [{"tokens": rows[:2]}, {"tokens": rows[2:]}], supervised=True,
                               global_tokens=rows.shape[0] * (rows.shape[1] - 1))
     assert stats.loss == pytest.approx(expected_loss, rel=1e-5)
     # the gradient: recompute with the same micro-batches, reading grads before zero_grad
