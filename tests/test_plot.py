@@ -16,9 +16,10 @@ from raylm.train import checkpoint as ckpt
 from raylm.train.local import train_local
 from raylm.train.metrics import MetricsWriter
 from raylm.use.plot import DPI, FIGSIZE_IN, read_metrics
-from support import LOCAL_CHECKPOINT_EVERY as CHECKPOINT_AT, LOCAL_STEPS as STEPS, local_config
+from support import LOCAL_CHECKPOINT_EVERY, LOCAL_EVAL_EVERY, LOCAL_STEPS as STEPS, local_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+CHECKPOINT_AT = STEPS - LOCAL_CHECKPOINT_EVERY  # where the run continues once its last checkpoint is lost
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_SHAPE = (int(FIGSIZE_IN[1] * DPI), int(FIGSIZE_IN[0] * DPI), 4)  # rows, columns, RGBA
 
@@ -26,7 +27,7 @@ IMAGE_SHAPE = (int(FIGSIZE_IN[1] * DPI), int(FIGSIZE_IN[0] * DPI), 4)  # rows, c
 @pytest.fixture(scope="module")
 def restored_run(local_run, tmp_path_factory) -> Path:
     """A finished CPU run (a copy of the session's) whose last checkpoint was lost: continued in
-    place from step 3, it trained steps 4-6 again; then a crash tore the line it was writing."""
+    place from step 4, it trained steps 5-6 again; then a crash tore the line it was writing."""
     run = tmp_path_factory.mktemp("plot_runs") / Path(local_run.run_dir).name
     shutil.copytree(local_run.run_dir, run)
     shutil.rmtree(run / ckpt.checkpoint_dir_name(STEPS))
@@ -58,17 +59,18 @@ def test_plot_writes_a_png_of_each_quantity_the_run_recorded(restored_run, tmp_p
 
 
 def test_a_restored_run_reads_as_one_curve_and_a_torn_line_is_skipped(restored_run):
-    """After the restore at step 3 every step appears once, holding the values of its last training
+    """After the restore at step 4 every step appears once, holding the values of its last training
     (the rewound file's records after the `restored` line); the torn step-7 line is not a record."""
     lines = (restored_run / "metrics.jsonl").read_text().splitlines()
     restored_at = next(i for i, line in enumerate(lines) if '"event": "restored"' in line)
     retrained = {r["step"]: r["loss"] for r in map(json.loads, lines[restored_at + 1:-1])}
-    assert sorted(retrained) == [4, 5, 6]
+    assert sorted(retrained) == list(range(CHECKPOINT_AT + 1, STEPS + 1))
 
     records, restores = read_metrics(restored_run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(STEPS + 1)) and restores == [CHECKPOINT_AT]
     assert {r["step"]: r["loss"] for r in records if r["step"] > CHECKPOINT_AT} == retrained
-    assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]  # every 3 steps, and before the first
+    evaluated = list(range(0, STEPS + 1, LOCAL_EVAL_EVERY))  # 0: before the first step
+    assert [r["step"] for r in records if "val_loss" in r] == evaluated
 
 
 def test_a_later_record_for_a_step_replaces_the_earlier_and_mfu_is_drawn_when_recorded(tmp_path):

@@ -25,9 +25,10 @@ from raylm.train.local import train_local
 from raylm.train.runs import create_run_dir, discard_run_dir, resolve_run
 from raylm.train.trainer import LocalSink, RankEnv, Trainer
 
-from support import LOCAL_CHECKPOINT_EVERY as RESUME_AT, LOCAL_STEPS as STEPS, local_config
+from support import LOCAL_CHECKPOINT_EVERY, LOCAL_STEPS as STEPS, local_config
 
 ROOT = Path(__file__).resolve().parents[1]
+RESUME_AT = STEPS - LOCAL_CHECKPOINT_EVERY  # a checkpoint of the shared run before its last
 
 
 def losses(run_dir: str | Path) -> dict[int, float]:
@@ -38,7 +39,8 @@ def losses(run_dir: str | Path) -> dict[int, float]:
 def test_local_run_checkpoints_evaluates_and_leaves_a_self_contained_checkpoint(local_run):
     run = Path(local_run.run_dir)
     assert sorted(losses(run)) == list(range(1, STEPS + 1))
-    assert [p.name for p in ckpt.list_checkpoints(run)] == [ckpt.checkpoint_dir_name(s) for s in (RESUME_AT, STEPS)]
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [ckpt.checkpoint_dir_name(s) for s in
+                                                           range(LOCAL_CHECKPOINT_EVERY, STEPS + 1, LOCAL_CHECKPOINT_EVERY)]
     assert local_run.checkpoint == str(run / ckpt.checkpoint_dir_name(STEPS))
     assert "val_loss" in local_run.metrics
     final = Path(local_run.checkpoint)
