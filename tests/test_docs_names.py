@@ -53,7 +53,7 @@ def resolves(dotted: str) -> bool:
     return False
 
 
-def test_defined(ref: str) -> bool:
+def defines_test(ref: str) -> bool:
     """`tests/x.py` exists, and defines `::name` (a function or class at module level; `::Class::method`)."""
     path, *names = ref.split("::")
     if not (ROOT / path).is_file():
@@ -69,12 +69,9 @@ def test_defined(ref: str) -> bool:
     return True
 
 
-test_defined.__test__ = False  # a helper, though its name starts with test_
-
-
 def named_in_docs() -> dict[str, set[str]]:
-    """{"dotted": {...}, "imports": {"module.name", ...}, "tests": {...}}, each name with where it
-    was seen in `where` below."""
+    """The names README.md and docs/*.md use: {"dotted": raylm.x.y names, "imports": module.name of
+    each `from raylm.x import name`, "tests": tests/x.py and tests/x.py::name references}."""
     found: dict[str, set[str]] = {"dotted": set(), "imports": set(), "tests": set()}
     for doc in doc_files():
         text = doc.read_text()
@@ -105,9 +102,9 @@ def test_the_patterns_find_the_names_the_docs_use():
 def test_the_checks_refuse_names_that_do_not_exist():
     assert resolves("raylm.optim.set_lr") and resolves("raylm.lock") and resolves("raylm.train.runs.resolve_run")
     assert not resolves("raylm.optim.no_such_function") and not resolves("raylm.no_such_module.f")
-    assert test_defined("tests/test_docs_names.py::test_the_checks_refuse_names_that_do_not_exist")
-    assert not test_defined("tests/test_docs_names.py::test_that_was_renamed")
-    assert not test_defined("tests/test_no_such_file.py")
+    assert defines_test("tests/test_docs_names.py::test_the_checks_refuse_names_that_do_not_exist")
+    assert not defines_test("tests/test_docs_names.py::test_that_was_renamed")
+    assert not defines_test("tests/test_no_such_file.py")
 
 
 def test_every_raylm_name_in_the_docs_imports():
@@ -119,5 +116,5 @@ def test_every_raylm_name_in_the_docs_imports():
 
 
 def test_every_test_the_docs_name_exists():
-    missing = sorted(ref for ref in named_in_docs()["tests"] if not test_defined(ref))
+    missing = sorted(ref for ref in named_in_docs()["tests"] if not defines_test(ref))
     assert not missing, "; ".join(f"{ref} (named at {where(ref)})" for ref in missing)
