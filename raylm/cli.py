@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train on Ray (RAY_ADDRESS, else a local cluster); tokenizer first if none")
     _config_args(p)
     p.add_argument("--local", action="store_true",
-                   help="train in this process without Ray (local files only); implied under torchrun")
+                   help="train in this process without Ray (files on disk, s3:// or gs://); implied under torchrun")
 
     p = sub.add_parser("prepare", help="tokenise and pack the corpus once into Parquet shards + manifest")
     _config_args(p)

@@ -32,6 +32,15 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The fast tier (`pytest -m "not slow"`) never starts the session's Ray cluster: a test that
+    uses it, directly or through another fixture, must be marked slow (its collection fails otherwise)."""
+    unmarked = [item.nodeid for item in items
+                if "ray_cluster" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError(f"uses the ray_cluster fixture but is not marked slow: {', '.join(unmarked)}")
+
+
 def start_local_ray():
     """Start (if not up) the session's local Ray cluster: 2 CPUs and 400 MB of object store.
 
@@ -74,6 +83,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def local_run(tmp_path_factory):
+    """Some finished run, for the tests that only need one: `support.local_config`'s run, trained
+    once a session in this process (`raylm train --local`'s `train_local`); its TrainResult. Tests
+    read it; a test that changes it works on a copy (`shutil.copytree(local_run.run_dir, ...)`)."""
+    from support import local_config
+
+    from raylm.train.local import train_local
+
+    return train_local(local_config(tmp_path_factory.mktemp("shared_run")), log=lambda line: None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A real sentencepiece tokenizer (480 pieces) of hf_support's small mixed corpus, trained once a
+    session (a module that needs a tokenizer of its own corpus defines its own `tokenizer`)."""
+    from hf_support import train_tokenizer
+
+    return train_tokenizer()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,25 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from raylm.config import Config, load_config
 from raylm.train import checkpoint as ckpt
+
+# The session's shared run (conftest.py's `local_run`): LOCAL_STEPS steps, a checkpoint every
+# LOCAL_CHECKPOINT_EVERY steps (2, 4, 6) and an evaluation every LOCAL_EVAL_EVERY (0, 3, 6)
+LOCAL_STEPS, LOCAL_CHECKPOINT_EVERY, LOCAL_EVAL_EVERY = 6, 2, 3
+
+
+def local_config(out: str | Path, *overrides: str) -> Config:
+    """The debug model on a 200 kB slice of the default corpus: a `raylm train --local` run of
+    seconds, with checkpoints, held-out evaluation (2 micro-batches) and an end-of-run sample."""
+    return load_config(None, [
+        "model.preset=debug", "model.vocab_size=512", "model.max_seq_len=64", "data.seq_len=32",
+        "data.sources.0.max_bytes=200000", "tokenizer.sample_bytes=100000", "data.val_fraction=0.1",
+        f"train.max_steps={LOCAL_STEPS}", "train.global_batch_tokens=256", "train.micro_batch_size=4",
+        f"train.eval_every={LOCAL_EVAL_EVERY}", "train.eval_batches=2",
+        f"train.checkpoint_every={LOCAL_CHECKPOINT_EVERY}", "train.log_every=1", "optimizer.warmup_steps=1",
+        "optimizer.lr=3e-3", f"run.output_dir={out}", "run.sample_tokens=4", "run.keep_checkpoints=5", *overrides,
+    ])
 
 
 class ListSink:

@@ -112,6 +112,7 @@ def merge(dirs: list[Path], into: Path) -> Path:
     return into
 
 
+@pytest.mark.slow  # a spawned two-rank gloo group
 def test_two_ranks_saving_into_separate_directories_merge_into_one_checkpoint_that_verifies_and_loads(
         two_ranks, tmp_path):
     """Each rank hashes only its own files; rank 0's marker lists both ranks' shards, and the
@@ -132,6 +133,7 @@ def test_two_ranks_saving_into_separate_directories_merge_into_one_checkpoint_th
         torch.testing.assert_close(loaded[name], saved[name], rtol=0, atol=0)
 
 
+@pytest.mark.slow  # a spawned two-rank gloo group
 def test_reused_directory_with_a_shard_left_from_the_earlier_save_fails_verification(two_ranks, tmp_path):
     """A shard of the first save in the second save's directory has the right name and size, so
     only its checksum tells it apart; the full check names it."""
@@ -146,6 +148,7 @@ def test_reused_directory_with_a_shard_left_from_the_earlier_save_fails_verifica
         ckpt.load_checkpoint(mixed, *fresh())
 
 
+@pytest.mark.slow  # a spawned two-rank gloo group
 def test_each_save_has_its_own_save_id_and_dcp_metadata_records_it(two_ranks):
     out, _ = two_ranks
     first = json.loads((out / "first" / "rank0" / ckpt.MARKER).read_text())["save_id"]
@@ -154,6 +157,7 @@ def test_each_save_has_its_own_save_id_and_dcp_metadata_records_it(two_ranks):
     assert ckpt._read_metadata(out / "separate" / "rank0").storage_meta.save_id == second
 
 
+@pytest.mark.slow  # a spawned two-rank gloo group
 def test_ranks_share_verification_and_agree_on_the_damaged_file_and_the_fallback(two_ranks):
     out, results = two_ranks
     reason = f"{out / 'newer'}/__1_0.distcp: checksum mismatch (damaged or from another save)"
@@ -165,6 +169,7 @@ def test_ranks_share_verification_and_agree_on_the_damaged_file_and_the_fallback
                                     "trying an older one"]
 
 
+@pytest.mark.slow  # a spawned two-rank gloo group
 def test_a_non_finite_weight_on_one_rank_makes_every_rank_refuse_before_writing(two_ranks):
     out, results = two_ranks
     expected = "the model holds non-finite weights (parameter tok_embeddings.weight)"

@@ -83,12 +83,10 @@ def damage(checkpoint: Path, kind: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory) -> Path:
-    """A --local run with checkpoints at steps 2, 4 and 6 (keep 5)."""
-    out = tmp_path_factory.mktemp("safety_base")
-    cfg = load_config(CONFIG, [*small(out), "train.max_steps=6", "train.checkpoint_every=2",
-                               "run.keep_checkpoints=5"])
-    run = Path(train_local(cfg, log=lambda line: None).run_dir)
+def base_run(local_run) -> Path:
+    """The session's --local run (conftest.py): checkpoints at steps 2, 4 and 6 (keep 5), trained on
+    what `small` trains on. Tests change copies of it, never it."""
+    run = Path(local_run.run_dir)
     assert steps_of(run) == [2, 4, 6]
     return run
 

@@ -15,7 +15,7 @@ from raylm.data.corpus import is_validation
 from raylm.errors import DataError
 from raylm.tokenizer import Tokenizer
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # every test here runs on a Ray cluster
 
 BASE = ["model.preset=debug", "model.vocab_size=512", "data.seq_len=32", "train.global_batch_tokens=256",
         "train.micro_batch_size=4", "data.tokenize_batch_docs=16", "tokenizer.sample_bytes=100000",

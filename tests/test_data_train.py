@@ -13,7 +13,7 @@ from raylm.config import load_config
 from raylm.data.order import DataPosition
 from raylm.tokenizer import Tokenizer
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # every test here runs on a Ray cluster
 B = 4
 
 

@@ -23,7 +23,7 @@ from raylm.config import load_config
 from raylm.train import checkpoint as ckpt
 from support import frozen, wait_for
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # every test here runs on a Ray cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 G = 8  # sequences per step: 2 workers x 2 x 2, and uneven (4/2/2) on 3 workers of micro-batch 2

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from hf_support import MIXED, one_thread, random_run, randomize, train_tokenizer
+from hf_support import MIXED, one_thread, random_run, randomize
 from raylm.cli import main as cli_main
 from raylm.model import KVCache, ModelConfig, Transformer
 from raylm.use.generate import SamplingOptions, TextStream, generate, generate_ids, next_token
@@ -16,11 +16,6 @@ from raylm.use.sample import sample
 
 GREEDY = SamplingOptions(max_new_tokens=24, temperature=0)
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 def random_model(seed: int = 0, **overrides) -> Transformer:

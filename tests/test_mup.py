@@ -231,6 +231,7 @@ def _two_rank_groups(rank: int, out: Path) -> dict:
             "states": len(fresh_opt.state_dict()["state"])}
 
 
+@pytest.mark.slow  # a spawned two-rank gloo group
 def test_fsdp2_sharded_parameters_get_the_same_groups_and_a_dcp_checkpoint_restores_them(tmp_path):
     """FSDP2 keeps the parameters' names (and the optimizer is built after sharding), so every
     rank groups them as one process does, and DCP brings each group's settings back."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from hf_support import random_run, train_tokenizer
+from hf_support import random_run
 from raylm import storage
 from raylm.cli import main as cli_main
 from raylm.config import load_config
@@ -28,9 +28,9 @@ BUCKET = "raylm-paths"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A run directory with one complete checkpoint (random weights, a real tokenizer)."""
-    return random_run(tmp_path_factory.mktemp("run"), train_tokenizer())[0]
+def run(tmp_path_factory, tokenizer) -> Path:
+    """A run directory with one complete checkpoint (random weights, the session's tokenizer)."""
+    return random_run(tmp_path_factory.mktemp("run"), tokenizer)[0]
 
 
 def one_line_error(args: list[str], capsys) -> str:

@@ -12,37 +12,26 @@ import pytest
 
 from hf_support import one_thread  # noqa: F401 (a fixture)
 from raylm.cli import main as cli_main
-from raylm.config import load_config
 from raylm.train import checkpoint as ckpt
 from raylm.train.local import train_local
 from raylm.train.metrics import MetricsWriter
 from raylm.use.plot import DPI, FIGSIZE_IN, read_metrics
+from support import LOCAL_CHECKPOINT_EVERY, LOCAL_EVAL_EVERY, LOCAL_STEPS as STEPS, local_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-STEPS, CHECKPOINT_AT = 6, 3
+CHECKPOINT_AT = STEPS - LOCAL_CHECKPOINT_EVERY  # where the run continues once its last checkpoint is lost
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_SHAPE = (int(FIGSIZE_IN[1] * DPI), int(FIGSIZE_IN[0] * DPI), 4)  # rows, columns, RGBA
 
 
-def plot_config(out: Path, *overrides: str):
-    return load_config(None, [
-        "model.preset=debug", "model.vocab_size=512", "model.max_seq_len=64", "data.seq_len=32",
-        "data.sources.0.max_bytes=200000", "tokenizer.sample_bytes=100000", "data.val_fraction=0.1",
-        f"train.max_steps={STEPS}", "train.global_batch_tokens=256", "train.micro_batch_size=4",
-        "train.eval_every=2", "train.eval_batches=1", f"train.checkpoint_every={CHECKPOINT_AT}",
-        "train.log_every=1", "optimizer.warmup_steps=1", f"run.output_dir={out}", "run.sample_tokens=0",
-        *overrides,
-    ])
-
-
 @pytest.fixture(scope="module")
-def restored_run(tmp_path_factory) -> Path:
-    """A finished CPU run whose last checkpoint was lost: continued in place from step 3, it trained
-    steps 4-6 again; then a crash tore the line it was writing."""
-    out = tmp_path_factory.mktemp("plot_runs")
-    run = Path(train_local(plot_config(out), log=lambda line: None).run_dir)
+def restored_run(local_run, tmp_path_factory) -> Path:
+    """A finished CPU run (a copy of the session's) whose last checkpoint was lost: continued in
+    place from step 4, it trained steps 5-6 again; then a crash tore the line it was writing."""
+    run = tmp_path_factory.mktemp("plot_runs") / Path(local_run.run_dir).name
+    shutil.copytree(local_run.run_dir, run)
     shutil.rmtree(run / ckpt.checkpoint_dir_name(STEPS))
-    train_local(plot_config(out, f"run.resume_from={run}"), log=lambda line: None)
+    train_local(local_config(run.parent, f"run.resume_from={run}", "run.sample_tokens=0"), log=lambda line: None)
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "time": 17')
     return run
@@ -70,17 +59,18 @@ def test_plot_writes_a_png_of_each_quantity_the_run_recorded(restored_run, tmp_p
 
 
 def test_a_restored_run_reads_as_one_curve_and_a_torn_line_is_skipped(restored_run):
-    """After the restore at step 3 every step appears once, holding the values of its last training
+    """After the restore at step 4 every step appears once, holding the values of its last training
     (the rewound file's records after the `restored` line); the torn step-7 line is not a record."""
     lines = (restored_run / "metrics.jsonl").read_text().splitlines()
     restored_at = next(i for i, line in enumerate(lines) if '"event": "restored"' in line)
     retrained = {r["step"]: r["loss"] for r in map(json.loads, lines[restored_at + 1:-1])}
-    assert sorted(retrained) == [4, 5, 6]
+    assert sorted(retrained) == list(range(CHECKPOINT_AT + 1, STEPS + 1))
 
     records, restores = read_metrics(restored_run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(STEPS + 1)) and restores == [CHECKPOINT_AT]
     assert {r["step"]: r["loss"] for r in records if r["step"] > CHECKPOINT_AT} == retrained
-    assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4, 6]
+    evaluated = list(range(0, STEPS + 1, LOCAL_EVAL_EVERY))  # 0: before the first step
+    assert [r["step"] for r in records if "val_loss" in r] == evaluated
 
 
 def test_a_later_record_for_a_step_replaces_the_earlier_and_mfu_is_drawn_when_recorded(tmp_path):

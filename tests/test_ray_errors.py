@@ -151,6 +151,7 @@ def _raise_value_error():
     raise ValueError("a bug in raylm")
 
 
+@pytest.mark.slow  # the session's Ray cluster
 def test_ray_data_console_hides_a_user_errors_traceback_only_within_the_command(ray_cluster, tmp_path):
     """Within `user_error_tracebacks_hidden` a Ray Data record carrying a (real, Ray-wrapped)
     DataError is kept off the console but written to the log file; one carrying any other error
@@ -216,6 +217,7 @@ class _Pinger:
         return "pong"
 
 
+@pytest.mark.slow  # the session's Ray cluster
 def test_lost_cluster_is_classified_by_exception_type(ray_cluster):
     """Real Ray exceptions: a dead actor the driver waits on and Ray's system errors mean the
     cluster (or its part the command needs) is gone; a task's own failure (even a task that met

@@ -27,7 +27,10 @@ from raylm.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "debug.yaml")
-SMALL = ["train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1", "train.eval_every=0",
+# the debug preset at the session run's sizes (support.local_config), so a copy of that run resumes
+SMALL = ["model.vocab_size=512", "model.max_seq_len=64", "data.seq_len=32", "data.sources.0.max_bytes=200000",
+         "tokenizer.sample_bytes=100000", "train.global_batch_tokens=256", "train.micro_batch_size=4",
+         "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1", "train.eval_every=0",
          "run.sample_tokens=0", "run.keep_checkpoints=5"]
 WAIT_S = 300  # a bound on waiting for an event, never a duration the test expects
 
@@ -71,19 +74,13 @@ def _wait_for(condition, what: str, proc: subprocess.Popen | None = None):
         time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory) -> Path:
-    """A finished 4-step local run (checkpoints 2 and 4); tests copy it."""
-    out = tmp_path_factory.mktemp("lock-base")
-    assert _train(f"run.output_dir={out}", "run.name=base") == 0
-    return out / "base"
-
-
 @pytest.fixture
-def run_dir(base_run, tmp_path) -> Path:
+def run_dir(local_run, tmp_path) -> Path:
+    """A copy, named r, of the session's finished 6-step local run (checkpoints 2, 4 and 6)."""
+    base = Path(local_run.run_dir)
     target = tmp_path / "runs" / "r"
-    shutil.copytree(base_run, target)
-    (target / "config.yaml").write_text((target / "config.yaml").read_text().replace("name: base", "name: r"))
+    shutil.copytree(base, target)
+    (target / "config.yaml").write_text((target / "config.yaml").read_text().replace(f"name: {base.name}", "name: r"))
     return target
 
 
@@ -100,10 +97,10 @@ def test_a_second_local_run_on_a_held_run_dir_stops_in_one_line_naming_the_holde
         first = subprocess.Popen([sys.executable, "-m", "raylm", "train", DEBUG, "--local", *SMALL,
                                   "train.max_steps=100000", "train.checkpoint_every=100000",
                                   f"run.resume_from={run_dir}"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:  # the first holds the run once it has restored step 4 and written a row past it
-        _wait_for(lambda: max(_steps(run_dir), default=0) >= 6, "metrics row past the restored step", first)
+    try:  # the first holds the run once it has restored step 6 and written a row past it
+        _wait_for(lambda: max(_steps(run_dir), default=0) >= 8, "metrics row past the restored step", first)
         config_before = (run_dir / "config.yaml").read_bytes()
-        second = _cli("train", DEBUG, "--local", *SMALL, "train.max_steps=8", "optimizer.lr=1e-4",
+        second = _cli("train", DEBUG, "--local", *SMALL, "train.max_steps=10", "optimizer.lr=1e-4",
                       f"run.resume_from={run_dir}")
         lines = second.stderr.strip().splitlines()
         assert second.returncode == 2, second.stderr[-2000:]
@@ -120,7 +117,7 @@ def test_a_second_local_run_on_a_held_run_dir_stops_in_one_line_naming_the_holde
     steps = _steps(run_dir)
     assert steps == list(range(1, len(steps) + 1)), steps  # every row of the first, none twice
     checkpoints = ckpt.list_checkpoints(run_dir)
-    assert [Path(c).name for c in checkpoints] == [ckpt.checkpoint_dir_name(2), ckpt.checkpoint_dir_name(4)]
+    assert [Path(c).name for c in checkpoints] == [ckpt.checkpoint_dir_name(s) for s in (2, 4, 6)]
     assert all(ckpt.verify_checkpoint(c) is None for c in checkpoints)
     assert not (run_dir / lock.LOCK_FILE).exists(), "the lock outlived its holder's Ctrl-C"
 
@@ -131,14 +128,14 @@ def test_a_live_lock_of_another_host_refuses_and_a_dead_pids_lock_is_taken_over(
     lock_file = run_dir / lock.LOCK_FILE
     lock_file.write_bytes(_lease(4242, host="other-host", heartbeat_age_s=1))
     before = sorted(p.name for p in run_dir.iterdir())
-    assert _train("train.max_steps=6", f"run.resume_from={run_dir}") == 2
+    assert _train("train.max_steps=8", f"run.resume_from={run_dir}") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "host other-host pid 4242 (started 2026-01-02T03:04:05Z" in err[0], err
-    assert sorted(p.name for p in run_dir.iterdir()) == before and _steps(run_dir) == [1, 2, 3, 4]
+    assert sorted(p.name for p in run_dir.iterdir()) == before and _steps(run_dir) == [1, 2, 3, 4, 5, 6]
 
     lock_file.write_bytes(_lease(_dead_pid()))
-    assert _train("train.max_steps=6", f"run.resume_from={run_dir}") == 0
-    assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert _train("train.max_steps=8", f"run.resume_from={run_dir}") == 0
+    assert _steps(run_dir) == [1, 2, 3, 4, 5, 6, 7, 8]
     assert not lock_file.exists()
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +26,7 @@ def test_gpu_mfu_tiny_runs_on_cpu_in_one_process(capsys):
     assert "tokens/s" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a torchrun group
 def test_gpu_mfu_tiny_runs_under_torchrun_with_two_fsdp_ranks():
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -109,6 +109,7 @@ def _losses(result: dict) -> dict[int, float]:
     return {int(k): v for k, v in result["losses"].items()}
 
 
+@pytest.mark.slow  # a spawned gloo group
 def test_fsdp_gives_each_of_two_ranks_about_half_the_parameters(two_rank_run):
     _, results = two_rank_run
     total = core_config().model.num_params()
@@ -118,6 +119,7 @@ def test_fsdp_gives_each_of_two_ranks_about_half_the_parameters(two_rank_run):
         assert 0.4 * total <= count <= 0.6 * total
 
 
+@pytest.mark.slow  # a spawned gloo group
 def test_init_is_world_size_independent_and_loss_matches_one_process(two_rank_run, rows_file, tmp_path):
     """Same seed, same global batch: one process and two FSDP ranks see the same step-1 loss."""
     _, results = two_rank_run
@@ -127,6 +129,7 @@ def test_init_is_world_size_independent_and_loss_matches_one_process(two_rank_ru
     assert two[STEPS] < two[1]  # it learns
 
 
+@pytest.mark.slow  # a spawned gloo group
 def test_checkpoint_saved_by_two_ranks_loads_in_one_process_with_identical_state(two_rank_run, tmp_path):
     out, _ = two_rank_run
     cfg = core_config(tmp_path)
@@ -145,6 +148,7 @@ def test_checkpoint_saved_by_two_ranks_loads_in_one_process_with_identical_state
         torch.testing.assert_close(one[key], two[key], rtol=0, atol=0)
 
 
+@pytest.mark.slow  # a spawned gloo group
 def test_resume_at_step_k_matches_uninterrupted_run_on_two_ranks_and_on_one(two_rank_run, rows_file, tmp_path):
     """Stopped after step k and resumed (2 ranks, or 1 process), step k+1 has the uninterrupted loss."""
     out, results = two_rank_run
@@ -158,6 +162,7 @@ def test_resume_at_step_k_matches_uninterrupted_run_on_two_ranks_and_on_one(two_
         assert on_one[step] == pytest.approx(uninterrupted[step], rel=1e-4)
 
 
+@pytest.mark.slow  # a spawned gloo group
 def test_uneven_split_on_three_ranks_trains_the_same_batch_as_two(two_rank_run, rows_file, tmp_path):
     """8 sequences per step on 3 ranks of micro-batch 2: shares 4/2/2, one rank runs an empty
     (zero-weight) micro-batch. Resumed from the 2-rank checkpoint, the losses match the 2-rank
@@ -175,6 +180,7 @@ def test_uneven_split_on_three_ranks_trains_the_same_batch_as_two(two_rank_run, 
         assert loss == pytest.approx(uninterrupted[step], rel=1e-5)
 
 
+@pytest.mark.slow  # a spawned gloo group
 def test_incomplete_checkpoint_is_never_taken_as_latest(two_rank_run, tmp_path):
     import shutil
 

@@ -1,6 +1,7 @@
 """The core trainer without Ray: `raylm train --local` runs, run directories, resume checks, non-finite steps, sampling.
 
-`train_local` is the same Trainer and checkpoint rules a Ray worker runs, with a LocalSink.
+`train_local` is the same Trainer and checkpoint rules a Ray worker runs, with a LocalSink. The
+tests that only need a finished run read the session's (`local_run`, conftest.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import pytest
 import torch
 
 from raylm.cli import main as cli_main
-from raylm.config import load_config
 from raylm.data.order import PackedDataset
 from raylm.errors import CheckpointError, TrainingError
 from raylm.model import Transformer
@@ -25,19 +25,10 @@ from raylm.train.local import train_local
 from raylm.train.runs import create_run_dir, discard_run_dir, resolve_run
 from raylm.train.trainer import LocalSink, RankEnv, Trainer
 
+from support import LOCAL_CHECKPOINT_EVERY, LOCAL_STEPS as STEPS, local_config
+
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, RESUME_AT = 6, 3
-
-
-def local_config(out: Path, *overrides: str):
-    return load_config(None, [
-        "model.preset=debug", "model.vocab_size=512", "model.max_seq_len=64", "data.seq_len=32",
-        "data.sources.0.max_bytes=200000", "tokenizer.sample_bytes=100000", "data.val_fraction=0.1",
-        f"train.max_steps={STEPS}", "train.global_batch_tokens=256", "train.micro_batch_size=4",
-        "train.eval_every=3", "train.eval_batches=1", f"train.checkpoint_every={RESUME_AT}", "train.log_every=1",
-        "optimizer.warmup_steps=1", "optimizer.lr=3e-3", f"run.output_dir={out}", "run.sample_tokens=4",
-        "run.keep_checkpoints=5", *overrides,
-    ])
+RESUME_AT = STEPS - LOCAL_CHECKPOINT_EVERY  # a checkpoint of the shared run before its last
 
 
 def losses(run_dir: str | Path) -> dict[int, float]:
@@ -45,16 +36,11 @@ def losses(run_dir: str | Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-@pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("local_runs")
-    return train_local(local_config(out), log=lambda line: None)
-
-
 def test_local_run_checkpoints_evaluates_and_leaves_a_self_contained_checkpoint(local_run):
     run = Path(local_run.run_dir)
     assert sorted(losses(run)) == list(range(1, STEPS + 1))
-    assert [p.name for p in ckpt.list_checkpoints(run)] == [ckpt.checkpoint_dir_name(s) for s in (RESUME_AT, STEPS)]
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [ckpt.checkpoint_dir_name(s) for s in
+                                                           range(LOCAL_CHECKPOINT_EVERY, STEPS + 1, LOCAL_CHECKPOINT_EVERY)]
     assert local_run.checkpoint == str(run / ckpt.checkpoint_dir_name(STEPS))
     assert "val_loss" in local_run.metrics
     final = Path(local_run.checkpoint)
@@ -247,6 +233,7 @@ def test_a_checkpoint_of_another_run_is_never_resumed_silently(local_run, tmp_pa
         resolve_run(local_config(tmp_path, f"run.resume_from={empty}"))
 
 
+@pytest.mark.slow  # a torchrun group
 def test_torchrun_two_ranks_train_local_checkpoints_and_resume_in_place_on_one(local_run, tmp_path):
     """`torchrun -m raylm train CONFIG` (torchrun implies --local): two FSDP2 ranks, one run
     directory, a checkpoint both ranks wrote; then the same run continued in place by one process."""

@@ -17,7 +17,7 @@ from raylm.cli import main as cli_main
 from raylm.config import load_config
 from raylm.train import checkpoint as ckpt
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # every test here runs on a Ray cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, RESUME_AT = 8, 4

@@ -14,21 +14,19 @@ from raylm.cli import main as cli_main
 from raylm.data.local import local_documents, pack_documents
 from raylm.tokenizer import Tokenizer
 from raylm.train import checkpoint as ckpt
-from raylm.train.local import train_local
 from raylm.use.evaluate import token_bytes
-from test_train_local import local_config
+from support import local_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished local run (6 steps, held-out evaluation at the end) and its held-out documents
-    written as one JSONL file, in the order evaluation reads them."""
-    out = tmp_path_factory.mktemp("eval_run")
-    cfg = local_config(out, "train.eval_every=6", "train.eval_batches=2")
-    result = train_local(cfg, log=lambda line: None)
-    heldout = out / "heldout.jsonl"
+def trained(local_run, tmp_path_factory):
+    """The session's finished local run (held-out evaluation of 2 micro-batches at its last step),
+    its config, and its held-out documents written as one JSONL file, in the order evaluation reads them."""
+    result = local_run
+    cfg = local_config(Path(result.run_dir).parent)
+    heldout = tmp_path_factory.mktemp("eval_data") / "heldout.jsonl"
     docs = local_documents(cfg, "validation")
     heldout.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
     return result, cfg, heldout, docs
@@ -82,6 +80,7 @@ def test_token_bytes_spell_the_text_of_every_piece(trained):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_the_ray_data_path_gives_the_same_numbers_as_the_local_one(trained, ray_cluster, tmp_path, capsys):
     result, cfg, heldout, _ = trained
     numbers = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_support import CODE, MIXED, PROSE, one_thread, random_run, save_sharded, train_tokenizer
+from hf_support import CODE, MIXED, PROSE, one_thread, random_run, save_sharded
 from raylm.cli import main as cli_main
 from raylm.config import load_config
 from raylm.errors import ConfigError
@@ -36,11 +36,6 @@ CONFIGS = {
     # scale's ratio sqrt(8 / 32) = 1/2 into q_proj (powers of two, so import divides them out exactly)
     "mup": dict(parametrization="mup", mup_base_dim=32),
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +131,7 @@ def test_transformers_greedy_generate_continues_a_prompt_as_raylm_does(exported,
     assert capsys.readouterr().out == prompt + tokenizer.decode(theirs) + "\n"
 
 
+@pytest.mark.slow  # a spawned two-rank gloo group
 def test_two_fsdp2_ranks_import_and_their_checkpoint_exports_sharded(exports, tmp_path):
     """Two FSDP2 ranks fill their shards from an HF export (`load_hf_weights`: rank 0 reads, the
     others receive) and get the original weights; the checkpoint two such ranks wrote, exported
@@ -237,7 +233,7 @@ def test_a_run_initialised_from_an_hf_directory_starts_from_its_weights_and_toke
     the run restores its own checkpoint, never the import again."""
     from raylm.data.local import local_documents
     from raylm.train.local import train_local
-    from test_train_local import local_config
+    from support import local_config
 
     _, _, source_run, hf_dir = exports["debug"]
     lines: list[str] = []

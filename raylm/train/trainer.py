@@ -66,7 +66,8 @@ from raylm.train.step import evaluate, train_step
 
 
 class BatchSource(Protocol):
-    def micro_batches(self, position: DataPosition, rank: int, world_size: int, micro_batch_size: int): ...
+    def micro_batches(self, position: DataPosition, rank: int, world_size: int, micro_batch_size: int,
+                      step_sequences: int | None = None): ...
 
 
 class Sink(Protocol):
