@@ -368,6 +368,7 @@ def test_init_from_a_run_of_another_shape_is_one_line(base_run, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_ray_data_packs_pairs_with_their_masks_as_the_single_process_path(ray_cluster, base_run, tmp_path):
     """The Ray Data pipeline (read tasks, tokenizer actor pool, packing actor) makes the same
     rows from a pairs source, loss masks included, as `--local`'s path: the stream that
