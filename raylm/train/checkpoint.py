@@ -268,6 +268,7 @@ def finish_save(save: Save) -> str | Path:
         save.future.result()
     except CheckpointException as e:
         _raise_interrupt(e)
+        _raise_storage_error(save.path, e)
         raise
     files = dict(save.writer.fs.written)
     files.update({name: _write_atomic(storage.child(save.path, name), data) for name, data in save.extra_files.items()})
@@ -284,8 +285,18 @@ def abandon_save(save: Save) -> None:
     """Wait for this rank's part of `save` to end, ignoring how (the run is failing anyway): its
     files are then no longer being written when the run directory is handed on. No marker is
     written, so nothing takes the directory for a checkpoint."""
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception, CheckpointException):  # CheckpointException is a BaseException
         save.future.result()
+
+
+def _raise_storage_error(path: str | Path, e: CheckpointException) -> None:
+    """A save that failed writing (a full disk, a refused upload) is one line naming the checkpoint
+    and the error, as CheckpointError; the previous checkpoint is untouched."""
+    for rank, (failure, _traceback) in sorted(e.failures.items()):
+        if isinstance(failure, OSError):
+            reason = str(failure).splitlines()[0] if str(failure) else repr(failure)
+            raise CheckpointError(f"{path}: saving the checkpoint failed on rank {rank} ({reason}); "
+                                  "the newest complete checkpoint before it is kept") from None
 
 
 def _plain(value: Any) -> Any:
