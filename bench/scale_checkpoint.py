@@ -77,7 +77,7 @@ def overrides(out: str, steps: int, every: int, background: bool, tokenizer: Pat
             "data.seq_len=128", "train.global_batch_tokens=256", "train.micro_batch_size=1",
             "data.sources.0.max_bytes=3000000", "tokenizer.sample_bytes=2000000", "data.val_fraction=0",
             "train.eval_every=0", "train.log_every=1000", "train.precision=fp32", "train.compile=false",
-            "train.device=cpu", "run.keep_checkpoints=1", "run.sample_tokens=0", "optimizer.warmup_steps=2",
+            "train.device=cpu", "scaling.num_workers=2", "scaling.use_gpu=false", "run.keep_checkpoints=1", "run.sample_tokens=0", "optimizer.warmup_steps=2",
             *([f"tokenizer.path={tokenizer}"] if tokenizer else [])]
 
 
@@ -147,7 +147,7 @@ def main() -> None:
     os.environ.pop("AWS_ENDPOINT_URL_S3", None)
     env.pop("AWS_ENDPOINT_URL_S3", None)
     s3 = pafs.S3FileSystem(endpoint_override=url.removeprefix("http://"), scheme="http", **{
-        "access_key": "testing", "secret_key": "testing", "region": "us-east-1"})
+        "access_key": "testing", "secret_key": "testing", "region": "us-east-1", "allow_bucket_creation": True})
     s3.create_dir(BUCKET)
     work = Path(tempfile.mkdtemp(prefix="raylm-bench-ckpt-"))
     results = {}

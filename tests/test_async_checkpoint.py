@@ -208,3 +208,20 @@ def test_ctrl_c_during_a_background_save_is_the_one_interrupted_line_and_keeps_t
         f"raylm: interrupted: the newest good checkpoint is kept; continue with run.resume_from={run}"]
     assert not ckpt.is_complete(run / name(6))
     assert ckpt.latest_checkpoint(run) == run / name(4) and ckpt.verify_checkpoint(run / name(4)) is None
+
+
+def test_raylm_plan_counts_the_staged_copy_of_a_background_save_in_host_memory():
+    """A background save holds each worker's shard of the fp32 weights and both AdamW moments in
+    host memory (12 bytes a parameter / workers): on GPU by default, none when saves block or
+    (auto) on CPU; `raylm plan` prints the figure."""
+    from raylm.plan import format_plan, plan, staged_checkpoint_bytes
+
+    cfg = load_config(ROOT / "configs/llama2-7b.yaml")
+    n = cfg.model.num_params()
+    p = plan(cfg, 8, "h100")
+    assert p.staged_checkpoint_bytes == 12 * n // 8 == staged_checkpoint_bytes(cfg, 8, "cuda")
+    assert "host memory per GPU for a background save's staged copy, GiB" in format_plan(p)
+    assert staged_checkpoint_bytes(cfg, 8, "cpu") == 0
+    off = load_config(ROOT / "configs/llama2-7b.yaml", ["train.checkpoint_async=false"])
+    assert plan(off, 8, "h100").staged_checkpoint_bytes == 0
+    assert staged_checkpoint_bytes(load_config(CONFIG, ["train.checkpoint_async=true"]), 2, "cpu") > 0
