@@ -8,16 +8,17 @@ this script starts on 127.0.0.1. One run with `train.checkpoint_async=false`, on
 side by side in one session, the same steps and data. CPU-sized batch: 1 sequence of 128 tokens
 per rank per step, fp32, no compile.
 
-A step's time here is the interval between consecutive step records (`time` in metrics.jsonl),
-so it holds whatever the trainer did after the step's update: the save of a checkpoint step,
-the marker of a background save that ended. Printed per run:
-- median step: the median interval of steps that neither begin nor finish a save;
-- checkpoint step / median: the interval that begins each save (mean over the saves; the
-  last step's save, blocking in both modes, is not counted);
-- worst other step / median: the slowest interval that does not begin a save (with a
-  background save: the steps that train while the writer thread competes for the 2 cores,
-  and the step that writes the marker);
-- overhead per save: (sum of all intervals - intervals x median) / saves, in seconds.
+Printed per run (rank 0's figures; the ranks wait for each other in every step):
+- median step: the median `step_time_s` of metrics.jsonl (forward, backward, update) of steps 2+;
+- checkpoint step / median: (the checkpoint step's `step_time_s` + the time the trainer was
+  blocked in `Trainer._checkpoint` at that step, timed by a wrapper this script installs in
+  each rank) / median step; the mean over the saves, each save's after it (the last step's
+  save, blocking in both modes, is not counted);
+- record interval after a save / median interval: the same seen as wall time between
+  consecutive step records, so it also holds the next step's compute while a background
+  writer thread competes with it for the cores (on CPU) and the step that writes the marker;
+- overhead per save: (sum of the record intervals of steps 2+ - their count x their median) /
+  saves, in seconds: what the saves cost the run in all.
 
     python bench/scale_checkpoint.py [--every 3] [--saves 3]
 """
@@ -71,8 +72,8 @@ def start_moto() -> tuple[str, subprocess.Popen]:
             time.sleep(0.2)
 
 
-def overrides(out: str, steps: int, every: int, background: bool, tokenizer: Path | None) -> list[str]:
-    return [f"run.output_dir={out}", f"train.max_steps={steps}", f"train.checkpoint_every={every}",
+def overrides(out: str, steps: int, every: int, background: bool, tokenizer: Path | None, preset: str) -> list[str]:
+    return [f"model.preset={preset}", f"run.output_dir={out}", f"train.max_steps={steps}", f"train.checkpoint_every={every}",
             f"train.checkpoint_async={'true' if background else 'false'}",
             "data.seq_len=128", "train.global_batch_tokens=256", "train.micro_batch_size=1",
             "data.sources.0.max_bytes=3000000", "tokenizer.sample_bytes=2000000", "data.val_fraction=0",
@@ -81,15 +82,35 @@ def overrides(out: str, steps: int, every: int, background: bool, tokenizer: Pat
             *([f"tokenizer.path={tokenizer}"] if tokenizer else [])]
 
 
+# `raylm train`, with the time each rank spends blocked in Trainer._checkpoint appended to
+# $BENCH_SAVE_TIMES as {"step", "blocked_s"} lines.
+DRIVER = """
+import json, os, sys, time
+from raylm.cli import main
+from raylm.train.trainer import Trainer
+
+checkpoint = Trainer._checkpoint
+
+def timed(self, record, background=False):
+    start = time.perf_counter()
+    checkpoint(self, record, background)
+    with open(os.environ["BENCH_SAVE_TIMES"], "a") as f:
+        f.write(json.dumps({"step": self.state.step, "blocked_s": time.perf_counter() - start}) + "\\n")
+
+Trainer._checkpoint = timed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def run_two_ranks(args: list[str], env: dict, log: Path) -> None:
     port = free_port()
     procs = []
     for rank in range(2):
         rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                    "PYTHONPATH": str(ROOT)}
+                    "PYTHONPATH": str(ROOT), "BENCH_SAVE_TIMES": str(log.with_suffix(f".rank{rank}.saves.jsonl"))}
         with open(log.with_suffix(f".rank{rank}.log"), "w") as f:
-            procs.append(subprocess.Popen([sys.executable, "-m", "raylm", "train", str(ROOT / "configs/125m.yaml"),
+            procs.append(subprocess.Popen([sys.executable, "-c", DRIVER, "train", str(ROOT / "configs/125m.yaml"),
                                            "--local", *args], env=rank_env, cwd=ROOT, stdout=f,
                                           stderr=subprocess.STDOUT))
     codes = [p.wait() for p in procs]
@@ -97,26 +118,29 @@ def run_two_ranks(args: list[str], env: dict, log: Path) -> None:
         raise SystemExit(f"a rank failed ({codes}); see {log.with_suffix('.rank0.log')}")
 
 
-def step_times(run_dir: str) -> dict[int, float]:
+def step_records(run_dir: str) -> dict[int, dict]:
     from raylm import storage
 
     records = [json.loads(line) for line in storage.read_bytes(storage.child(run_dir, "metrics.jsonl")).decode()
                .splitlines()]
-    return {r["step"]: r["time"] for r in records if "loss" in r}
+    return {r["step"]: r for r in records if "loss" in r}
 
 
-def measure(times: dict[int, float], every: int, steps: int) -> dict:
+def measure(records: dict[int, dict], blocked: dict[int, float], every: int, steps: int) -> dict:
+    compute = {k: records[k]["step_time_s"] for k in range(2, steps + 1)}  # step 1: warm-up
+    median = statistics.median(compute.values())
+    begins = [k for k in range(every, steps, every)]
     # interval k: from step k's record to step k+1's, so it holds step k's save and step k+1's work
-    interval = {k: times[k + 1] - times[k] for k in range(2, steps) if k + 1 in times}  # step 1: warm-up
-    begins = [k for k in interval if k % every == 0]
-    others = [k for k in interval if k not in begins]
-    plain = [interval[k] for k in others if (k - 1) % every != 0]  # neither begins nor just after one
-    median = statistics.median(plain)
+    interval = {k: records[k + 1]["time"] - records[k]["time"] for k in range(2, steps)}
+    plain = [v for k, v in interval.items() if k % every != 0]
+    interval_median = statistics.median(plain)
+    ratios = [(compute[k] + blocked[k]) / median for k in begins]
     return {"median_s": median,
-            "checkpoint_ratio": statistics.mean(interval[k] for k in begins) / median,
-            "checkpoint_ratios": [interval[k] / median for k in begins],
-            "worst_other_ratio": max(interval[k] for k in others) / median,
-            "overhead_per_save_s": (sum(interval.values()) - len(interval) * median) / len(begins)}
+            "checkpoint_ratio": statistics.mean(ratios),
+            "checkpoint_ratios": ratios,
+            "blocked_s": statistics.mean(blocked[k] for k in begins),
+            "interval_ratio": statistics.mean(interval[k] for k in begins) / interval_median,
+            "overhead_per_save_s": (sum(interval.values()) - len(interval) * interval_median) / len(begins)}
 
 
 def git_commit() -> str:
@@ -133,6 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--every", type=int, default=3, help="train.checkpoint_every")
     parser.add_argument("--saves", type=int, default=3, help="saves measured per run")
+    parser.add_argument("--preset", default="125m", help="model.preset (the 125m config's vocabulary stays)")
     args = parser.parse_args()
     steps = args.every * args.saves + 2  # the saves, one step after the last, and the final step's save
 
@@ -157,17 +182,19 @@ def main() -> None:
             mode = "background" if background else "blocking"
             out = f"s3://{BUCKET}/{mode}"
             start = time.time()
-            run_two_ranks(overrides(out, steps, args.every, background, tokenizer), env, work / mode)
+            run_two_ranks(overrides(out, steps, args.every, background, tokenizer, args.preset), env, work / mode)
             wall = time.time() - start
             (run_dir,) = [storage.child(out, Path(e.path).name) for e in storage.list_dir(out)]
             if tokenizer is None:  # trained once, by the first run; the second reads it
                 tokenizer = work / "tokenizer.model"
                 tokenizer.write_bytes(storage.read_bytes(storage.child(run_dir, "tokenizer.model")))
-            times = step_times(run_dir)
-            assert sorted(times) == list(range(1, steps + 1)), sorted(times)
-            results[mode] = {**measure(times, args.every, steps), "wall_s": wall}
+            records = step_records(run_dir)
+            assert sorted(records) == list(range(1, steps + 1)), sorted(records)
+            blocked = {r["step"]: r["blocked_s"] for r in map(json.loads, (work / f"{mode}.rank0.saves.jsonl")
+                                                                .read_text().splitlines())}
+            results[mode] = {**measure(records, blocked, args.every, steps), "wall_s": wall}
             storage.delete_dir(out)  # moto keeps objects in memory
-        cfg = load_config(ROOT / "configs/125m.yaml", overrides("runs", steps, args.every, False, None))
+        cfg = load_config(ROOT / "configs/125m.yaml", overrides("runs", steps, args.every, False, None, args.preset))
     finally:
         moto.terminate()
         moto.wait(timeout=30)
@@ -176,17 +203,17 @@ def main() -> None:
     print(f"# bench/scale_checkpoint.py, {dt.date.today()}, commit {git_commit()}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; Python {platform.python_version()}; "
           f"moto_server on 127.0.0.1; 2 ranks (gloo, torchrun-style processes, no Ray)")
-    print(f"model: 125m preset, {n:,} parameters; checkpoint {12 * n / 1e9:.2f} GB (fp32 weights + AdamW "
+    print(f"model: {args.preset} preset (the 125m config's vocabulary), {n:,} parameters; checkpoint {12 * n / 1e9:.2f} GB (fp32 weights + AdamW "
           f"moments), {12 * n / 2 / 1e9:.2f} GB per rank; {args.saves} saves every {args.every} steps, "
           f"{steps} steps; 1 x 128 tokens per rank per step")
     print()
-    print("| save | median step (s) | checkpoint step / median | per save | worst other step / median | "
-          "overhead per save (s) | run wall (s) |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+    print("| save | median step (s) | checkpoint step / median | each save | blocked in save (s) | "
+          "record interval after a save / median interval | overhead per save (s) | run wall (s) |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
     for mode, r in results.items():
         per = ", ".join(f"{x:.2f}" for x in r["checkpoint_ratios"])
         print(f"| {mode} (checkpoint_async={'true' if mode == 'background' else 'false'}) | {r['median_s']:.2f} | "
-              f"**{r['checkpoint_ratio']:.2f}x** | {per} | {r['worst_other_ratio']:.2f}x | "
+              f"**{r['checkpoint_ratio']:.2f}x** | {per} | {r['blocked_s']:.2f} | {r['interval_ratio']:.2f}x | "
               f"{r['overhead_per_save_s']:.1f} | {r['wall_s']:.0f} |")
     goal = results["background"]["checkpoint_ratio"] <= 1.3
     print()
