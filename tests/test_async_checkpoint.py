@@ -10,6 +10,7 @@ event it announces, never for time).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -225,3 +226,52 @@ def test_raylm_plan_counts_the_staged_copy_of_a_background_save_in_host_memory()
     off = load_config(ROOT / "configs/llama2-7b.yaml", ["train.checkpoint_async=false"])
     assert plan(off, 8, "h100").staged_checkpoint_bytes == 0
     assert staged_checkpoint_bytes(load_config(CONFIG, ["train.checkpoint_async=true"]), 2, "cpu") > 0
+
+
+def test_a_preemption_notice_during_a_background_save_waits_for_it_then_saves_its_own(tmp_path, monkeypatch):
+    """Checkpoint 3 is being written in the background (its writer held) when the preemption
+    notice comes at step 4: the trainer first finishes 3 (marker, then its report) and only then
+    saves 4, blocking; both verify, and the reports come in step order."""
+    import threading
+
+    import numpy as np
+
+    from raylm.data.order import PackedDataset
+    from raylm.train.trainer import RankEnv, Trainer
+    from support import ListSink
+
+    release = threading.Event()
+    create_stream = ckpt._HashingFileSystem.create_stream
+
+    @contextlib.contextmanager
+    def held(self, path, mode):
+        if mode.startswith("w") and name(3) in str(path):
+            release.wait(timeout=300)  # until the preemption notice (the bound only ends a hang)
+        with create_stream(self, path, mode) as stream:
+            yield stream
+
+    monkeypatch.setattr(ckpt._HashingFileSystem, "create_stream", held)
+    seen: dict[str, bool] = {}
+
+    class PreemptedAt4(ListSink):
+        def preempted(self) -> bool:
+            seen["3 complete at the notice"] = ckpt.is_complete(tmp_path / name(3))
+            release.set()
+            return True
+
+        def report(self, record, checkpoint):
+            if checkpoint is not None and record["step"] == 4:
+                seen["3 complete before 4 is reported"] = ckpt.is_complete(tmp_path / name(3))
+            super().report(record, checkpoint)
+
+    cfg = load_config(CONFIG, ["model.vocab_size=512", "model.max_seq_len=64", "data.seq_len=32",
+                               "train.global_batch_tokens=256", "train.micro_batch_size=4", "train.eval_every=0",
+                               "train.max_steps=6", "train.checkpoint_every=3", "train.checkpoint_async=true",
+                               "train.preemption_check_every=4"])
+    sink = PreemptedAt4(tmp_path)
+    rows = np.random.default_rng(0).integers(0, 512, size=(64, 33))
+    Trainer(cfg, RankEnv(), sink, PackedDataset(rows), None, log=lambda line: None).fit()
+    assert seen == {"3 complete at the notice": False, "3 complete before 4 is reported": True}
+    assert [(step, Path(path).name) for step, path in sink.reports if path is not None] == [
+        (3, name(3)), (4, name(4)), (6, name(6))]
+    assert all(ckpt.verify_checkpoint(tmp_path / name(s)) is None for s in (3, 4, 6))
