@@ -20,7 +20,10 @@ Printed per run (rank 0's figures; the ranks wait for each other in every step):
 - overhead per save: (sum of the record intervals of steps 2+ - their count x their median) /
   saves, in seconds: what the saves cost the run in all.
 
-    python bench/scale_checkpoint.py [--every 3] [--saves 3]
+    python bench/scale_checkpoint.py [--every 3] [--saves 3] [--preset 125m]
+
+bench/RESULTS.md holds `--preset tiny --every 8 --saves 2`: under the load of a shared 2-core
+machine moto_server did not complete the 125m preset's 800 MB objects within the S3 client's timeout.
 """
 
 from __future__ import annotations
