@@ -145,6 +145,11 @@ class TrainConfig:
     """Print a progress line every N steps (metrics.jsonl gets every step)."""
     checkpoint_every: int = 0
     """Save a checkpoint every N steps; 0 saves only at the end."""
+    checkpoint_async: bool | Literal["auto"] = "auto"
+    """Write checkpoints in the background (torch DCP's async_save) while training goes on: the
+    state is copied to host memory (counted by `raylm plan`) and written by a thread; the marker
+    follows once every rank's files are durable. auto: true on GPU, false on CPU (where the copy
+    and the writing take the cores training uses)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     seed: int = 1234

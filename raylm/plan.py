@@ -263,6 +263,8 @@ class Plan:
     price_source: str
     cost: float
     notes: list[str] = field(default_factory=list)
+    staged_checkpoint_bytes: int = 0
+    """Host memory per GPU worker for the staged copy of a background save (0: saves block)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,6 +357,17 @@ def fsdp_peak(m: ModelConfig, mode: str, tokens: int, c: int) -> tuple[int, int]
     block = (c * (Pr + 2 * Pb) + (c + 4) * Pb + c * m.vocab_size * m.dim,
              int(tokens * (parts["saved"] + parts["recompute"])))
     return max(loss, block, key=sum)
+
+
+def staged_checkpoint_bytes(cfg: Config, world_size: int, device: str = "cuda") -> int:
+    """Host memory of one worker's staged checkpoint copy under train.checkpoint_async (auto: on on
+    GPU): its shard of the fp32 parameters and AdamW's two fp32 moments (12 bytes a parameter,
+    1/W each), copied at the checkpoint step and held until the background write ends. 0 when
+    saves block. On a GPU it is host RAM, not GPU memory: a node of 8 GPUs holds 8 copies."""
+    background = cfg.train.checkpoint_async
+    if not (device == "cuda" if background == "auto" else background):
+        return 0
+    return 12 * cfg.model.num_params() // world_size
 
 
 def estimate_memory(cfg: Config, world_size: int, device: str = "cuda",
@@ -496,6 +509,7 @@ def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: flo
         train_tokens=train_tokens, train_tokens_source=tokens_source,
         steps=math.ceil(train_tokens / t.global_batch_tokens), total_time_s=total_time_s, gpu_hours=gpu_hours,
         price_per_gpu_hour=price_value, price_source=price_source, cost=gpu_hours * price_value, notes=notes,
+        staged_checkpoint_bytes=staged_checkpoint_bytes(cfg, gpus),
     )
 
 
@@ -600,6 +614,9 @@ def format_plan(p: Plan) -> str:
     rows += [
         _row("smallest GPU count that fits (same batch, checkpointing)",
              f"{p.min_gpus}" if p.min_gpus is not None else "none"),
+        _row("host memory per GPU for a background save's staged copy, GiB"
+             if p.staged_checkpoint_bytes else "host memory for a staged copy (train.checkpoint_async=false)",
+             _gib(p.staged_checkpoint_bytes)),
         "",
         f"time at MFU {p.mfu:.1%} ({p.mfu_source})",
         _row("  tokens/s, all GPUs / per GPU", f"{p.tokens_per_second:,.0f} / {p.tokens_per_second / W:,.0f}"),

@@ -78,6 +78,7 @@ import re
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ import torch.distributed as dist
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemBase
@@ -158,8 +160,35 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     merges them on upload); rank 0's directory gets `.metadata`, the extra files and the marker.
     An earlier save's marker in `path` is removed before any rank writes. Returns on every rank
     once the marker is written. Raises CheckpointError on every rank, having written nothing,
-    if a weight is non-finite.
+    if a weight is non-finite. `begin_save(..., background=True)` + `finish_save` is the same
+    save with the writing done while training goes on.
     """
+    return finish_save(begin_save(path, model, optimizer, train_state, facts=facts, extra_files=extra_files))
+
+
+class Save:
+    """A save begun by `begin_save`: this rank's DCP files are being written (by `future`, already
+    done for a blocking save). Nothing vouches for them until `finish_save` writes the marker."""
+
+    def __init__(self, path: str | Path, save_id: str, marker: dict[str, Any], extra_files: dict[str, bytes],
+                 writer: "_HashingWriter", future: Future):
+        self.path, self.save_id, self.marker, self.extra_files = path, save_id, marker, extra_files
+        self.writer, self.future = writer, future
+
+    def written_here(self) -> bool:
+        """Whether this rank's part of the DCP save has ended (written, or failed)."""
+        return self.future.done()
+
+
+def begin_save(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               train_state: dict[str, Any], *, facts: dict[str, Any] | None = None,
+               extra_files: dict[str, bytes] | None = None, background: bool = False) -> Save:
+    """Start a save (a collective); `finish_save` ends it. Without `background` the DCP files are
+    written before this returns. With it, the state is staged (copied to host memory: model,
+    optimizer and RNG shards, the copy `raylm plan` counts) and DCP's `async_save` writes the
+    copy from a thread, so the caller may change the model at once. The thread's collectives
+    run on a gloo group of their own (`_async_group`), never interleaved with training's.
+    The caller keeps at most one save in flight: it finishes one before it begins the next."""
     path = storage.location(path)
     rank, world = distributed_world()
     # Converted first so that a value JSON cannot hold fails on every rank before any write.
@@ -170,17 +199,104 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     _refuse_non_finite(path, model)
     storage.make_dirs(path)
     save_id = _begin_save(path, rank)
-    files = _save_dcp(path, model, optimizer, save_id)
-    if rank == 0:
-        files.update({name: _write_atomic(storage.child(path, name), data) for name, data in extra_files.items()})
+    marker = {"format": FORMAT, "save_id": save_id, "world_size": world, "train_state": train_state, "facts": facts}
+    writer = _HashingWriter(path, save_id)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "rng": _rng_state()}
+    if background:
+        future = _async_save(state, writer)
+    else:
+        future = Future()
+        try:
+            dcp.save(state, storage_writer=writer)
+        except BaseException as e:
+            future.set_exception(e)
+        else:
+            future.set_result(None)
+    return Save(path, save_id, marker, extra_files if rank == 0 else {}, writer, future)
+
+
+def _async_save(state: dict[str, Any], writer: "_HashingWriter") -> Future:
+    # The stager is the writer (FileSystemWriter is a BlockingAsyncStager): a fresh host copy
+    # per save, which the thread drops when it is written. A CheckpointException raised here
+    # (staging failed on some rank) is as in a blocking save.
+    try:
+        return dcp.async_save(state, storage_writer=writer, process_group=_async_group(),
+                              async_checkpointer_type=AsyncCheckpointerType.THREAD)
+    except CheckpointException as e:
+        _raise_interrupt(e)
+        raise
+
+
+_ASYNC_GROUPS: dict[Any, Any] = {}
+
+
+def _async_group():
+    """A gloo process group of every rank for background saves (None without a process group).
+
+    A save thread's collectives on the group training uses would interleave with training's in
+    an order that differs between ranks; a group of its own keeps each stream in order. Made
+    once per default group, at the first background save, which every rank begins at the same
+    step (new_group is a collective). Gloo also holds the CPU tensors DCP plans with under nccl."""
+    if distributed_world()[1] == 1:
+        return None
+    default = dist.distributed_c10d._get_default_group()
+    if default not in _ASYNC_GROUPS:
+        _ASYNC_GROUPS[default] = dist.new_group(backend="gloo")
+    return _ASYNC_GROUPS[default]
+
+
+def all_written(save: Save) -> bool:
+    """Whether every rank's DCP files of `save` are written (or its save failed): a collective,
+    so that all ranks decide at the same step to `finish_save`."""
+    done = torch.tensor([1 if save.written_here() else 0], dtype=torch.int32)
+    if distributed_world()[1] > 1:
+        if dist.get_backend() == "nccl":
+            done = done.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+    return bool(done.item())
+
+
+def finish_save(save: Save) -> str | Path:
+    """End `save` (a collective): wait until this rank's files are written and durable (fsynced
+    locally, uploads complete on object storage), then rank 0 writes the extra files, gathers
+    every rank's file list with its checksums and writes the marker last. Returns on every rank
+    once the marker is written. A failed save raises on every rank (DCP's own collectives carry
+    one rank's failure to all) and leaves no marker, so the previous checkpoint stays the newest."""
+    rank, world = distributed_world()
+    try:
+        save.future.result()
+    except CheckpointException as e:
+        _raise_interrupt(e)
+        _raise_storage_error(save.path, e)
+        raise
+    files = dict(save.writer.fs.written)
+    files.update({name: _write_atomic(storage.child(save.path, name), data) for name, data in save.extra_files.items()})
     files = _merge_file_lists(_all_gather(files))
     if rank == 0:
-        marker = {"format": FORMAT, "save_id": save_id, "world_size": world,
-                  "train_state": train_state, "facts": facts, "files": files}
-        _write_atomic(storage.child(path, MARKER), json.dumps(marker, indent=1).encode())
+        marker = {**save.marker, "files": files}
+        _write_atomic(storage.child(save.path, MARKER), json.dumps(marker, indent=1).encode())
     if world > 1:
         dist.barrier()  # so that on every rank, a returned save is a complete checkpoint
-    return path
+    return save.path
+
+
+def abandon_save(save: Save) -> None:
+    """Wait for this rank's part of `save` to end, ignoring how (the run is failing anyway): its
+    files are then no longer being written when the run directory is handed on. No marker is
+    written, so nothing takes the directory for a checkpoint."""
+    with contextlib.suppress(Exception, CheckpointException):  # CheckpointException is a BaseException
+        save.future.result()
+
+
+def _raise_storage_error(path: str | Path, e: CheckpointException) -> None:
+    """A save that failed writing (a full disk, a refused upload) is one line naming the checkpoint
+    and the error, as CheckpointError; the previous checkpoint is untouched."""
+    for rank, (failure, _traceback) in sorted(e.failures.items()):
+        if isinstance(failure, OSError):
+            reason = str(failure).splitlines()[0] if str(failure) else repr(failure)
+            raise CheckpointError(f"{path}: saving the checkpoint failed on rank {rank} ({reason}); "
+                                  "the newest complete checkpoint before it is kept") from None
 
 
 def _plain(value: Any) -> Any:
@@ -240,19 +356,6 @@ def _begin_save(path: str | Path, rank: int) -> str:
     if distributed_world()[1] > 1:
         dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _save_dcp(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              save_id: str) -> dict[str, dict[str, Any]]:
-    """DCP-save model, optimizer and RNG; return the files this rank wrote with their checksums."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    writer = _HashingWriter(path, save_id)
-    try:
-        dcp.save({"model": model_sd, "optim": optim_sd, "rng": _rng_state()}, storage_writer=writer)
-    except CheckpointException as e:
-        _raise_interrupt(e)
-        raise
-    return dict(writer.fs.written)
 
 
 def _raise_interrupt(e: CheckpointException) -> None:

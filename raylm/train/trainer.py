@@ -27,6 +27,16 @@ Preemption: every `train.preemption_check_every` steps all ranks ask the sink wh
 is being preempted (`sink.preempted()`, a barrier on Ray); the first time one is, they save a
 checkpoint at once and train on until Ray restarts them elsewhere from it.
 
+Background saves (`train.checkpoint_async`; auto: on GPU): at a checkpoint step the state is
+staged and written by a thread (`checkpoint.begin_save`) while training goes on. At most one
+save is in flight: after every step the ranks agree whether all of them have written theirs
+(`checkpoint.all_written`, one small all-reduce while a save is in flight), and the first step
+at which they have, the marker is written (`checkpoint.finish_save`) and only then is the
+checkpoint reported, with its own step's record. The next checkpoint step, a preemption
+notice (whose own save is blocking) and the end of the run first wait for the save in flight.
+A run that fails while a save is in flight waits for its own thread and writes no marker, so
+the previous checkpoint stays the newest verified one. The last step's save is blocking.
+
 Metrics after a restore: `sink.rewind(step)` drops the records of steps after the restored
 checkpoint (they are trained again), so metrics.jsonl and TensorBoard hold one curve.
 
@@ -240,6 +250,10 @@ class Trainer:
         self.restored_from: str | Path | None = None
         self.last_checkpoint: str | Path | None = None
         self.checkpointed_step: int | None = None
+        self.in_flight: tuple[ckpt.Save, dict] | None = None
+        """The background save not yet finished, and its step's record."""
+        background = cfg.train.checkpoint_async
+        self.background_saves = env.device.type == "cuda" if background == "auto" else background
 
     # -- restore ---------------------------------------------------------------------------
 
@@ -303,6 +317,15 @@ class Trainer:
 
         A finite training source that runs out checkpoints and returns early with
         `stream_ended` set to the last step in the result."""
+        try:
+            return self._fit()
+        except BaseException:
+            if self.in_flight is not None:  # no marker: the previous checkpoint stays the newest
+                ckpt.abandon_save(self.in_flight[0])
+                self.in_flight = None
+            raise
+
+    def _fit(self) -> dict:
         cfg, env, state = self.cfg, self.env, self.restore()
         t, W, B, G = cfg.train, env.world_size, cfg.train.micro_batch_size, cfg.sequences_per_step
         accum = cfg.grad_accum_steps(W)
@@ -347,14 +370,17 @@ class Trainer:
                         f"train.max_nonfinite_steps={t.max_nonfinite_steps}: steps {step - nonfinite_run + 1}-{step} "
                         f"all had a non-finite loss or gradient; stopped (last checkpoint: {self.last_checkpoint or 'none'}"
                         "); lower optimizer.lr or set train.grad_clip")
+            if self.in_flight is not None and ckpt.all_written(self.in_flight[0]):
+                self._finish_in_flight()
             if checkpoint_due(cfg, step):
-                self._checkpoint(record)
+                self._checkpoint(record, background=self.background_saves and step < t.max_steps)
             elif not preemption_saved and preemption_check_due(cfg, step) and self.sink.preempted():
                 self.log(f"step {step}: a node of this run is being preempted; checkpointing now")
-                self._checkpoint(record)
+                self._checkpoint(record)  # after the save in flight, if any; blocking
                 preemption_saved = True
             elif report_due(cfg, step):
                 self.sink.report(record, None)
+        self._finish_in_flight()
         state.sync_position()
         return last
 
@@ -380,6 +406,7 @@ class Trainer:
         self.log(f"the training stream ended after step {state.step} of {self.cfg.train.max_steps} "
                  f"(data.stream_passes={self.cfg.data.stream_passes}); checkpointing and stopping")
         record = {**last, "step": state.step, "stream_ended": state.step}
+        self._finish_in_flight()
         if self.checkpointed_step != state.step:
             self._checkpoint(record)
         else:
@@ -450,12 +477,28 @@ class Trainer:
         record["bad_input_skipped"] = sum(skipped.values())
         record.update({f"bad_input_skipped_{kind}": n for kind, n in skipped.items()})
 
-    def _checkpoint(self, record: dict) -> None:
+    def _checkpoint(self, record: dict, background: bool = False) -> None:
+        """Save a checkpoint of this step, after the save in flight (at most one is); report it now,
+        or (`background`) once its files are written (`_finish_in_flight`)."""
+        self._finish_in_flight()
         self.state.sync_position()
         path = self.sink.checkpoint_dir(self.state.step)
-        ckpt.save_checkpoint(path, self.model, self.optimizer, self.state.state_dict(),
-                             facts=self.facts.to_dict() if self.facts else None, extra_files=self.extra_files)
-        self.last_checkpoint, self.checkpointed_step = path, self.state.step
+        save = ckpt.begin_save(path, self.model, self.optimizer, self.state.state_dict(),
+                               facts=self.facts.to_dict() if self.facts else None, extra_files=self.extra_files,
+                               background=background)
+        self.checkpointed_step = self.state.step
+        self.in_flight = (save, record)
+        if not background:
+            self._finish_in_flight()
+
+    def _finish_in_flight(self) -> None:
+        """Wait for the save in flight (if any) on every rank, write its marker and report it."""
+        if self.in_flight is None:
+            return
+        save, record = self.in_flight
+        self.in_flight = None
+        path = ckpt.finish_save(save)
+        self.last_checkpoint = path
         self.sink.report(record, path)
 
 
