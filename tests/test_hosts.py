@@ -83,6 +83,7 @@ def hosts():
         pytest.skip(reason)
     prefix = f"rlt{os.getpid() % 100000}"
     h = Hosts(prefix, Path("/var/lib/raylm-hosts"))
+    h.env["RAYLM_HOSTS_ENV"] = DETECT_FAST  # a lost host is declared dead in seconds, not a minute
     try:
         h.sh("up", "2", "--cpus", "2", timeout=900)
         h.python("client", UPLOAD)
@@ -113,7 +114,9 @@ def records(h: Hosts, run: str) -> list[dict]:
 # machine; the head's workers are found in the head's own PID namespace, never by name alone.
 
 G = 8  # debug preset: sequences per step
-FAULT_STEPS = 30
+# Ray's health checks as docs/elastic.md recommends for spot clusters (bench/hosts_faults.py --detect)
+DETECT_FAST = "RAY_health_check_period_ms=1000 RAY_health_check_failure_threshold=5"
+FAULT_STEPS = 120  # room for both faults even when steps are fast and detection slow
 
 
 def host_processes(h: Hosts, host: str, marker: bytes = b"RayTrainWorker") -> list[int]:
@@ -138,13 +141,23 @@ def step_rows(h: Hosts, run: str) -> list[dict]:
         return []
 
 
+def last_json(out: str):
+    """The last line of `out` that is JSON (Ray may print a warning line after it)."""
+    for line in reversed(out.splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    raise AssertionError(f"no JSON line in:\n{out[-3000:]}")
+
+
 def alive_nodes(h: Hosts) -> dict[str, str]:
     """Node id -> IP of the cluster's alive nodes (asked on the head: a driver needs a Ray node)."""
-    return json.loads(h.python("h0", """
+    return last_json(h.python("h0", """
 import json, ray
 ray.init(address="auto", logging_level="ERROR")
 print(json.dumps({n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}))
-""").splitlines()[-1])
+"""))
 
 
 class Job:
@@ -189,14 +202,14 @@ print(json.dumps(ckpt.read_marker(ckpt.latest_checkpoint({job.run!r}))["train_st
 
 def training_worker_ips(h: Hosts) -> list[str]:
     """The node IPs of every training worker the cluster has run so far."""
-    return json.loads(h.python("h0", """
+    return last_json(h.python("h0", """
 import json, ray
 from ray.util.state import list_actors
 ray.init(address="auto", logging_level="ERROR")
 nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
 print(json.dumps(sorted({nodes[a.node_id] for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")],
                                                                  detail=True, limit=10000)})))
-""").splitlines()[-1])
+"""))
 
 
 def test_a_two_host_run_survives_a_partition_and_a_host_crash_growing_back_each_time(hosts):
@@ -251,7 +264,7 @@ def test_a_two_host_run_survives_a_partition_and_a_host_crash_growing_back_each_
     sizes = [r["world_size"] for r in rows]
     assert sizes[0] == 2 and sizes[-1] == 2
     shrinks = sum(1 for a, b in zip(sizes, sizes[1:]) if (a, b) == (2, 1))
-    assert shrinks == 2, sizes  # once per fault
+    assert shrinks >= 2, sizes  # at least once per fault
     # The same run on one host (both workers on the head: half its `host_h0` unit each), uninterrupted.
     one_host = Job(hosts, "one-host", "train.checkpoint_every=1000", "scaling.num_workers=2",
                    "scaling.resources_per_worker={host_h0: 0.5}")
