@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -52,6 +53,7 @@ from raylm.train.local import TrainResult, check_initial, checkpoint_files, log_
 from raylm.train.metrics import MetricsWriter
 from raylm.train.runs import (RunSpec, check_storage, discard_run_dir, is_uri, obtain_tokenizer, open_run_dir,
                               resolve_run)
+from raylm.train.tracking import forwarded_env
 from raylm.train.trainer import RankEnv, Trainer, tracking_options
 
 
@@ -149,7 +151,7 @@ def _torch_trainer(spec: RunSpec, tokenizer, facts, datasets: dict, counter, cal
     return TorchTrainer(
         train_func,
         train_loop_config={"spec": spec, "tokenizer": tokenizer, "facts": facts, "datasets": sorted(datasets),
-                           "counter": counter},
+                           "counter": counter, "tracking_env": forwarded_env()},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=spec.name,
@@ -325,6 +327,7 @@ def train_func(config: dict[str, Any]) -> None:
     else:
         torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
     train_data, val_data = worker_sources(cfg, config["datasets"], config["counter"])
+    os.environ.update(config.get("tracking_env") or {})  # where the driver's trackers write
     sink = RaySink(spec.run_dir, rank, cfg)
     trainer = Trainer(cfg, RankEnv(rank, world, device), sink, train_data, val_data, facts=config["facts"],
                       initial_checkpoint=spec.initial_checkpoint,

@@ -53,8 +53,23 @@ MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQ
 """MLflow's client retries a dead server for minutes by default; a training run gives up sooner
 (a user's own values of these variables win)."""
 ARTIFACT_SUFFIXES = (".png", ".json", ".yaml", ".jsonl")
-"""Files of the run directory's top level sent as artifacts when the run ends: plots, the eval
-JSON, config.yaml, metrics.jsonl (tracking.json itself is not)."""
+ARTIFACT_FOLDERS = ("plots",)
+"""Sent as artifacts when the run ends: the run directory's top-level files with these suffixes
+(config.yaml, metrics.jsonl, an eval JSON written there; not tracking.json) and those of
+plots/ (`raylm plot`, e.g. before a resume)."""
+
+
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY",
+                 "WANDB_DIR", "WANDB_BASE_URL")
+"""Where the trackers write, as the command's environment says: carried from the driver to the
+Ray workers (and Tune trials) that track, whose processes were started with the cluster's
+environment. Credentials (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, ...) are never carried: set them
+on the cluster."""
+
+
+def forwarded_env() -> dict[str, str]:
+    """This process's FORWARDED_ENV variables that are set (the driver's, for its workers)."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
 def check_available(names: list[str]) -> None:
@@ -86,6 +101,11 @@ def numeric_metrics(record: dict) -> dict[str, float]:
 def _warn(line: str) -> None:
     sys.stderr.write(f"raylm: warning: {line}\n")
     sys.stderr.flush()
+
+
+def _info(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _first_line(e: BaseException) -> str:
@@ -132,6 +152,9 @@ class _MLflow:
     def state(self) -> dict:
         return {"tracking_uri": self.uri, "run_id": self.run_id}
 
+    def describe(self) -> str:
+        return f"MLflow run {self.run_id} at {self.uri}"
+
     def metrics(self, rows: list[tuple[int, float, dict[str, float]]]) -> None:
         from mlflow.entities import Metric
 
@@ -142,9 +165,9 @@ class _MLflow:
     def note(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
-    def artifacts(self, paths: list[Path]) -> None:
-        for path in paths:
-            self.client.log_artifact(self.run_id, str(path))
+    def artifacts(self, files: list[tuple[Path, str | None]]) -> None:
+        for path, folder in files:
+            self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
     def close(self, ok: bool) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
@@ -206,6 +229,9 @@ class _Wandb:
     def state(self) -> dict:
         return {"run_id": self.run_id}
 
+    def describe(self) -> str:
+        return f"W&B run {self.run_id} ({self.where}) in {self.run.dir}"
+
     def metrics(self, rows: list[tuple[int, float, dict[str, float]]]) -> None:
         for step, _, values in rows:
             self.run.log({"step": step, **values})
@@ -213,9 +239,10 @@ class _Wandb:
     def note(self, key: str, value: str) -> None:
         self.run.summary[key] = value
 
-    def artifacts(self, paths: list[Path]) -> None:
-        for path in paths:
-            self.run.save(str(path), base_path=str(path.parent), policy="now")
+    def artifacts(self, files: list[tuple[Path, str | None]]) -> None:
+        for path, folder in files:
+            base = path.parent.parent if folder else path.parent
+            self.run.save(str(path), base_path=str(base), policy="now")
 
     def close(self, ok: bool) -> None:
         self.run.finish(exit_code=0 if ok else 1)
@@ -331,6 +358,7 @@ class Tracking:
                 continue
             self.backends.append(backend)
             saved[name] = backend.state()
+            _info(f"tracking: {'continuing' if backend.resumed else 'new'} {backend.describe()}")
         if self.backends:
             try:
                 storage.write_bytes(storage.child(self.run_dir, TRACKING_FILE),
@@ -352,26 +380,30 @@ class Tracking:
 
     def _finish(self, ok: bool) -> None:
         with tempfile.TemporaryDirectory(prefix="raylm-tracking-") as tmp:
-            paths = self._final_files(Path(tmp))
-            if paths:
-                self._each(lambda b: b.artifacts(paths))
+            files = self._final_files(Path(tmp))
+            if files:
+                self._each(lambda b: b.artifacts(files))
             self._each(lambda b: b.close(ok))
 
-    def _final_files(self, tmp: Path) -> list[Path]:
-        """The run directory's top-level plots, JSON and YAML files, and metrics.jsonl (local copies)."""
-        try:
-            infos = storage.list_dir(self.run_dir)
-        except Exception:  # noqa: BLE001
-            return []
+    def _final_files(self, tmp: Path) -> list[tuple[Path, str | None]]:
+        """Local copies of the run directory's final files, each with the folder it goes under:
+        its top-level config, metrics, JSON (an eval JSON written there) and PNGs, and plots/."""
         out = []
-        for info in infos:
-            name = storage.name_of(info.path)
-            if info.type.name != "File" or not name.endswith(ARTIFACT_SUFFIXES) or name == TRACKING_FILE:
-                continue
+        for folder in (None, ARTIFACT_FOLDERS[0]):
+            where = self.run_dir if folder is None else storage.child(self.run_dir, folder)
             try:
-                local = tmp / name
-                local.write_bytes(storage.read_bytes(storage.child(self.run_dir, name)))
-                out.append(local)
-            except Exception:  # noqa: BLE001 - a file that went away is not sent
+                infos = storage.list_dir(where)
+            except Exception:  # noqa: BLE001 - no such folder
                 continue
+            for info in infos:
+                name = storage.name_of(info.path)
+                if info.type.name != "File" or not name.endswith(ARTIFACT_SUFFIXES) or name == TRACKING_FILE:
+                    continue
+                local = tmp / (folder or "") / name
+                local.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    local.write_bytes(storage.read_bytes(storage.child(where, name)))
+                except Exception:  # noqa: BLE001 - a file that went away is not sent
+                    continue
+                out.append((local, folder))
         return sorted(out)
