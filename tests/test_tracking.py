@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import _free_port
+from support import wait_for
 from raylm.cli import main as cli_main
 from raylm.config import load_config
 from raylm.errors import ConfigError
@@ -54,7 +55,8 @@ def start_mlflow(root: Path):
     proc = subprocess.Popen(
         [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: a cheaper start
     url = f"http://127.0.0.1:{port}"
     while True:  # an event, not a timer: the server answers, or its process has ended
         try:
@@ -138,7 +140,8 @@ def test_two_torchrun_ranks_make_exactly_one_mlflow_run(tmp_path, experiment):
     """Rank 0 alone tracks: a 2-rank torchrun run is one MLflow run holding each step once."""
     client, name = experiment
     config = tmp_path / "two.yaml"
-    config.write_text(small_config(tmp_path, "run.tracking=[mlflow]").to_yaml())
+    # run.name unset: with a fixed name, rank 1 can resolve the run after rank 0 made its directory
+    config.write_text(small_config(tmp_path, "run.tracking=[mlflow]", "run.name=null").to_yaml())
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "raylm", "train", str(config)],
@@ -167,14 +170,17 @@ def test_an_mlflow_server_stopped_mid_run_never_fails_or_loses_the_run(tmp_path,
 
     url, proc = start_mlflow(tmp_path / "doomed")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     client = MlflowClient(url)
+
+    def step_2_arrived() -> bool:
+        found = client.get_experiment_by_name("raylm")  # this server is the test's own
+        runs = client.search_runs([found.experiment_id]) if found is not None else []
+        return bool(runs) and 2 in history(client, runs[0].info.run_id, "loss")
 
     def log(line: str) -> None:  # called by the trainer at each step's log line
         if line.startswith("step 2/") and proc.poll() is None:
-            (run,) = client.search_runs(["0"])  # the Default experiment: this server is the test's own
-            for _ in range(1000):  # wait (an event) until step 2's row has arrived, then stop the server
-                if 2 in history(client, run.info.run_id, "loss"):
-                    break
+            wait_for(step_2_arrived, 600, "step 2's row in MLflow")
             stop(proc)
 
     result = train_local(small_config(tmp_path, "run.tracking=[mlflow]", "train.max_steps=8"), log=log)
@@ -277,6 +283,8 @@ def test_a_sweep_logs_one_mlflow_run_per_trial_under_the_sweeps_parent_run(ray_c
     runs = runs_of(client, name)
     (parent,) = [r for r in runs if r.data.tags.get("raylm.sweep_parent") == "s"]
     trials = [r for r in runs if r is not parent]
+    assert parent.info.status == "FINISHED"
+    assert {"results.csv", "best.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert len(trials) == 2 and {r.data.tags.get("mlflow.parentRunId") for r in trials} == {parent.info.run_id}
     assert {r.data.params["optimizer.lr"] for r in trials} == {"0.003", "0.001"}
     for r in trials:

@@ -51,7 +51,7 @@ from raylm.ray.errors import user_errors
 from raylm.ray.train import storage_config
 from raylm.sweep import Sweep, TrialOutcome
 from raylm.train import checkpoint as ckpt
-from raylm.train.tracking import check_available, forwarded_env, open_sweep_parent
+from raylm.train.tracking import check_available, close_sweep_parent, forwarded_env, open_sweep_parent
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -400,6 +400,8 @@ def finish(sweep: Sweep, sweep_dir: str | Path, grid, prepared_path: str, to_pre
     cfg, notes = sweeps.best_config(sweep, best, prepared_path, to_preset, list(to_overrides))
     best_path = storage.child(sweep_dir, "best.yaml")
     storage.write_bytes(best_path, cfg.to_yaml().encode())
+    if "mlflow" in sweep.base_config().run.tracking:
+        close_sweep_parent(sweeps.tracking_group(sweep_dir), [paths["csv"], paths["json"], paths["plot"], best_path])
     log(f"best trial {best.trial_id}: {sweep.metric} {best.metric:.4f} ({_params_text(best.params)})")
     for note in notes:
         log(f"note: {note}")

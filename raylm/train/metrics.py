@@ -159,9 +159,11 @@ class MetricsWriter:
         self._synced_at = time.monotonic()
 
     def close(self) -> None:
-        """Flush and upload; then the tracking runs end (FAILED when called while an exception
-        propagates, in a `finally`), after the files they get as artifacts are complete."""
-        failed = sys.exc_info()[0] is not None
+        """Flush and upload; then the tracking runs end, after the files they get as artifacts are
+        complete: FINISHED, or (called in a `finally` while an exception propagates) KILLED after
+        Ctrl-C and FAILED after an error."""
+        raised = sys.exc_info()[0]
+        status = "FINISHED" if raised is None else "KILLED" if issubclass(raised, KeyboardInterrupt) else "FAILED"
         if self._file is not None:
             self._file.flush()
         if self._tb is not None:
@@ -176,7 +178,7 @@ class MetricsWriter:
                 self._tb.close()
                 self._tb = None
             if self.tracking is not None:
-                self.tracking.close(ok=not failed)
+                self.tracking.close(status)
                 self.tracking = None
             if self.remote is not None and self.enabled:
                 shutil.rmtree(self.run_dir, ignore_errors=True)

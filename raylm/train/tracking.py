@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -169,8 +170,8 @@ class _MLflow:
         for path, folder in files:
             self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
-    def close(self, ok: bool) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
 
 
 def experiment(client) -> str:
@@ -208,6 +209,26 @@ def open_sweep_parent(group: str, log: Callable[[str], None]) -> str | None:
         return None
 
 
+def close_sweep_parent(group: str, files: list[str | Path]) -> None:
+    """`raylm tune`, when the sweep has finished: its results (table, plot, best.yaml) as the
+    parent run's artifacts, and the parent run FINISHED. A failure is one warning line."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or None)
+        run_id = find_sweep_parent(client, experiment(client), group)
+        if run_id is None:
+            return
+        with tempfile.TemporaryDirectory(prefix="raylm-tracking-") as tmp:
+            for path in files:
+                local = Path(tmp) / storage.name_of(path)
+                local.write_bytes(storage.read_bytes(path))
+                client.log_artifact(run_id, str(local))
+        client.set_terminated(run_id, "FINISHED")
+    except Exception as e:  # noqa: BLE001 - the sweep's own results are written already
+        _warn(f"tracking: the sweep's results could not be sent to its MLflow parent run ({_first_line(e)})")
+
+
 class _Wandb:
     name = "wandb"
 
@@ -215,7 +236,7 @@ class _Wandb:
                  local_dir: Path | None):
         import wandb
 
-        run_id = (saved or {}).get("run_id") or wandb.util.generate_id()
+        run_id = (saved or {}).get("run_id") or uuid.uuid4().hex[:12]
         directory = os.environ.get("WANDB_DIR") or (str(local_dir) if local_dir is not None else None)
         self.where = f"wandb ({os.environ.get('WANDB_MODE') or 'online'})"
         self.resumed = bool(saved)
@@ -244,8 +265,8 @@ class _Wandb:
             base = path.parent.parent if folder else path.parent
             self.run.save(str(path), base_path=str(base), policy="now")
 
-    def close(self, ok: bool) -> None:
-        self.run.finish(exit_code=0 if ok else 1)
+    def close(self, status: str) -> None:
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,7 +274,7 @@ class _Wandb:
 
 class Tracking:
     """Rank 0's tracking runs for one raylm run: `metrics(record)` every row, `rewind(step)` after a
-    restore, `close(ok)` at the end (sends the run directory's final files). Never raises."""
+    restore, `close(status)` at the end (sends the run directory's final files). Never raises."""
 
     def __init__(self, names: list[str], run_dir: str | Path, params: dict, *, group: str | None = None):
         self.names, self.run_dir = list(names), run_dir
@@ -280,12 +301,13 @@ class Tracking:
         if step > 0:
             self._put(("note", ("raylm.restored_at_step", str(step))))
 
-    def close(self, ok: bool = True) -> None:
-        """Send the final files, end the tracking runs, and wait (at most CLOSE_WAIT_S) for the queue."""
+    def close(self, status: str = "FINISHED") -> None:
+        """Send the final files, end the tracking runs (FINISHED, FAILED or KILLED), and wait (at
+        most CLOSE_WAIT_S) for the queue."""
         if self._closed:
             return
         self._closed = True
-        self._queue.put(("close", ok))  # blocks only while the queue is full, which the worker drains
+        self._queue.put(("close", status))  # blocks only while the queue is full, which the worker drains
         self._thread.join(CLOSE_WAIT_S)
         if self._thread.is_alive():
             _warn(f"tracking: gave up after {CLOSE_WAIT_S:.0f} s waiting for "
@@ -378,12 +400,12 @@ class Tracking:
                   "starting new tracking runs")
             return {}
 
-    def _finish(self, ok: bool) -> None:
+    def _finish(self, status: str) -> None:
         with tempfile.TemporaryDirectory(prefix="raylm-tracking-") as tmp:
             files = self._final_files(Path(tmp))
             if files:
                 self._each(lambda b: b.artifacts(files))
-            self._each(lambda b: b.close(ok))
+            self._each(lambda b: b.close(status))
 
     def _final_files(self, tmp: Path) -> list[tuple[Path, str | None]]:
         """Local copies of the run directory's final files, each with the folder it goes under:
