@@ -226,12 +226,12 @@ def test_wandb_offline_run_files_hold_every_row_and_the_config_and_a_resume_cont
     records = read_wandb_records(Path(first))
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
-    assert run.run_id == run_id and config["model.dim"] == str(small_config(tmp_path).model.dim)
+    assert run.run_id == run_id and config["model.dim"] == small_config(tmp_path).model.dim
     assert config["run.tracking"] == '["wandb"]'
     logged = {}
     for r in records:
         if r.WhichOneof("record_type") == "history":
-            item = {i.key: json.loads(i.value_json) for i in r.history.item}
+            item = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
             if "loss" in item:
                 logged[item["step"]] = item["loss"]
     assert logged == pytest.approx({r["step"]: r["loss"] for r in rows(run_dir) if "loss" in r})
@@ -240,6 +240,8 @@ def test_wandb_offline_run_files_hold_every_row_and_the_config_and_a_resume_cont
                 log=lambda line: None)
     files = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 2 and all(f.endswith(f"run-{run_id}.wandb") for f in files)
+    final = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "files" / "raylm" / "metrics.jsonl"))
+    assert len(final) == 2 and Path(sorted(final)[-1]).read_text() == (run_dir / "metrics.jsonl").read_text()
 
 
 def test_tracking_settings_are_checked_in_one_line(tmp_path, monkeypatch, capsys):

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -37,6 +38,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from raylm import storage
 from raylm.errors import ConfigError
@@ -80,16 +82,22 @@ def check_available(names: list[str]) -> None:
         raise ConfigError(f"run.tracking: {', '.join(missing)} not installed; pip install '{EXTRA}'")
 
 
-def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
-    """The resolved config as dotted keys (model.dim, optimizer.lr, ...) with text values."""
-    out: dict[str, str] = {}
+def flat_params(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """The resolved config as dotted keys (model.dim, optimizer.lr, ...): numbers, text, true/false
+    and null as they are, lists as JSON text."""
+    out: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flat_params(value, dotted + "."))
         else:
-            out[dotted] = value if isinstance(value, str) else json.dumps(value)
+            out[dotted] = json.dumps(value) if isinstance(value, (list, tuple)) else value
     return out
+
+
+def param_text(value: Any) -> str:
+    """An MLflow param's text (at most 6000 characters): text as it is, anything else as JSON."""
+    return (value if isinstance(value, str) else json.dumps(value))[:6000]
 
 
 def numeric_metrics(record: dict) -> dict[str, float]:
@@ -121,7 +129,7 @@ def _first_line(e: BaseException) -> str:
 class _MLflow:
     name = "mlflow"
 
-    def __init__(self, saved: dict | None, run_name: str, group: str | None, params: dict[str, str]):
+    def __init__(self, saved: dict | None, run_name: str, group: str | None, params: dict[str, Any]):
         for key, value in MLFLOW_HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         import mlflow
@@ -146,7 +154,7 @@ class _MLflow:
         self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         from mlflow.entities import Param
 
-        items = [Param(k, v[:6000]) for k, v in params.items()]
+        items = [Param(k, param_text(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # the REST API takes 100 params per request
             self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
 
@@ -232,7 +240,7 @@ def close_sweep_parent(group: str, files: list[str | Path]) -> None:
 class _Wandb:
     name = "wandb"
 
-    def __init__(self, saved: dict | None, run_name: str, group: str | None, params: dict[str, str],
+    def __init__(self, saved: dict | None, run_name: str, group: str | None, params: dict[str, Any],
                  local_dir: Path | None):
         import wandb
 
@@ -261,9 +269,13 @@ class _Wandb:
         self.run.summary[key] = value
 
     def artifacts(self, files: list[tuple[Path, str | None]]) -> None:
+        # Copied (run.save only links, and these copies are temporary) into the run's files
+        # folder, which W&B uploads when the run finishes (or `wandb sync` an offline run);
+        # under raylm/ so that W&B's own config.yaml there is left alone.
         for path, folder in files:
-            base = path.parent.parent if folder else path.parent
-            self.run.save(str(path), base_path=str(base), policy="now")
+            dest = Path(self.run.dir) / "raylm" / (folder or "") / path.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
 
     def close(self, status: str) -> None:
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
