@@ -136,6 +136,7 @@ def test_a_run_is_one_mlflow_run_with_every_row_its_config_and_files_and_a_resum
     assert "plots/loss.png" in {a.path for a in client.list_artifacts(run_id, "plots")}
 
 
+@pytest.mark.slow
 def test_two_torchrun_ranks_make_exactly_one_mlflow_run(tmp_path, experiment):
     """Rank 0 alone tracks: a 2-rank torchrun run is one MLflow run holding each step once."""
     client, name = experiment
@@ -163,6 +164,7 @@ def test_a_tracking_server_that_is_down_is_one_warning_line_and_the_run_complete
     assert result.checkpoint is not None and not (Path(result.run_dir) / TRACKING_FILE).exists()
 
 
+@pytest.mark.slow
 def test_an_mlflow_server_stopped_mid_run_never_fails_or_loses_the_run(tmp_path, monkeypatch, capfd):
     """The server dies after step 2 was logged: the run trains to its end and keeps every row;
     MLflow holds what arrived before; the failure is one warning line."""
