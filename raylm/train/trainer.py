@@ -4,7 +4,7 @@ Torch core, no Ray. `raylm train --local`, torchrun, a Ray Train worker and a Tu
 run this class; they differ only in the `Sink` they hand it, which decides *where* metrics
 and checkpoints go (the run directory, or `ray.train.report`), never *when*:
 
-    every step            sink.write(record)                  (metrics.jsonl, TensorBoard)
+    every step            sink.write(record)                  (metrics.jsonl, TensorBoard, run.tracking)
     report steps          sink.report(record, None)           log_every, eval steps
     checkpoint steps      save into sink.checkpoint_dir(step), then sink.report(record, dir)
 
