@@ -255,6 +255,12 @@ class RunConfig:
     """Sampling temperature; 0 is greedy."""
     top_k: int = 40
     """Sample from the k most likely tokens; 0 disables."""
+    tracking: list[Literal["mlflow", "wandb"]] = field(default_factory=list)
+    """Experiment trackers that get a copy of the metrics, the resolved config and the final files,
+    beside metrics.jsonl and TensorBoard: [], [mlflow], [wandb] or [mlflow, wandb]
+    (pip install 'raylm[track]'; docs/tracking.md)."""
+    tracking_group: str | None = None
+    """Set by raylm tune to the sweep's name: the trials' tracking runs are grouped under it."""
 
 
 @dataclass
@@ -509,6 +515,8 @@ def validate(cfg: Config) -> None:
     ]:
         _require(value >= 0, key, value, "must be >= 0")
 
+    _require(len(set(r.tracking)) == len(r.tracking), "run.tracking", r.tracking,
+             "must name each tracker once: [], [mlflow], [wandb] or [mlflow, wandb]")
     _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
     _require(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     _require(0 < o.decay_fraction <= 1, "optimizer.decay_fraction", o.decay_fraction, "must be in (0, 1]")

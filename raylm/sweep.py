@@ -370,6 +370,12 @@ def sweep_dir_for(sweep: Sweep, now: dt.datetime | None = None) -> str | Path:
     return sweep_location(storage.child(sweep.output_dir, name))
 
 
+def tracking_group(sweep_dir: str | Path) -> str:
+    """The name the trials' tracking runs are grouped under (`run.tracking_group`): the sweep
+    directory's, unique among sweeps (`sweep_dir_for`)."""
+    return storage.name_of(sweep_dir)
+
+
 def save_sweep(sweep: Sweep, sweep_dir: str | Path) -> None:
     storage.write_bytes(storage.child(sweep_dir, SWEEP_FILE), yaml.safe_dump(sweep.to_dict(), sort_keys=False).encode())
 

@@ -3,7 +3,7 @@
     fit(spec) -> TrainResult       the one function a run, a Tune trial and an elastic restart call:
                                    run directory, tokenizer, data, cluster check, TorchTrainer, fit
     train_func(config)             each Ray Train worker: device, data shards, `Trainer` + `RaySink`
-    RaySink                        metrics to the run directory (rank 0), reports and checkpoints
+    RaySink                        metrics to the run directory and the trackers (rank 0), reports and checkpoints
                                    to `ray.train.report`; it decides nothing about timing
     train_command(cfg)             `raylm train`: connect, SIGTERM as Ctrl-C, fit, samples
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -52,7 +53,8 @@ from raylm.train.local import TrainResult, check_initial, checkpoint_files, log_
 from raylm.train.metrics import MetricsWriter
 from raylm.train.runs import (RunSpec, check_storage, discard_run_dir, is_uri, obtain_tokenizer, open_run_dir,
                               resolve_run)
-from raylm.train.trainer import RankEnv, Trainer
+from raylm.train.tracking import forwarded_env
+from raylm.train.trainer import RankEnv, Trainer, tracking_options
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,7 +151,7 @@ def _torch_trainer(spec: RunSpec, tokenizer, facts, datasets: dict, counter, cal
     return TorchTrainer(
         train_func,
         train_loop_config={"spec": spec, "tokenizer": tokenizer, "facts": facts, "datasets": sorted(datasets),
-                           "counter": counter},
+                           "counter": counter, "tracking_env": forwarded_env()},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=spec.name,
@@ -227,9 +229,9 @@ def _sigterm_as_interrupt():
 class RaySink:
     """A Ray Train worker's sink: metrics.jsonl/TensorBoard on rank 0, reports and checkpoints to Ray."""
 
-    def __init__(self, run_dir: str, rank: int):
+    def __init__(self, run_dir: str, rank: int, cfg: Config | None = None):
         self.run_dir = storage.location(run_dir)
-        self.writer = MetricsWriter(self.run_dir, enabled=rank == 0)
+        self.writer = MetricsWriter(self.run_dir, enabled=rank == 0, **tracking_options(cfg))
 
     def write(self, record: dict) -> None:
         self.writer.write(record)
@@ -325,7 +327,8 @@ def train_func(config: dict[str, Any]) -> None:
     else:
         torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
     train_data, val_data = worker_sources(cfg, config["datasets"], config["counter"])
-    sink = RaySink(spec.run_dir, rank)
+    os.environ.update(config.get("tracking_env") or {})  # where the driver's trackers write
+    sink = RaySink(spec.run_dir, rank, cfg)
     trainer = Trainer(cfg, RankEnv(rank, world, device), sink, train_data, val_data, facts=config["facts"],
                       initial_checkpoint=spec.initial_checkpoint,
                       extra_files=checkpoint_files(spec, config["tokenizer"]), log=_worker_log)

@@ -16,6 +16,10 @@ restarted by Tune (a retry, or a resumed sweep) continues that run from its newe
 The `raylm tune` process holds the sweep directory's lock (made and locked in one step; taken
 first by `--resume`), and each trial holds its run directory's (`raylm.lock`).
 
+Tracking (`run.tracking` in the base config): each trial is one tracking run, grouped under the
+sweep (`run.tracking_group`, the sweep directory's name): a W&B group, and an MLflow parent run
+made here before the first trial (`open_tracking_group`), under which every trial's run is made.
+
 The sweep directory may be on object storage (`output_dir: s3://...`): every file raylm keeps
 there goes through `raylm.storage`, and Tune's own state (`tune/`) is written through the same
 pyarrow filesystem (`RunConfig(storage_path, storage_filesystem)`, as `raylm.ray.train` gives
@@ -29,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +51,7 @@ from raylm.ray.errors import user_errors
 from raylm.ray.train import storage_config
 from raylm.sweep import Sweep, TrialOutcome
 from raylm.train import checkpoint as ckpt
+from raylm.train.tracking import check_available, close_sweep_parent, forwarded_env, open_sweep_parent
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -76,6 +82,8 @@ class TrialContext:
     sweep: Sweep
     sweep_dir: str
     prepared_path: str
+    tracking_env: dict = dataclasses.field(default_factory=forwarded_env)
+    """The sweep driver's tracker locations (MLFLOW_TRACKING_URI, ...), for the trials' trackers."""
 
 
 def trial(config: dict[str, Any], context: TrialContext) -> None:
@@ -83,10 +91,12 @@ def trial(config: dict[str, Any], context: TrialContext) -> None:
     from raylm.ray.train import fit
     from raylm.train.runs import resolve_run
 
+    os.environ.update(context.tracking_env)  # this trial's process: fit carries them to its workers
     trial_id = tune.get_context().get_trial_id()
     runs = storage.child(context.sweep_dir, sweeps.RUNS_DIR)
     run_dir = storage.child(runs, trial_id)
-    extra = [f"run.output_dir={runs}", f"run.name={trial_id}", f"data.prepared_path={context.prepared_path}"]
+    extra = [f"run.output_dir={runs}", f"run.name={trial_id}", f"data.prepared_path={context.prepared_path}",
+             f"run.tracking_group={sweeps.tracking_group(context.sweep_dir)}"]  # tracking runs under the sweep
     if storage.exists(run_dir):
         if ckpt.latest_checkpoint(run_dir) is not None:
             extra.append(f"run.resume_from={run_dir}")  # a retry or a resumed sweep continues the trial's run
@@ -296,6 +306,7 @@ def tune_command(sweep: Sweep, *, to_preset: str | None = None, to_overrides: li
                               "or choose another name") from None
     with held, ray_session(worker_logs=False):
         sweeps.save_sweep(sweep, sweep_dir)
+        open_tracking_group(sweep, sweep_dir, log)
         prepared_path = prepare_shared_data(sweep, sweep_dir, log)
         grid = _fit(_tuner(sweep, sweep_dir, prepared_path, log), sweep_dir)
         return finish(sweep, sweep_dir, grid, prepared_path, to_preset, to_overrides, log)
@@ -316,12 +327,22 @@ def resume_command(sweep_dir: str | Path, *, to_preset: str | None = None, to_ov
             raise ConfigError(f"--resume {sweep_dir}: no Tune state to resume ({tune_path} is missing or empty); "
                               "start the sweep again")
         with ray_session(worker_logs=False):
+            open_tracking_group(sweep, sweep_dir, log)
             prepared_path = prepare_shared_data(sweep, sweep_dir, log)
             tuner = tune.Tuner.restore(tune_fs_path, trainable=_trainable(sweep, sweep_dir, prepared_path),
                                        resume_unfinished=True, resume_errored=True, storage_filesystem=tune_fs)
             log(f"resuming sweep {sweep_dir}")
             grid = _fit(tuner, sweep_dir)
             return finish(sweep, sweep_dir, grid, prepared_path, to_preset, to_overrides, log)
+
+
+def open_tracking_group(sweep: Sweep, sweep_dir: str | Path, log) -> None:
+    """With MLflow tracking, the sweep's parent run, made (or found again) before any trial starts,
+    so that concurrent trials never race to make it; W&B groups by name alone."""
+    trackers = sweep.base_config().run.tracking
+    check_available(trackers)  # a missing package is said before any trial starts
+    if "mlflow" in trackers:
+        open_sweep_parent(sweeps.tracking_group(sweep_dir), log)
 
 
 def _fit(tuner, sweep_dir: str | Path):
@@ -379,6 +400,8 @@ def finish(sweep: Sweep, sweep_dir: str | Path, grid, prepared_path: str, to_pre
     cfg, notes = sweeps.best_config(sweep, best, prepared_path, to_preset, list(to_overrides))
     best_path = storage.child(sweep_dir, "best.yaml")
     storage.write_bytes(best_path, cfg.to_yaml().encode())
+    if "mlflow" in sweep.base_config().run.tracking:
+        close_sweep_parent(sweeps.tracking_group(sweep_dir), [paths["csv"], paths["json"], paths["plot"], best_path])
     log(f"best trial {best.trial_id}: {sweep.metric} {best.metric:.4f} ({_params_text(best.params)})")
     for note in notes:
         log(f"note: {note}")

@@ -131,7 +131,7 @@ def _train_held(spec: RunSpec, device: torch.device, rank: int, world: int, log:
             discard_run_dir(spec, held)
         raise
 
-    sink = LocalSink(spec.run_dir, cfg.run.keep_checkpoints, rank)
+    sink = LocalSink(spec.run_dir, cfg.run.keep_checkpoints, rank, cfg)
     trainer = Trainer(spec.cfg, RankEnv(rank, world, device), sink, train_data, val_data, facts=facts,
                       initial_checkpoint=spec.initial_checkpoint, extra_files=checkpoint_files(spec, tokenizer),
                       log=log)

@@ -12,6 +12,9 @@ metrics.jsonl so far, and uploads them (`sync`) at every checkpoint, at least ev
 SYNC_EVERY_S seconds while it writes, and when it closes. A rank 0 killed between two uploads
 loses only records of steps after the last checkpoint, which the restored run trains (and
 records) again.
+
+Experiment tracking (`run.tracking`): the writer that writes (rank 0's) also hands every row to
+a `raylm.train.tracking.Tracking`, beside these files, never instead of them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from raylm import storage
+from raylm.train.tracking import Tracking, check_available
 
 SYNC_EVERY_S = 60.0
 """Longest time between uploads of the metrics of a run directory on object storage."""
@@ -63,11 +67,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path | None, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path | None, enabled: bool = True, tensorboard: bool = True,
+                 tracking: list[str] = (), params: dict | None = None, tracking_group: str | None = None):
+        """`tracking`: the trackers of `run.tracking` (checked on every rank, opened where enabled),
+        given `params` (the resolved config) and the sweep `tracking_group`."""
         self.enabled = enabled and run_dir is not None
         self._file = None
         self._tb = None
         self.remote: str | None = None
+        self.tracking: Tracking | None = None
+        check_available(list(tracking))
         if not self.enabled:
             return
         if storage.is_uri(run_dir):  # written here, uploaded by sync()
@@ -85,6 +94,8 @@ class MetricsWriter:
         self._file = open(self.path, "a", buffering=1)
         self.tensorboard = tensorboard
         self._open_tensorboard(None)
+        if tracking:
+            self.tracking = Tracking(list(tracking), storage.location(run_dir), params or {}, group=tracking_group)
 
     def _open_tensorboard(self, purge_step: int | None) -> None:
         if not self.tensorboard:
@@ -97,6 +108,8 @@ class MetricsWriter:
         """Forget the records of steps after `step` (they are trained again from a checkpoint)."""
         if not self.enabled:
             return
+        if self.tracking is not None:
+            self.tracking.rewind(step)
         self._file.close()
         kept, dropped = [], 0
         for line in self.path.read_text().splitlines():
@@ -127,6 +140,8 @@ class MetricsWriter:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, record["step"])
+        if self.tracking is not None:
+            self.tracking.metrics(clean)
         if self.remote is not None and time.monotonic() - self._synced_at >= SYNC_EVERY_S:
             self.sync()
 
@@ -144,6 +159,11 @@ class MetricsWriter:
         self._synced_at = time.monotonic()
 
     def close(self) -> None:
+        """Flush and upload; then the tracking runs end, after the files they get as artifacts are
+        complete: FINISHED, or (called in a `finally` while an exception propagates) KILLED after
+        Ctrl-C and FAILED after an error."""
+        raised = sys.exc_info()[0]
+        status = "FINISHED" if raised is None else "KILLED" if issubclass(raised, KeyboardInterrupt) else "FAILED"
         if self._file is not None:
             self._file.flush()
         if self._tb is not None:
@@ -157,6 +177,9 @@ class MetricsWriter:
             if self._tb is not None:
                 self._tb.close()
                 self._tb = None
+            if self.tracking is not None:
+                self.tracking.close(status)
+                self.tracking = None
             if self.remote is not None and self.enabled:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
                 self.enabled = False

@@ -44,6 +44,7 @@ from raylm.lock import DirLock
 from raylm.storage import is_uri
 from raylm.tokenizer import Tokenizer, load_or_train
 from raylm.train import checkpoint as ckpt
+from raylm.train.tracking import check_available
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.model"
@@ -113,6 +114,7 @@ def check_storage(cfg: Config, reads_sources: bool | None = None) -> None:
     answers and a bucket that exists, else one line naming the key and the URI (one request
     per URI; local paths are checked where they are used). The sources are checked when the
     run reads them (`reads_sources`; by default when there is no data.prepared_path)."""
+    check_available(cfg.run.tracking)  # and the trackers' packages (`raylm.train.tracking`)
     storage.check_reachable(cfg.run.output_dir, "run.output_dir", ConfigError)
     storage.check_writable_dir(cfg.run.output_dir, "run.output_dir")  # a file, /proc, under a file: one line
     storage.check_reachable(cfg.run.resume_from, "run.resume_from", CheckpointError)

@@ -4,7 +4,7 @@ Torch core, no Ray. `raylm train --local`, torchrun, a Ray Train worker and a Tu
 run this class; they differ only in the `Sink` they hand it, which decides *where* metrics
 and checkpoints go (the run directory, or `ray.train.report`), never *when*:
 
-    every step            sink.write(record)                  (metrics.jsonl, TensorBoard)
+    every step            sink.write(record)                  (metrics.jsonl, TensorBoard, run.tracking)
     report steps          sink.report(record, None)           log_every, eval steps
     checkpoint steps      save into sink.checkpoint_dir(step), then sink.report(record, dir)
 
@@ -170,9 +170,9 @@ class LocalSink:
     just written is the newest verified one (written by this process, after the restore moved
     every newer one aside), and the prune never deletes it."""
 
-    def __init__(self, run_dir: str | Path, keep_checkpoints: int, rank: int = 0):
+    def __init__(self, run_dir: str | Path, keep_checkpoints: int, rank: int = 0, cfg: Config | None = None):
         self.run_dir, self.keep, self.rank = storage.location(run_dir), keep_checkpoints, rank
-        self.writer = MetricsWriter(self.run_dir, enabled=rank == 0)
+        self.writer = MetricsWriter(self.run_dir, enabled=rank == 0, **tracking_options(cfg))
 
     def write(self, record: dict) -> None:
         self.writer.write(record)
@@ -199,6 +199,13 @@ class LocalSink:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def tracking_options(cfg: Config | None) -> dict:
+    """MetricsWriter's tracking arguments from a run's config (`run.tracking`; none without a config)."""
+    if cfg is None or not cfg.run.tracking:
+        return {}
+    return {"tracking": list(cfg.run.tracking), "params": cfg.to_dict(), "tracking_group": cfg.run.tracking_group}
 
 
 # ---------------------------------------------------------------------------------------
