@@ -232,7 +232,7 @@ def _rows(cfg, n: int = 64):
     return np.random.default_rng(0).integers(4, cfg.model.vocab_size, size=(n, cfg.data.seq_len + 1)).astype(np.int32)
 
 
-def rank_work(rank: int, out: Path, preset: str) -> dict:
+def rank_work(rank: int, out: Path, preset: str, repeats: int = 2) -> dict:
     import torch
 
     from raylm.data.order import PackedDataset
@@ -243,7 +243,6 @@ def rank_work(rank: int, out: Path, preset: str) -> dict:
 
     cfg = bench_config(preset)
     run = out / preset
-    result: dict = {}
     model, _ = build_model(cfg, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg.optimizer, "cpu")
     # One real step, so that the optimizer state (2/3 of the checkpoint) is there.
@@ -257,40 +256,66 @@ def rank_work(rank: int, out: Path, preset: str) -> dict:
                                 {"step": 1, "tokens_consumed": 256, "data_watermark": 2, "data_extra": []})
     del trainer, model, optimizer
     counter = count_file_uris()
+    result: dict = {}
 
-    # Today's workers: shared verification (newest_good), then a load without checks.
-    torch.distributed.barrier()
+    # Side by side, alternating (today, now, now, today) so that neither gains from going first.
+    for k, design in enumerate(("old", "new", "new", "old")[:2 * repeats]):
+        torch.distributed.barrier()
+        counter.reset()
+        timed = (_restart_today if design == "old" else _restart_now)(cfg, rank, out, run, path)
+        result[f"{design}_bytes"] = counter.total()
+        for key, value in timed.items():
+            result[f"{design}_{key}"] = min(value, result.get(f"{design}_{key}", float("inf")))
+    return result
+
+
+def _restart_today(cfg, rank: int, out: Path, run: Path, path: Path) -> dict:
+    """The workers' part of a restart before issue 20: shared verification (`newest_good`), then
+    a load without checks."""
+    import torch
+
+    from raylm.data.order import PackedDataset
+    from raylm.optim import build_optimizer
+    from raylm.train import checkpoint as ckpt
+    from raylm.train.parallel import build_model
+    from raylm.train.trainer import RankEnv, Trainer
+
     start = time.perf_counter()
-    counter.reset()
     model, _ = build_model(cfg, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg.optimizer, "cpu")
+    built = time.perf_counter()
     found = ckpt.newest_good([uri(path)], log=lambda line: None)
     ckpt.load_checkpoint(found[0], model, optimizer, verify=False)
-    result["old_bytes"] = counter.total()
+    restore_s = time.perf_counter() - built
     trainer = Trainer(cfg, RankEnv(rank, 2), _TimingSink(out / "none"), PackedDataset(_rows(cfg)), model=model,
                       optimizer=optimizer, log=lambda line: None)
-    trainer.restore = lambda: trainer.state  # restored above, as today's code did
     trainer.state.step = 1
-    try:
-        trainer.fit()
-    except _FirstStep:
-        pass
-    result["old_s"] = time.perf_counter() - start
-    del trainer, model, optimizer
+    _first_step(trainer, trainer.state)
+    return {"restore_s": restore_s, "s": time.perf_counter() - start}
 
-    # This branch: Trainer.restore, each rank verifying what it reads as it loads it.
-    torch.distributed.barrier()
+
+def _restart_now(cfg, rank: int, out: Path, run: Path, path: Path) -> dict:
+    """This branch: `Trainer.restore`, each rank verifying what it reads as it loads it."""
+    from raylm.data.order import PackedDataset
+    from raylm.train.trainer import RankEnv, Trainer
+
     start = time.perf_counter()
-    counter.reset()
     trainer = Trainer(cfg, RankEnv(rank, 2), _TimingSink(run), PackedDataset(_rows(cfg)), log=lambda line: None)
+    built = time.perf_counter()
+    state = trainer.restore()
+    restore_s = time.perf_counter() - built
+    assert trainer.restored_from == uri(path), trainer.restored_from
+    _first_step(trainer, state)
+    return {"restore_s": restore_s, "s": time.perf_counter() - start}
+
+
+def _first_step(trainer, state) -> None:
+    """Run `trainer` from `state` (already restored) to the end of its first step."""
+    trainer.restore = lambda: state
     try:
         trainer.fit()
     except _FirstStep:
         pass
-    result["new_s"] = time.perf_counter() - start
-    result["new_bytes"] = counter.total()
-    assert trainer.restored_from == uri(path), trainer.restored_from
-    return result
 
 
 def controller(run: Path) -> dict:
@@ -313,6 +338,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["debug", "tiny", "125m"])
     parser.add_argument("--out", default="/tmp/restart-bench")
+    parser.add_argument("--repeats", type=int, default=2, choices=(1, 2), help="restarts of each design (best kept)")
     args = parser.parse_args()
     import functools
 
@@ -324,7 +350,7 @@ def main() -> None:
     out.mkdir(parents=True)
     rows = []
     for preset in args.presets:
-        results = run_ranks(functools.partial(rank_work, preset=preset), out, tag=preset)
+        results = run_ranks(functools.partial(rank_work, preset=preset, repeats=args.repeats), out, tag=preset)
         path = out / preset / "checkpoint_00000001"
         size = checkpoint_bytes(path)
         ctl = controller(out / preset)
@@ -332,6 +358,8 @@ def main() -> None:
         old_bytes = ctl["old"]["bytes"] + sum(r["old_bytes"] for r in results)
         new_bytes = ctl["new"]["bytes"] + sum(r["new_bytes"] for r in results)
         rows.append((preset, params, size, old_bytes / size, new_bytes / size, ctl["new"]["bytes"],
+                     ctl["old"]["s"] + max(r["old_restore_s"] for r in results),
+                     max(r["new_restore_s"] for r in results),
                      ctl["old"]["s"] + max(r["old_s"] for r in results), max(r["new_s"] for r in results)))
         shutil.rmtree(out / preset, ignore_errors=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -340,12 +368,17 @@ def main() -> None:
           f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit} (+ working tree); "
           f"2 ranks, torch gloo process group without Ray, checkpoint on local disk read through file:// URIs")
     print()
-    print("| preset | parameters | checkpoint MB | read / size, today | read / size, now | controller reads (bytes) "
+    print("| preset | parameters | checkpoint MB | bytes read / checkpoint bytes, today | now "
+          "| controller reads, now (bytes) | checkpoint reading, today (s) | now (s) "
           "| restart to first step, today (s) | now (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for preset, params, size, old, new, ctl_bytes, old_s, new_s in rows:
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for preset, params, size, old, new, ctl_bytes, old_read_s, new_read_s, old_s, new_s in rows:
         print(f"| {preset} | {params / 1e6:.1f}M | {size / 1e6:.1f} | {old:.2f} | {new:.2f} | {ctl_bytes:,} "
-              f"| {old_s:.1f} | {new_s:.1f} |")
+              f"| {old_read_s:.1f} | {new_read_s:.1f} | {old_s:.1f} | {new_s:.1f} |")
+    print()
+    print("checkpoint reading: today = the controller's single-process newest_good + the slower rank's "
+          "newest_good and load; now = the slower rank's Trainer.restore; best of --repeats, alternating. restart to first step: from "
+          "building the model to the end of the first step after the restore (today: plus the controller's part).")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Torch core: no Ray. A checkpoint is a directory:
     {"format": "raylm-dcp-2", "save_id": "<uuid4 hex>", "world_size": 2,
      "train_state": {"step": 200, ...}, "facts": {"seq_len": 256, ...},
      "files": {".metadata": {"bytes": 9021, "blake2b": "<hex>"},
-               "__0_0.distcp": {"bytes": 1048576, "blake2b": "<hex>"}, ...}}
+               "__0_0.distcp": {"bytes": 1048576, "blake2b": "<hex>",
+                                "items": [[0, 4711, "<hex>"], ...]}, ...}}
 
 A checkpoint's path is a local directory or an object-storage URI (s3://, gs://; raylm.storage):
 functions return Paths for the one and URI strings for the other. On object storage DCP's files
@@ -29,14 +30,25 @@ of the file) and rank 0 gathers the lists: ranks may write to different local di
 (Ray Train merges them on upload), so no rank ever reads another's files. Rank 0 writes the
 marker last, atomically (tmp + rename), once every rank's shards are on disk.
 
-Two checks, cheap and full:
+Item checksums: each DCP file's entry also lists its items, `"items": [[offset, length,
+blake2b-128], ...]`, hashed as DCP writes each one (`_ItemHashWriter`). An item (a tensor shard,
+a pickled entry) is what a load reads in one piece, so a rank verifies exactly the bytes it
+reads, as it reads them, and a restart reads each checkpoint byte once.
+
+Checks, cheap and full:
 - `read_marker` / `is_complete`: the marker parses and every file it lists is there with its
-  size. A checkpoint cut short by a crash, a kill or an interrupted upload fails it, so
-  `latest_checkpoint` (the driver's choice) never picks one.
-- `verify_checkpoint`: every checksum matches, so a zero-filled or bit-flipped shard, or a shard
-  left from another save, is found. Under a process group the ranks share the hashing and agree
-  on the answer. `load_checkpoint` runs it first, and the restore path picks its checkpoint
-  with `newest_good`, which falls back to older ones that pass.
+  size (and no `DAMAGED_NOTE` of this save says a restore found it damaged). A checkpoint cut
+  short by a crash, a kill or an interrupted upload fails it, so `latest_checkpoint` (the
+  driver's choice) and `newest_complete` (the training stream's, on Ray Train's controller)
+  never pick one. Neither reads more than markers and listings.
+- `load_checkpoint` checks `.metadata` and every item against their checksums as each rank
+  reads them; the ranks' verdicts are gathered (DCP raises every rank's error on every rank),
+  so a shard damaged where only one rank reads it fails the load on all. `restore_newest`,
+  the restore path, tries candidates newest first and falls back together. Markers written
+  before item checksums are verified whole first (`verify_checkpoint`).
+- `verify_checkpoint`: every whole-file checksum matches (`b2sum` computes the same). Under a
+  process group the ranks share the hashing and agree on the answer; `newest_good` picks with
+  it (`raylm generate`/`eval`/`export`).
 
 Save id: rank 0 draws a fresh id per save, removes any earlier save's marker from the directory
 and only then lets any rank write (the id's broadcast is the barrier). A directory reused after

@@ -31,8 +31,9 @@ Metrics after a restore: `sink.rewind(step)` drops the records of steps after th
 checkpoint (they are trained again), so metrics.jsonl and TensorBoard hold one curve.
 
 Restore: the newest checkpoint that verifies among the sink's (a restart after a failure, a
-run continued in place) and the one the run starts from (`run.resume_from`). A damaged one
-is skipped with a warning. Its recorded `RunFacts` must match this run's (`runs.check_resume`).
+run continued in place) and the one the run starts from (`run.resume_from`), each rank
+verifying what it reads while it loads (`checkpoint.restore_newest`). A damaged one is skipped
+by every rank together, with a warning. Its recorded `RunFacts` must match this run's (`runs.check_resume`).
 Then rank 0 moves the run's checkpoints above the restored step aside (`sink.set_aside_after`,
 `checkpoint.set_aside_after`): they belong to an abandoned future, and keep-K never counts them.
 
