@@ -358,7 +358,7 @@ def main() -> None:
         old_bytes = ctl["old"]["bytes"] + sum(r["old_bytes"] for r in results)
         new_bytes = ctl["new"]["bytes"] + sum(r["new_bytes"] for r in results)
         rows.append((preset, params, size, old_bytes / size, new_bytes / size, ctl["new"]["bytes"],
-                     ctl["old"]["s"] + max(r["old_restore_s"] for r in results),
+                     ctl["old"]["s"], ctl["old"]["s"] + max(r["old_restore_s"] for r in results),
                      max(r["new_restore_s"] for r in results),
                      ctl["old"]["s"] + max(r["old_s"] for r in results), max(r["new_s"] for r in results)))
         shutil.rmtree(out / preset, ignore_errors=True)
@@ -369,12 +369,12 @@ def main() -> None:
           f"2 ranks, torch gloo process group without Ray, checkpoint on local disk read through file:// URIs")
     print()
     print("| preset | parameters | checkpoint MB | bytes read / checkpoint bytes, today | now "
-          "| controller reads, now (bytes) | checkpoint reading, today (s) | now (s) "
+          "| controller reads, now (bytes) | controller hashing, today (s) | checkpoint reading, today (s) | now (s) "
           "| restart to first step, today (s) | now (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for preset, params, size, old, new, ctl_bytes, old_read_s, new_read_s, old_s, new_s in rows:
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for preset, params, size, old, new, ctl_bytes, ctl_s, old_read_s, new_read_s, old_s, new_s in rows:
         print(f"| {preset} | {params / 1e6:.1f}M | {size / 1e6:.1f} | {old:.2f} | {new:.2f} | {ctl_bytes:,} "
-              f"| {old_read_s:.1f} | {new_read_s:.1f} | {old_s:.1f} | {new_s:.1f} |")
+              f"| {ctl_s:.1f} | {old_read_s:.1f} | {new_read_s:.1f} | {old_s:.1f} | {new_s:.1f} |")
     print()
     print("checkpoint reading: today = the controller's single-process newest_good + the slower rank's "
           "newest_good and load; now = the slower rank's Trainer.restore; best of --repeats, alternating. restart to first step: from "
