@@ -25,8 +25,9 @@ watermark. If a finite stream runs out, every rank learns it at the same step
 
 Restarts in seconds. The training Dataset is built by `TrainStream`, a callable Ray Train
 calls on its controller at every worker-group start (the first, each restart after a
-failure or preemption, each elastic resize). It reads the newest good checkpoint of the run
-(`newest_good`, the one the workers restore) and starts the plan at the file of its anchor,
+failure or preemption, each elastic resize). It reads the marker of the newest complete
+checkpoint of the run (`newest_complete`: markers and listings only, never the shards; the
+workers verify what they load as they load it, and restart once if it proves damaged) and starts the plan at the file of its anchor,
 dropping the tokens before it, so the packing carry is rebuilt exactly and the first row is
 the anchor's row; rows the position has consumed are dropped by the packing actor and by
 every worker (`StreamingTrainSource`). The cost of a restart is therefore the reading of at
@@ -198,11 +199,17 @@ class TrainStream:
         self.progress_bars = ray.data.DataContext.get_current().enable_progress_bars
 
     def start(self) -> tuple[DataPosition | None, list[int] | None]:
-        """(position, anchor) of the checkpoint the workers will restore, or (None, None)."""
+        """(position, anchor) of the checkpoint the workers will restore, or (None, None).
+
+        Read from markers and listings alone (`checkpoint.newest_complete`): this runs in one
+        process before any worker starts, and the checkpoint's bytes are read once, by the ranks
+        that load them. When those find it damaged they note it and restart
+        (`Trainer._after_damage`; `StreamingTrainSource.starts_at_newest_complete`), and the
+        next call here skips it."""
         candidates = ckpt.list_checkpoints(self.run_dir)
         if self.initial_checkpoint is not None:
             candidates.append(storage.location(self.initial_checkpoint))
-        found = ckpt.newest_good(candidates, log=lambda line: None) if candidates else None
+        found = ckpt.newest_complete(candidates) if candidates else None
         if found is None:
             return None, None
         state = found[1]["train_state"]
@@ -319,6 +326,9 @@ class StreamingTrainSource:
     """This worker's share of the streaming training stream, consumed indices dropped (finite)."""
 
     finite = True
+    starts_at_newest_complete = True
+    """`TrainStream` began the stream at the newest checkpoint that passes the cheap check: a
+    restore that falls back from it because of damage must restart (`Trainer._after_damage`)."""
 
     def __init__(self, name: str = "train", counter=None):
         self.name, self.counter = name, counter

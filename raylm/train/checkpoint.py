@@ -10,7 +10,8 @@ Torch core: no Ray. A checkpoint is a directory:
     {"format": "raylm-dcp-2", "save_id": "<uuid4 hex>", "world_size": 2,
      "train_state": {"step": 200, ...}, "facts": {"seq_len": 256, ...},
      "files": {".metadata": {"bytes": 9021, "blake2b": "<hex>"},
-               "__0_0.distcp": {"bytes": 1048576, "blake2b": "<hex>"}, ...}}
+               "__0_0.distcp": {"bytes": 1048576, "blake2b": "<hex>",
+                                "items": [[0, 4711, "<hex>"], ...]}, ...}}
 
 A checkpoint's path is a local directory or an object-storage URI (s3://, gs://; raylm.storage):
 functions return Paths for the one and URI strings for the other. On object storage DCP's files
@@ -29,14 +30,25 @@ of the file) and rank 0 gathers the lists: ranks may write to different local di
 (Ray Train merges them on upload), so no rank ever reads another's files. Rank 0 writes the
 marker last, atomically (tmp + rename), once every rank's shards are on disk.
 
-Two checks, cheap and full:
+Item checksums: each DCP file's entry also lists its items, `"items": [[offset, length,
+blake2b-128], ...]`, hashed as DCP writes each one (`_ItemHashWriter`). An item (a tensor shard,
+a pickled entry) is what a load reads in one piece, so a rank verifies exactly the bytes it
+reads, as it reads them, and a restart reads each checkpoint byte once.
+
+Checks, cheap and full:
 - `read_marker` / `is_complete`: the marker parses and every file it lists is there with its
-  size. A checkpoint cut short by a crash, a kill or an interrupted upload fails it, so
-  `latest_checkpoint` (the driver's choice) never picks one.
-- `verify_checkpoint`: every checksum matches, so a zero-filled or bit-flipped shard, or a shard
-  left from another save, is found. Under a process group the ranks share the hashing and agree
-  on the answer. `load_checkpoint` runs it first, and the restore path picks its checkpoint
-  with `newest_good`, which falls back to older ones that pass.
+  size (and no `DAMAGED_NOTE` of this save says a restore found it damaged). A checkpoint cut
+  short by a crash, a kill or an interrupted upload fails it, so `latest_checkpoint` (the
+  driver's choice) and `newest_complete` (the training stream's, on Ray Train's controller)
+  never pick one. Neither reads more than markers and listings.
+- `load_checkpoint` checks `.metadata` and every item against their checksums as each rank
+  reads them; the ranks' verdicts are gathered (DCP raises every rank's error on every rank),
+  so a shard damaged where only one rank reads it fails the load on all. `restore_newest`,
+  the restore path, tries candidates newest first and falls back together. Markers written
+  before item checksums are verified whole first (`verify_checkpoint`).
+- `verify_checkpoint`: every whole-file checksum matches (`b2sum` computes the same). Under a
+  process group the ranks share the hashing and agree on the answer; `newest_good` picks with
+  it (`raylm generate`/`eval`/`export`).
 
 Save id: rank 0 draws a fresh id per save, removes any earlier save's marker from the directory
 and only then lets any rank write (the id's broadcast is the barrier). A directory reused after
@@ -95,7 +107,7 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemReader, 
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemBase
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemBase, _StorageWriterTransforms
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -111,6 +123,10 @@ MARKER = "raylm_checkpoint.json"
 FORMAT = "raylm-dcp-2"
 _LEGACY_FORMAT = "raylm-dcp-1"
 _HASH_CHUNK_BYTES = 1 << 20
+_ITEM_DIGEST_BYTES = 16
+DAMAGED_NOTE = "raylm_damaged.json"
+"""Written into a checkpoint by the restore that found it damaged while loading: the cheap check
+then refuses it, so a chooser that reads only markers (the training stream's controller) skips it."""
 _DIR_RE = re.compile(r"^checkpoint_(\d+)$")
 _DCP_FILE_RE = re.compile(r"^__\d+_\d+\.distcp$")
 
@@ -316,7 +332,7 @@ def _plain(value: Any) -> Any:
 
 def _check_extra_name(name: str) -> None:
     """Extra files are plain names that cannot be taken for DCP's files or the marker."""
-    if (not name or "/" in name or "\\" in name or name in (".", "..", MARKER, ".metadata")
+    if (not name or "/" in name or "\\" in name or name in (".", "..", MARKER, ".metadata", DAMAGED_NOTE)
             or name.startswith(MARKER) or _DCP_FILE_RE.match(name)):
         raise ValueError(f"extra checkpoint file name {name!r} is not allowed (a plain file name, "
                          f"not {MARKER}, .metadata or __<rank>_<i>.distcp)")
@@ -404,6 +420,7 @@ class _HashingStream(io.IOBase):
         self._raw = raw
         self.digest = _new_digest()
         self.size_bytes = 0
+        self.items: list[list] = []  # [offset, length, blake2b] of each DCP item (_ItemHashWriter)
 
     def writable(self) -> bool:
         return True
@@ -510,7 +527,10 @@ class _HashingFileSystem(FileSystemBase):
             stream.close()
         if (size := self.base.size(path)) != stream.size_bytes:  # written around the stream: a bug
             raise RuntimeError(f"{path}: {size} bytes stored but {stream.size_bytes} hashed")
-        self.written[posixpath.basename(str(path))] = _file_entry(stream.size_bytes, stream.digest)
+        entry = _file_entry(stream.size_bytes, stream.digest)
+        if stream.items and _items_tile(stream.items, stream.size_bytes):
+            entry["items"] = stream.items
+        self.written[posixpath.basename(str(path))] = entry
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
         self.base.rename(path, new_path)  # DCP writes .metadata.tmp, then renames it
@@ -537,6 +557,54 @@ class _HashingFileSystem(FileSystemBase):
         self.base.rm_file(path)
 
 
+class _ItemHashWriter(io.IOBase):
+    """What DCP writes one item (a tensor shard, a pickled entry) through: hashes the item's bytes
+    on their way into the file's `_HashingStream` and records [offset, length, blake2b] there when
+    DCP closes it. An item is the unit a load reads (`SafeFileSystemReader._slice_file`), so a
+    rank can verify exactly the bytes it reads."""
+
+    def __init__(self, raw: _HashingStream):
+        self._raw = raw
+        self._offset = raw.tell()  # DCP records the item's offset the same way
+        self._digest = hashlib.blake2b(digest_size=_ITEM_DIGEST_BYTES)
+        self._length = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self._digest.update(view)
+        self._length += view.nbytes
+        return self._raw.write(view)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.items.append([self._offset, self._length, self._digest.hexdigest()])
+            self._raw.flush()
+            super().close()  # the file stays open for the next item
+
+
+class _ItemHashingTransforms(_StorageWriterTransforms):
+    """DCP's per-item write hook (no transform of the bytes), used to hash each item."""
+
+    def transform_save_stream(self, write_item, raw_stream):
+        if not isinstance(raw_stream, _HashingStream):  # not through raylm's file system: a bug
+            raise RuntimeError("checkpoint item written around raylm's hashing stream")
+        return _ItemHashWriter(raw_stream), []
+
+
+def _items_tile(items: list[list], size_bytes: int) -> bool:
+    """Whether the items cover the file exactly, back to back (DCP writes nothing between them);
+    otherwise a load verifies that file whole, as for a marker without item checksums."""
+    end = 0
+    for offset, length, _digest in sorted(items):
+        if offset != end:
+            return False
+        end = offset + length
+    return end == size_bytes
+
+
 class _HashingWriter(FileSystemWriter):
     """DCP's file writer with hashing streams, recording raylm's save id in `.metadata`."""
 
@@ -547,6 +615,7 @@ class _HashingWriter(FileSystemWriter):
         self.fs = _HashingFileSystem(base)
         self.path = self.fs.init_path(fs_path)
         self.raylm_save_id = save_id
+        self.transforms = _ItemHashingTransforms()
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.raylm_save_id)
@@ -580,34 +649,78 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
 
 
-def _read_metadata(path: str | Path):
+def _read_metadata(path: str | Path, entry: dict[str, Any] | None = None):
+    """DCP's `.metadata`, through the allow-listed unpickler. With `entry` (the marker's), its
+    bytes are checked against the checksum first: DamagedCheckpoint when they differ."""
+    error = DamagedCheckpoint if entry is not None else CheckpointError  # listed in a marker: damage
     try:
-        with storage.errors(path, None, CheckpointError):
+        with storage.errors(path, None, error):
             data = storage.read_bytes(storage.child(path, ".metadata"))
-        return _MetadataUnpickler(io.BytesIO(data)).load()
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no DCP .metadata file; not a checkpoint") from None
+        raise error(f"{path}: no DCP .metadata file; not a checkpoint") from None
+    if entry is not None and (len(data) != entry["bytes"] or _new_digest_of(data) != entry["blake2b"]):
+        raise DamagedCheckpoint(f"{path}/.metadata: checksum mismatch (damaged or from another save)")
+    try:
+        return _MetadataUnpickler(io.BytesIO(data)).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
         raise CheckpointError(f"{path}/.metadata: refused or unreadable ({e})") from None
 
 
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's reader with `.metadata` read by the allow-listed unpickler; a local directory or a URI."""
+def _new_digest_of(data: bytes) -> str:
+    digest = _new_digest()
+    digest.update(data)
+    return digest.hexdigest()
 
-    def __init__(self, path: str | Path):
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint that is cut short, unreadable or fails a checksum: a restore falls back to an
+    older one. (A checkpoint refused for what it holds, such as a disallowed pickle, is a plain
+    CheckpointError: no fallback hides it.)"""
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's reader with `.metadata` read by the allow-listed unpickler; a local directory or a URI.
+
+    `metadata`: `.metadata` already read (and checked) by the caller, so it is not read again.
+    `item_sums`: {file name: {offset: (length, blake2b)}} from the marker; each item this rank
+    reads is then hashed as it is read and a mismatch raises DamagedCheckpoint naming the file.
+    Every item is read whole by one ranged read (it is what `torch.load` parses), so what is
+    verified is exactly what is read."""
+
+    def __init__(self, path: str | Path, metadata=None,
+                 item_sums: dict[str, dict[int, tuple[int, str]]] | None = None):
         base, fs_path = _dcp_filesystem(path)
         super().__init__(fs_path)
         self.fs, self.path, self.location = base, base.init_path(fs_path), path
+        self._metadata, self._item_sums = metadata, item_sums
 
     def _slice_file(self, file, sinfo):
         if isinstance(self.fs, _ArrowFileSystem):  # one ranged read per item, not one request per torch.load read
-            return io.BytesIO(file.read_at(sinfo.length, sinfo.offset))
-        return super()._slice_file(file, sinfo)
+            data = file.read_at(sinfo.length, sinfo.offset)
+        else:
+            file.seek(sinfo.offset)
+            data = file.read(sinfo.length)
+        name = posixpath.basename(str(sinfo.relative_path))
+        if len(data) != sinfo.length:
+            raise DamagedCheckpoint(f"{self.location}/{name}: cut short (item at byte {sinfo.offset})")
+        if self._item_sums is not None:
+            expected = self._item_sums.get(name, {}).get(sinfo.offset)
+            digest = hashlib.blake2b(data, digest_size=_ITEM_DIGEST_BYTES).hexdigest()
+            if expected is None or expected != (sinfo.length, digest):
+                raise DamagedCheckpoint(f"{self.location}/{name}: checksum mismatch (damaged or from another save)")
+        return io.BytesIO(data)
+
+    def read_data(self, plan, planner):
+        try:
+            return super().read_data(plan, planner)
+        except OSError as e:
+            name = posixpath.basename(str(getattr(e, "filename", "") or "")) or "a shard"
+            raise DamagedCheckpoint(f"{self.location}/{name}: unreadable ({e.strerror or e})") from None
 
     def read_metadata(self, *args: Any, **kwargs: Any):
         if kwargs.get("rank") is not None:
             raise CheckpointError(f"{self.location}: per-rank metadata files are not supported")
-        metadata = _read_metadata(self.location)
+        metadata = self._metadata if self._metadata is not None else _read_metadata(self.location)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -639,8 +752,9 @@ def read_marker(path: str | Path) -> dict[str, Any] | None:
     return _check_marker(storage.location(path))[0]
 
 
-def _check_marker(path: str | Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(marker, None) when the cheap check passes, else (None, a one-line reason)."""
+def _check_marker(path: str | Path, notes: bool = True) -> tuple[dict[str, Any] | None, str | None]:
+    """(marker, None) when the cheap check passes, else (None, a one-line reason). With `notes`,
+    a checkpoint that an earlier restore found damaged (`DAMAGED_NOTE`, same save id) fails it."""
     try:
         marker = json.loads(storage.read_bytes(storage.child(path, MARKER)))
     except FileNotFoundError:
@@ -663,7 +777,29 @@ def _check_marker(path: str | Path) -> tuple[dict[str, Any] | None, str | None]:
     for name, entry in marker["files"].items():
         if reason := _listed_file_problem(path, name, entry, sizes):
             return None, reason
+    if notes and DAMAGED_NOTE in sizes and (reason := _damage_noted(path, marker)):
+        return None, reason
     return marker, None
+
+
+def _damage_noted(path: str | Path, marker: dict[str, Any]) -> str | None:
+    try:
+        note = json.loads(storage.read_bytes(storage.child(path, DAMAGED_NOTE)))
+    except (OSError, ValueError):
+        return None
+    if isinstance(note, dict) and note.get("save_id") == marker.get("save_id"):
+        return f"{path}: found damaged by an earlier restore ({note.get('reason')})"
+    return None  # a note left from an earlier save into the same directory
+
+
+def mark_damaged(path: str | Path, reason: str) -> None:
+    """Record in checkpoint `path` (one process calls it) that a restore found it damaged, so that
+    the cheap check refuses it from now on. Adds one small file; nothing of the checkpoint is
+    changed or removed (delete the note to try it again)."""
+    marker, problem = _check_marker(storage.location(path), notes=False)
+    if problem is None:
+        note = {"save_id": marker.get("save_id"), "reason": reason, "time": _utc_stamp()}
+        storage.write_bytes(storage.child(path, DAMAGED_NOTE), json.dumps(note).encode())
 
 
 def _listed_file_problem(path: str | Path, name: str, entry: Any, sizes: dict[str, int]) -> str | None:
@@ -747,7 +883,7 @@ def newest_good(candidates: Iterable[str | Path],
     Each skipped candidate that has a marker is logged. A collective under a process group: the
     ranks try the candidates in rank 0's order and agree on each verdict, so all return the same.
     """
-    order = _by_step(candidates)
+    order = _by_step(candidates) if distributed_world()[0] == 0 else None
     if distributed_world()[1] > 1:
         box = [order]
         dist.broadcast_object_list(box, src=0)
@@ -842,7 +978,7 @@ def set_aside_after(run_dir: str | Path, step: int, log: Callable[[str], None] =
     stamp = _utc_stamp()
     for path in above:
         name = storage.name_of(path)
-        if storage.is_uri(run_dir) and not is_complete(path):
+        if storage.is_uri(run_dir) and _check_marker(path, notes=False)[1] is not None:
             with storage.errors(path, None, CheckpointError):
                 storage.delete_dir(path)
             deleted.append(name)
@@ -887,33 +1023,79 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     """Load `path` into this rank's model (and optimizer) shards; return the train state dict.
 
     A collective when distributed. Works for any world size, whatever world size saved it.
-    With `verify` (the default) every checksum is checked first and a damaged checkpoint is
-    refused with CheckpointError naming the file; without it, only the cheap check runs.
+    With `verify` (the default) each rank checks the checksums of what it reads as it reads it
+    (`.metadata` whole, each tensor item by its own checksum), and a damaged checkpoint is
+    refused on every rank with DamagedCheckpoint naming the file; the model and optimizer may
+    then hold part of it. A marker without item checksums (written before they existed) is
+    verified whole first, the ranks sharing the files. Without `verify`, only the cheap check.
     """
     path = storage.location(path)
-    reason = verify_checkpoint(path) if verify else _check_marker(path)[1]
-    if reason is not None:
-        raise CheckpointError(reason)
-    marker = read_marker(path)
+    marker, reason = _check_marker(path)
+    if (reason := _first_reason(reason)) is not None:
+        raise DamagedCheckpoint(reason)
+    return _load_checked(path, marker, model, optimizer, verify)
+
+
+def _load_checked(path: str | Path, marker: dict[str, Any], model: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer | None, verify: bool) -> dict[str, Any]:
+    """`load_checkpoint` once the cheap check has passed on every rank."""
+    if verify and not _item_sums(marker):
+        if (reason := verify_checkpoint(path)) is not None:  # an older marker: every file, shared by the ranks
+            raise DamagedCheckpoint(reason)
+    return _load_dcp(path, marker, model, optimizer, verify)
+
+
+def _first_reason(reason: str | None) -> str | None:
+    """The first rank's reason, on every rank (a collective under a process group)."""
+    return next((r for r in _all_gather(reason) if r is not None), None)
+
+
+def _item_sums(marker: dict[str, Any]) -> dict[str, dict[int, tuple[int, str]]] | None:
+    """{file: {offset: (length, blake2b)}} when every DCP data file of the marker has item
+    checksums, else None (an older marker: verify whole files)."""
+    sums: dict[str, dict[int, tuple[int, str]]] = {}
+    for name, entry in marker["files"].items():
+        if not _DCP_FILE_RE.match(name):
+            continue
+        items = entry.get("items")
+        if not isinstance(items, list):
+            return None
+        try:
+            sums[name] = {int(offset): (int(length), str(digest)) for offset, length, digest in items}
+        except (TypeError, ValueError):
+            return None
+    return sums
+
+
+def _load_dcp(path: str | Path, marker: dict[str, Any], model: torch.nn.Module,
+              optimizer: torch.optim.Optimizer | None, verify: bool) -> dict[str, Any]:
+    entry = marker["files"].get(".metadata") if verify else None
+    try:
+        metadata, reason = _read_metadata(path, entry), None
+    except DamagedCheckpoint as e:
+        metadata, reason = None, str(e)
+    if (reason := _first_reason(reason)) is not None:  # every rank read it: all agree before DCP starts
+        raise DamagedCheckpoint(reason)
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
     else:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         model_sd, optim_sd = get_model_state_dict(model), None
-    saved = _read_metadata(path).state_dict_metadata
+    saved = metadata.state_dict_metadata
     # RNG streams this process has and the checkpoint holds (a GPU checkpoint loads on CPU).
     rng = {k: v for k, v in _rng_state().items() if f"rng.{k}" in saved}
     state: dict[str, Any] = {"model": model_sd, "rng": rng}
     if optim_sd is not None:
         state["optim"] = optim_sd
+    reader = SafeFileSystemReader(path, metadata, _item_sums(marker) if verify else None)
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
-    except CheckpointException as e:  # DCP wraps each rank's error; ours are one-line user errors
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
+    except CheckpointException as e:  # DCP gathers every rank's error: all ranks raise the same one
         _raise_interrupt(e)
         for failure, _traceback in e.failures.values():
             if isinstance(failure, CheckpointError):
-                raise CheckpointError(str(failure)) from None
+                raise type(failure)(str(failure)) from None
         raise
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -926,6 +1108,52 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     if "torch_cuda" in state["rng"]:
         torch.cuda.set_rng_state(state["rng"]["torch_cuda"])
     return marker["train_state"]
+
+
+def restore_newest(candidates: Iterable[str | Path], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   log: Callable[[str], None] = print,
+                   check: Callable[[str | Path, dict[str, Any]], None] | None = None,
+                   ) -> tuple[tuple[str | Path, dict[str, Any]] | None, list[tuple[str | Path, str]]]:
+    """Load the newest candidate that loads whole and verified: ((path, marker) or None, [(path,
+    reason) of each candidate that passed the cheap check but was found damaged while loading]).
+
+    The restore path of a run, reading each checkpoint byte once: candidates are tried newest
+    first (rank 0's order); each is checked cheaply (marker, listing), then `check(path, marker)`
+    (the caller's resume checks; its error propagates), then loaded by `load_checkpoint`, where
+    each rank verifies what it reads. Every verdict is collective, so all ranks fall back
+    together, log the same warning and return the same answer. After a damaged candidate the
+    model and optimizer may hold part of it: a caller that ends with None must reset them.
+    """
+    order = _by_step(candidates) if distributed_world()[0] == 0 else None
+    if distributed_world()[1] > 1:
+        box = [order]
+        dist.broadcast_object_list(box, src=0)
+        order = box[0]
+    damaged: list[tuple[str | Path, str]] = []
+    for path in order:
+        marker, reason = _check_marker(path)
+        if (reason := _first_reason(reason)) is None:
+            if check is not None:
+                check(path, marker)
+            try:
+                _load_checked(path, marker, model, optimizer, verify=True)
+                return (path, marker), damaged
+            except DamagedCheckpoint as e:
+                reason = str(e)
+                damaged.append((path, reason))
+        log(f"warning: checkpoint {path} is not usable ({reason}); trying an older one")
+    return None, damaged
+
+
+def newest_complete(candidates: Iterable[str | Path]) -> tuple[str | Path, dict[str, Any]] | None:
+    """(path, marker) of the newest candidate that passes the cheap check, or None: the checkpoint
+    `restore_newest` tries first, found by reading markers and listings only (the training
+    stream's controller). Candidates found damaged by an earlier restore carry a note and fail it."""
+    for path in _by_step(candidates):
+        marker, reason = _check_marker(path)
+        if reason is None:
+            return path, marker
+    return None
 
 
 def resolve_resume(path: str | Path) -> tuple[str | Path | None, str | Path]:

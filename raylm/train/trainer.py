@@ -41,8 +41,9 @@ Metrics after a restore: `sink.rewind(step)` drops the records of steps after th
 checkpoint (they are trained again), so metrics.jsonl and TensorBoard hold one curve.
 
 Restore: the newest checkpoint that verifies among the sink's (a restart after a failure, a
-run continued in place) and the one the run starts from (`run.resume_from`). A damaged one
-is skipped with a warning. Its recorded `RunFacts` must match this run's (`runs.check_resume`).
+run continued in place) and the one the run starts from (`run.resume_from`), each rank
+verifying what it reads while it loads (`checkpoint.restore_newest`). A damaged one is skipped
+by every rank together, with a warning. Its recorded `RunFacts` must match this run's (`runs.check_resume`).
 Then rank 0 moves the run's checkpoints above the restored step aside (`sink.set_aside_after`,
 `checkpoint.set_aside_after`): they belong to an abandoned future, and keep-K never counts them.
 
@@ -53,6 +54,7 @@ counted (`skipped_steps`); `train.max_nonfinite_steps` of them in a row stop the
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -249,6 +251,7 @@ class Trainer:
         self.facts, self.initial_checkpoint, self.extra_files = facts, initial_checkpoint, extra_files or {}
         self.log = log if env.is_main else (lambda line: None)
         self.on_indices = on_indices
+        self._own_model = model is None and optimizer is None
         if model is None:
             model, _ = build_model(cfg, env.device)
         self.model = model
@@ -282,23 +285,68 @@ class Trainer:
             dist.barrier()  # no rank writes into a checkpoint directory before it is moved
 
     def _restore(self) -> TrainState:
+        """Each rank reads the checkpoint's bytes once, verifying what it reads as it loads it
+        (`checkpoint.restore_newest`); a damaged one makes every rank fall back together."""
         candidates = list(self.sink.restore_candidates())
         if self.initial_checkpoint is not None:
             candidates.append(storage.location(self.initial_checkpoint))
-        found = ckpt.newest_good(candidates, log=self.log) if candidates else None
+        pristine = self._pristine() if candidates else None
+        check = None
+        if self.facts is not None:
+            def check(path, marker):
+                check_resume(path, marker.get("facts"), self.facts, self.cfg.run.resume_changes)
+        found, damaged = ckpt.restore_newest(candidates, self.model, self.optimizer, log=self.log, check=check) \
+            if candidates else (None, [])
+        if damaged:
+            self._after_damage(damaged, found)
         if found is None:
+            if damaged:
+                pristine()  # a damaged checkpoint was partly loaded
             if self.initial_checkpoint is not None:
                 raise CheckpointError(f"run.resume_from: no usable checkpoint among {self.initial_checkpoint} "
                                            "and this run's own")
             return self._fresh_start()
         path, marker = found
-        if self.facts is not None:
-            check_resume(path, marker.get("facts"), self.facts, self.cfg.run.resume_changes)
-        self.state.load_state_dict(ckpt.load_checkpoint(path, self.model, self.optimizer, verify=False))
+        self.state.load_state_dict(marker["train_state"])
         apply_group_settings(self.optimizer, self.model, self.cfg.optimizer.weight_decay)  # the config's, not the saved
         self.restored_from = path
         self.sink.rewind(self.state.step)
         return self.state
+
+    def _pristine(self) -> Callable[[], None]:
+        """A function that puts the model and optimizer back as they are now, before any load: a
+        fresh build for the trainer's own model (seeded, so the same weights), a copy taken now
+        for a model the caller handed in."""
+        if self._own_model:
+            def rebuild():
+                self.model, _ = build_model(self.cfg, self.env.device)
+                self.optimizer = build_optimizer(self.model, self.cfg.optimizer, self.env.device.type)
+            return rebuild
+        model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        optim_state = copy.deepcopy(self.optimizer.state_dict())
+
+        def put_back():
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(optim_state)
+        return put_back
+
+    def _after_damage(self, damaged: list, found) -> None:
+        """A streaming source on Ray was built, before the workers started, from the newest
+        checkpoint that passes the cheap check (`checkpoint.newest_complete`): the one found
+        damaged here. Rank 0 notes the damage in each such checkpoint, so that the next choice
+        made from markers alone skips it, and every rank stops: the restart (Ray Train's
+        `run.max_failures`) builds the stream from the checkpoint restored now."""
+        if not getattr(self.train_data, "starts_at_newest_complete", False):
+            return
+        if self.env.is_main:
+            for path, reason in damaged:
+                ckpt.mark_damaged(path, reason)
+        if distributed_world()[1] > 1:
+            dist.barrier()
+        restored = found[0] if found is not None else "the start"
+        raise CheckpointError(f"checkpoint {damaged[0][0]} was found damaged while loading ({damaged[0][1]}), and "
+                              f"the training stream had been built from it; restarting the workers so that the "
+                              f"stream starts from {restored} (one restart of run.max_failures)")
 
     def _fresh_start(self) -> TrainState:
         """Step 0: the random init, or the weights of `model.init_from` (continued pretraining).
