@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--harness", metavar="TASKS",
                       help="run lm-evaluation-harness tasks (comma-separated; needs raylm[eval])")
     p.add_argument("--include-path", metavar="DIR", help="--harness: a directory of lm-eval task YAMLs of your own")
-    p.add_argument("--num-fewshot", type=int, default=None, help="--harness: few-shot examples per question")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per question (--task: overrides the task file's fewshot.num)")
     p.add_argument("--max-examples", type=int, default=None, help="--task / --harness: evaluate the first N examples")
 
     p = sub.add_parser("task", help="build a task's files, e.g. `raylm task build stdlib --out DIR`")
@@ -135,7 +135,7 @@ def _use_command(args: argparse.Namespace) -> None:
         from raylm.use.tasks import task_command
 
         task_command(args.path, args.task, json_path=args.json, batch_size=args.batch_size or 8,
-                     limit=args.max_examples, device=args.device)
+                     limit=args.max_examples, device=args.device, num_fewshot=args.num_fewshot)
     elif args.command == "eval" and args.harness:
         from raylm.use.harness import harness_command
 

@@ -492,7 +492,8 @@ def format_confusion(confusion: dict) -> list[str]:
 
 
 def task_command(path: str, task_path: str, *, json_path: str | None = None, batch_size: int = 8,
-                 limit: int | None = None, device: str = "auto", out=None) -> dict:
+                 limit: int | None = None, device: str = "auto", num_fewshot: int | None = None,
+                 out=None) -> dict:
     """`raylm eval RUN --task TASK.yaml`: load, evaluate, print; write --json."""
     from tqdm import tqdm
 
@@ -506,6 +507,8 @@ def task_command(path: str, task_path: str, *, json_path: str | None = None, bat
     if limit is not None and limit < 1:
         raise ConfigError(f"--max-examples={limit}: must be at least 1")
     task = load_task(task_path)
+    if num_fewshot is not None:
+        task.num_fewshot = _int(num_fewshot, "--num-fewshot", 0)
     examples = read_examples(task, task.data, limit)  # bad data is said before a model is loaded
     checkpoint = resolve_checkpoint(path)
     model, tokenizer, cfg = load_model(checkpoint, resolve_device(device), verified=True)
