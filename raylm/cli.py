@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default configs/demo.yaml's settings)")
 
     p = sub.add_parser("plot", help="PNGs of loss, learning rate, throughput and MFU against step")
-    p.add_argument("path", metavar="RUN_DIR", help="a run directory (holds metrics.jsonl), local or s3:// / gs://")
+    p.add_argument("path", metavar="RUN_DIR", help="a run directory (holds metrics.jsonl), local or s3:// / gs://; "
+                                                     "or an `eval --task --json` file: its confusion matrix")
     p.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR/plots), local or a URI")
 
     p = sub.add_parser("plan", help="memory per GPU, fit, time and cost of a config on N GPUs (no GPU needed)")
