@@ -57,12 +57,23 @@ class TokenizerConfig:
 class SourceConfig:
     path: str = STDLIB_CORPUS
     """A file, directory, glob or URI (s3://, gs://, file://); `python-stdlib` is the default corpus."""
-    format: Literal["text", "lines", "jsonl", "parquet"] = "text"
-    """text: one document per file; lines: one per line; jsonl: `field` of each record; parquet: `column`."""
+    format: Literal["text", "lines", "jsonl", "parquet", "pairs", "chat"] = "text"
+    """text: one document per file; lines: one per line; jsonl: `field` of each record; parquet: `column`;
+    pairs: JSONL records of `prompt_field` and `completion_field`, loss on the completion only;
+    chat: JSONL records whose `messages_field` lists {role, content}, rendered by `template`,
+    loss on the assistant turns only (`docs/data.md`, "Supervised formats")."""
     field: str = "text"
     """JSONL key holding the document text."""
     column: str = "text"
     """Parquet column holding the document text."""
+    prompt_field: str = "prompt"
+    """pairs: JSONL key of the prompt (attended to, not trained on)."""
+    completion_field: str = "completion"
+    """pairs: JSONL key of the completion (the trained tokens)."""
+    messages_field: str = "messages"
+    """chat: JSONL key of the list of {"role": system|user|assistant, "content": str} messages."""
+    template: Literal["chatml", "llama2"] = "chatml"
+    """chat: the template rendering a conversation (`raylm.data.chat`); `raylm export` carries it."""
     weight: float = 1.0
     """Mixture weight: this source's share of training tokens is weight / sum(weights)."""
     max_bytes: int | None = None
@@ -102,6 +113,19 @@ class DataConfig:
     stream_passes: int | None = None
     """Passes over the corpus the training stream holds; None derives enough for train.max_steps.
     A run whose stream ends first checkpoints and stops with one line saying how to continue."""
+    document_mask: bool | None = None
+    """Each packed document attends only to itself (block-diagonal causal mask, RoPE positions
+    restarting per document); None: on exactly when a source is `pairs` or `chat`."""
+
+    @property
+    def supervised(self) -> bool:
+        """A source has a loss mask (pairs, chat): the loss is normalised by trained tokens."""
+        return any(src.format in ("pairs", "chat") for src in self.sources)
+
+    @property
+    def documents_masked(self) -> bool:
+        """Whether attention is masked per document (`document_mask`, resolved)."""
+        return self.supervised if self.document_mask is None else self.document_mask
 
 
 @dataclass
@@ -507,6 +531,11 @@ def validate(cfg: Config) -> None:
     _require(d.stream_passes is None or d.stream_passes > 0, "data.stream_passes", d.stream_passes,
              "must be a positive integer or null")
     _require(len(d.sources) > 0, "data.sources", d.sources, "must name at least one source")
+    if d.supervised:
+        _require(d.add_bos, "data.add_bos", d.add_bos, "must be true with pairs or chat sources (a row's "
+                 "BOS tells a document's start from the continuation of one cut by the row before)")
+        _require(d.prepared_path is None, "data.prepared_path", d.prepared_path, "prepared shards do not "
+                 "carry pairs or chat sources yet; leave it unset to stream them")
     for i, src in enumerate(d.sources):
         _require(bool(src.path), f"data.sources.{i}.path", src.path, "must be a path or URI")
         _require(src.weight > 0, f"data.sources.{i}.weight", src.weight, "must be > 0")
@@ -539,8 +568,9 @@ def validate(cfg: Config) -> None:
     _require(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", t.max_nonfinite_steps,
              "must be a positive integer")
     init_from = cfg.model.init_from
-    _require(init_from == "" or (init_from.startswith("hf:") and len(init_from) > 3), "model.init_from", init_from,
-             "must be empty (random init) or hf:DIR, a Hugging Face Llama checkpoint directory")
+    _require(init_from != "hf:", "model.init_from", init_from,
+             "must be empty (random init), hf:DIR (a Hugging Face Llama checkpoint directory) or a raylm run "
+             "or checkpoint directory")
     _check_numbers(cfg, lower=True)
 
 
@@ -664,8 +694,11 @@ def _check_paths(cfg: Config) -> None:
     storage.check_scheme(cfg.run.output_dir, "run.output_dir", writes)
     storage.check_scheme(cfg.run.resume_from, "run.resume_from", writes)
     init_from = cfg.model.init_from
-    _require(not storage.is_uri(init_from.removeprefix("hf:")), "model.init_from", init_from,
-             "hf:DIR must name a local directory (download the checkpoint first)")
+    if init_from.startswith("hf:"):
+        _require(not storage.is_uri(init_from.removeprefix("hf:")), "model.init_from", init_from,
+                 "hf:DIR must name a local directory (download the checkpoint first)")
+    else:  # a raylm run or checkpoint, local or on object storage
+        storage.check_scheme(init_from or None, "model.init_from", writes)
 
 
 def _check_workers(cfg: Config) -> None:

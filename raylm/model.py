@@ -80,6 +80,7 @@ __all__ = [
     "RMSNorm",
     "precompute_rope",
     "apply_rope",
+    "document_layout",
     "KVCache",
     "LayerKV",
 ]
@@ -399,19 +400,41 @@ def precompute_rope(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x (B, T, H, D) by the angles in cos/sin (T, D // 2).
+    """Rotate adjacent channel pairs of x (B, T, H, D) by the angles in cos/sin (T, D // 2),
+    or (B, T, D // 2) when every row has its own positions.
 
     Computed in fp32 and cast back, so bf16 activations are rotated without extra rounding.
     """
     B, T, H, D = x.shape
     pairs = x.float().reshape(B, T, H, D // 2, 2)  # (B, T, H, D/2, 2)
     x_even, x_odd = pairs.unbind(-1)  # each (B, T, H, D/2)
-    cos = cos.float().reshape(1, T, 1, D // 2)  # (1, T, 1, D/2): broadcast over batch, heads
-    sin = sin.float().reshape(1, T, 1, D // 2)  # (1, T, 1, D/2)
+    rows = cos.shape[0] if cos.dim() == 3 else 1  # (B, T, D/2): positions per row (document_layout)
+    cos = cos.float().reshape(rows, T, 1, D // 2)  # (1 or B, T, 1, D/2): broadcast over heads
+    sin = sin.float().reshape(rows, T, 1, D // 2)  # (1 or B, T, 1, D/2)
     rotated = torch.stack(
         (x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1
     )  # (B, T, H, D/2, 2)
     return rotated.reshape(B, T, H, D).type_as(x)  # (B, T, H, D)
+
+
+def document_layout(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RoPE positions (B, T), attention mask (B, 1, T, T), True = attend) of rows of packed
+    documents, given each token's document number (B, T), non-decreasing along a row.
+
+    Two mechanisms, both needed for a packed document to be computed exactly as alone: the
+    block-diagonal causal mask keeps attention inside a document, and the position reset gives
+    its tokens the positions 0, 1, ... they have alone and at generation. (RoPE makes scores
+    depend on relative positions only, but the rotation tables at other absolute positions
+    round differently, and the model never sees a prompt start anywhere but 0 at inference.)
+    """
+    B, T = documents.shape
+    index = torch.arange(T, device=documents.device).expand(B, T)  # (B, T)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]  # (B, T): a document begins here
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # (B, T)
+    same = documents.unsqueeze(2) == documents.unsqueeze(1)  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()  # (T, T)
+    return index - first, (same & causal).unsqueeze(1)  # (B, T), (B, 1, T, T)
 
 
 # ----------------------------------------------------------------------------------------
@@ -546,7 +569,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        cache: LayerKV | None = None, start_pos: int = 0,
+        cache: LayerKV | None = None, start_pos: int = 0, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
@@ -561,7 +584,9 @@ class Attention(nn.Module):
         # Native GQA only pays off in half precision: for fp32 the fused CUDA kernels reject
         # unequal head counts and SDPA silently falls back to the O(T^2)-memory math kernel.
         native_gqa = _SDPA_HAS_ENABLE_GQA and q.dtype in (torch.float16, torch.bfloat16)
-        if cache is None:
+        if mask is not None:  # packed documents: causal within each (document_layout)
+            out = _grouped_attention(q, k, v, native_gqa, is_causal=False, mask=mask, scale=self.scale)
+        elif cache is None:
             out = _causal_attention(q, k, v, native_gqa, self.scale)  # (B, H, T, D)
         else:
             k, v = cache.update(k, v, start_pos)  # (B, KV, start_pos + T, D) each
@@ -593,9 +618,9 @@ class TransformerBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        cache: LayerKV | None = None, start_pos: int = 0,
+        cache: LayerKV | None = None, start_pos: int = 0, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -676,12 +701,17 @@ class Transformer(nn.Module):
         return total
 
     def forward(
-        self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+        self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids (B, T), in the activation dtype.
 
         With a ``cache``, ``tokens`` sit at positions ``start_pos ..``; their keys and values are
-        cached and they attend over the cached positions before them as well.
+        cached and they attend over the cached positions before them as well. With
+        ``documents`` (B, T), the document number of each token in its row (non-decreasing),
+        each token attends only to the tokens of its own document before it, and RoPE positions
+        restart at 0 with every document (`document_layout`): a packed document is computed as
+        it would be alone.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq_len), got {tuple(tokens.shape)}")
@@ -696,8 +726,16 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         cos = self.rope_cos[start_pos:end]  # (T, head_dim/2)
         sin = self.rope_sin[start_pos:end]  # (T, head_dim/2)
+        mask = None
+        if documents is not None:
+            if cache is not None:
+                raise ValueError("documents and a KV cache do not go together (generation is one document)")
+            positions, mask = document_layout(documents)  # (B, T), (B, 1, T, T)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim/2) each
         for i, layer in enumerate(self.layers):
-            if cache is None:  # training: blocks are called exactly as FSDP2 and compile saw them
+            if mask is not None:
+                h = layer(h, cos, sin, None, 0, mask)  # (B, T, dim)
+            elif cache is None:  # training: blocks are called exactly as FSDP2 and compile saw them
                 h = layer(h, cos, sin)  # (B, T, dim)
             else:
                 h = layer(h, cos, sin, cache.layers[i], start_pos)  # (B, T, dim)

@@ -159,8 +159,9 @@ def _training_error(message: str, chunks: list[str], vocab_size: int, character_
 def load_or_train(cfg: Config, sample: Callable[[], Iterable[str]], log: Callable[[str], None] = print,
                   *keep: str | Path | None) -> Tokenizer:
     """The one load-or-train: tokenizer.path, else the first existing file of `keep` (a resumed
-    checkpoint's tokenizer, the prepared data's), else the tokenizer of `model.init_from`
-    (continued pretraining keeps the vocabulary the weights were trained with), else a new one
+    checkpoint's tokenizer, the prepared data's), else the tokenizer of `model.init_from` (an HF
+    directory's, or a raylm run's or checkpoint's: continued pretraining and fine-tuning keep
+    the vocabulary the weights were trained with), else a new one
     trained on `sample()`."""
     t = cfg.tokenizer
     existing = next((p for p in keep if p is not None and storage.is_file(p)), None)
@@ -168,10 +169,12 @@ def load_or_train(cfg: Config, sample: Callable[[], Iterable[str]], log: Callabl
         tokenizer = Tokenizer.load(t.path)
     elif existing is not None:
         tokenizer = Tokenizer.load(existing)
-    elif cfg.model.init_from:
+    elif cfg.model.init_from.startswith("hf:"):
         from raylm.use.hf import hf_dir_of, hf_tokenizer_path
 
         tokenizer = Tokenizer.load(hf_tokenizer_path(hf_dir_of(cfg.model.init_from)))
+    elif cfg.model.init_from:
+        tokenizer = Tokenizer.load(_init_run_tokenizer(cfg.model.init_from))
     else:
         log(f"training a {t.model_type} tokenizer with {cfg.model.vocab_size} pieces ...")
         tokenizer = Tokenizer.train(
@@ -184,10 +187,23 @@ def load_or_train(cfg: Config, sample: Callable[[], Iterable[str]], log: Callabl
     return tokenizer
 
 
+def _init_run_tokenizer(init_from: str) -> str | Path:
+    """tokenizer.model of the raylm run or checkpoint `model.init_from` names (each holds one;
+    a checkpoint of an older run may hold it only in its run directory)."""
+    where = storage.location(init_from) if storage.is_uri(init_from) else Path(init_from).expanduser()
+    for candidate in (storage.child(where, "tokenizer.model"), storage.child(storage.parent_of(where), "tokenizer.model")):
+        if storage.is_file(candidate):
+            return candidate
+    raise DataError(f"model.init_from={init_from}: no tokenizer.model there (a raylm run or checkpoint "
+                    "directory holds one); set tokenizer.path to the tokenizer its model was trained with")
+
+
 def _training_chunks(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
     """Cut documents at line ends into chunks sentencepiece accepts, until max_bytes."""
     total = 0
     for text in texts:
+        if text.startswith("\0"):  # a supervised document: its segments joined (`raylm.data.parse.plain_text`)
+            text = text.replace("\0", "")
         start = 0
         while start < len(text) and total < max_bytes:
             end = min(len(text), start + _MAX_SENTENCE_CHARS)

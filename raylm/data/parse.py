@@ -31,6 +31,7 @@ BAD_INPUT_KINDS = (
     "missing_column",
     "empty_document",
     "oversized_document",
+    "nul_character",
 )
 """Every kind of bad input, in the order summaries list them."""
 
@@ -44,7 +45,7 @@ class FileSpec:
     path: str
     """The path as the filesystem knows it (shown in messages)."""
     format: str
-    """text | lines | jsonl | parquet"""
+    """text | lines | jsonl | parquet | pairs | chat"""
     id_base: str
     """Document id of the file (text) or the prefix of its documents' ids."""
     field: str = "text"
@@ -53,6 +54,12 @@ class FileSpec:
     lenient: bool = False
     """The default corpus: undecodable bytes are replaced and empty files skipped silently, as
     `raylm.data.corpus` has always read the standard library."""
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    """pairs: the JSONL keys of the prompt (no loss) and the completion (trained)."""
+    messages_field: str = "messages"
+    template: str = "chatml"
+    """chat: the JSONL key of the message list and the name of the template that renders it."""
 
 
 Problem = tuple[str, str]  # (kind, message)
@@ -176,11 +183,21 @@ def _parse_lines(data: bytes, spec: FileSpec):
             continue
         doc_id = f"{spec.id_base}:{number}"
         if spec.format == "lines":
-            docs.append((doc_id, line))
+            if line.startswith(SEGMENT):
+                problems.append(_nul(where, "line"))
+            else:
+                docs.append((doc_id, line))
             continue
         record, problem = _load_json(line, where)
         if problem is not None:
             problems.append(problem)
+            continue
+        if spec.format in SUPERVISED_FORMATS:
+            doc, problem = _supervised_document(record, spec, where)
+            if problem is not None:
+                problems.append(problem)
+            else:
+                docs.append((doc_id, doc))
             continue
         if not isinstance(record, dict) or spec.field not in record:
             what = "record" if isinstance(record, dict) else f"JSON {type(record).__name__}, not an object,"
@@ -196,9 +213,87 @@ def _parse_lines(data: bytes, spec: FileSpec):
             problems.append(surrogate)
         elif len(value) > spec.max_document_bytes:
             problems.append(_too_big(len(value.encode()), spec, where))
+        elif value.startswith(SEGMENT):
+            problems.append(_nul(where, spec.field))
         else:
             docs.append((doc_id, value))
     return docs, problems
+
+
+def _nul(where: str, field: str) -> Problem:
+    return ("nul_character", f"{where}: field {field!r} holds a NUL character (\\u0000), which raylm reserves")
+
+
+def _string_field(record: dict, key: str, where: str, option: str, allow_blank: bool = False
+                  ) -> tuple[str | None, Problem | None]:
+    if key not in record:
+        return None, ("missing_field", f"{where}: record has no field {key!r} ({option})")
+    value = record[key]
+    if not isinstance(value, str):
+        return None, ("missing_field", f"{where}: field {key!r} holds {type(value).__name__}, expected a string")
+    if not allow_blank and not value.strip():
+        return None, ("empty_document", f"{where}: empty document (field {key!r} is blank)")
+    if SEGMENT in value:
+        return None, _nul(where, key)
+    return value, _lone_surrogate(value, where)
+
+
+def _supervised_document(record: object, spec: FileSpec, where: str) -> tuple[str, Problem | None]:
+    """A pairs or chat record as one supervised document (`supervised_document`), or its problem."""
+    if not isinstance(record, dict):
+        return "", ("missing_field", f"{where}: JSON {type(record).__name__}, not an object, is not a "
+                                     f"{spec.format} record")
+    if spec.format == "pairs":
+        prompt, problem = _string_field(record, spec.prompt_field, where, "data.sources.*.prompt_field",
+                                        allow_blank=True)
+        if problem is not None:
+            return "", problem
+        completion, problem = _string_field(record, spec.completion_field, where, "data.sources.*.completion_field")
+        if problem is not None:
+            return "", problem
+        segments = [prompt, completion]
+    else:
+        from raylm.data.chat import render_segments
+
+        messages = record.get(spec.messages_field)
+        if messages is None:
+            return "", ("missing_field", f"{where}: record has no field {spec.messages_field!r} "
+                                         f"(data.sources.*.messages_field)")
+        segments, message = render_segments(messages, spec.template)
+        if message is not None:
+            return "", ("missing_field", f"{where}: field {spec.messages_field!r}: {message}")
+        if any(SEGMENT in seg for seg in segments):
+            return "", _nul(where, spec.messages_field)
+        for seg in segments:
+            if (surrogate := _lone_surrogate(seg, where)) is not None:
+                return "", surrogate
+    doc = supervised_document(segments)
+    if len(doc) > spec.max_document_bytes:
+        return "", _too_big(len(doc.encode()), spec, where)
+    return doc, None
+
+
+SUPERVISED_FORMATS = ("pairs", "chat")
+SEGMENT = "\0"
+"""Opens a supervised document and separates its segments. A NUL never reaches training inside
+text (text files with one are binary; a record or cell holding a leading one is bad input), so
+a document that starts with it is unambiguously supervised."""
+
+
+def supervised_document(segments: list[str]) -> str:
+    """Segments alternating no-loss (even: prompt, template text) and trained (odd: completion,
+    assistant turn) as one document string, which travels through every data path as text does."""
+    return SEGMENT + SEGMENT.join(segments)
+
+
+def document_segments(text: str) -> list[str] | None:
+    """The segments of a supervised document, or None for plain text."""
+    return text[1:].split(SEGMENT) if text.startswith(SEGMENT) else None
+
+
+def plain_text(text: str) -> str:
+    """The text a document renders to (segments joined): what the tokenizer is trained on."""
+    return text.replace(SEGMENT, "") if text.startswith(SEGMENT) else text
 
 
 def _parse_parquet(data: bytes, spec: FileSpec):
@@ -233,6 +328,8 @@ def _parse_parquet(data: bytes, spec: FileSpec):
             problems.append(("empty_document", f"{where}: empty document (column {spec.column!r} is null or blank)"))
         elif len(value) > spec.max_document_bytes:
             problems.append(_too_big(len(value.encode()), spec, where))
+        elif value.startswith(SEGMENT):
+            problems.append(_nul(where, spec.column))
         else:
             docs.append((f"{spec.id_base}:{row}", value))
     return docs, problems

@@ -168,7 +168,8 @@ def list_source(cfg: Config, i: int, notes: list[str] | None = None) -> tuple[pa
                 total += f[1]
             files = kept
     specs = [
-        PlannedFile(path, size, i, FileSpec(path, src.format, rel, src.field, src.column, d.max_document_bytes, lenient),
+        PlannedFile(path, size, i, FileSpec(path, src.format, rel, src.field, src.column, d.max_document_bytes, lenient,
+                                            src.prompt_field, src.completion_field, src.messages_field, src.template),
                     mtime)
         for path, size, rel, mtime in files
     ]

@@ -7,6 +7,12 @@ Packing layout: documents become `[BOS] tokens [EOS]` and are concatenated into 
 row i is `stream[i*L : i*L + L + 1]` for L = seq_len. Consecutive rows overlap by one token,
 so every token of the stream is a training target exactly once, no padding is ever needed,
 and a long document simply continues into the next row.
+
+Loss masks travel inside the token ids: a token that is not a training target (a pair's
+prompt, a chat's template text and user turns) is stored as ``-1 - id``, negative, so every
+path that moves rows (in memory, the Ray Data stream, its restarts and anchors) carries the
+mask without a second array, and plain text rows (never negative) are unchanged.
+`raylm.train.step` decodes them (`docs/data.md`, "Supervised formats").
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from collections.abc import Sequence
 from itertools import chain
 
 import numpy as np
+
+from raylm.data.parse import document_segments
 
 TOKEN_DTYPE = np.int32  # vocabularies up to 2**31; halves memory and Parquet size vs int64
 
@@ -58,6 +66,41 @@ def pack(stream: np.ndarray, seq_len: int, carry: np.ndarray | None = None) -> t
     return rows, flat[n_rows * seq_len :].copy()
 
 
+def masked_ids(ids: Sequence[int]) -> list[int]:
+    """Token ids marked as no-loss (`-1 - id`); `unmask` undoes it."""
+    return [-1 - i for i in ids]
+
+
+def unmask(tokens: np.ndarray) -> np.ndarray:
+    """(ids, trained) of stored tokens: ids >= 0, trained False where the token was masked."""
+    trained = tokens >= 0
+    return np.where(trained, tokens, -1 - tokens), trained
+
+
+def encode_documents(texts: Sequence[str], encode) -> list[list[int]]:
+    """Token ids of each document, `encode(list[str]) -> list[list[int]]`; a supervised document
+    (`raylm.data.parse.supervised_document`) is encoded segment by segment, its no-loss
+    segments marked (`masked_ids`). Plain text goes to `encode` as it always has."""
+    segmented = [document_segments(t) for t in texts]
+    if not any(s is not None for s in segmented):
+        return encode(list(texts))
+    pieces = [seg for s in segmented if s is not None for seg in s]
+    encoded = iter(encode(pieces)) if pieces else iter(())
+    plain = iter(encode([t for t, s in zip(texts, segmented) if s is None]) if any(s is None for s in segmented)
+                 else ())
+    out = []
+    for s in segmented:
+        if s is None:
+            out.append(list(next(plain)))
+            continue
+        ids: list[int] = []
+        for k in range(len(s)):
+            part = next(encoded)
+            ids += part if k % 2 else masked_ids(part)
+        out.append(ids)
+    return out
+
+
 def tokenize_and_pack(
     texts: Sequence[str],
     encode,
@@ -71,6 +114,6 @@ def tokenize_and_pack(
 
     Returns (rows (N, seq_len + 1), carry, tokens in the batch including BOS/EOS).
     """
-    stream = frame_documents(encode(list(texts)), bos_id, eos_id, add_bos)
+    stream = frame_documents(encode_documents(texts, encode), bos_id, eos_id, add_bos)
     rows, carry = pack(stream, seq_len, carry)
     return rows, carry, int(stream.size)

@@ -11,7 +11,7 @@ import ray
 
 from raylm.data.order import DataPosition
 from raylm.data.parse import sample_priority, split_documents
-from raylm.data.transforms import TOKEN_DTYPE, frame_documents, pack
+from raylm.data.transforms import TOKEN_DTYPE, encode_documents, frame_documents, pack
 from raylm.tokenizer import BOS_ID, EOS_ID
 
 
@@ -76,7 +76,9 @@ class TokenizeFrame:
         self.add_bos = add_bos
 
     def __call__(self, batch: dict) -> dict:
-        ids = self.sp.encode(list(batch["text"]), out_type=int, num_threads=1)  # the pool is the parallelism
+        # One sentencepiece thread: the pool is the parallelism. Supervised documents come
+        # back with their loss mask in the ids (`raylm.data.transforms`).
+        ids = encode_documents(list(batch["text"]), lambda texts: self.sp.encode(texts, out_type=int, num_threads=1))
         stream = frame_documents(ids, BOS_ID, EOS_ID, self.add_bos)
         framed = np.fromiter((len(t) + 1 + int(self.add_bos) for t in ids), dtype=np.int64, count=len(ids))
         pos = np.asarray(batch["pos"], dtype=np.int64)

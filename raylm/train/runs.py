@@ -34,8 +34,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from raylm import lock, storage
-from raylm.config import Config
+from raylm.config import Config, config_from_dict
 from raylm.data.plan import corpus_changes
 from raylm.errors import CheckpointError, ConfigError, DataError
 from raylm.lock import DirLock
@@ -73,6 +75,11 @@ def new_run_name(cfg: Config, now: dt.datetime | None = None) -> str:
 
 def resolve_run(cfg: Config, now: dt.datetime | None = None) -> RunSpec:
     """The run `cfg` asks for, as a new value; one-line errors for an impossible resume or name."""
+    init_from = cfg.model.init_from
+    if init_from and not init_from.startswith("hf:") and not is_uri(init_from):
+        # Absolute: Ray Train's workers, which load it, do not run in this directory.
+        model = dataclasses.replace(cfg.model, init_from=str(Path(init_from).expanduser().resolve()))
+        cfg = dataclasses.replace(cfg, model=model)
     output_dir = cfg.run.output_dir
     if not is_uri(output_dir):
         output_dir = str(Path(output_dir).expanduser().resolve())
@@ -87,10 +94,12 @@ def resolve_run(cfg: Config, now: dt.datetime | None = None) -> RunSpec:
         initial_checkpoint = str(initial)
     else:
         initial_checkpoint = None
-        if cfg.model.init_from:  # a mismatch is said before anything is written
+        if cfg.model.init_from.startswith("hf:"):  # a mismatch is said before anything is written
             from raylm.use.hf import check_init_from
 
             check_init_from(cfg.model)
+        elif cfg.model.init_from:
+            check_init_run(cfg)
     name = cfg.run.name or new_run_name(cfg, now)
     if cfg.run.name is not None and not is_uri(output_dir) and (Path(output_dir) / name).exists():
         existing = Path(output_dir) / name
@@ -233,6 +242,60 @@ def obtain_tokenizer(spec: RunSpec, sample: Callable[[], Iterable[str]], log: Ca
     if not (spec.in_place and storage.is_file(saved)):
         tokenizer.save(saved)
     return tokenizer
+
+
+# ---------------------------------------------------------------------------------------
+# `model.init_from: RUN_OR_CHECKPOINT`: fine-tuning starts from a raylm run's weights.
+
+SHAPE_EXEMPT = ("init_from", "max_seq_len", "init_std")
+"""ModelConfig fields a run may change from the run it starts from: the rest are the weights'
+shape and the function they compute."""
+
+
+def init_checkpoint(init_from: str, verify: bool = True) -> str:
+    """The checkpoint `model.init_from` names: itself, or a run directory's newest checkpoint
+    that passes its checksums (`checkpoint.newest_good`); CheckpointError of one line if none.
+    `verify=False` (the driver's early check) only resolves, as `run.resume_from` does."""
+    try:
+        run_dir, checkpoint = ckpt.resolve_resume(init_from)
+    except CheckpointError as e:
+        raise CheckpointError(f"model.init_from={init_from}: {str(e).split(': ', 1)[-1]}") from None
+    if run_dir is not None and verify:
+        found = ckpt.newest_good(ckpt.list_checkpoints(run_dir), log=lambda line: None)
+        if found is None:
+            raise CheckpointError(f"model.init_from={init_from}: no checkpoint passes its checksums")
+        checkpoint = found[0]
+    elif verify and (reason := ckpt.verify_checkpoint(checkpoint)) is not None:
+        raise CheckpointError(f"model.init_from={init_from}: {reason}")
+    return str(checkpoint)
+
+
+def init_run_config(checkpoint: str) -> Config:
+    """The config a checkpoint was trained with (its own config.yaml, else its run's)."""
+    for path in (storage.child(checkpoint, CONFIG_FILE), storage.child(storage.parent_of(checkpoint), CONFIG_FILE)):
+        if storage.is_file(path):
+            try:
+                return config_from_dict(yaml.safe_load(storage.read_bytes(path).decode()) or {})
+            except (yaml.YAMLError, ConfigError) as e:
+                raise ConfigError(f"model.init_from: {path} is not a raylm config ({str(e).splitlines()[0]})") from None
+    raise ConfigError(f"model.init_from: no {CONFIG_FILE} in {checkpoint} or its run directory")
+
+
+def check_init_run(cfg: Config) -> str:
+    """Before anything is written: `model.init_from` names a usable raylm checkpoint whose model
+    has this config's shape (else one line naming the first differing key and both values).
+    Returns the checkpoint."""
+    checkpoint = init_checkpoint(cfg.model.init_from, verify=False)
+    source = init_run_config(checkpoint).model
+    for f in dataclasses.fields(source):
+        if f.name in SHAPE_EXEMPT:
+            continue
+        mine, theirs = getattr(cfg.model, f.name), getattr(source, f.name)
+        if mine != theirs:
+            raise ConfigError(f"model.{f.name}={mine!r}: model.init_from={cfg.model.init_from} was trained with "
+                              f"model.{f.name}={theirs!r}; use its model settings (model.preset and the keys it "
+                              "overrides) to start from its weights")
+    return checkpoint
 
 
 # ---------------------------------------------------------------------------------------

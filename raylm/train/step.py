@@ -15,7 +15,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from raylm.tokenizer import BOS_ID, EOS_ID
 from raylm.train.parallel import distributed_world
+
+IGNORE_INDEX = -100
+"""cross_entropy's default ignore_index: a target that is not trained."""
 
 
 @dataclass
@@ -57,14 +61,54 @@ def target_count(batch: dict) -> int:
     return int(shape[0]) * (int(shape[1]) - 1)
 
 
-def loss_and_correct(model: torch.nn.Module, tokens: torch.Tensor, precision: str):
-    """Summed cross-entropy and correct-prediction count over the B*L targets of `tokens`."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
+def inputs_targets(tokens: torch.Tensor, document_mask: bool = False, supervised: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs (B, L), targets (B, L), documents (B, L) or None) of stored rows (B, L + 1).
+
+    A negative stored token is a no-loss token (`raylm.data.transforms.masked_ids`): its id is
+    restored and, as a target, it becomes IGNORE_INDEX. Plain text has none, so its inputs and
+    targets are the rows' own slices. Documents (`Transformer.forward`) count the EOS tokens
+    before each input. `supervised` (pairs, chat) also drops the targets that no pair trains:
+    a BOS (the next document's start, after an EOS) and those of a row's leading document when
+    the row does not start with its BOS (a pair cut by the row boundary: its prompt is in the
+    row before, out of reach)."""
+    kept = tokens >= 0  # (B, L + 1)
+    ids = torch.where(kept, tokens, -1 - tokens)  # (B, L + 1)
+    inputs = ids[:, :-1]  # (B, L)
+    targets = ids[:, 1:].masked_fill(~kept[:, 1:], IGNORE_INDEX)  # (B, L)
+    documents = None
+    if document_mask or supervised:
+        eos = (inputs == EOS_ID).int()  # (B, L)
+        documents = eos.cumsum(dim=1) - eos  # (B, L): EOS tokens strictly before each input
+    if supervised:
+        cut = (documents == 0) & (inputs[:, :1] != BOS_ID)  # (B, L)
+        targets = targets.masked_fill(cut | (targets == BOS_ID), IGNORE_INDEX)
+    return inputs, targets, documents if document_mask else None
+
+
+def trained_count(batch: dict, document_mask: bool = False, supervised: bool = False) -> int:
+    """Targets a micro-batch trains on: rows x seq_len for plain text; for supervised data the
+    targets `inputs_targets` keeps (counted on the host, where the rows are)."""
+    if not supervised:
+        return target_count(batch)
+    tokens = batch["tokens"]
+    tokens = tokens if isinstance(tokens, torch.Tensor) else torch.from_numpy(tokens)
+    if tokens.shape[0] == 0:
+        return 0
+    _, targets, _ = inputs_targets(tokens.long(), False, True)
+    return int((targets != IGNORE_INDEX).sum())
+
+
+def loss_and_correct(model: torch.nn.Module, tokens: torch.Tensor, precision: str,
+                     document_mask: bool = False, supervised: bool = False):
+    """Summed cross-entropy and correct-prediction count over the trained targets of `tokens`
+    (all B*L of them for plain text)."""
+    inputs, targets, documents = inputs_targets(tokens, document_mask, supervised)  # (B, L) each
     with autocast_for(tokens.device, precision):
-        logits = model(inputs)  # (B, L, V)
+        logits = model(inputs) if documents is None else model(inputs, documents=documents)  # (B, L, V)
     logits = logits.float()
     loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-    correct = (logits.argmax(dim=-1) == targets).sum()
+    correct = (logits.argmax(dim=-1) == targets).sum()  # an ignored target (-100) is never the argmax
     return loss_sum, correct
 
 
@@ -89,6 +133,8 @@ def train_step(
     grad_clip: float,
     world_size: int = 1,
     global_tokens: int | None = None,
+    document_mask: bool = False,
+    supervised: bool = False,
 ) -> StepStats:
     """Accumulate gradients over `micro_batches`, clip and update. Loss is the global mean.
 
@@ -102,31 +148,45 @@ def train_step(
     Loss and accuracy sums stay on the device; the step makes one host sync, after the
     gradient norm, to decide whether to apply the update: a non-finite loss or gradient norm
     (agreed by every rank, since both are global) skips it, so the weights stay finite.
+
+    `supervised` (pairs, chat: a loss mask in the rows) replaces `global_tokens` by the global
+    count of trained targets, summed over the ranks (one all-reduce, no host sync) before the
+    first backward, so a prompt token weighs nothing, not even in the mean.
     """
     local_tokens = sum(target_count(b) for b in micro_batches)
     if global_tokens is None:
         global_tokens = local_tokens * world_size
+    denominator: float | torch.Tensor = global_tokens
+    if supervised:
+        trained = torch.tensor([float(sum(trained_count(b, supervised=True) for b in micro_batches))],
+                               dtype=torch.float64, device=device)
+        denominator = _all_reduce_sum(trained)[0].clamp(min=1.0)  # a step of prompts only: loss 0, not nan
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, correct count) of this rank
     for i, batch in enumerate(micro_batches):
         _set_grad_sync(model, i == len(micro_batches) - 1)
         tokens, weight = to_device(batch, device)
-        loss_sum, correct = loss_and_correct(model, tokens, precision)
+        loss_sum, correct = loss_and_correct(model, tokens, precision, document_mask, supervised)
         loss_sum, correct = loss_sum * weight, correct * weight
-        (loss_sum * (world_size / global_tokens)).backward()
+        if supervised:
+            (loss_sum * (world_size / denominator).float()).backward()
+        else:
+            (loss_sum * (world_size / global_tokens)).backward()
         sums += torch.stack([loss_sum.detach().double(), correct.double()])
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
     _all_reduce_sum(sums)
-    loss_total, correct_total, norm = torch.cat([sums, grad_norm.detach().double().reshape(1)]).tolist()  # the sync
+    count = denominator.reshape(1) if supervised else sums.new_tensor([float(global_tokens)])
+    loss_total, correct_total, norm, n_targets = torch.cat(
+        [sums, grad_norm.detach().double().reshape(1), count]).tolist()  # the sync
     applied = math.isfinite(loss_total) and math.isfinite(norm)
     if applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(
-        loss=loss_total / global_tokens,
-        accuracy=correct_total / global_tokens,
+        loss=loss_total / n_targets,
+        accuracy=correct_total / n_targets,
         grad_norm=norm,
         tokens=local_tokens,
         applied=applied,
@@ -134,15 +194,18 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, device: torch.device, precision: str) -> dict[str, float]:
-    """Held-out loss, perplexity and accuracy, summed over every rank's batches (one host sync)."""
+def evaluate(model: torch.nn.Module, batches, device: torch.device, precision: str,
+             document_mask: bool = False, supervised: bool = False) -> dict[str, float]:
+    """Held-out loss, perplexity and accuracy, summed over every rank's batches (one host sync);
+    over the trained targets only for supervised data (`train_step`)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # (loss sum, correct, tokens)
     for batch in batches:  # every rank runs as many (an empty one runs with weight 0)
         tokens, weight = to_device(batch, device)
-        batch_loss, batch_correct = loss_and_correct(model, tokens, precision)
-        n_tokens = torch.tensor(float(target_count(batch)), dtype=torch.float64, device=device)
+        batch_loss, batch_correct = loss_and_correct(model, tokens, precision, document_mask, supervised)
+        n_tokens = torch.tensor(float(trained_count(batch, supervised=supervised)), dtype=torch.float64,
+                                device=device)
         sums += torch.stack([batch_loss.double() * weight, batch_correct.double() * weight, n_tokens])
     loss_sum, correct, n_tokens = _all_reduce_sum(sums).tolist()
     model.train(was_training)

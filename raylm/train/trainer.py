@@ -61,7 +61,7 @@ from raylm.optim import apply_group_settings, build_optimizer, lr_at, set_lr
 from raylm.train import checkpoint as ckpt
 from raylm.train.metrics import MetricsWriter, device_peak_flops, peak_memory_bytes
 from raylm.train.parallel import build_model, distributed_world
-from raylm.train.runs import RunFacts, check_resume
+from raylm.train.runs import RunFacts, check_resume, init_checkpoint
 from raylm.train.step import evaluate, train_step
 
 
@@ -284,11 +284,15 @@ class Trainer:
         restores its own checkpoints, never the import."""
         self.sink.rewind(0)
         init_from = self.cfg.model.init_from
-        if init_from:
+        if init_from.startswith("hf:"):
             from raylm.use.hf import load_hf_weights
 
             load_hf_weights(self.model, self.cfg.model)
             self.log(f"initial weights from {init_from}")
+        elif init_from:  # a raylm run or checkpoint: its weights only (not its optimizer, step or data)
+            source = init_checkpoint(init_from)
+            ckpt.load_checkpoint(source, self.model, verify=False)  # init_checkpoint verified it
+            self.log(f"initial weights from {source}")
         return self.state
 
     # -- the loop --------------------------------------------------------------------------
@@ -394,7 +398,8 @@ class Trainer:
         set_lr(self.optimizer, lr)
         global_tokens = cfg.sequences_per_step * cfg.data.seq_len
         stats = train_step(self.model, self.optimizer, micro, env.device, cfg.train.precision, cfg.train.grad_clip,
-                           env.world_size, global_tokens=global_tokens)
+                           env.world_size, global_tokens=global_tokens,
+                           document_mask=cfg.data.documents_masked, supervised=cfg.data.supervised)
         step_s = time.perf_counter() - step_start  # train_step's host sync waited for the device
 
         state.step += 1
@@ -430,7 +435,7 @@ class Trainer:
         B, E = cfg.train.micro_batch_size, cfg.eval_sequences
         it = self.val_data.micro_batches(DataPosition(), env.rank, env.world_size, B, E)
         result = evaluate(self.model, (next(it) for _ in range(rounds_per_step(E, env.world_size, B))),
-                          env.device, cfg.train.precision)
+                          env.device, cfg.train.precision, cfg.data.documents_masked, cfg.data.supervised)
         if result:
             self.log(f"eval at step {step}: held-out loss {result['val_loss']:.4f}, "
                      f"perplexity {result['val_perplexity']:.2f}, accuracy {result['val_accuracy']:.3f}")

@@ -10,7 +10,8 @@ An exported directory loads with `AutoModelForCausalLM.from_pretrained(DIR)` and
                                  and model.safetensors.index.json
     tokenizer.model              raylm's sentencepiece model, as trained
     tokenizer.json               the same tokenizer for the `tokenizers` library (written here)
-    tokenizer_config.json        PreTrainedTokenizerFast, special tokens, BOS added like raylm
+    tokenizer_config.json        PreTrainedTokenizerFast, special tokens, BOS added like raylm,
+                                 the chat template of a `format: chat` run (Jinja)
     special_tokens_map.json
 
 Weights: the names map one to one (wq -> q_proj, w1 -> gate_proj, w3 -> up_proj, w2 -> down_proj,
@@ -275,8 +276,17 @@ def _bpe_merges(pieces: list) -> list[list[str]]:
     return [[left, right] for *_, left, right in sorted(ranked)]
 
 
-def tokenizer_files(tokenizer: Tokenizer, add_bos: bool, max_seq_len: int) -> dict[str, bytes]:
-    """The tokenizer files of an exported directory, by name."""
+def chat_template_of(cfg) -> str | None:
+    """The Jinja chat template of the run's first `format: chat` source (`raylm.data.chat`), or None."""
+    from raylm.data.chat import JINJA
+
+    return next((JINJA[src.template] for src in cfg.data.sources if src.format == "chat"), None)
+
+
+def tokenizer_files(tokenizer: Tokenizer, add_bos: bool, max_seq_len: int,
+                    chat_template: str | None = None) -> dict[str, bytes]:
+    """The tokenizer files of an exported directory, by name; `chat_template` (Jinja) goes into
+    tokenizer_config.json, where `apply_chat_template` finds it."""
     names = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "unk_token": tokenizer.unk_id,
              "pad_token": tokenizer.pad_id}
     special = {key: tokenizer.sp.id_to_piece(i) for key, i in names.items()}
@@ -292,6 +302,8 @@ def tokenizer_files(tokenizer: Tokenizer, add_bos: bool, max_seq_len: int) -> di
         "model_max_length": max_seq_len,
         "padding_side": "left",
     }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     return {
         "tokenizer.model": tokenizer.to_bytes(),
         "tokenizer.json": _json_bytes(tokenizer_json(tokenizer, add_bos)),
@@ -393,7 +405,7 @@ def export_hf(path: str | Path, out: str | Path, *, dtype: str = "float32",
             "config.json": _json_bytes(hf_config(cfg, torch_dtype, tokenizer)),
             "generation_config.json": _json_bytes(
                 generation_config(cfg, tokenizer, run_cfg.run.temperature, run_cfg.run.top_k)),
-            **tokenizer_files(tokenizer, run_cfg.data.add_bos, cfg.max_seq_len),
+            **tokenizer_files(tokenizer, run_cfg.data.add_bos, cfg.max_seq_len, chat_template_of(run_cfg)),
         }
         if remote:
             _upload(staging, uploads, files)
