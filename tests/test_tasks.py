@@ -68,11 +68,12 @@ def _forward_logprob(model, ids: list[int], n_targets: int) -> float:
 
 def test_scores_equal_one_plain_forward_in_any_batch(run):
     """A pair's loglikelihood is log P(continuation | BOS + context) of one unpadded forward, whatever
-    the batch it shares (padding never leaks), the context's trailing whitespace moved to the
+    the batch it shares (padding never leaks) and when choices share their context's KV cache, the context's trailing whitespace moved to the
     continuation as lm-eval moves it; a short text's rolling loglikelihood is its tokens'
     log P after BOS; a long text's windows predict each token once, with the window's context."""
     _, model, tokenizer, cfg, _ = run
-    requests = [("def f(x):\n    return", " x"), ("import", " os"), ("", "class A:"), ("x = 1\n" * 3, "y")]
+    requests = [("def f(x):\n    return", " x"), ("import", " os"), ("", "class A:"), ("x = 1\n" * 3, "y"),
+                ("def f(x):\n    return", " y + 1 if z else None"), ("def f(x):\n    return", " (")]  # one context
     one = Scorer(model, tokenizer, batch_size=1, window=cfg.data.seq_len).loglikelihood(requests)
     batched = Scorer(model, tokenizer, batch_size=3, window=cfg.data.seq_len).loglikelihood(requests)
     for (context, continuation), (lp1, g1), (lp3, g3) in zip(requests, one, batched):

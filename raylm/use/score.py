@@ -17,8 +17,9 @@ evaluation's (raylm.use.tasks). Both agree with lm-eval's `HFLM` over `raylm exp
   predicts up to `window` new tokens with as much of the text before them as fits
   (lm-eval's `get_rolling_token_windows` with context 1, `make_disjoint_window`).
 
-Batches are sorted by length (longest first) so padding stays small; results come back in the
-order asked. Generation runs the KV-cache loop of raylm.use.generate, one prompt at a time.
+Continuations of one context (a question's choices) share one run of the context through a KV
+cache; other rows go in batches sorted by length (longest first) so padding stays small; results
+come back in the order asked (the numbers are a plain forward's either way; tested). Generation runs the KV-cache loop of raylm.use.generate, one prompt at a time.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from raylm.model import KVCache
 from raylm.tokenizer import Tokenizer
 from raylm.use.generate import SamplingOptions, _forward, generate_ids
 
@@ -88,14 +90,32 @@ class Scorer:
         """`loglikelihood` on ids: (context ids, continuation ids); a context may be empty only
         when the continuation's first token is predicted from nothing, which the model cannot do,
         so an empty context gets the BOS (or EOS) token as lm-eval gives it its prefix token."""
-        rows = []
-        for context, continuation in pairs:
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        rows, row_of = [], []
+        for i, (context, continuation) in enumerate(pairs):
             if not context:
                 context = [self.tokenizer.bos_id if self.add_bos else self.tokenizer.eos_id]
+            if len(context) + len(continuation) - 1 <= self.window:
+                groups.setdefault(tuple(context), []).append(i)
+                continue
             full = (context + continuation)[-(self.window + 1):]
             n = min(len(continuation), len(full) - 1)
             rows.append((full[:-1], full[len(full) - n:]))
-        return self._score_rows(rows, progress)
+            row_of.append(i)
+        for i, result in zip(row_of, self._score_rows(rows, progress) if rows else []):
+            results[i] = result
+        for context, members in groups.items():
+            if len(members) == 1:  # nothing to share: one plain row
+                i = members[0]
+                full = list(context) + pairs[i][1]
+                results[i] = self._score_rows([(full[:-1], pairs[i][1])], None)[0]
+            else:
+                for i, result in zip(members, self._score_shared(list(context), [pairs[i][1] for i in members])):
+                    results[i] = result
+            if progress is not None:
+                progress(len(members))
+        return results  # type: ignore[return-value]
 
     def loglikelihood_rolling(self, texts: Sequence[str], progress: Progress | None = None) -> list[float]:
         """log P(text) of each whole text (every token predicted once, BOS given), in windows."""
@@ -145,6 +165,38 @@ class Scorer:
             if cut is not None:
                 return text[:cut]
         return text
+
+    @torch.no_grad()
+    def _score_shared(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        """Several continuations of one context (the choices of a question): the context runs
+        once into a KV cache, copied for each continuation, which then run together (a choice
+        task costs one context instead of one per choice; the numbers are a plain forward's)."""
+        longest = max(len(c) for c in continuations)
+        cache = KVCache(self.model.config, max_len=len(context) + longest)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            tokens = torch.tensor([context], dtype=torch.long, device=self.device)  # (1, Tc)
+            first = F.log_softmax(_forward(self.model, tokens, cache, 0)[0, -1].float(), dim=-1).cpu()  # (V,)
+            B = len(continuations)
+            for layer in cache.layers:
+                layer.k = layer.k.expand(B, -1, -1, -1).contiguous()  # (B, KV, max_len, D)
+                layer.v = layer.v.expand(B, -1, -1, -1).contiguous()  # (B, KV, max_len, D)
+            rest = None
+            if longest > 1:
+                padded = torch.full((B, longest - 1), self.tokenizer.pad_id, dtype=torch.long)  # (B, Tx - 1)
+                for b, cont in enumerate(continuations):
+                    padded[b, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                logits = _forward(self.model, padded.to(self.device), cache, len(context))  # (B, Tx - 1, V)
+                rest = F.log_softmax(logits.float(), dim=-1).cpu()  # (B, Tx - 1, V)
+        finally:
+            self.model.train(was_training)
+        out = []
+        for b, cont in enumerate(continuations):
+            rows = first[None] if rest is None else torch.cat([first[None], rest[b, :len(cont) - 1]])  # (n, V)
+            target = torch.tensor(cont, dtype=torch.long)  # (n,)
+            out.append((float(rows.gather(1, target[:, None]).sum()), bool((rows.argmax(dim=-1) == target).all())))
+        return out
 
     @torch.no_grad()
     def _score_rows(self, rows: list[tuple[list[int], list[int]]],
