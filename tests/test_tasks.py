@@ -82,6 +82,11 @@ def test_scores_equal_one_plain_forward_in_any_batch(run):
         expected = _forward_logprob(model, [tokenizer.bos_id] + whole, len(whole) - len(ctx))
         assert lp1 == pytest.approx(expected, abs=1e-4) and lp3 == pytest.approx(expected, abs=1e-4)
         assert g1 == g3
+    overflowing = "for i in range(10):\n    total += i * i\n" * 2  # longer than a 16-token window
+    small = Scorer(model, tokenizer, window=16)
+    (longest, _), _ = small.loglikelihood([(overflowing, "print(total)"), (overflowing, "x")])
+    context, continuation = small.encode_pair(overflowing, "print(total)")
+    assert longest == pytest.approx(_forward_logprob(model, (context + continuation)[-17:], len(continuation)), abs=1e-4)
     short = "def main():\n    pass\n"
     ids = tokenizer.encode_one(short)
     scorer = Scorer(model, tokenizer, window=cfg.data.seq_len)

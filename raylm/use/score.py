@@ -12,7 +12,10 @@ evaluation's (raylm.use.tasks). Both agree with lm-eval's `HFLM` over `raylm exp
   the context's own encoding (so a piece that spans the boundary is split as the text is).
 - Every sequence starts with BOS when the run trained with `data.add_bos` (as its documents did).
 - A sequence longer than the window keeps its last `window + 1` tokens (the context is cut
-  from the left); log-probabilities are over the model's whole output (fp32 log-softmax).
+  from the left). Continuations of one context share one cut, the one the longest needs: a
+  shorter one then sees up to (longest - its length) fewer of the context's first tokens than
+  lm-eval's per-request cut would give it (only when the context overflows the window).
+  Log-probabilities are over the model's whole output (fp32 log-softmax).
 - Rolling windows: the first predicts the first `window` tokens after BOS; each next one
   predicts up to `window` new tokens with as much of the text before them as fits
   (lm-eval's `get_rolling_token_windows` with context 1, `make_disjoint_window`).
@@ -24,6 +27,7 @@ come back in the order asked (the numbers are a plain forward's either way; test
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -93,9 +97,19 @@ class Scorer:
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         groups: dict[tuple[int, ...], list[int]] = {}
         rows, row_of = [], []
+        shared = Counter(tuple(context) for context, _ in pairs)
+        longest: dict[tuple[int, ...], int] = {}
+        for context, continuation in pairs:
+            longest[tuple(context)] = max(longest.get(tuple(context), 0), len(continuation))
         for i, (context, continuation) in enumerate(pairs):
+            key = tuple(context)
             if not context:
                 context = [self.tokenizer.bos_id if self.add_bos else self.tokenizer.eos_id]
+            if shared[key] > 1 and longest[key] <= self.window:
+                # the cut that the longest continuation needs, for all of them (one cache)
+                keep = self.window + 1 - longest[key]
+                groups.setdefault(tuple(context[-keep:]), []).append(i)
+                continue
             if len(context) + len(continuation) - 1 <= self.window:
                 groups.setdefault(tuple(context), []).append(i)
                 continue
