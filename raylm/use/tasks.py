@@ -387,9 +387,11 @@ def generation_scores(prediction: str, answers: list[str], rouge) -> dict[str, f
 # Running a task
 
 
-def run_task(task: Task, scorer, *, limit: int | None = None, progress=None) -> dict:
-    """{"metrics": ..., "predictions": [...]} of the task's examples with `scorer` (raylm.use.score.Scorer)."""
-    examples = read_examples(task, task.data, limit)
+def run_task(task: Task, scorer, *, limit: int | None = None, progress=None,
+             examples: list[Example] | None = None) -> dict:
+    """{"metrics": ..., "predictions": [...]} of the task's examples (read from its data file unless
+    given) with `scorer` (raylm.use.score.Scorer)."""
+    examples = read_examples(task, task.data, limit) if examples is None else examples
     if task.kind == "choice":
         return _run_choice(task, scorer, examples, progress)
     if task.kind == "generate":
@@ -515,7 +517,7 @@ def task_command(path: str, task_path: str, *, json_path: str | None = None, bat
     scorer = Scorer(model, tokenizer, add_bos=cfg.data.add_bos, batch_size=batch_size or 8, window=cfg.data.seq_len)
     total = len(examples) * (len(examples[0].choices) if task.kind == "choice" else 1)
     with tqdm(total=total, unit="req", desc=f"eval {task.name}", disable=not sys.stderr.isatty()) as bar:
-        result = run_task(task, scorer, limit=limit, progress=bar.update)
+        result = run_task(task, scorer, progress=bar.update, examples=examples)
     print(format_result(task, str(checkpoint), result["metrics"]), file=out)
     record = {"checkpoint": str(checkpoint), "task": task_path, "kind": task.kind, "num_fewshot": task.num_fewshot,
               "normalize": task.normalize if task.kind == "choice" else None, **result}
