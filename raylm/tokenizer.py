@@ -191,7 +191,8 @@ def _init_run_tokenizer(init_from: str) -> str | Path:
     """tokenizer.model of the raylm run or checkpoint `model.init_from` names (each holds one;
     a checkpoint of an older run may hold it only in its run directory)."""
     where = storage.location(init_from) if storage.is_uri(init_from) else Path(init_from).expanduser()
-    for candidate in (storage.child(where, "tokenizer.model"), storage.child(storage.parent_of(where), "tokenizer.model")):
+    for folder in (where, storage.parent_of(where)):
+        candidate = storage.child(folder, "tokenizer.model")
         if storage.is_file(candidate):
             return candidate
     raise DataError(f"model.init_from={init_from}: no tokenizer.model there (a raylm run or checkpoint "

@@ -86,7 +86,7 @@ def inputs_targets(tokens: torch.Tensor, document_mask: bool = False, supervised
     return inputs, targets, documents if document_mask else None
 
 
-def trained_count(batch: dict, document_mask: bool = False, supervised: bool = False) -> int:
+def trained_count(batch: dict, supervised: bool = False) -> int:
     """Targets a micro-batch trains on: rows x seq_len for plain text; for supervised data the
     targets `inputs_targets` keeps (counted on the host, where the rows are)."""
     if not supervised:
