@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from raylm.errors import RaylmError
+from raylm.errors import ConfigError, RaylmError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -132,6 +132,8 @@ def _check_path_args(args: argparse.Namespace) -> None:
 def _use_command(args: argparse.Namespace) -> None:
     """Commands on a run or checkpoint rather than on a config."""
     _check_path_args(args)
+    if args.command == "eval" and (args.task or args.harness) and args.data:
+        raise ConfigError(f"--data and --{'task' if args.task else 'harness'}: give one (a task names its own data)")
     if args.command == "eval" and args.task:
         from raylm.use.tasks import task_command
 
