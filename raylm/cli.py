@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from raylm.errors import RaylmError
+from raylm.errors import ConfigError, RaylmError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -76,9 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenise and pack through Ray Data (auto: when the data is larger than 64 MB)")
     p.add_argument("--device", default="auto", help="auto (GPU when there is one, in bf16), cpu, cuda, cuda:N")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON to FILE")
+    task = p.add_mutually_exclusive_group()
+    task.add_argument("--task", metavar="TASK.yaml",
+                      help="evaluate a task (choice, generate or loglikelihood; docs/tasks.md) instead of --data")
+    task.add_argument("--harness", metavar="TASKS",
+                      help="run lm-evaluation-harness tasks (comma-separated; needs raylm[eval])")
+    p.add_argument("--include-path", metavar="DIR", help="--harness: a directory of lm-eval task YAMLs of your own")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per question (--task: overrides the task file's fewshot.num)")
+    p.add_argument("--max-examples", type=int, default=None, help="--task / --harness: evaluate the first N examples")
+
+    p = sub.add_parser("task", help="build a task's files, e.g. `raylm task build stdlib --out DIR`")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("name", choices=["stdlib"], help="stdlib: a Python snippet labelled by its standard-library package")
+    p.add_argument("--out", required=True, metavar="DIR", help="new (or empty) directory for the task's files")
+    p.add_argument("--config", default=None, metavar="CONFIG.yaml",
+                   help="the pretraining config whose held-out files stay out of the training split "
+                        "(default configs/demo.yaml's settings)")
 
     p = sub.add_parser("plot", help="PNGs of loss, learning rate, throughput and MFU against step")
-    p.add_argument("path", metavar="RUN_DIR", help="a run directory (holds metrics.jsonl), local or s3:// / gs://")
+    p.add_argument("path", metavar="RUN_DIR", help="a run directory (holds metrics.jsonl), local or s3:// / gs://; "
+                                                     "or an `eval --task --json` file: its confusion matrix")
     p.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR/plots), local or a URI")
 
     p = sub.add_parser("plan", help="memory per GPU, fit, time and cost of a config on N GPUs (no GPU needed)")
@@ -115,7 +132,20 @@ def _check_path_args(args: argparse.Namespace) -> None:
 def _use_command(args: argparse.Namespace) -> None:
     """Commands on a run or checkpoint rather than on a config."""
     _check_path_args(args)
-    if args.command == "eval":
+    if args.command == "eval" and (args.task or args.harness) and args.data:
+        raise ConfigError(f"--data and --{'task' if args.task else 'harness'}: give one (a task names its own data)")
+    if args.command == "eval" and args.task:
+        from raylm.use.tasks import task_command
+
+        task_command(args.path, args.task, json_path=args.json, batch_size=args.batch_size or 8,
+                     limit=args.max_examples, device=args.device, num_fewshot=args.num_fewshot)
+    elif args.command == "eval" and args.harness:
+        from raylm.use.harness import harness_command
+
+        harness_command(args.path, args.harness, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                        limit=args.max_examples, batch_size=args.batch_size or 8, device=args.device,
+                        json_path=args.json)
+    elif args.command == "eval":
         from raylm.use.evaluate import eval_command
 
         eval_command(args.path, data=args.data, fmt=args.format, text_key=args.text_key,
@@ -171,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "tune":
             _tune_command(args, parser)
+            return 0
+        if args.command == "task":
+            from raylm.use.task_build import build_stdlib_task
+
+            for line in build_stdlib_task(args.out, config=args.config):
+                print(line)
             return 0
         from raylm.config import load_config
 

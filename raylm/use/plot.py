@@ -87,7 +87,10 @@ def _smoothed(line: tuple[list[int], list[float]], label: str, style: dict) -> l
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[str | Path]:
-    """Write the run's PNGs into `out` (default RUN_DIR/plots); return their paths."""
+    """Write the run's PNGs into `out` (default RUN_DIR/plots); return their paths. A task
+    evaluation's --json file instead gives its confusion matrix (`plot_confusion`)."""
+    if str(run_dir).endswith(".json"):
+        return [plot_confusion(run_dir, out)]
     run_dir = storage.location(run_dir)
     # A prefix on a bucket is a directory only through its objects: there, metrics.jsonl is the check.
     if not storage.is_uri(run_dir) and not run_dir.is_dir():
@@ -166,4 +169,48 @@ def _plot(target: str | Path, title: str, ylabel: str, lines: list, restores: li
         fig.savefig(target)
     except OSError as e:
         raise DataError(f"{target}: cannot write ({e.strerror})") from None
+    return target
+
+
+def plot_confusion(eval_json: str | Path, out: str | Path | None = None) -> str | Path:
+    """`raylm plot EVAL.json`: the confusion matrix of a choice task's `raylm eval --task --json`
+    file as confusion.png (rows: gold label, columns: predicted; counts in the cells), in `out`
+    (default: beside the JSON file)."""
+    eval_json = storage.location(eval_json)
+    try:
+        record = json.loads(storage.read_bytes(eval_json))
+    except FileNotFoundError:
+        raise DataError(f"{eval_json}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{eval_json}: not a JSON file ({str(e).splitlines()[0]})") from None
+    confusion = record.get("metrics", {}).get("confusion") if isinstance(record, dict) else None
+    if not confusion:
+        raise DataError(f"{eval_json}: holds no confusion matrix (write one with raylm eval RUN --task "
+                        "CHOICE_TASK.yaml --json FILE)")
+    labels, matrix = confusion["labels"], confusion["matrix"]
+    side = min(12.0, 2.5 + 0.5 * len(labels))
+    fig = Figure(figsize=(side + 1.0, side), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="examples")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    peak = max((v for row in matrix for v in row), default=0)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
+                    color="white" if value > peak / 2 else "black")
+    accuracy = record["metrics"].get("accuracy")
+    ax.set_title(f"{storage.name_of(eval_json)}: confusion" + (f" (accuracy {accuracy:.3f})" if accuracy is not None else ""))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    out = storage.parent_of(eval_json) if out is None else storage.location(out)
+    if not storage.is_uri(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+    target = storage.child(out, "confusion.png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    with storage.errors(target, None, DataError):
+        storage.write_bytes(target, png.getvalue())
     return target
