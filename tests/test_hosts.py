@@ -115,7 +115,7 @@ def records(h: Hosts, run: str) -> list[dict]:
 
 G = 8  # debug preset: sequences per step
 # Ray's health checks as docs/elastic.md recommends for spot clusters (bench/hosts_faults.py --detect)
-DETECT_FAST = "RAY_health_check_period_ms=1000 RAY_health_check_failure_threshold=5"
+DETECT_FAST = "RAY_health_check_period_ms=2000 RAY_health_check_timeout_ms=2000 RAY_health_check_failure_threshold=5"
 FAULT_STEPS = 120  # room for both faults even when steps are fast and detection slow
 
 
