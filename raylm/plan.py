@@ -77,7 +77,14 @@ its forward under autocast, below):
     the fp32 reduce-scatter input 4*Pb), the output head's unsharded gradient (c*V*D, until
     the root reduces at the end of backward), and a recomputed block (A + 3cF per token).
     Counting c*(Pr + 2*Pb) + (c+4)*Pb with the loss's gradients, as a first version did,
-    overstated the 125m preset over 2 CPU ranks by 8%.
+    overstated the 125m preset over 2 CPU ranks by 8%. A third instant is the end of backward, when the root
+    reduces: c*Pr (its weights, still gathered) + (c+4)*Pr (its unsharded gradient and the fp32
+    reduce-scatter input) + 4*(N - Pr)/W (every block's shard, already made; with k > 1 they
+    are the carried term), no activations. It is the peak when the root is a large share of
+    the model and the micro-batch is small (125m over 2 CPU ranks at 128 tokens per
+    micro-batch: a version without it read 16% low, bench/scale_memory.py). Under grad_sync
+    last with k > 1 the root does not reduce on the micro-batches before the last: c*Pr
+    instead of (c+4)*Pr, beside the carried 4N.
   - W = 1, bf16: autocast casts each matmul weight to bf16 as the forward reaches it and
     caches the copy until its context exits after the forward. The peak is the larger of
     two instants: the end of the forward, with every copy (2*Nm) and the logits (cV per
@@ -363,20 +370,30 @@ def autocast_peak(m: ModelConfig, mode: str, tokens: int) -> tuple[int, int]:
     return max(end_of_forward, loss, recompute, key=sum)
 
 
-def fsdp_peak(m: ModelConfig, mode: str, tokens: int, c: int) -> tuple[int, int]:
+def fsdp_peak(m: ModelConfig, mode: str, tokens: int, c: int, world_size: int = 2, k: int = 1,
+              grad_sync: str = "every") -> tuple[int, int]:
     """(working weights and buffers, activations) at the forward/backward peak of an FSDP2
-    worker: at the start of backward (the root and the last block, which is not resharded
-    after forward, gathered; the loss's gradients alive) or, if larger, during a block's
-    backward (the root and two blocks gathered, the block's unsharded gradients and fp32
-    reduce-scatter input, the output head's unsharded gradient; a recomputed block alive)."""
+    worker, besides the gradients carried from earlier micro-batches (`carried_grad_bytes`):
+    at the start of backward (the root and the last block, which is not resharded after
+    forward, gathered; the loss's gradients alive) or, if larger, during a block's backward
+    (the root and two blocks gathered, the block's unsharded gradients and fp32 reduce-scatter
+    input, the output head's unsharded gradient; a recomputed block alive) or at the end of
+    backward, when the root reduces (its weights still gathered, its unsharded gradient and
+    that gradient's fp32 reduce-scatter input, and, without accumulation, every block's
+    gradient shard made so far; no activations). Under grad_sync "last" with accumulation the
+    root does not reduce: its new gradient is added to the carried whole one."""
     parts = activation_bytes_per_token(m, mode, c, c)
     Pb = block_params(m)
-    Pr = m.num_params() - m.n_layers * Pb
+    N = m.num_params()
+    Pr = N - m.n_layers * Pb
     saved = parts["saved"] + parts["head"]
     loss = (c * (Pr + Pb), int(tokens * (saved + parts["loss"])))
     block = (c * (Pr + 2 * Pb) + (c + 4) * Pb + c * m.vocab_size * m.dim,
              int(tokens * (parts["saved"] + parts["recompute"])))
-    return max(loss, block, key=sum)
+    reduces = k == 1 or grad_sync == "every"
+    shards_so_far = 4 * (N - Pr) // world_size if k == 1 else 0  # with k > 1 they are in the carried term
+    end = (c * Pr + (c + 4 if reduces else c) * Pr + shards_so_far, 0)
+    return max(loss, block, end, key=sum)
 
 
 def carried_grad_bytes(N: int, W: int, k: int, sharded: bool, grad_sync: str) -> int:
@@ -417,7 +434,7 @@ def estimate_memory(cfg: Config, world_size: int, device: str = "cuda",
     sharded = W > 1 if fsdp is None else fsdp
     sync = cfg.train.grad_sync if grad_sync is None else grad_sync
     if sharded:  # FSDP2 gathers in the compute dtype; the residual stream is in it too
-        working, activations = fsdp_peak(m, mode, BT, c)
+        working, activations = fsdp_peak(m, mode, BT, c, W, k, sync)
     elif bf16:
         working, activations = autocast_peak(m, mode, BT)
     else:  # fp32 weights are used as they are
