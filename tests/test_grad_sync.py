@@ -133,3 +133,22 @@ def test_a_grad_sync_value_other_than_every_or_last_is_one_line_naming_the_key(t
     with pytest.raises(ConfigError, match=r"^train\.grad_sync='sometimes': must be one of every, last$"):
         grad_sync_config(tmp_path, "sometimes")
     assert load_config(None, []).train.grad_sync == "every"
+
+
+def test_planner_carries_the_gradient_as_a_shard_under_every_and_whole_under_last():
+    """raylm plan: between micro-batches a GPU holds 4N/W bytes of gradient under every, 4N under
+    last; one GPU (no sharding) or one micro-batch per step makes the modes the same; every
+    moves k-1 more fp32 reduce-scatters of N(W-1)/W per step."""
+    from raylm.plan import estimate_memory
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "llama2-7b.yaml"))
+    N, W = cfg.model.num_params(), 64
+    every, last = (estimate_memory(cfg, W, grad_sync=mode) for mode in ("every", "last"))
+    k = every.grad_accum_steps
+    assert k == 8 and every.carried_grad_bytes == 4 * N // W and last.carried_grad_bytes == 4 * N
+    assert every.total_bytes < last.total_bytes
+    assert every.comm_bytes - last.comm_bytes == pytest.approx((k - 1) * 4 * N * (W - 1) / W, rel=1e-9)
+    one_gpu = [estimate_memory(cfg, 1, grad_sync=mode) for mode in ("every", "last")]
+    assert one_gpu[0].carried_grad_bytes == one_gpu[1].carried_grad_bytes == 4 * N
+    no_accum = [estimate_memory(cfg, 1024 // cfg.train.micro_batch_size, grad_sync=mode) for mode in ("every", "last")]
+    assert no_accum[0].grad_accum_steps == 1 and no_accum[0].total_bytes == no_accum[1].total_bytes
