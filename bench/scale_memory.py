@@ -17,10 +17,15 @@ counts (glibc would otherwise keep freed blocks in its heap and the high-water m
 include them). Each rank first runs one step of a tiny model (kernels, thread pools, gloo
 buffers are loaded), takes its RSS as the baseline, builds the model and the optimizer, and runs
 one step of one micro-batch so that AdamW's state exists, as it does in every step after the
-first. Then it restarts the kernel's high-water mark (/proc/self/clear_refs, VmHWM) and runs the
-measured step with all its micro-batches: peak = VmHWM - baseline. This is the steady-state
-step the planner models (resident parameters and optimizer state + the larger of the
-forward/backward and the optimizer step). The table shows the larger of the two ranks.
+first. Then, before each measured step, it restarts the kernel's high-water mark
+(/proc/self/clear_refs, VmHWM): a step's peak = VmHWM - baseline. This is the steady-state step
+the planner models (resident parameters and optimizer state + the larger of the forward/backward
+and the optimizer step). Each case measures the same number of micro-batches (8: one step of 8,
+or 8 steps of 1), since the peak of a small micro-batch is an instant that recurs in each one
+(the root's reduce-scatter at the end of backward) and varies by a few percent from one to the
+next (which allocations land in the mmap'd tensors and which in glibc's heap arenas): comparing
+8 samples of it with 1 would favour accumulation 1. The table shows the largest step peak over
+the steps and the two ranks, with the smallest step's beside it.
 The step's loss is printed too: the same in both modes (one reduction per micro-batch or one per
 step sums the same gradients).
 """
@@ -79,7 +84,8 @@ def warm_up(device) -> None:
     gc.collect()
 
 
-def measure(rank: int, preset: str, seq_len: int, micro_batch: int, accum: int, grad_sync: str) -> dict:
+def measure(rank: int, preset: str, seq_len: int, micro_batch: int, accum: int, grad_sync: str,
+            steps: int) -> dict:
     import torch
 
     from raylm.optim import build_optimizer
@@ -99,17 +105,21 @@ def measure(rank: int, preset: str, seq_len: int, micro_batch: int, accum: int, 
     tokens_per_micro_batch = micro_batch * seq_len * WORLD
     train_step(model, optimizer, micro[:1], device, "fp32", cfg.train.grad_clip, WORLD,
                global_tokens=tokens_per_micro_batch, grad_sync=grad_sync)  # AdamW's state now exists
-    gc.collect()
-    reset_peak_rss()
-    start = time.perf_counter()
-    stats = train_step(model, optimizer, micro, device, "fp32", cfg.train.grad_clip, WORLD,
-                       global_tokens=tokens_per_micro_batch * accum, grad_sync=grad_sync)
-    step_s = time.perf_counter() - start
-    measured = peak_rss_bytes() - base
+    peaks, times, losses = [], [], []
+    for _ in range(steps):
+        gc.collect()
+        reset_peak_rss()
+        start = time.perf_counter()
+        stats = train_step(model, optimizer, micro, device, "fp32", cfg.train.grad_clip, WORLD,
+                           global_tokens=tokens_per_micro_batch * accum, grad_sync=grad_sync)
+        times.append(time.perf_counter() - start)
+        peaks.append(peak_rss_bytes() - base)
+        losses.append(stats.loss)
     estimate = estimate_memory(cfg, WORLD, "cpu", grad_sync=grad_sync)
-    return {"rank": rank, "grad_sync": grad_sync, "accum": accum, "measured_bytes": measured,
-            "estimate_bytes": estimate.total_bytes, "carried_grad_bytes": estimate.carried_grad_bytes,
-            "step_s": step_s, "loss": stats.loss, "rss_base_bytes": base}
+    return {"rank": rank, "grad_sync": grad_sync, "accum": accum, "steps": steps, "measured_bytes": max(peaks),
+            "min_step_peak_bytes": min(peaks), "estimate_bytes": estimate.total_bytes,
+            "carried_grad_bytes": estimate.carried_grad_bytes, "step_s": sum(times) / steps, "loss": losses[0],
+            "rss_base_bytes": base}
 
 
 def _rank_main(rank: int, port: int, case: dict, out: str) -> None:
@@ -146,16 +156,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--accums", default="1,8", help="micro-batches per rank per step, comma-separated")
     p.add_argument("--modes", default="every,last")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="micro-batches measured per case (default: the largest accumulation): "
+                        "accumulation a is measured over micro-batches / a steps")
     args = p.parse_args(argv)
     # Read by glibc when a process starts: the spawned ranks inherit it (see the docstring).
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     accums = [int(a) for a in args.accums.split(",")]
+    sampled = args.micro_batches or max(accums)
     rows = []
     for mode in args.modes.split(","):
         for accum in accums:
             ranks = run_case({"preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-                              "accum": accum, "grad_sync": mode})
+                              "accum": accum, "grad_sync": mode, "steps": max(1, sampled // accum)})
             row = max(ranks, key=lambda r: r["measured_bytes"])
+            row["min_step_peak_bytes"] = max(r["min_step_peak_bytes"] for r in ranks)
             row["step_s"] = max(r["step_s"] for r in ranks)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -166,15 +181,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"micro-batch {args.micro_batch} x seq_len {args.seq_len}, no activation checkpointing")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {git_commit()}")
-    print("peak: VmHWM - baseline RSS of the measured (second) step, larger rank; MALLOC_MMAP_THRESHOLD_=65536")
+    print(f"peak: VmHWM - baseline RSS, the largest over the measured steps (after one that makes AdamW's state) "
+          f"and the two ranks; {sampled} micro-batches measured per case; MALLOC_MMAP_THRESHOLD_=65536")
     print()
-    print(f"| grad_sync | accumulation | measured peak MiB | planner MiB | planner / measured "
-          f"| peak / accumulation {accums[0]} | carried gradients (planner) MiB | step s | step loss |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| grad_sync | accumulation | steps measured | measured peak MiB (smallest step's) | planner MiB "
+          f"| planner / measured | peak / accumulation {accums[0]} | carried gradients (planner) MiB "
+          f"| s per step | first step's loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         base = first.get(r["grad_sync"])
         growth = f"{r['measured_bytes'] / base['measured_bytes']:.3f}" if base else "-"
-        print(f"| {r['grad_sync']} | {r['accum']} | {r['measured_bytes'] / mib:,.0f} | {r['estimate_bytes'] / mib:,.0f} "
+        print(f"| {r['grad_sync']} | {r['accum']} | {r['steps']} "
+              f"| {r['measured_bytes'] / mib:,.0f} ({r['min_step_peak_bytes'] / mib:,.0f}) | {r['estimate_bytes'] / mib:,.0f} "
               f"| {r['estimate_bytes'] / r['measured_bytes']:.3f} | {growth} | {r['carried_grad_bytes'] / mib:,.0f} "
               f"| {r['step_s']:.1f} | {r['loss']:.6f} |")
     print()
