@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base = first.get(r["grad_sync"])
         growth = f"{r['measured_bytes'] / base['measured_bytes']:.3f}" if base else "-"
         print(f"| {r['grad_sync']} | {r['accum']} | {r['steps']} "
-              f"| {r['measured_bytes'] / mib:,.0f} ({r['min_step_peak_bytes'] / mib:,.0f}) | {r['estimate_bytes'] / mib:,.0f} "
+              f"| {r['measured_bytes'] / mib:,.0f} ({r['min_step_peak_bytes'] / mib:,.0f}) "
+              f"| {r['estimate_bytes'] / mib:,.0f} "
               f"| {r['estimate_bytes'] / r['measured_bytes']:.3f} | {growth} | {r['carried_grad_bytes'] / mib:,.0f} "
               f"| {r['step_s']:.1f} | {r['loss']:.6f} |")
     print()

@@ -7,9 +7,11 @@ the verdict. Parameters come from `ModelConfig.num_params`, FLOPs from
 `raylm.data.order`, the checkpointed blocks and the compute dtype from `raylm.train.parallel`.
 The memory model follows what raylm's code does, step by step: `raylm.train.parallel.build_model`
 (FSDP2 over W > 1 workers, a plain module on one), `raylm.train.step.train_step` (gradient sync
-after every micro-batch or only the last, `train.grad_sync`; fp32 logits and loss), `raylm.optim.build_optimizer` (AdamW; fused
-on GPU, foreach on CPU). docs/plan.md has the formulas for users; bench/plan_memory.py measures
-the peak (bench/RESULTS.md, "Planner memory vs measured peak (issue 12)").
+after every micro-batch or only the last, `train.grad_sync`; fp32 logits and loss),
+`raylm.optim.build_optimizer` (AdamW; fused on GPU, foreach on CPU). docs/plan.md has the
+formulas for users; bench/plan_memory.py measures the peak (bench/RESULTS.md, "Planner memory vs
+measured peak (issue 12)"), bench/scale_memory.py the peak under gradient accumulation in both
+`train.grad_sync` modes.
 
 Symbols
 -------
@@ -77,8 +79,8 @@ its forward under autocast, below):
     the fp32 reduce-scatter input 4*Pb), the output head's unsharded gradient (c*V*D, until
     the root reduces at the end of backward), and a recomputed block (A + 3cF per token).
     Counting c*(Pr + 2*Pb) + (c+4)*Pb with the loss's gradients, as a first version did,
-    overstated the 125m preset over 2 CPU ranks by 8%. A third instant is the end of backward, when the root
-    reduces: c*Pr (its weights, still gathered) + (c+4)*Pr (its unsharded gradient and the fp32
+    overstated the 125m preset over 2 CPU ranks by 8%. A third instant is the end of
+    backward, when the root reduces: c*Pr (its weights, still gathered) + (c+4)*Pr (its unsharded gradient and the fp32
     reduce-scatter input) + 4*(N - Pr)/W (every block's shard, already made; with k > 1 they
     are the carried term), no activations. It is the peak when the root is a large share of
     the model and the micro-batch is small (125m over 2 CPU ranks at 128 tokens per
@@ -420,8 +422,8 @@ def estimate_memory(cfg: Config, world_size: int, device: str = "cuda",
     """Peak memory of one of `world_size` workers training `cfg` on `device` ("cuda" or "cpu").
 
     `activation_checkpointing`, `micro_batch_size` and `grad_sync` replace the config's (the
-    accumulation steps follow the micro-batch). `fsdp` defaults to what raylm does (FSDP2 when world_size
-    > 1); True models a one-rank FSDP2 group, which bench/plan_memory.py measures on one GPU."""
+    accumulation steps follow the micro-batch). `fsdp` defaults to what raylm does (FSDP2 when
+    world_size > 1); True models a one-rank FSDP2 group, which bench/plan_memory.py measures on one GPU."""
     m = cfg.model
     mode = cfg.train.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
     B = cfg.train.micro_batch_size if micro_batch_size is None else micro_batch_size
@@ -551,7 +553,8 @@ def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: flo
         seq_len=cfg.data.seq_len, micro_batch_size=t.micro_batch_size, global_batch_tokens=t.global_batch_tokens,
         sequences_per_step=G, grad_accum_steps=cfg.grad_accum_steps(gpus),
         max_sequences_per_gpu=max(step_shares(G, gpus, t.micro_batch_size)),
-        memory=memory, memory_by_mode=by_mode, memory_by_grad_sync=by_sync, capacity_bytes=capacity, fits=memory.needed_bytes <= capacity,
+        memory=memory, memory_by_mode=by_mode, memory_by_grad_sync=by_sync, capacity_bytes=capacity,
+        fits=memory.needed_bytes <= capacity,
         min_gpus=min_gpus, min_gpus_smallest_batch=fallback, mfu=mfu_value, mfu_source=mfu_source,
         tokens_per_second=tokens_per_second, step_time_s=t.global_batch_tokens / tokens_per_second,
         train_tokens=train_tokens, train_tokens_source=tokens_source,
