@@ -160,6 +160,14 @@ class TrainConfig:
     """auto: bf16 on GPU, fp32 on CPU."""
     activation_checkpointing: str = "none"
     """none, full, or selective:N (checkpoint every N-th block)."""
+    grad_sync: Literal["every", "last"] = "every"
+    """When FSDP2 reduce-scatters gradients in a step with gradient accumulation: every: after
+    each micro-batch, so a worker holds only its 1/workers shard of the gradient (the default;
+    gradient memory does not grow with accumulation); last: after the last micro-batch only,
+    each worker accumulating the whole unsharded gradient (one reduction per step instead of
+    one per micro-batch, for small models where communication costs more than memory). Same
+    losses either way; one worker, or one micro-batch per step, is the same in both
+    (docs/plan.md)."""
     compile: bool = False
     """torch.compile each transformer block."""
     peak_flops: float | None = None

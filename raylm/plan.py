@@ -7,9 +7,11 @@ the verdict. Parameters come from `ModelConfig.num_params`, FLOPs from
 `raylm.data.order`, the checkpointed blocks and the compute dtype from `raylm.train.parallel`.
 The memory model follows what raylm's code does, step by step: `raylm.train.parallel.build_model`
 (FSDP2 over W > 1 workers, a plain module on one), `raylm.train.step.train_step` (gradient sync
-only on the last micro-batch, fp32 logits and loss), `raylm.optim.build_optimizer` (AdamW; fused
-on GPU, foreach on CPU). docs/plan.md has the formulas for users; bench/plan_memory.py measures
-the peak (bench/RESULTS.md, "Planner memory vs measured peak (issue 12)").
+after every micro-batch or only the last, `train.grad_sync`; fp32 logits and loss),
+`raylm.optim.build_optimizer` (AdamW; fused on GPU, foreach on CPU). docs/plan.md has the
+formulas for users; bench/plan_memory.py measures the peak (bench/RESULTS.md, "Planner memory vs
+measured peak (issue 12)"), bench/scale_memory.py the peak under gradient accumulation in both
+`train.grad_sync` modes.
 
 Symbols
 -------
@@ -32,13 +34,20 @@ resident (always there after the first step):
 forward/backward of the last micro-batch of a step, the peak of the step (the start of its
 backward, when every saved activation and the loss's gradients are alive, or the end of
 its forward under autocast, below):
-* gradients carried across micro-batches: 4N when k > 1, else 0. train_step turns FSDP2's
-  gradient sync off on all but the last micro-batch, so every worker accumulates the
-  *unsharded* gradient of every parameter, upcast to fp32 (FSDP2's
-  `to_accumulated_grad_if_needed`); on one GPU they are the plain fp32 `.grad`. With a
-  large model over many GPUs this is the largest term: 25.1 GiB per GPU for Llama 2 7B
-  whatever W, as long as W * B < the sequences per step. When k = 1 the gradients are
-  produced while activations are freed, and count in the optimizer step instead.
+* gradients carried across micro-batches, when k > 1 (`train.grad_sync`):
+  - every (the default): 4N / W. train_step leaves FSDP2's gradient sync on, so each
+    micro-batch's backward reduce-scatters every block's gradient and adds it to the
+    worker's fp32 shard (`foreach_reduce` accumulates into `sharded_param.grad`): between
+    micro-batches a worker holds only its shard, whatever k. The unsharded gradient of one
+    block lives only while that block's reduce-scatter runs (the working term below).
+  - last: 4N. Gradient sync is off on all but the last micro-batch, so every worker
+    accumulates the *unsharded* gradient of every parameter, upcast to fp32 (FSDP2's
+    `to_accumulated_grad_if_needed`). With a large model over many GPUs this is the largest
+    term: 25.1 GiB per GPU for Llama 2 7B whatever W, as long as W * B < the sequences per
+    step.
+  On one GPU (a plain module) both are the plain fp32 `.grad`, 4N. When k = 1 the modes are
+  the same: the gradients are produced while activations are freed, and count in the
+  optimizer step instead.
 * activations: saved tensors per token per block, counted from raylm.model as written
   (residual stream in fp32 on one GPU under autocast, in the compute dtype under FSDP2):
   - each RMSNorm saves its fp32 input and normalised value (8D) and hands the linears a
@@ -70,7 +79,14 @@ its forward under autocast, below):
     the fp32 reduce-scatter input 4*Pb), the output head's unsharded gradient (c*V*D, until
     the root reduces at the end of backward), and a recomputed block (A + 3cF per token).
     Counting c*(Pr + 2*Pb) + (c+4)*Pb with the loss's gradients, as a first version did,
-    overstated the 125m preset over 2 CPU ranks by 8%.
+    overstated the 125m preset over 2 CPU ranks by 8%. A third instant is the end of
+    backward, when the root reduces: c*Pr (its weights, still gathered) + (c+4)*Pr (its unsharded gradient and the fp32
+    reduce-scatter input) + 4*(N - Pr)/W (every block's shard, already made; with k > 1 they
+    are the carried term), no activations. It is the peak when the root is a large share of
+    the model and the micro-batch is small (125m over 2 CPU ranks at 128 tokens per
+    micro-batch: a version without it read 16% low, bench/scale_memory.py). Under grad_sync
+    last with k > 1 the root does not reduce on the micro-batches before the last: c*Pr
+    instead of (c+4)*Pr, beside the carried 4N.
   - W = 1, bf16: autocast casts each matmul weight to bf16 as the forward reaches it and
     caches the copy until its context exits after the forward. The peak is the larger of
     two instants: the end of the forward, with every copy (2*Nm) and the logits (cV per
@@ -87,6 +103,15 @@ optimizer step (activations freed):
   parameter of one parameter group at a time (sqrt of exp_avg_sq; `raylm.optim.param_groups`
   makes a decayed group of the linears and the rest): 4 * max(decayed, N - decayed) / W.
   Counting all of N here overstated the 125m preset's measured peak by 3% on CPU.
+
+Gradient communication per GPU per step (not in the time estimate, which takes it as hidden
+under compute at the stated MFU; it is what `train.grad_sync` trades against memory): FSDP2
+all-gathers every parameter in the compute dtype twice per micro-batch (forward, and backward
+after the forward resharded it), c*N*(W-1)/W bytes received each time, and reduce-scatters the
+fp32 gradient (`MixedPrecisionPolicy(reduce_dtype=float32)`), 4N*(W-1)/W bytes sent, once per
+micro-batch under every and once per step under last:
+    every: k*(2c + 4)*N*(W-1)/W        last: (2c*k + 4)*N*(W-1)/W
+With bf16 and k = 8 that is 64 against 36 units of N*(W-1)/W: every moves 1.8x the bytes.
 
 Not counted in the peak, but covered by a fixed headroom (`OVERHEAD_FIXED_GIB` + 10% of the
 peak, `OVERHEAD_FRACTION`): the CUDA context and cuBLAS workspaces (~0.5-1 GiB), NCCL
@@ -190,6 +215,8 @@ class MemoryEstimate:
     activation_checkpointing: str
     micro_batch_size: int
     grad_accum_steps: int
+    grad_sync: str
+    """`train.grad_sync`: "every" carries the gradient sharded across micro-batches, "last" whole."""
     params_bytes: int
     optimizer_bytes: int
     working_bytes: int
@@ -201,6 +228,8 @@ class MemoryEstimate:
     grad_bytes: int
     """Gradients at the optimizer step (this worker's shard)."""
     step_temp_bytes: int
+    comm_bytes: int = 0
+    """FSDP2 traffic per step of this worker: all-gathered weights and reduce-scattered gradients."""
 
     @property
     def resident_bytes(self) -> int:
@@ -244,6 +273,8 @@ class Plan:
     memory: MemoryEstimate
     memory_by_mode: dict[str, MemoryEstimate]
     """The estimate under each activation checkpointing mode: none, full and the config's own."""
+    memory_by_grad_sync: dict[str, MemoryEstimate]
+    """The estimate under each `train.grad_sync` mode: every and last."""
     capacity_bytes: int
     fits: bool
     min_gpus: int | None
@@ -343,20 +374,47 @@ def autocast_peak(m: ModelConfig, mode: str, tokens: int) -> tuple[int, int]:
     return max(end_of_forward, loss, recompute, key=sum)
 
 
-def fsdp_peak(m: ModelConfig, mode: str, tokens: int, c: int) -> tuple[int, int]:
+def fsdp_peak(m: ModelConfig, mode: str, tokens: int, c: int, world_size: int = 2, k: int = 1,
+              grad_sync: str = "every") -> tuple[int, int]:
     """(working weights and buffers, activations) at the forward/backward peak of an FSDP2
-    worker: at the start of backward (the root and the last block, which is not resharded
-    after forward, gathered; the loss's gradients alive) or, if larger, during a block's
-    backward (the root and two blocks gathered, the block's unsharded gradients and fp32
-    reduce-scatter input, the output head's unsharded gradient; a recomputed block alive)."""
+    worker, besides the gradients carried from earlier micro-batches (`carried_grad_bytes`):
+    at the start of backward (the root and the last block, which is not resharded after
+    forward, gathered; the loss's gradients alive) or, if larger, during a block's backward
+    (the root and two blocks gathered, the block's unsharded gradients and fp32 reduce-scatter
+    input, the output head's unsharded gradient; a recomputed block alive) or at the end of
+    backward, when the root reduces (its weights still gathered, its unsharded gradient and
+    that gradient's fp32 reduce-scatter input, and, without accumulation, every block's
+    gradient shard made so far; no activations). Under grad_sync "last" with accumulation the
+    root does not reduce: its new gradient is added to the carried whole one."""
     parts = activation_bytes_per_token(m, mode, c, c)
     Pb = block_params(m)
-    Pr = m.num_params() - m.n_layers * Pb
+    N = m.num_params()
+    Pr = N - m.n_layers * Pb
     saved = parts["saved"] + parts["head"]
     loss = (c * (Pr + Pb), int(tokens * (saved + parts["loss"])))
     block = (c * (Pr + 2 * Pb) + (c + 4) * Pb + c * m.vocab_size * m.dim,
              int(tokens * (parts["saved"] + parts["recompute"])))
-    return max(loss, block, key=sum)
+    reduces = k == 1 or grad_sync == "every"
+    shards_so_far = 4 * (N - Pr) // world_size if k == 1 else 0  # with k > 1 they are in the carried term
+    end = (c * Pr + (c + 4 if reduces else c) * Pr + shards_so_far, 0)
+    return max(loss, block, end, key=sum)
+
+
+def carried_grad_bytes(N: int, W: int, k: int, sharded: bool, grad_sync: str) -> int:
+    """Gradient bytes a worker holds between micro-batches (see the module docstring): none
+    without accumulation, the fp32 shard under FSDP2 with grad_sync "every", else the whole."""
+    if k == 1:
+        return 0
+    return 4 * N // W if sharded and grad_sync == "every" else 4 * N
+
+
+def fsdp_comm_bytes(N: int, W: int, k: int, c: int, sharded: bool, grad_sync: str) -> int:
+    """FSDP2 bytes per step per worker: two all-gathers of c-byte weights per micro-batch and
+    a 4-byte reduce-scatter per micro-batch (every) or per step (last); 0 unsharded."""
+    if not sharded or W == 1:
+        return 0
+    reduces = k if grad_sync == "every" else 1
+    return int((2 * c * k + 4 * reduces) * N * (W - 1) / W)
 
 
 def staged_checkpoint_bytes(cfg: Config, world_size: int, device: str = "cuda") -> int:
@@ -372,12 +430,13 @@ def staged_checkpoint_bytes(cfg: Config, world_size: int, device: str = "cuda") 
 
 def estimate_memory(cfg: Config, world_size: int, device: str = "cuda",
                     activation_checkpointing: str | None = None,
-                    micro_batch_size: int | None = None, fsdp: bool | None = None) -> MemoryEstimate:
+                    micro_batch_size: int | None = None, fsdp: bool | None = None,
+                    grad_sync: str | None = None) -> MemoryEstimate:
     """Peak memory of one of `world_size` workers training `cfg` on `device` ("cuda" or "cpu").
 
-    `activation_checkpointing` and `micro_batch_size` replace the config's (the accumulation
-    steps follow the micro-batch). `fsdp` defaults to what raylm does (FSDP2 when world_size
-    > 1); True models a one-rank FSDP2 group, which bench/plan_memory.py measures on one GPU."""
+    `activation_checkpointing`, `micro_batch_size` and `grad_sync` replace the config's (the
+    accumulation steps follow the micro-batch). `fsdp` defaults to what raylm does (FSDP2 when
+    world_size > 1); True models a one-rank FSDP2 group, which bench/plan_memory.py measures on one GPU."""
     m = cfg.model
     mode = cfg.train.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
     B = cfg.train.micro_batch_size if micro_batch_size is None else micro_batch_size
@@ -388,8 +447,9 @@ def estimate_memory(cfg: Config, world_size: int, device: str = "cuda",
     N = m.num_params()
     k = rounds_per_step(cfg.sequences_per_step, W, B)
     sharded = W > 1 if fsdp is None else fsdp
+    sync = cfg.train.grad_sync if grad_sync is None else grad_sync
     if sharded:  # FSDP2 gathers in the compute dtype; the residual stream is in it too
-        working, activations = fsdp_peak(m, mode, BT, c)
+        working, activations = fsdp_peak(m, mode, BT, c, W, k, sync)
     elif bf16:
         working, activations = autocast_peak(m, mode, BT)
     else:  # fp32 weights are used as they are
@@ -401,13 +461,15 @@ def estimate_memory(cfg: Config, world_size: int, device: str = "cuda",
         activation_checkpointing=mode,
         micro_batch_size=B,
         grad_accum_steps=k,
+        grad_sync=sync,
         params_bytes=4 * N // W,
         optimizer_bytes=8 * N // W,
         working_bytes=working,
-        carried_grad_bytes=4 * N if k > 1 else 0,
+        carried_grad_bytes=carried_grad_bytes(N, W, k, sharded, sync),
         activation_bytes=activations,
         grad_bytes=4 * N // W,
         step_temp_bytes=0 if device == "cuda" else 4 * max(decayed_params(m), N - decayed_params(m)) // W,
+        comm_bytes=fsdp_comm_bytes(N, W, k, c, sharded, sync),
     )
 
 
@@ -469,6 +531,7 @@ def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: flo
     capacity = int(spec.memory_gib * GIB)
     modes = ["none", "full"] + ([t.activation_checkpointing] if t.activation_checkpointing.startswith("selective") else [])
     by_mode = {mode: estimate_memory(cfg, gpus, "cuda", mode) for mode in modes}
+    by_sync = {sync: estimate_memory(cfg, gpus, "cuda", grad_sync=sync) for sync in ("every", "last")}
     min_gpus = smallest_fitting_world(cfg, capacity)
     fallback = None
     if min_gpus is None and (t.micro_batch_size > 1 or t.activation_checkpointing != "full"):
@@ -503,7 +566,8 @@ def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: flo
         seq_len=cfg.data.seq_len, micro_batch_size=t.micro_batch_size, global_batch_tokens=t.global_batch_tokens,
         sequences_per_step=G, grad_accum_steps=cfg.grad_accum_steps(gpus),
         max_sequences_per_gpu=max(step_shares(G, gpus, t.micro_batch_size)),
-        memory=memory, memory_by_mode=by_mode, capacity_bytes=capacity, fits=memory.needed_bytes <= capacity,
+        memory=memory, memory_by_mode=by_mode, memory_by_grad_sync=by_sync, capacity_bytes=capacity,
+        fits=memory.needed_bytes <= capacity,
         min_gpus=min_gpus, min_gpus_smallest_batch=fallback, mfu=mfu_value, mfu_source=mfu_source,
         tokens_per_second=tokens_per_second, step_time_s=t.global_batch_tokens / tokens_per_second,
         train_tokens=train_tokens, train_tokens_source=tokens_source,
@@ -571,7 +635,9 @@ def format_plan(p: Plan) -> str:
         working = f"gathered {dtype} weights, gradient reduce buffers"
     else:
         working = "autocast's bf16 copies of the weights" if mem.bf16 else "working weights (none: fp32 used as stored)"
-    if mem.carried_grad_bytes and mem.sharded:
+    if mem.carried_grad_bytes and mem.sharded and mem.grad_sync == "every":
+        grads = f"gradients, fp32, 1/{W} each: reduced every micro-batch"
+    elif mem.carried_grad_bytes and mem.sharded:
         grads = f"gradients, fp32: whole over {mem.grad_accum_steps} micro-batches, 1/{W} at update"
     elif mem.carried_grad_bytes:
         grads = f"gradients, fp32: accumulated over {mem.grad_accum_steps} micro-batches"
@@ -617,6 +683,15 @@ def format_plan(p: Plan) -> str:
         _row("host memory per GPU for a background save's staged copy, GiB"
              if p.staged_checkpoint_bytes else "host memory for a staged copy (train.checkpoint_async=false)",
              _gib(p.staged_checkpoint_bytes)),
+    ]
+    if mem.sharded and mem.grad_accum_steps > 1:
+        rows += ["", _row("train.grad_sync: carried gradients / needed, GiB", "grads", "needed")]
+        for sync, est in p.memory_by_grad_sync.items():
+            fits = "fits" if est.needed_bytes <= p.capacity_bytes else "does not fit"
+            mine = ", this config" if sync == mem.grad_sync else ""
+            rows.append(_row(f"  {sync} ({fits}{mine}; FSDP2 traffic {_gib(est.comm_bytes)} GiB/step)",
+                             _gib(est.carried_grad_bytes), _gib(est.needed_bytes)))
+    rows += [
         "",
         f"time at MFU {p.mfu:.1%} ({p.mfu_source})",
         _row("  tokens/s, all GPUs / per GPU", f"{p.tokens_per_second:,.0f} / {p.tokens_per_second / W:,.0f}"),

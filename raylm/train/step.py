@@ -1,8 +1,11 @@
 """One optimizer step and one evaluation pass: forward, loss, backward, clip, update (or skip).
 
-Works the same on a plain module and on an FSDP2-sharded one: under FSDP the gradient sync
-is skipped on all but the last micro-batch of a step (one reduce-scatter per step), and the
-gradient norm comes back as a DTensor that is made whole before logging.
+Works the same on a plain module and on an FSDP2-sharded one. Under FSDP2, `grad_sync`
+(`train.grad_sync`) decides when gradients are reduce-scattered: "every" micro-batch, so a rank
+only ever holds its 1/W shard between micro-batches (as torchtitan does), or only the "last",
+so each rank accumulates the whole unsharded gradient and reduces once per step (less
+communication, W times the gradient memory: docs/plan.md says which to use when). The gradient
+norm comes back as a DTensor that is made whole before logging.
 """
 
 from __future__ import annotations
@@ -112,6 +115,10 @@ def loss_and_correct(model: torch.nn.Module, tokens: torch.Tensor, precision: st
     return loss_sum, correct
 
 
+GRAD_SYNC_MODES = ("every", "last")
+"""`train.grad_sync`: reduce-scatter after every micro-batch, or only after the last of a step."""
+
+
 def _set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
     setter = getattr(model, "set_requires_gradient_sync", None)  # present on FSDP2 modules
     if setter is not None:
@@ -135,6 +142,7 @@ def train_step(
     global_tokens: int | None = None,
     document_mask: bool = False,
     supervised: bool = False,
+    grad_sync: str = "every",
 ) -> StepStats:
     """Accumulate gradients over `micro_batches`, clip and update. Loss is the global mean.
 
@@ -144,6 +152,8 @@ def train_step(
     mean over the global batch. Ranks may hold different numbers of sequences (an uneven
     split, where a micro-batch may be short or empty); every rank runs the same number of
     micro-batches, and the result is the same at every world size up to summation order.
+    `grad_sync` ("every" or "last", see the module docstring) changes only where the sum is
+    taken, so the losses and the update are the same in both up to summation order.
 
     Loss and accuracy sums stay on the device; the step makes one host sync, after the
     gradient norm, to decide whether to apply the update: a non-finite loss or gradient norm
@@ -153,6 +163,8 @@ def train_step(
     count of trained targets, summed over the ranks (one all-reduce, no host sync) before the
     first backward, so a prompt token weighs nothing, not even in the mean.
     """
+    if grad_sync not in GRAD_SYNC_MODES:
+        raise ValueError(f"grad_sync={grad_sync!r}: must be one of {', '.join(GRAD_SYNC_MODES)}")
     local_tokens = sum(target_count(b) for b in micro_batches)
     if global_tokens is None:
         global_tokens = local_tokens * world_size
@@ -163,7 +175,7 @@ def train_step(
         denominator = _all_reduce_sum(trained)[0].clamp(min=1.0)  # a step of prompts only: loss 0, not nan
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, correct count) of this rank
     for i, batch in enumerate(micro_batches):
-        _set_grad_sync(model, i == len(micro_batches) - 1)
+        _set_grad_sync(model, grad_sync == "every" or i == len(micro_batches) - 1)
         tokens, weight = to_device(batch, device)
         loss_sum, correct = loss_and_correct(model, tokens, precision, document_mask, supervised)
         loss_sum, correct = loss_sum * weight, correct * weight

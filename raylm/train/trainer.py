@@ -481,7 +481,7 @@ class Trainer:
         set_lr(self.optimizer, lr)
         global_tokens = cfg.sequences_per_step * cfg.data.seq_len
         stats = train_step(self.model, self.optimizer, micro, env.device, cfg.train.precision, cfg.train.grad_clip,
-                           env.world_size, global_tokens=global_tokens,
+                           env.world_size, global_tokens=global_tokens, grad_sync=cfg.train.grad_sync,
                            document_mask=cfg.data.documents_masked, supervised=cfg.data.supervised)
         step_s = time.perf_counter() - step_start  # train_step's host sync waited for the device
 
