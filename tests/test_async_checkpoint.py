@@ -58,6 +58,9 @@ def loss_steps(run: Path) -> list[int]:
 # (SIGINT set) sends the process a Ctrl-C and goes on.
 DRIVER = textwrap.dedent("""
     import contextlib, os, signal, sys, threading
+    # A terminal's Ctrl-C raises KeyboardInterrupt even where this test was started with SIGINT
+    # ignored (a background job of a non-interactive shell: the ignore is inherited).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from pathlib import Path
     from raylm.cli import main
     from raylm.train import checkpoint

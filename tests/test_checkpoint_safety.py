@@ -218,6 +218,9 @@ def test_after_any_damage_resume_and_prune_the_newest_verified_checkpoint_exists
 # DCP wraps it in its CheckpointException, as a Ctrl-C in a terminal would be.
 DRIVER = textwrap.dedent("""
     import contextlib, os, signal, sys
+    # A terminal's Ctrl-C raises KeyboardInterrupt even where this test was started with SIGINT
+    # ignored (a background job of a non-interactive shell: the ignore is inherited).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from raylm.cli import main
     from raylm.train import checkpoint
 
