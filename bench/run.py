@@ -61,6 +61,14 @@ REGISTRY: dict[str, Entry] = {
         "bench/plan_costs.py", (),
         ("docs/tune.md: The 7B proxy sweep", "docs/cluster.md: GPU-hours", "configs/sweeps/llama2-7b-proxy.yaml"),
         0.2, "seconds: it runs `raylm plan` five times"),
+    "mup_coord": Entry(
+        "bench/mup_coord.py", (),
+        ("docs/mup.md: Checking it",),
+        0.5, "2026-12-07: 5 CPU-s (2 min wall at load 45)"),
+    "demo": Entry(
+        "bench/demo.py", (),
+        ("README.md: held-out loss", "README.md: minutes on 2 CPU cores"),
+        14, "README: 12 and 15 minutes from fresh clones, install included"),
     "trainer_overhead": Entry(
         "bench/trainer_overhead.py", ("--steps", "60"),
         ("bench/RESULTS.md: Ray Train overhead",),
@@ -90,8 +98,12 @@ REGISTRY: dict[str, Entry] = {
     "scale_data": Entry(
         "bench/scale_data.py", ("--where", "local", "--repeats", "5"),
         ("bench/RESULTS.md: Prepared data at scale", "docs/plan.md: Data at scale", "docs/cluster.md: scale_data"),
-        4, "2026-12-07 log: local writes 17 + 28 + 97 s, 15 fresh workers of ~2 s (load 30-50); the s3 rows "
-           "(--where s3 --repeats 3, moto writes 19 + 190 + 716 s) are not in `all`: run them by hand"),
+        4, "2026-12-07 log: local writes 17 + 28 + 97 s, 15 fresh workers of ~2 s (load 30-50)"),
+    "scale_data_s3": Entry(
+        "bench/scale_data.py", ("--repeats", "3"),
+        ("bench/RESULTS.md: Prepared data at scale (the s3 rows)",),
+        20, "2026-12-07 log: moto writes 19 + 190 + 716 s at load 30-50 (moto spools to disk), local writes, "
+            "18 fresh workers of ~2 s; the local rows of the same run are superseded by scale_data"),
     "scale_checkpoint": Entry(
         "bench/scale_checkpoint.py", ("--preset", "tiny", "--every", "8", "--saves", "2"),
         ("bench/RESULTS.md: Checkpoint cost", "docs/plan.md: checkpoint costs", "docs/cluster.md: Checkpoint cost"),
@@ -196,6 +208,7 @@ def tables(text: str) -> str:
 def run_entry(name: str) -> tuple[int, float]:
     entry = REGISTRY[name]
     env = {**os.environ, **entry.env}
+    env.setdefault("PYTHONUNBUFFERED", "1")  # the table shows as the script prints it
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     header_machine, started = machine(), datetime.datetime.now(datetime.timezone.utc)
     print(f"== bench/run.py {name}: {entry.command()}", flush=True)
