@@ -11,6 +11,16 @@ the time from the kill to the next new step is measured (Ray restarts the worker
 the latest checkpoint).
 
     python bench/restart_cost.py [--early 20] [--late 200] [--repeats 3] [override ...]
+
+With --in-job, failure restarts inside running jobs instead (what a preempted or crashed worker
+costs): each job checkpoints every --early steps and trains to --late + 2; its training worker is
+SIGKILLed once just after the checkpoint of step --early and once just after that of step --late
+(so the late point has late/early x the tokens: 100x with --early 2 --late 200), and Ray Train
+restarts the worker group from the newest checkpoint. Timed: the kill to the next new step's
+record. Jobs alternate anchored / replay (every checkpoint's data anchor removed right after each
+kill, before the restart reads them), --repeats times each; medians compared.
+
+    python bench/restart_cost.py --in-job --early 2 --late 200 --repeats 3
 """
 
 from __future__ import annotations
@@ -106,12 +116,100 @@ def kill_to_next_step(load_config, config, overrides) -> tuple[float, int]:
     return newer[0]["time"] - kill_time, killed_at_step
 
 
+def strip_anchors(run_dir: Path) -> None:
+    """Remove the data anchor from every checkpoint marker of run_dir (the next restart replays the stream)."""
+    from raylm.train import checkpoint as ckpt
+
+    for marker_file in Path(run_dir).glob(f"checkpoint_*/{ckpt.MARKER}"):
+        marker = json.loads(marker_file.read_text())
+        if marker.get("train_state", {}).get("data_anchor") is not None:
+            marker["train_state"]["data_anchor"] = None
+            marker_file.write_text(json.dumps(marker))
+
+
+def worker_pid() -> int:
+    import ray
+
+    alive = ray._private.state.actors(actor_state_name="ALIVE").values()
+    return next(a["Pid"] for a in alive if a["ActorClassName"] == "RayTrainWorker")
+
+
+def killed_job(load_config, config, overrides, early: int, late: int, replay: bool, name: str) -> list[dict]:
+    """One job killed after the checkpoints of steps `early` and `late`: per kill, the step restored
+    from, the tokens it had consumed and the seconds from the kill to the next new step."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raylm.train import checkpoint as ckpt
+    from raylm.train.runs import resolve_run
+
+    cfg = load_config(config, [*overrides, f"run.name={name}", f"train.max_steps={late + 2}",
+                               f"train.checkpoint_every={early}", "run.keep_checkpoints=2", "run.max_failures=4"])
+    spec = resolve_run(cfg)
+    run_dir = Path(spec.run_dir)
+
+    def run(spec):
+        from raylm.ray.train import fit
+
+        fit(spec, log=lambda line: None)
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ref = ray.remote(num_cpus=0)(run).options(scheduling_strategy=here).remote(spec)
+    kills = []
+    for point in (early, late):
+        marker = run_dir / ckpt.checkpoint_dir_name(point) / ckpt.MARKER
+        while not (marker.exists() and any(r["step"] > point for r in step_records(run_dir))):
+            time.sleep(0.05)
+        kill_time = time.time()
+        os.kill(worker_pid(), signal.SIGKILL)
+        if replay:
+            strip_anchors(run_dir)
+        before = max(r["step"] for r in step_records(run_dir) if r["time"] <= kill_time)
+        while not (newer := [r for r in step_records(run_dir) if r["time"] > kill_time]):
+            time.sleep(0.05)
+        restored = newer[0]["step"] - 1
+        kills.append({"point": point, "restored_step": restored, "steps_lost": before - restored,
+                      "tokens": restored * cfg.train.global_batch_tokens, "seconds": newer[0]["time"] - kill_time})
+    ray.get(ref)
+    return kills
+
+
+def in_job(args, load_config, overrides) -> None:
+    """--in-job: failure restarts inside running jobs, anchored and replay jobs alternated."""
+    times: dict[tuple[str, int], list[float]] = {}
+    tokens: dict[int, list[int]] = {}
+    for i in range(args.repeats):
+        for mode in ("anchored", "replay"):
+            for kill in killed_job(load_config, args.config, overrides, args.early, args.late, mode == "replay",
+                                   f"{mode}-{i}"):
+                times.setdefault((mode, kill["point"]), []).append(kill["seconds"])
+                tokens.setdefault(kill["point"], []).append(kill["tokens"])
+                print(f"  {mode} job {i}: killed after step {kill['point']}, restored step {kill['restored_step']} "
+                      f"({kill['steps_lost']} steps redone): {kill['seconds']:.1f} s to the next new step", flush=True)
+    print(f"\nfailure restarts inside one job (a training worker SIGKILLed), {args.repeats} jobs per mode, "
+          "anchored and replay alternated; seconds from the kill to the next new step\n")
+    print("| killed after step | tokens consumed (median) | anchored, median (s) | anchored, each (s) | "
+          "replay, median (s) | replay, each (s) |")
+    print("|---:|---:|---:|---|---:|---|")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for point in (args.early, args.late):
+        a, r = times[("anchored", point)], times[("replay", point)]
+        print(f"| {point} | {statistics.median(tokens[point]):,.0f} | {med[('anchored', point)]:.1f} | "
+              f"{', '.join(f'{t:.1f}' for t in a)} | {med[('replay', point)]:.1f} | {', '.join(f'{t:.1f}' for t in r)} |")
+    ratio = statistics.median(tokens[args.late]) / max(1, statistics.median(tokens[args.early]))
+    print(f"| **ratio {args.late} / {args.early}** ({ratio:.0f}x the tokens) | | "
+          f"**{med[('anchored', args.late)] / med[('anchored', args.early)]:.2f}** | | "
+          f"**{med[('replay', args.late)] / med[('replay', args.early)]:.2f}** | |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs/debug.yaml"))
     parser.add_argument("--early", type=int, default=20)
     parser.add_argument("--late", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3, help="anchored restarts at each point (median taken)")
+    parser.add_argument("--in-job", action="store_true",
+                        help="failure restarts inside running jobs (a worker SIGKILLed), anchored vs replay")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -132,6 +230,15 @@ def main() -> None:
     configure_local_cluster()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if args.in_job:
+        from raylm.data.plan import plan_files, stream_passes
+
+        cfg = load_config(args.config, [*overrides, f"train.max_steps={args.late + 2}"])
+        overrides.append(f"data.stream_passes={stream_passes(cfg, plan_files(cfg, 'train'))}")
+        in_job(args, load_config, overrides)
+        ray.shutdown()
+        shutil.rmtree(out, ignore_errors=True)
+        return
 
     # The passes the base run's stream holds (derived from its train.max_steps), fixed for every
     # run here: the resumed runs stop after 2 steps, and would otherwise each plan a stream of

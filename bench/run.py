@@ -81,6 +81,11 @@ REGISTRY: dict[str, Entry] = {
         "bench/restart_cost.py", ("--early", "10", "--late", "100", "--repeats", "2"),
         ("bench/RESULTS.md: Streaming restart cost", "docs/elastic.md: restart"),
         10, "2026-12-07 table: a 100-step streaming run, 6 restarts of ~25 s, a kill, each with a Ray start"),
+    "restart_cost_in_job": Entry(
+        "bench/restart_cost.py", ("--in-job", "--early", "2", "--late", "200", "--repeats", "3"),
+        ("bench/RESULTS.md: Streaming restart cost (failure restarts inside a job: not measured yet)",),
+        15, "a guess, not yet run: 6 jobs of 202 debug-model steps, each with a Ray Train start and 2 restarts "
+            "of ~20-25 s (the 2026-12-07 kill took 17.2 s)"),
     "elastic_curve": Entry(
         "bench/elastic_curve.py", ("--steps", "60"),
         ("bench/RESULTS.md: Loss curve through resizes", "docs/elastic.md: docs/img/elastic_curve.png"),
