@@ -8,7 +8,7 @@ Each entry is the exact command line whose output a table in README.md, docs/ or
 publishes. The script's stdout is shown as it runs and written to bench/results/NAME.md: a header
 (command, machine: `uname -m`, cores, CPU model, memory, GPU; the UTC date; the git commit and
 whether the working tree was dirty; wall time), the Markdown tables the script printed, and its
-whole output. Entries that need a GPU or root (network namespaces) are skipped where those are
+whole output (NAME.failed.md when the script fails, keeping the last good file). Entries that need a GPU or root (network namespaces) are skipped where those are
 missing, and say so. Expected times are from the logs of the published runs (bench/RESULTS.md),
 scaled to a quiet 2-core machine where the run was measured under load; each is a guess, not a
 promise.
@@ -217,7 +217,7 @@ def run_entry(name: str) -> tuple[int, float]:
     env = {**os.environ, **entry.env}
     env.setdefault("PYTHONUNBUFFERED", "1")  # the table shows as the script prints it
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    header_machine, started = machine(), datetime.datetime.now(datetime.timezone.utc)
+    header_machine, header_commit, started = machine(), commit(), datetime.datetime.now(datetime.timezone.utc)
     print(f"== bench/run.py {name}: {entry.command()}", flush=True)
     t0 = time.monotonic()
     proc = subprocess.Popen(entry.argv(), cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -230,17 +230,18 @@ def run_entry(name: str) -> tuple[int, float]:
     output = "".join(lines)
     RESULTS.mkdir(parents=True, exist_ok=True)
     found = tables(output)
-    (RESULTS / f"{name}.md").write_text(
+    path = RESULTS / (f"{name}.md" if rc == 0 else f"{name}.failed.md")  # a failed run keeps the last good file
+    path.write_text(
         f"# {name}\n\n"
         f"    {entry.command()}\n\n"
         f"- machine: {header_machine}\n"
         f"- date: {started:%Y-%m-%d %H:%M} UTC\n"
-        f"- commit: {commit()}\n"
+        f"- commit: {header_commit}\n"
         f"- wall time: {wall / 60:.1f} min (expected {entry.expected_min:g}); exit status {rc}\n"
         f"- published in: {'; '.join(entry.feeds)}\n\n"
         + (f"## Tables printed\n\n{found}\n\n" if found else "")
         + f"## Output\n\n```\n{output.rstrip()}\n```\n")
-    print(f"== bench/run.py {name}: exit {rc}, {wall / 60:.1f} min; wrote {RESULTS.relative_to(ROOT)}/{name}.md",
+    print(f"== bench/run.py {name}: exit {rc}, {wall / 60:.1f} min; wrote {path.relative_to(ROOT)}",
           flush=True)
     return rc, wall
 
