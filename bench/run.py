@@ -6,12 +6,13 @@
 
 Each entry is the exact command line whose output a table in README.md, docs/ or bench/RESULTS.md
 publishes. The script's stdout is shown as it runs and written to bench/results/NAME.md: a header
-(command, machine: `uname -m`, cores, CPU model, memory, GPU; the UTC date; the git commit and
-whether the working tree was dirty; wall time), the Markdown tables the script printed, and its
-whole output (NAME.failed.md when the script fails, keeping the last good file). Entries that need a GPU or root (network namespaces) are skipped where those are
-missing, and say so. Expected times are from the logs of the published runs (bench/RESULTS.md),
-scaled to a quiet 2-core machine where the run was measured under load; each is a guess, not a
-promise.
+(command, machine: `uname -m`, cores, CPU model, memory, GPU, load; the UTC date; the git commit
+and whether the working tree was dirty; wall time), the Markdown tables the script printed, and
+its whole output (NAME.failed.md when the script fails, keeping the last good file). `all` leaves
+out entries that need a GPU or root (network namespaces) where those are missing, and entries
+with no published table yet, and says so. Expected times are from the logs of the published runs
+(bench/RESULTS.md), scaled to a quiet 2-core machine where the run was measured under load; each
+is a guess, not a promise. Run them niced on a shared machine (`nice -n 10 python bench/run.py ...`).
 """
 
 from __future__ import annotations
