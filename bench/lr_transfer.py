@@ -118,7 +118,11 @@ def sweep_trials(out: Path, name: str, parametrization: str, width: int, base_wi
     elif not (sweep_dir / "results.json").is_file():
         path = sweep_file(out, name, parametrization, width, base_width, steps, rates, seeds, prepared)
         tune_command(load_sweep(path), log=lambda line: None)
-    return json.loads((sweep_dir / "results.json").read_text())["trials"]
+    trials = json.loads((sweep_dir / "results.json").read_text())["trials"]
+    if any("train.seed" not in t["params"] for t in trials):
+        sys.exit(f"bench/lr_transfer.py: {sweep_dir} is from the one-seed version of this bench; "
+                 "delete it or pass another --out")
+    return trials
 
 
 def mean_loss(by_seed: dict[int, float | None]) -> float:
