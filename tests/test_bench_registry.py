@@ -62,7 +62,7 @@ def test_every_results_section_with_a_table_names_a_registry_entry():
 def test_every_run_py_name_in_the_docs_is_registered():
     """A `bench/run.py NAME` in README.md, docs/ or bench/RESULTS.md is an entry of the registry (or all/--list)."""
     entries = set(registry()) | {"all"}
-    named = re.compile(r"bench/run\.py ([\w-]+)")
+    named = re.compile(r"bench/run\.py ([a-z]\w*)")  # NAME and --list are not entries
     bad = []
     for path in [ROOT / "README.md", ROOT / "bench" / "RESULTS.md", *sorted((ROOT / "docs").glob("*.md"))]:
         bad += [f"{path.relative_to(ROOT)}: {n}" for n in named.findall(path.read_text()) if n not in entries]
