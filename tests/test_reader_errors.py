@@ -177,3 +177,15 @@ def test_a_trials_state_is_a_field_its_status_line_spells():
     assert trial_state(4, 10, None, stopped_at=4) == "stopped"
     assert trial_state(4, 10, "Traceback\nValueError: boom") == "error"
     assert trial_status(4, 10, "Traceback\nValueError: boom") == "error: ValueError: boom"
+
+
+def test_prompt_files_skip_blank_lines_and_name_the_line_that_is_not_json(tmp_path):
+    """`raylm generate --prompts` and `raylm eval --task` read JSONL through one loop (`json_lines`)."""
+    from raylm.use.generate import read_prompts
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"a"\n\n{"prompt": "b"}\n')
+    assert read_prompts(None, str(prompts), None) == ["a", "b"]
+    prompts.write_text('"a"\n\n{nope\n')
+    with pytest.raises(DataError, match=rf"^--prompts {prompts} line 3: not JSON$"):
+        read_prompts(None, str(prompts), None)

@@ -376,6 +376,20 @@ def read_documents(files: Iterable[tuple[str, FileSpec]], filesystem, split: str
         yield docs
 
 
+def json_lines(lines: Iterable[str], where: str) -> Iterator[tuple[int, object]]:
+    """(line number from 1, parsed value) of each non-blank line of a small JSONL file that a
+    command reads whole (`raylm generate --prompts`, `raylm eval --task` examples); the first
+    line that is not JSON raises DataError "<where> line N: not JSON"."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise DataError(f"{where} line {number}: not JSON") from None
+        yield number, record
+
+
 def sample_priority(seed: int, doc_id: str) -> float:
     """A seeded uniform number per document: the tokenizer sample is the lowest-priority documents."""
     digest = hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).digest()
