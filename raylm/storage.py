@@ -231,9 +231,9 @@ def errors(path: str | Path, key: str | None, error: type[RaylmError]):
     except FileNotFoundError:
         raise
     except OSError as e:
-        named = f"{key}={path}" if key else str(path)
         at = f" at {where(path)}" if is_uri(path) else ""
-        raise error(f"{named}: storage error{at} ({_first_line(e)})") from None
+        said = {"key": key, "value": path} if key else {"path": path}
+        raise error(f"storage error{at} ({_first_line(e)})", **said) from None
 
 
 # ---------------------------------------------------------------------------------------

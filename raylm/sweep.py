@@ -412,25 +412,35 @@ class TrialOutcome:
     """(step, metric) at every evaluation."""
     run_dir: str
     checkpoint: str | None
+    state: str = "completed"
+    """What `status` says, as a field: completed | stopped | unfinished | error (`trial_state`)."""
 
 
 UNFINISHED = "unfinished"
 
 
-def trial_status(steps: int, max_steps_: int, error: str | None, stopped_at: int | None = None) -> str:
+def trial_state(steps: int, max_steps_: int, error: str | None, stopped_at: int | None = None) -> str:
+    """completed | stopped (by ASHA) | unfinished (interrupted) | error."""
     if error:
-        return f"error: {error.strip().splitlines()[-1][:200]}"
+        return "error"
     if stopped_at is not None:
+        return "stopped"
+    return "completed" if steps >= max_steps_ else UNFINISHED
+
+
+def trial_status(steps: int, max_steps_: int, error: str | None, stopped_at: int | None = None) -> str:
+    """`trial_state` in words, for the results table."""
+    state = trial_state(steps, max_steps_, error, stopped_at)
+    if state == "error":
+        return f"error: {error.strip().splitlines()[-1][:200]}"
+    if state == "stopped":
         return f"stopped early by ASHA at step {stopped_at}"
-    if steps >= max_steps_:
-        return "completed"
-    return f"{UNFINISHED} at step {steps}"
+    return state if state == "completed" else f"{UNFINISHED} at step {steps}"
 
 
 def best_trial(outcomes: list[TrialOutcome], mode: str) -> TrialOutcome | None:
-    scored = [o for o in outcomes if o.metric is not None and math.isfinite(o.metric) and not o.status.startswith(
-        "error")]
-    completed = [o for o in scored if o.status == "completed"] or scored
+    scored = [o for o in outcomes if o.metric is not None and math.isfinite(o.metric) and o.state != "error"]
+    completed = [o for o in scored if o.state == "completed"] or scored
     if not completed:
         return None
     return (min if mode == "min" else max)(completed, key=lambda o: o.metric)
@@ -482,7 +492,7 @@ def plot_curves(outcomes: list[TrialOutcome], sweep: Sweep, out: str | Path) -> 
             continue
         steps, values = zip(*o.curve)
         params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in o.params.items())
-        style = "-" if o.status == "completed" else ":"
+        style = "-" if o.state == "completed" else ":"
         ax.plot(steps, values, style, marker=".", label=f"{o.trial_id}: {params}")
     ax.set_xlabel("step")
     ax.set_ylabel(sweep.metric.replace("_", " "))

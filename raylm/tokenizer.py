@@ -134,20 +134,30 @@ class Tokenizer:
         self.__init__(state["proto"], state["source"])
 
 
-def _training_error(message: str, chunks: list[str], vocab_size: int, character_coverage: float,
-                    fixed_pieces: int) -> str:
-    """One line for a sentencepiece training failure, in config keys rather than its flags and C++ checks."""
-    # e.g. "INTERNAL: src/trainer_interface.cc(638) [<check>] Vocabulary size is smaller than required_chars.
-    # 300 vs 570. Increase vocab_size or decrease character_coverage with --character_coverage option."
+def sentencepiece_failure(message: str) -> tuple[str, int | None]:
+    """(what a failed sentencepiece training check says, in one line without its flags; the
+    vocabulary size it needed when the check is "vocabulary smaller than required_chars", else None).
+
+    The one place raylm reads sentencepiece's text: its binding raises a bare RuntimeError that
+    carries the C++ CHECK's message and no fields, e.g.
+    "INTERNAL: src/trainer_interface.cc(638) [<check>] Vocabulary size is smaller than
+    required_chars. 300 vs 570. Increase vocab_size or decrease character_coverage with
+    --character_coverage option." tests/test_reader_errors.py fails if that wording changes."""
     first = message.strip().splitlines()[0] if message.strip() else "no message"
     check = re.match(r"[A-Z_]+: \S+\(\d+\) \[(.*?)\] ?(.*)", first)
     detail = (check.group(2) or f"check failed: {check.group(1)}") if check else first
     detail = detail.split(" Increase vocab_size")[0].rstrip(". ")
     too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", detail)
-    if too_small is None:  # e.g. tokenizer.character_coverage outside [0.98, 1]
+    return detail, int(too_small.group(1)) if too_small else None
+
+
+def _training_error(message: str, chunks: list[str], vocab_size: int, character_coverage: float,
+                    fixed_pieces: int) -> str:
+    """One line for a sentencepiece training failure, in config keys rather than its flags and C++ checks."""
+    detail, needed = sentencepiece_failure(message)
+    if needed is None:  # e.g. tokenizer.character_coverage outside [0.98, 1]
         return (f"tokenizer training failed with model.vocab_size={vocab_size}, "
                 f"tokenizer.character_coverage={character_coverage} (sentencepiece: {detail})")
-    needed = int(too_small.group(1))
     characters = len(set().union(*map(set, chunks)))
     fixed = f"special, newline, tab{', 256 bytes' if fixed_pieces > 256 else ''}"
     return (f"model.vocab_size={vocab_size} is too small for the {characters:,} distinct characters of the "

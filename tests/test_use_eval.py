@@ -94,7 +94,7 @@ def test_the_ray_data_path_gives_the_same_numbers_as_the_local_one(trained, ray_
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--data", "/no/such/corpus"], "--data /no/such/corpus: no such file or directory"),
+    (["--data", "/no/such/corpus"], "--data=/no/such/corpus: no such file or directory"),
     (["--max-sequences", "0"], "--max-sequences=0: must be at least 1"),
     (["--format", "csv", "--data", "x"], None),  # argparse refuses it
 ])

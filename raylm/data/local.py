@@ -15,27 +15,25 @@ import numpy as np
 from raylm.config import Config
 from raylm.data.corpus import Document
 from raylm.data.order import DataPosition, PackedDataset
-from raylm.data.parse import BadInputTally, sample_priority, split_documents
+from raylm.data.parse import BadInputTally, read_documents, sample_priority
 from raylm.data.plan import CorpusListing, plan_files
 from raylm.data.transforms import TOKEN_DTYPE, tokenize_and_pack
 from raylm.errors import EmptySplit
 from raylm.tokenizer import Tokenizer, load_or_train
 
 
+BATCH_DOCS = 256
+"""Documents tokenised and packed per call: memory is one file plus one batch's tokens."""
+
+
 def _file_documents(cfg: Config, split: str, *, mixture: bool = True, listing: CorpusListing | None = None,
                     tally: BadInputTally | None = None) -> Iterator[list[tuple[str, str]]]:
     """Each file's (doc_id, text) documents of `split`, file by file in the Ray Data pipeline's
-    plan order (same file plan, same parser), read only as far as the caller iterates.
-
-    Bad input raises (data.on_error=raise) or is counted in `tally` and skipped."""
+    plan order (same file plan, same reader), read only as far as the caller iterates."""
     plan = plan_files(cfg, split, mixture=mixture, listing=listing)
-    for f in plan.files:
-        with plan.filesystem.open_input_stream(f.path) as stream:
-            docs, problems = split_documents([(stream.read(), f.spec)], split, cfg.data.val_fraction,
-                                             cfg.data.on_error)
-        if tally is not None:
-            tally.add(problems, len(docs))
-        yield docs
+    d = cfg.data
+    yield from read_documents(((f.path, f.spec) for f in plan.files), plan.filesystem, split, d.val_fraction,
+                              d.on_error, tally)
 
 
 def local_documents(cfg: Config, split: str, *, mixture: bool = True, listing: CorpusListing | None = None,
@@ -61,7 +59,7 @@ def pack_batches(text_batches: Iterable[list[str]], tokenizer: Tokenizer, seq_le
 
 
 def pack_documents(docs: list[Document], tokenizer: Tokenizer, seq_len: int, add_bos: bool,
-                   batch_docs: int = 256) -> np.ndarray:
+                   batch_docs: int = BATCH_DOCS) -> np.ndarray:
     """All rows (N, seq_len + 1) of `docs` in document order; the last partial row is dropped."""
     batches = ([d.text for d in docs[start : start + batch_docs]] for start in range(0, len(docs), batch_docs))
     parts = list(pack_batches(batches, tokenizer, seq_len, add_bos))
@@ -70,24 +68,50 @@ def pack_documents(docs: list[Document], tokenizer: Tokenizer, seq_len: int, add
     return np.concatenate(parts)
 
 
+def planned_rows(cfg: Config, tokenizer: Tokenizer, split: str, max_rows: int | None = None, *,
+                 mixture: bool = True, listing: CorpusListing | None = None, tally: BadInputTally | None = None
+                 ) -> Iterator[np.ndarray]:
+    """The rows ((n, seq_len + 1) arrays, in order) of `split`'s sequential pack, made in this
+    process: files read in plan order, BATCH_DOCS documents tokenised at a time, and nothing
+    read past what the caller iterates or `max_rows` (None: all) needs.
+
+    The one "read, split into documents, pack" loop of the single-process path: training's
+    in-memory datasets, its evaluation rows and `raylm eval` all take their rows from here.
+    Bad input raises (data.on_error=raise) or is counted in `tally` and skipped; EmptySplit
+    (at the first row asked for) when `split` holds no file."""
+    if max_rows is not None and max_rows <= 0:
+        return
+    d = cfg.data
+    batches = ([text for _, text in docs[start:start + BATCH_DOCS]]
+               for docs in _file_documents(cfg, split, mixture=mixture, listing=listing, tally=tally)
+               for start in range(0, len(docs), BATCH_DOCS))
+    made = 0
+    for rows in pack_batches(batches, tokenizer, d.seq_len, d.add_bos):
+        if max_rows is not None:
+            rows = rows[:max_rows - made]
+        if len(rows):
+            made += len(rows)
+            yield rows
+        if max_rows is not None and made >= max_rows:
+            return
+
+
+def _stacked(parts: Iterable[np.ndarray], seq_len: int) -> np.ndarray:
+    return np.concatenate([np.zeros((0, seq_len + 1), dtype=TOKEN_DTYPE), *parts])
+
+
 def first_rows(cfg: Config, tokenizer: Tokenizer, split: str, n: int, listing: CorpusListing | None = None
                ) -> np.ndarray:
     """The first `n` rows (at most; (k, seq_len + 1)) of `split`'s sequential pack, reading files
     in plan order only until they are filled: the held-out rows evaluation reads, in the
     driver's process, at the cost of the files they come from (bad input as data.on_error says,
     not counted: the run's report counts the training stream's)."""
-    d = cfg.data
-    parts, have = [np.zeros((0, d.seq_len + 1), dtype=TOKEN_DTYPE)], 0
+    parts = []
     try:
-        texts = ([text for _, text in docs] for docs in _file_documents(cfg, split, listing=listing))
-        for rows in pack_batches(texts, tokenizer, d.seq_len, d.add_bos) if n > 0 else ():
-            parts.append(rows)
-            have += len(rows)
-            if have >= n:
-                break
+        parts.extend(planned_rows(cfg, tokenizer, split, n, listing=listing))
     except EmptySplit:
         pass
-    return np.concatenate(parts)[:n]
+    return _stacked(parts, cfg.data.seq_len)
 
 
 def tokenizer_sample(cfg: Config, listing: CorpusListing | None = None) -> list[str]:
@@ -125,14 +149,12 @@ def local_datasets(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing | N
     """(train, validation) packed in memory; validation is None when there is no held-out document."""
     d = cfg.data
     tally = BadInputTally()
-    train_rows = pack_documents(local_documents(cfg, "train", listing=listing, tally=tally), tokenizer,
-                                d.seq_len, d.add_bos)
+    train_rows = _stacked(planned_rows(cfg, tokenizer, "train", listing=listing, tally=tally), d.seq_len)
     if len(train_rows) == 0:
         raise EmptySplit(f"data.sources: the training split holds less than one sequence of {d.seq_len} tokens")
     train = CountedSource(PackedDataset(train_rows, seed=d.seed, shuffle=True), tally)
     try:
-        val_docs = local_documents(cfg, "validation", listing=listing, tally=tally)
+        val_rows = _stacked(planned_rows(cfg, tokenizer, "validation", listing=listing, tally=tally), d.seq_len)
     except EmptySplit:
         return train, None
-    val_rows = pack_documents(val_docs, tokenizer, d.seq_len, d.add_bos)
     return train, PackedDataset(val_rows, seed=d.seed, shuffle=False) if len(val_rows) else None

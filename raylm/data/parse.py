@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from raylm.data.corpus import is_validation
@@ -82,6 +82,10 @@ class BadInputTally:
         for kind, message in problems:
             self._messages.setdefault(kind, {})[message] = None
             self._examples.setdefault(kind, message)
+
+    def problems(self) -> list[Problem]:
+        """The distinct problems added (not merged), first seen first: what another tally's `add` takes."""
+        return [(kind, message) for kind, messages in self._messages.items() for message in messages]
 
     def merge(self, report: dict) -> None:
         """Add another tally's `report()` (of other files: its messages are not compared with ours)."""
@@ -352,6 +356,38 @@ def split_documents(files: Iterable[tuple[bytes, FileSpec]], split: str, val_fra
         kept.extend((doc_id, text) for doc_id, text in docs
                     if spec.format == "text" or is_validation(doc_id, val_fraction) == (split == "validation"))
     return kept, problems
+
+
+def read_documents(files: Iterable[tuple[str, FileSpec]], filesystem, split: str, val_fraction: float,
+                   on_error: str, tally: BadInputTally | None = None) -> Iterator[list[tuple[str, str]]]:
+    """Each file's (doc_id, text) documents of `split`, file by file in the given order, each file
+    read whole when the caller asks for it and not before.
+
+    The one reader of planned files: the single-process path (`raylm.data.local`), `raylm eval`
+    and Ray Data's read tasks (`raylm.ray.stages`) all call it. `files`: (path, FileSpec) pairs
+    of a file plan; `filesystem`: the plan's pyarrow filesystem. Bad input raises DataError
+    (on_error="raise") or is added to `tally` and skipped."""
+    for path, spec in files:
+        with filesystem.open_input_stream(path) as stream:
+            data = stream.read()
+        docs, problems = split_documents([(data, spec)], split, val_fraction, on_error)
+        if tally is not None:
+            tally.add(problems, len(docs))
+        yield docs
+
+
+def json_lines(lines: Iterable[str], where: str) -> Iterator[tuple[int, object]]:
+    """(line number from 1, parsed value) of each non-blank line of a small JSONL file that a
+    command reads whole (`raylm generate --prompts`, `raylm eval --task` examples); the first
+    line that is not JSON raises DataError "<where> line N: not JSON"."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise DataError(f"{where} line {number}: not JSON") from None
+        yield number, record
 
 
 def sample_priority(seed: int, doc_id: str) -> float:

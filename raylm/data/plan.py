@@ -137,7 +137,7 @@ def list_source(cfg: Config, i: int, notes: list[str] | None = None) -> tuple[pa
     """Source i's files in sorted order, capped by max_bytes; SourceNotFound if it names nothing.
     A warning line about the walk (a symlink loop, a file reached twice) is appended to `notes`."""
     src, d = cfg.data.sources[i], cfg.data
-    key = f"data.sources.{i}.path={src.path!r}"
+    said = {"key": f"data.sources.{i}.path", "value": src.path}  # what its errors are said of
     if src.path == STDLIB_CORPUS:
         root = stdlib_root()
         files = []
@@ -150,15 +150,15 @@ def list_source(cfg: Config, i: int, notes: list[str] | None = None) -> tuple[pa
         lenient = False
         walk = _Walk()
         try:
-            base, found = _list(fs, fs_path, key, walk)
+            base, found = _list(fs, fs_path, said, walk)
         except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{key}: cannot be listed ({str(e).splitlines()[0]})") from None
+            raise DataError(f"cannot be listed ({str(e).splitlines()[0]})", **said) from None
         files = sorted((path, size, posixpath.relpath(path, base), mtime) for path, size, mtime in found)
         files = [f for f in files if _visible(f[2])]
         if not files:
-            raise SourceNotFound(f"{key}: matches no files (hidden files, __pycache__ and _* names are skipped)")
+            raise SourceNotFound("matches no files (hidden files, __pycache__ and _* names are skipped)", **said)
         if walk.note() and notes is not None:
-            notes.append(f"warning: {key}: {walk.note()}")
+            notes.append(f"warning: data.sources.{i}.path={src.path}: {walk.note()}")
         if src.max_bytes is not None:
             kept, total = [], 0
             for f in files:
@@ -179,7 +179,7 @@ def list_source(cfg: Config, i: int, notes: list[str] | None = None) -> tuple[pa
 Found = tuple[str, int, "int | None"]  # (path, size, mtime_ns)
 
 
-def _list(fs: pafs.FileSystem, fs_path: str, key: str, walk: "_Walk") -> tuple[str, list[Found]]:
+def _list(fs: pafs.FileSystem, fs_path: str, said: dict, walk: "_Walk") -> tuple[str, list[Found]]:
     """(base directory that document ids are relative to, the files a path or glob names).
     Local directories are walked by `_Walk` (symlinks followed, loops not); object stores have
     no symlinks and are listed by pyarrow."""
@@ -194,7 +194,7 @@ def _list(fs: pafs.FileSystem, fs_path: str, key: str, walk: "_Walk") -> tuple[s
                       if f.type == pafs.FileType.File and fnmatch.fnmatch(f.path, fs_path)]
     info = fs.get_file_info(fs_path)
     if info.type == pafs.FileType.NotFound:
-        raise SourceNotFound(f"{key}: no such file or directory")
+        raise SourceNotFound("no such file or directory", **said)
     if info.type == pafs.FileType.Directory:
         if local:
             return fs_path, walk.run(fs_path, None)

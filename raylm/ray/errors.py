@@ -91,8 +91,9 @@ def find_user_error(exc: BaseException) -> errors.RaylmError | None:
             if isinstance(e, ClusterLost):
                 return e
             cls = next(c for c in type(e).__mro__ if c.__module__ in _OWN)
-            message = str(e.args[0]) if e.args else str(e)
-            found = cls(message.splitlines()[0] if message else cls.__name__)
+            message = str(e.args[0]) if e.args else str(e)  # its detail: str() of Ray's wrapper adds a traceback
+            found = cls(message.splitlines()[0] if message else cls.__name__, key=getattr(e, "key", None),
+                        value=getattr(e, "value", None), path=getattr(e, "path", None), line=getattr(e, "line", None))
             found.raised_in_ray = True  # its traceback is in Ray's logs (`ray_session` names them)
             return found
         todo.extend(c for c in _causes(e) if c is not None)

@@ -10,7 +10,7 @@ import numpy as np
 import ray
 
 from raylm.data.order import DataPosition
-from raylm.data.parse import sample_priority, split_documents
+from raylm.data.parse import BadInputTally, read_documents, sample_priority
 from raylm.data.transforms import TOKEN_DTYPE, encode_documents, frame_documents, pack
 from raylm.tokenizer import BOS_ID, EOS_ID
 
@@ -47,18 +47,17 @@ def read_parse(batch, plan, first, split, val_fraction, on_error, counter, prior
     `plan`: an object reference to `plan_payload(plan)`.
     """
     paths, table, specs, filesystem = _plan(plan)
-    ids, texts, positions, ordinals, problems = [], [], [], [], []
-    for pos in (int(first) + np.asarray(batch["data"], dtype=np.int64)).tolist():
-        path = paths[table[pos]]
-        with filesystem.open_input_stream(path) as f:
-            data = f.read()
-        docs, bad = split_documents([(data, specs[path])], split, val_fraction, on_error)
-        problems.extend(bad)
+    tally = BadInputTally()
+    ids, texts, positions, ordinals = [], [], [], []
+    read = (int(first) + np.asarray(batch["data"], dtype=np.int64)).tolist()
+    files = ((paths[table[pos]], specs[paths[table[pos]]]) for pos in read)
+    for pos, docs in zip(read, read_documents(files, filesystem, split, val_fraction, on_error, tally)):
         ids += [d for d, _ in docs]
         texts += [t for _, t in docs]
         positions += [pos] * len(docs)
         ordinals += range(len(docs))
-    ray.get(counter.add.remote(problems, len(ids)))  # before the rows move on: the driver's report is complete
+    # before the rows move on: the driver's report is complete
+    ray.get(counter.add.remote(tally.problems(), tally.documents))
     out = {"doc_id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object),
            "pos": np.array(positions, dtype=np.int64), "ord": np.array(ordinals, dtype=np.int64)}
     if priority_seed is not None:

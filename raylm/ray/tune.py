@@ -366,12 +366,13 @@ def outcomes(sweep: Sweep, sweep_dir: str | Path, grid) -> list[TrialOutcome]:
         run_dir = storage.child(sweep_dir, sweeps.RUNS_DIR, trial_id)
         latest = ckpt.latest_checkpoint(run_dir)  # None when the trial wrote no run directory
         curve = _curve(run_dir, sweep.metric)
+        error = str(result.error) if result.error else None
         out.append(TrialOutcome(
             trial_id=trial_id, params=dict((result.config or {}).get("params", {})),
             metric=float(value) if value is not None else None, steps=steps,
-            status=sweeps.trial_status(steps, steps_max, str(result.error) if result.error else None,
-                                       stopped.get(trial_id)),
-            curve=curve, run_dir=str(run_dir), checkpoint=str(latest) if latest else None))
+            status=sweeps.trial_status(steps, steps_max, error, stopped.get(trial_id)),
+            curve=curve, run_dir=str(run_dir), checkpoint=str(latest) if latest else None,
+            state=sweeps.trial_state(steps, steps_max, error, stopped.get(trial_id))))
     return sorted(out, key=lambda o: o.trial_id)
 
 
@@ -391,7 +392,7 @@ def finish(sweep: Sweep, sweep_dir: str | Path, grid, prepared_path: str, to_pre
     results = outcomes(sweep, sweep_dir, grid)
     log(sweeps.results_table(results, sweep))
     # Ctrl-C: Tune saved its state and returned, with trials unfinished or not yet created
-    if len(results) < sweeps.trial_count(sweep) or any(o.status.startswith(sweeps.UNFINISHED) for o in results):
+    if len(results) < sweeps.trial_count(sweep) or any(o.state == sweeps.UNFINISHED for o in results):
         raise SweepInterrupted(sweep_dir)
     paths = sweeps.write_results(results, sweep, sweep_dir)
     best = sweeps.best_trial(results, sweep.mode)

@@ -100,8 +100,6 @@ import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
-# Loading a sharded checkpoint into one process (the driver, a 1-worker resume) is intended.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
@@ -224,12 +222,22 @@ def begin_save(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.
     else:
         future = Future()
         try:
-            dcp.save(state, storage_writer=writer)
+            with single_process_dcp():
+                dcp.save(state, storage_writer=writer)
         except BaseException as e:
             future.set_exception(e)
         else:
             future.set_result(None)
     return Save(path, save_id, marker, extra_files if rank == 0 else {}, writer, future)
+
+
+@contextlib.contextmanager
+def single_process_dcp():
+    """Around a DCP save or load: in one process (the driver, a 1-worker resume, `raylm export`)
+    that is intended, so DCP's warning that it assumes so says nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _async_save(state: dict[str, Any], writer: "_HashingWriter") -> Future:
@@ -1090,7 +1098,8 @@ def _load_dcp(path: str | Path, marker: dict[str, Any], model: torch.nn.Module,
         state["optim"] = optim_sd
     reader = SafeFileSystemReader(path, metadata, _item_sums(marker) if verify else None)
     try:
-        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
+        with single_process_dcp():
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
     except CheckpointException as e:  # DCP gathers every rank's error: all ranks raise the same one
         _raise_interrupt(e)
         for failure, _traceback in e.failures.values():
@@ -1166,14 +1175,14 @@ def resolve_resume(path: str | Path) -> tuple[str | Path | None, str | Path]:
     path = storage.location(path) if storage.is_uri(path) else Path(path).expanduser().resolve()
     with storage.errors(path, "run.resume_from", CheckpointError):
         if not storage.exists(path):
-            raise CheckpointError(f"run.resume_from={path}: no such run directory or checkpoint")
+            raise CheckpointError("no such run directory or checkpoint", key="run.resume_from", value=path)
         is_checkpoint = storage.exists(storage.child(path, MARKER)) or storage.exists(storage.child(path, ".metadata"))
     if is_checkpoint:
         if (reason := _check_marker(path)[1]) is not None:
-            raise CheckpointError(f"run.resume_from={path}: the checkpoint is not usable ({reason}); "
-                                  "pass its run directory to resume from the newest complete one")
+            raise CheckpointError(f"the checkpoint is not usable ({reason}); pass its run directory to resume "
+                                  "from the newest complete one", key="run.resume_from", value=path)
         return None, path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise CheckpointError(f"run.resume_from={path}: no complete checkpoint in this directory")
+        raise CheckpointError("no complete checkpoint in this directory", key="run.resume_from", value=path)
     return path, latest

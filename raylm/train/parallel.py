@@ -37,9 +37,6 @@ import torch.nn as nn
 
 from raylm.config import Config
 
-# On a CPU mesh, FSDP2 materialises and initialises weights like one process (tested), so
-# DTensor's warning about CPU random ops says nothing a user can act on.
-warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support on cpu")
 from raylm.model import ModelConfig, Transformer
 
 
@@ -160,7 +157,11 @@ def build_model(cfg: Config, device: torch.device, seed: int | None = None) -> t
     # (one process: the train step's autocast gives bf16 compute over fp32 weights)
     model.to_empty(device=device)
     torch.manual_seed(seed)
-    model.init_weights(buffer_device=device)
+    with warnings.catch_warnings():
+        # On a CPU mesh the weights are set below as one process makes them (tested), so
+        # DTensor's warning about CPU random ops says nothing a user can act on.
+        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support on cpu")
+        model.init_weights(buffer_device=device)
     if sharded and not _sharded_rng_supported(mesh):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

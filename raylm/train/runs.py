@@ -261,7 +261,7 @@ def init_checkpoint(init_from: str, verify: bool = True) -> str:
     try:
         run_dir, checkpoint = ckpt.resolve_resume(init_from)
     except CheckpointError as e:
-        raise CheckpointError(f"model.init_from={init_from}: {str(e).split(': ', 1)[-1]}") from None
+        raise e.said_of(key="model.init_from", value=init_from) from None  # said of run.resume_from there
     if run_dir is not None and verify:
         found = ckpt.newest_good(ckpt.list_checkpoints(run_dir), log=lambda line: None)
         if found is None:

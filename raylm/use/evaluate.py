@@ -33,9 +33,8 @@ import numpy as np
 import torch
 
 from raylm.config import Config, SourceConfig
-from raylm.data.parse import split_documents
+from raylm.data.local import planned_rows
 from raylm.data.plan import plan_files
-from raylm.data.local import pack_batches
 from raylm.data.transforms import TOKEN_DTYPE
 from raylm.errors import ConfigError, DataError, EmptySplit
 from raylm.tokenizer import Tokenizer
@@ -43,7 +42,6 @@ from raylm.train.step import loss_and_correct
 
 RAY_THRESHOLD_BYTES = 64 * 2**20
 """`--ray auto` tokenises through Ray Data above this much text: one process does ~1-2 MB/s."""
-LOCAL_BATCH_DOCS = 256
 _FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 RowSource = Callable[[Config, Tokenizer, str, int | None], Iterator[np.ndarray]]
@@ -80,26 +78,7 @@ def data_config(run_cfg: Config, data: str, fmt: str | None = None, text_key: st
 
 def local_rows(cfg: Config, tokenizer: Tokenizer, split: str, max_rows: int | None) -> Iterator[np.ndarray]:
     """Packed rows of `split` made in this process, a file at a time (memory: one file plus a batch)."""
-    d = cfg.data
-    plan = plan_files(cfg, split, mixture=False)
-
-    def text_batches() -> Iterator[list[str]]:
-        for planned in plan.files:
-            with plan.filesystem.open_input_stream(planned.path) as stream:
-                data = stream.read()
-            docs, _ = split_documents([(data, planned.spec)], split, d.val_fraction, d.on_error)
-            for start in range(0, len(docs), LOCAL_BATCH_DOCS):
-                yield [text for _, text in docs[start:start + LOCAL_BATCH_DOCS]]
-
-    made = 0
-    for rows in pack_batches(text_batches(), tokenizer, d.seq_len, d.add_bos):
-        if max_rows is not None:
-            rows = rows[:max_rows - made]
-        if len(rows):
-            made += len(rows)
-            yield rows
-        if max_rows is not None and made >= max_rows:
-            return
+    return planned_rows(cfg, tokenizer, split, max_rows, mixture=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,9 +181,9 @@ def eval_command(path: str, *, data: str | None = None, fmt: str | None = None, 
         raise DataError(f"{what}: holds no documents to evaluate"
                         + (" (data.val_fraction is 0)" if data is None else "")) from None
     except (ConfigError, DataError) as e:  # said of the config's source; here it is the --data argument
-        if data is None:
+        if data is None or e.key != "data.sources.0.path":
             raise
-        raise type(e)(str(e).replace(f"data.sources.0.path={data!r}", f"--data {data}")) from None
+        raise e.said_of(key="--data", value=data) from None
     ray = use_ray == "yes" or (use_ray == "auto" and plan.total_bytes > RAY_THRESHOLD_BYTES)
     if ray and ray_rows is None:
         raise ConfigError("--ray yes: the Ray path is not available to this caller")

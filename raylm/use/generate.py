@@ -17,7 +17,6 @@ Text streams as it is made: sentencepiece may spell one character with several b
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import TextIO
 
 import torch
 
+from raylm.data.parse import json_lines
 from raylm.errors import ConfigError, DataError
 from raylm.model import KVCache, Transformer
 from raylm.tokenizer import Tokenizer
@@ -224,13 +224,7 @@ def read_prompts(prompt: str | None, prompts_file: str | None, stdin: TextIO) ->
         prompts = [line for line in lines if line.strip()]
     else:
         prompts = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise DataError(f"--prompts {path} line {number}: not JSON") from None
+        for number, record in json_lines(lines, f"--prompts {path}"):
             if isinstance(record, dict):
                 record = record.get("prompt")
             if not isinstance(record, str):

@@ -521,8 +521,9 @@ def _read_tensors(checkpoint: Path, names: list[str]) -> dict[str, torch.Tensor]
     tensors = {name: torch.empty(tuple(saved[f"model.{name}"].size), dtype=saved[f"model.{name}"].properties.dtype)
                for name in names}
     try:
-        dcp.load({"model": tensors}, storage_reader=ckpt.SafeFileSystemReader(str(checkpoint)),
-                 planner=ckpt.SafeLoadPlanner())
+        with ckpt.single_process_dcp():
+            dcp.load({"model": tensors}, storage_reader=ckpt.SafeFileSystemReader(str(checkpoint)),
+                     planner=ckpt.SafeLoadPlanner())
     except CheckpointException as e:
         for failure, _traceback in e.failures.values():
             if isinstance(failure, CheckpointError):

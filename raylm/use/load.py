@@ -38,8 +38,10 @@ def resolve_checkpoint(path: str | Path, log: Callable[[str], None] = _warn) -> 
     `path`; a CheckpointError naming the path (or the damaged file) when there is none."""
     try:
         run_dir, checkpoint = ckpt.resolve_resume(path)
-    except CheckpointError as e:  # said for run.resume_from; here the path is a command's argument
-        raise CheckpointError(str(e).removeprefix("run.resume_from=")) from None
+    except CheckpointError as e:  # said of run.resume_from; here the path is a command's argument
+        if e.key != "run.resume_from":
+            raise
+        raise e.said_of(path=e.value) from None
     if run_dir is None:
         if (reason := ckpt.verify_checkpoint(checkpoint)) is not None:
             raise CheckpointError(f"{reason}; name its run directory to use the newest good checkpoint")

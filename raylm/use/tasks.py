@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from raylm import storage
+from raylm.data.parse import json_lines
 from raylm.errors import ConfigError, DataError
 
 KINDS = ("choice", "generate", "loglikelihood")
@@ -218,13 +219,7 @@ def read_examples(task: Task, path: str, limit: int | None = None) -> list[Examp
         raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     needed = _template_fields(task.prompt)
     examples = []
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise DataError(f"{path} line {number}: not JSON") from None
+    for number, record in json_lines(data.decode("utf-8", errors="replace").splitlines(), path):
         if not isinstance(record, dict):
             raise DataError(f"{path} line {number}: expected a JSON object")
         examples.append(_example(task, path, number, record, needed))
