@@ -58,7 +58,7 @@ from ray.train import DataConfig
 from raylm import storage
 from raylm.config import Config
 from raylm.data import prepared
-from raylm.data.order import DataPosition, PackedDataset, step_slots
+from raylm.data.order import DataPosition, PackedDataset, step_shares, step_slots, unseen_micro_batches
 from raylm.data.parse import BadInputTally
 from raylm.data.plan import CorpusListing, FilePlan, plan_files, read_blocks, stream_passes, tokenize_batch_docs
 from raylm.data.transforms import TOKEN_DTYPE
@@ -323,7 +323,19 @@ def sample_documents(cfg: Config, listing: CorpusListing) -> list[str]:
 
 
 class StreamingTrainSource:
-    """This worker's share of the streaming training stream, consumed indices dropped (finite)."""
+    """This worker's share of the streaming training stream: step s trains the next G unseen
+    global indices, the same rows at every world size (finite).
+
+    The streaming split hands rows to whichever worker asks, so the rows a step needs are held
+    by arbitrary workers (a worker holds whole blocks in turn). Each step (`_step_rows`), every
+    rank reads on until the union of what the ranks hold covers the step's indices, the ranks
+    gather which of them each holds (one small all-gather), and the rows a rank holds beyond
+    its share go to the ranks short of theirs (one all-gather of the misplaced rows). Which
+    rank trains which row does not change the step (the loss is normalised by the global token
+    count), so each rank keeps what it can and only the imbalance moves. Before, a step trained
+    whatever rows its workers happened to hold, so its rows, and its loss, depended on the
+    world size (and on timing): a resize left the uninterrupted curve.
+    """
 
     finite = True
     starts_at_newest_complete = True
@@ -338,33 +350,108 @@ class StreamingTrainSource:
 
     def micro_batches(self, position: DataPosition, rank: int, world_size: int, micro_batch_size: int,
                       step_sequences: int | None = None):
-        """Micro-batches of the sizes `step_slots` gives this rank, from the rows this worker is handed."""
+        """Micro-batches of the sizes `step_slots` gives this rank; together, over the ranks, each
+        step's micro-batches hold exactly its G global indices (`unseen_micro_batches`)."""
         position = position if isinstance(position, DataPosition) else DataPosition()
+        W, B = world_size, micro_batch_size
+        G = step_sequences or W * B
+        sizes = [len(s) for s in step_slots(G, rank, W, B)]
+        shares = step_shares(G, W, B)
         shard = ray.train.get_dataset_shard(self.name)
-        B = micro_batch_size
-        sizes = [len(s) for s in step_slots(step_sequences or world_size * B, rank, world_size, B)]
-        parts: dict[str, list] = {"tokens": [], "index": [], "anchor": []}
-        held, k = 0, 0
-        batches = iter(shard.iter_batches(batch_size=B, batch_format="numpy", prefetch_batches=4))
-        while True:
-            want = sizes[k % len(sizes)]
-            while held < want:
-                batch = next(batches, None)
-                if batch is None:
-                    return  # the trainer's per-step agreement stops every rank at the same step
-                keep = ~position.is_consumed(batch["index"])
-                for key in parts:
-                    parts[key].append(batch[key][keep])
-                held += int(keep.sum())
-            joined = {key: np.concatenate(v) if len(v) > 1 else v[0] for key, v in parts.items()} if parts["index"] \
-                else {"tokens": np.zeros((0, 1), TOKEN_DTYPE), "index": np.zeros(0, np.int64),
-                      "anchor": np.zeros((0, 2), np.int64)}
-            yield {"tokens": torch.from_numpy(np.ascontiguousarray(joined["tokens"][:want])),
-                   "index": torch.from_numpy(joined["index"][:want].astype(np.int64)),
-                   "anchor": joined["anchor"][:want]}
-            parts = {key: [v[want:]] for key, v in joined.items()}
-            held -= want
-            k += 1
+        held = _HeldRows(shard.iter_batches(batch_size=B, batch_format="numpy", prefetch_batches=4), position)
+        for needed in unseen_micro_batches(position, 0, 1, G, G):  # the step's G global indices, in order
+            rows = _step_rows(held, needed, rank, shares)
+            if rows is None:
+                return  # the stream ended: every rank learns it at this same step (a collective)
+            first = 0
+            for n in sizes:
+                yield {key: v[first:first + n] for key, v in rows.items()}
+                first += n
+
+
+class _HeldRows:
+    """The rows a worker has been handed and not yet trained, by global index."""
+
+    def __init__(self, batches, position: DataPosition):
+        self.batches, self.position = iter(batches), position
+        self.tokens: dict[int, np.ndarray] = {}
+        self.anchor: dict[int, np.ndarray] = {}
+        self.last = -1  # the highest index handed to this worker (rows come in increasing order)
+        self.ended = False
+        self.width = 1  # tokens per row (seq_len + 1), once a row has come
+
+    def read_more(self) -> None:
+        batch = next(self.batches, None)
+        if batch is None:
+            self.ended = True
+            return
+        index = np.asarray(batch["index"], dtype=np.int64)
+        self.width = int(np.shape(batch["tokens"])[-1])
+        if index.size:
+            self.last = max(self.last, int(index.max()))
+        keep = ~self.position.is_consumed(index)
+        for i, tokens, anchor in zip(index[keep].tolist(), batch["tokens"][keep], batch["anchor"][keep]):
+            self.tokens[i], self.anchor[i] = tokens, anchor
+
+    def take(self, indices) -> dict[str, np.ndarray]:
+        indices = list(indices)
+        if not indices:
+            return {}
+        return {"tokens": np.stack([self.tokens.pop(i) for i in indices]),
+                "index": np.asarray(indices, dtype=np.int64),
+                "anchor": np.stack([self.anchor.pop(i) for i in indices]).reshape(-1, 2)}
+
+
+def _all_gather(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _step_rows(held: _HeldRows, needed: np.ndarray, rank: int, shares: list[int]):
+    """This rank's rows of the step whose global indices are `needed` ({"tokens", "index", "anchor"}:
+    `shares[rank]` of them, in index order), or None when the stream ended before the step."""
+    world_size = len(shares)
+    want = set(needed.tolist())
+    while True:
+        # The split hands blocks out in stream order, so once every rank has been handed an
+        # index >= the step's last (or has no more), the ranks hold every row of the step.
+        while not held.ended and held.last < needed[-1]:
+            held.read_more()
+        mine = sorted(want.intersection(held.tokens))
+        views = _all_gather((mine, held.ended), world_size)
+        covered = sum(len(m) for m, _ in views)
+        if covered == len(want):
+            break
+        if all(ended for _, ended in views):
+            return None
+        if not held.ended:  # a block out of order (never seen): read on and look again
+            held.read_more()
+    keep = [m[:shares[r]] for r, (m, _) in enumerate(views)]
+    spare = sorted(i for r, (m, _) in enumerate(views) for i in m[shares[r]:])  # rows beyond their holder's share
+    to: dict[int, int] = {}
+    for r in range(world_size):
+        for _ in range(shares[r] - len(keep[r])):
+            to[spare.pop(0)] = r
+    payload = held.take(mine[shares[rank]:])
+    rows = [held.take(keep[rank])] if keep[rank] else []
+    if to:
+        for part in _all_gather(payload, world_size):
+            if part:
+                sel = [k for k, i in enumerate(part["index"].tolist()) if to[i] == rank]
+                if sel:
+                    rows.append({key: v[sel] for key, v in part.items()})
+    if not rows:
+        return {"tokens": torch.zeros((0, held.width), dtype=torch.int32), "index": torch.zeros(0, dtype=torch.int64),
+                "anchor": np.zeros((0, 2), np.int64)}  # a rank without a share this step: empty micro-batches
+    joined = {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
+    order = np.argsort(joined["index"], kind="stable")
+    return {"tokens": torch.from_numpy(np.ascontiguousarray(joined["tokens"][order])),
+            "index": torch.from_numpy(joined["index"][order]), "anchor": joined["anchor"][order]}
 
 
 class MaterialisedSource:
