@@ -88,6 +88,7 @@ def _exchange_rank(rank: int, world: int, port: int, out: str, position: dict, b
         if rows is None:
             break
         assert len(rows["index"]) == sum(sizes) and (rows["tokens"][:, 0] == rows["index"]).all()
+        assert (np.asarray(rows["anchor"])[:, 0] == rows["index"].numpy()).all()  # each row kept its anchor
         record.append(rows["index"].tolist())
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()

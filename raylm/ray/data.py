@@ -330,7 +330,7 @@ class StreamingTrainSource:
     by arbitrary workers (a worker holds whole blocks in turn). Each step (`_step_rows`), every
     rank reads on until the union of what the ranks hold covers the step's indices, the ranks
     gather which of them each holds (one small all-gather), and the rows a rank holds beyond
-    its share go to the ranks short of theirs (one all-gather of the misplaced rows). Which
+    its share go to the ranks short of theirs (one all-to-all of the misplaced rows only). Which
     rank trains which row does not change the step (the loss is normalised by the global token
     count), so each rank keeps what it can and only the imbalance moves. Before, a step trained
     whatever rows its workers happened to hold, so its rows, and its loss, depended on the
@@ -423,35 +423,50 @@ def _step_rows(held: _HeldRows, needed: np.ndarray, rank: int, shares: list[int]
         while not held.ended and held.last < needed[-1]:
             held.read_more()
         mine = sorted(want.intersection(held.tokens))
-        views = _all_gather((mine, held.ended), world_size)
-        covered = sum(len(m) for m, _ in views)
-        if covered == len(want):
+        views = _all_gather((mine, held.ended, held.width), world_size)
+        if sum(len(m) for m, _, _ in views) == len(want):
             break
-        if all(ended for _, ended in views):
+        if all(ended for _, ended, _ in views):
             return None
-        if not held.ended:  # a block out of order (never seen): read on and look again
+        if not held.ended:  # a block out of order (never seen so far): read on and look again
             held.read_more()
-    keep = [m[:shares[r]] for r, (m, _) in enumerate(views)]
-    spare = sorted(i for r, (m, _) in enumerate(views) for i in m[shares[r]:])  # rows beyond their holder's share
-    to: dict[int, int] = {}
-    for r in range(world_size):
-        for _ in range(shares[r] - len(keep[r])):
-            to[spare.pop(0)] = r
-    payload = held.take(mine[shares[rank]:])
-    rows = [held.take(keep[rank])] if keep[rank] else []
-    if to:
-        for part in _all_gather(payload, world_size):
-            if part:
-                sel = [k for k, i in enumerate(part["index"].tolist()) if to[i] == rank]
-                if sel:
-                    rows.append({key: v[sel] for key, v in part.items()})
-    if not rows:
-        return {"tokens": torch.zeros((0, held.width), dtype=torch.int32), "index": torch.zeros(0, dtype=torch.int64),
-                "anchor": np.zeros((0, 2), np.int64)}  # a rank without a share this step: empty micro-batches
+    width = max(w for _, _, w in views)
+    spare = [m[shares[r]:] for r, (m, _, _) in enumerate(views)]  # rows beyond their holder's share
+    free = iter(sorted(i for part in spare for i in part))
+    to = {next(free): r for r in range(world_size) for _ in range(shares[r] - min(shares[r], len(views[r][0])))}
+    rows = [held.take(mine[:shares[rank]])]
+    if to:  # every rank knows the plan, so each sends and receives exactly the moved rows
+        rows.append(_move_rows(held, spare, to, rank, width))
+    rows = [r for r in rows if r]
+    if not rows:  # a rank without a share this step (more ranks than sequences): empty micro-batches
+        return {"tokens": torch.zeros((0, width), dtype=torch.int32), "index": torch.zeros(0, dtype=torch.int64),
+                "anchor": np.zeros((0, 2), np.int64)}
     joined = {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
     order = np.argsort(joined["index"], kind="stable")
     return {"tokens": torch.from_numpy(np.ascontiguousarray(joined["tokens"][order])),
             "index": torch.from_numpy(joined["index"][order]), "anchor": joined["anchor"][order]}
+
+
+def _move_rows(held: _HeldRows, spare: list[list[int]], to: dict[int, int], rank: int, width: int) -> dict:
+    """Send this rank's spare rows to the ranks `to` names and receive its own: one all-to-all of
+    (tokens, anchor) rows, so each moved row crosses the network once."""
+    import torch.distributed as dist
+
+    world_size = len(spare)
+    send = [[i for i in spare[rank] if to.get(i) == d] for d in range(world_size)]
+    recv = [[i for i in spare[s] if to.get(i) == rank] for s in range(world_size)]
+    out = held.take([i for part in send for i in part])
+    packed = np.concatenate([out["tokens"].astype(np.int64), out["anchor"]], axis=1) if out \
+        else np.zeros((0, width + 2), np.int64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    got = torch.empty((sum(map(len, recv)), width + 2), dtype=torch.int64, device=device)
+    dist.all_to_all_single(got, torch.from_numpy(packed).to(device), output_split_sizes=[len(p) for p in recv],
+                           input_split_sizes=[len(p) for p in send])
+    got = got.cpu().numpy()
+    if not len(got):
+        return {}
+    return {"tokens": got[:, :width].astype(TOKEN_DTYPE), "index": np.asarray([i for p in recv for i in p], np.int64),
+            "anchor": got[:, width:]}
 
 
 class MaterialisedSource:
