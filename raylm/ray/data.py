@@ -18,9 +18,11 @@ the file's framed tokens.
 Streaming training. The training stream is one execution of `data.stream_passes` passes over
 the corpus (derived from train.max_steps when unset: enough for the run). Ray Train splits it
 over the workers with `streaming_split(equal=False)`, which hands rows out in arrival order,
-not as contiguous slices, and never drops any: the trainer's `DataPosition` records them
-exactly (watermark + extra), and its `data_anchor` the anchor of a consumed row below the
-watermark. If a finite stream runs out, every rank learns it at the same step
+not as contiguous slices, and never drops any. The workers then trade rows so that step s
+trains exactly the next G unseen global indices at every world size (`StreamingTrainSource`),
+as the prepared path does: a resize does not change the rows of any step. The trainer's
+`DataPosition` records them (watermark + extra), and its `data_anchor` the anchor of a
+consumed row below the watermark. If a finite stream runs out, every rank learns it at the same step
 (`Trainer`: `finite`), checkpoints and stops; nobody waits in a collective for the others.
 
 Restarts in seconds. The training Dataset is built by `TrainStream`, a callable Ray Train
