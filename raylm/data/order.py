@@ -16,8 +16,9 @@ normalised by the global token count, so the optimisation is the same at every w
 Index i maps to a packed row through a seeded permutation per epoch (epoch = i // N).
 
 The data position of a run is a `DataPosition`: every index below `watermark` is consumed,
-plus a few consumed indices above it (`extra`; empty with the formula above, non-empty when
-a streaming split hands rows out in a different order). It is rank-agnostic, so a run
+plus a few consumed indices above it (`extra`; empty with the formula above, which the
+streaming path also follows since it trades rows between workers; non-empty in checkpoints
+of older streaming runs, whose steps took whatever rows each worker had been handed). It is rank-agnostic, so a run
 resumed on any number of workers trains every unseen sequence once and no seen one again.
 """
 

@@ -18,9 +18,11 @@ the file's framed tokens.
 Streaming training. The training stream is one execution of `data.stream_passes` passes over
 the corpus (derived from train.max_steps when unset: enough for the run). Ray Train splits it
 over the workers with `streaming_split(equal=False)`, which hands rows out in arrival order,
-not as contiguous slices, and never drops any: the trainer's `DataPosition` records them
-exactly (watermark + extra), and its `data_anchor` the anchor of a consumed row below the
-watermark. If a finite stream runs out, every rank learns it at the same step
+not as contiguous slices, and never drops any. The workers then trade rows so that step s
+trains exactly the next G unseen global indices at every world size (`StreamingTrainSource`),
+as the prepared path does: a resize does not change the rows of any step. The trainer's
+`DataPosition` records them (watermark + extra), and its `data_anchor` the anchor of a
+consumed row below the watermark. If a finite stream runs out, every rank learns it at the same step
 (`Trainer`: `finite`), checkpoints and stops; nobody waits in a collective for the others.
 
 Restarts in seconds. The training Dataset is built by `TrainStream`, a callable Ray Train
@@ -58,7 +60,7 @@ from ray.train import DataConfig
 from raylm import storage
 from raylm.config import Config
 from raylm.data import prepared
-from raylm.data.order import DataPosition, PackedDataset, step_slots
+from raylm.data.order import DataPosition, PackedDataset, step_shares, step_slots, unseen_micro_batches
 from raylm.data.parse import BadInputTally
 from raylm.data.plan import CorpusListing, FilePlan, plan_files, read_blocks, stream_passes, tokenize_batch_docs
 from raylm.data.transforms import TOKEN_DTYPE
@@ -323,7 +325,19 @@ def sample_documents(cfg: Config, listing: CorpusListing) -> list[str]:
 
 
 class StreamingTrainSource:
-    """This worker's share of the streaming training stream, consumed indices dropped (finite)."""
+    """This worker's share of the streaming training stream: step s trains the next G unseen
+    global indices, the same rows at every world size (finite).
+
+    The streaming split hands rows to whichever worker asks, so the rows a step needs are held
+    by arbitrary workers (a worker holds whole blocks in turn). Each step (`_step_rows`), every
+    rank reads on until the union of what the ranks hold covers the step's indices, the ranks
+    gather which of them each holds (one small all-gather), and the rows a rank holds beyond
+    its share go to the ranks short of theirs (one all-to-all of the misplaced rows only). Which
+    rank trains which row does not change the step (the loss is normalised by the global token
+    count), so each rank keeps what it can and only the imbalance moves. Before, a step trained
+    whatever rows its workers happened to hold, so its rows, and its loss, depended on the
+    world size (and on timing): a resize left the uninterrupted curve.
+    """
 
     finite = True
     starts_at_newest_complete = True
@@ -338,33 +352,123 @@ class StreamingTrainSource:
 
     def micro_batches(self, position: DataPosition, rank: int, world_size: int, micro_batch_size: int,
                       step_sequences: int | None = None):
-        """Micro-batches of the sizes `step_slots` gives this rank, from the rows this worker is handed."""
+        """Micro-batches of the sizes `step_slots` gives this rank; together, over the ranks, each
+        step's micro-batches hold exactly its G global indices (`unseen_micro_batches`)."""
         position = position if isinstance(position, DataPosition) else DataPosition()
+        W, B = world_size, micro_batch_size
+        G = step_sequences or W * B
+        sizes = [len(s) for s in step_slots(G, rank, W, B)]
+        shares = step_shares(G, W, B)
         shard = ray.train.get_dataset_shard(self.name)
-        B = micro_batch_size
-        sizes = [len(s) for s in step_slots(step_sequences or world_size * B, rank, world_size, B)]
-        parts: dict[str, list] = {"tokens": [], "index": [], "anchor": []}
-        held, k = 0, 0
-        batches = iter(shard.iter_batches(batch_size=B, batch_format="numpy", prefetch_batches=4))
-        while True:
-            want = sizes[k % len(sizes)]
-            while held < want:
-                batch = next(batches, None)
-                if batch is None:
-                    return  # the trainer's per-step agreement stops every rank at the same step
-                keep = ~position.is_consumed(batch["index"])
-                for key in parts:
-                    parts[key].append(batch[key][keep])
-                held += int(keep.sum())
-            joined = {key: np.concatenate(v) if len(v) > 1 else v[0] for key, v in parts.items()} if parts["index"] \
-                else {"tokens": np.zeros((0, 1), TOKEN_DTYPE), "index": np.zeros(0, np.int64),
-                      "anchor": np.zeros((0, 2), np.int64)}
-            yield {"tokens": torch.from_numpy(np.ascontiguousarray(joined["tokens"][:want])),
-                   "index": torch.from_numpy(joined["index"][:want].astype(np.int64)),
-                   "anchor": joined["anchor"][:want]}
-            parts = {key: [v[want:]] for key, v in joined.items()}
-            held -= want
-            k += 1
+        held = _HeldRows(shard.iter_batches(batch_size=B, batch_format="numpy", prefetch_batches=4), position)
+        for needed in unseen_micro_batches(position, 0, 1, G, G):  # the step's G global indices, in order
+            rows = _step_rows(held, needed, rank, shares)
+            if rows is None:
+                return  # the stream ended: every rank learns it at this same step (a collective)
+            first = 0
+            for n in sizes:
+                yield {key: v[first:first + n] for key, v in rows.items()}
+                first += n
+
+
+class _HeldRows:
+    """The rows a worker has been handed and not yet trained, by global index."""
+
+    def __init__(self, batches, position: DataPosition):
+        self.batches, self.position = iter(batches), position
+        self.tokens: dict[int, np.ndarray] = {}
+        self.anchor: dict[int, np.ndarray] = {}
+        self.last = -1  # the highest index handed to this worker (rows come in increasing order)
+        self.ended = False
+        self.width = 1  # tokens per row (seq_len + 1), once a row has come
+
+    def read_more(self) -> None:
+        batch = next(self.batches, None)
+        if batch is None:
+            self.ended = True
+            return
+        index = np.asarray(batch["index"], dtype=np.int64)
+        self.width = int(np.shape(batch["tokens"])[-1])
+        if index.size:
+            self.last = max(self.last, int(index.max()))
+        keep = ~self.position.is_consumed(index)
+        for i, tokens, anchor in zip(index[keep].tolist(), batch["tokens"][keep], batch["anchor"][keep]):
+            self.tokens[i], self.anchor[i] = tokens, anchor
+
+    def take(self, indices) -> dict[str, np.ndarray]:
+        indices = list(indices)
+        if not indices:
+            return {}
+        return {"tokens": np.stack([self.tokens.pop(i) for i in indices]),
+                "index": np.asarray(indices, dtype=np.int64),
+                "anchor": np.stack([self.anchor.pop(i) for i in indices]).reshape(-1, 2)}
+
+
+def _all_gather(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _step_rows(held: _HeldRows, needed: np.ndarray, rank: int, shares: list[int]):
+    """This rank's rows of the step whose global indices are `needed` ({"tokens", "index", "anchor"}:
+    `shares[rank]` of them, in index order), or None when the stream ended before the step."""
+    world_size = len(shares)
+    want = set(needed.tolist())
+    while True:
+        # The split hands blocks out in stream order, so once every rank has been handed an
+        # index >= the step's last (or has no more), the ranks hold every row of the step.
+        while not held.ended and held.last < needed[-1]:
+            held.read_more()
+        mine = sorted(want.intersection(held.tokens))
+        views = _all_gather((mine, held.ended, held.width), world_size)
+        if sum(len(m) for m, _, _ in views) == len(want):
+            break
+        if all(ended for _, ended, _ in views):
+            return None
+        if not held.ended:  # a block out of order (never seen so far): read on and look again
+            held.read_more()
+    width = max(w for _, _, w in views)
+    spare = [m[shares[r]:] for r, (m, _, _) in enumerate(views)]  # rows beyond their holder's share
+    free = iter(sorted(i for part in spare for i in part))
+    to = {next(free): r for r in range(world_size) for _ in range(shares[r] - min(shares[r], len(views[r][0])))}
+    rows = [held.take(mine[:shares[rank]])]
+    if to:  # every rank knows the plan, so each sends and receives exactly the moved rows
+        rows.append(_move_rows(held, spare, to, rank, width))
+    rows = [r for r in rows if r]
+    if not rows:  # a rank without a share this step (more ranks than sequences): empty micro-batches
+        return {"tokens": torch.zeros((0, width), dtype=torch.int32), "index": torch.zeros(0, dtype=torch.int64),
+                "anchor": np.zeros((0, 2), np.int64)}
+    joined = {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
+    order = np.argsort(joined["index"], kind="stable")
+    return {"tokens": torch.from_numpy(np.ascontiguousarray(joined["tokens"][order])),
+            "index": torch.from_numpy(joined["index"][order]), "anchor": joined["anchor"][order]}
+
+
+def _move_rows(held: _HeldRows, spare: list[list[int]], to: dict[int, int], rank: int, width: int) -> dict:
+    """Send this rank's spare rows to the ranks `to` names and receive its own: one all-to-all of
+    (tokens, anchor) rows, so each moved row crosses the network once."""
+    import torch.distributed as dist
+
+    world_size = len(spare)
+    send = [[i for i in spare[rank] if to.get(i) == d] for d in range(world_size)]
+    recv = [[i for i in spare[s] if to.get(i) == rank] for s in range(world_size)]
+    out = held.take([i for part in send for i in part])
+    packed = np.concatenate([out["tokens"].astype(np.int64), out["anchor"]], axis=1) if out \
+        else np.zeros((0, width + 2), np.int64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    got = torch.empty((sum(map(len, recv)), width + 2), dtype=torch.int64, device=device)
+    dist.all_to_all_single(got, torch.from_numpy(packed).to(device), output_split_sizes=[len(p) for p in recv],
+                           input_split_sizes=[len(p) for p in send])
+    got = got.cpu().numpy()
+    if not len(got):
+        return {}
+    return {"tokens": got[:, :width].astype(TOKEN_DTYPE), "index": np.asarray([i for p in recv for i in p], np.int64),
+            "anchor": got[:, width:]}
 
 
 class MaterialisedSource:
