@@ -28,6 +28,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(  # train functions defined in test m
 # so the wait bounds that cost; raylm/ray/elastic.py keeps the view fresh, so Ray's default 60 s
 # is kept: a group may also wait for a previous run's workers to free their CPUs on a busy machine.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s) and takes
+# one `ray.train.report` per poll from each worker's queue of 1: a run reporting every step (the
+# tests' log_every=1, checkpoint_every=2) trains at most a step per 2 s, and every start, end,
+# death and resize is seen up to 2 s late. 0.5 s here; a poll that takes longer is not a failure
+# (Ray waits on it at the next poll; a worker is declared dead after 10 minutes, kept). Every Ray
+# process of the session inherits it: in-process clusters, `ray start`, subprocesses' clusters.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 

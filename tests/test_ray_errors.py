@@ -287,9 +287,15 @@ def test_cluster_loss_becomes_one_line_with_the_resume_command_and_exit_1():
 def test_a_lost_local_cluster_ends_train_with_one_line_naming_the_run(tmp_path):
     """Every process of the local cluster under `raylm train` killed after its first checkpoint:
     stderr ends in one line that says the cluster went away and how to resume the run, with no
-    traceback, exit status 1, and the run directory keeps its checkpoint."""
+    traceback, exit status 1, and the run directory keeps its checkpoint. (Its tokenizer trained
+    here beforehand, `tokenizer.path`: the run skips sampling the corpus through Ray Data.)"""
+    from raylm.config import load_config
+    from raylm.data.local import train_tokenizer_local
+
+    tokenizer = train_tokenizer_local(load_config(str(ROOT / "configs/debug.yaml"))).save(tmp_path / "tok.model")
     out_dir = tmp_path / "runs"
-    proc = raylm_cli("train", "configs/debug.yaml", f"run.output_dir={out_dir}", "train.max_steps=100000",
+    proc = raylm_cli("train", "configs/debug.yaml", f"run.output_dir={out_dir}", f"tokenizer.path={tokenizer}",
+                     "train.max_steps=100000",
                      "train.checkpoint_every=2", "train.log_every=1", "train.eval_every=100000", "run.sample_tokens=0")
     deadline = time.monotonic() + 600
     while not list(out_dir.glob("*/checkpoint_*/.metadata")):  # a checkpoint is written (then its metrics row)
