@@ -2,30 +2,31 @@
 what a resumed run must match.
 
 Torch core, no Ray. Every driver (`raylm train --local`, torchrun, Ray Train, a Tune trial)
-goes through the same three steps:
+goes through the same two calls:
 
 1. `resolve_run(cfg) -> RunSpec`: a pure value (the config is not touched). A new run gets a
    fresh name; `run.resume_from=<run dir>` continues that run in place; `run.resume_from=
    <checkpoint>` starts a new run from it. Naming an existing run without resuming it is an
    error, since it would mix two runs' checkpoints.
-2. `open_run_dir(spec) -> (RunSpec, DirLock)`: the run directory, held by this process for the
-   run's life (`raylm.lock`: one writer per run directory; a second gets one line naming the
-   holder). A new run's directory is made with an exclusive `mkdir` (two runs started in the
-   same second get `name` and `name-2`) and locked before config.yaml is written; the spec comes
-   back with its final name. On object storage (`run.output_dir=s3://...`) a name is taken when
-   no object lies under it and its lease is created first (a conditional write on S3). A run
-   resumed in place is locked before anything in it is read or written, and its resume point
-   is read again under the lock. A resumed run's directory, config.yaml and tokenizer.model are
-   never rewritten. `discard_run_dir(spec, lock)` undoes a failed start, removing only the
-   files this start wrote, and releases the lock.
-3. `obtain_tokenizer(...)`: the one load-or-train. Resuming never retrains: the run's (or
-   the checkpoint's) tokenizer is loaded.
+2. `start_run(spec, sample) -> RunStart`: the run directory opened and held, the corpus listed
+   once, the tokenizer, the run's facts, and the checks against the checkpoint it starts from.
+   - `open_run_dir`: the run directory, held by this process for the run's life (`raylm.lock`:
+     one writer per run directory; a second gets one line naming the holder). A new run's
+     directory is made with an exclusive `mkdir` (two runs started in the same second get `name`
+     and `name-2`) and locked before config.yaml is written; the spec comes back with its final
+     name. On object storage (`run.output_dir=s3://...`) a name is taken when no object lies
+     under it and its lease is created first (a conditional write on S3). A run resumed in place
+     is locked before anything in it is read or written, and its resume point is read again
+     under the lock. A resumed run's directory, config.yaml and tokenizer.model are never
+     rewritten. `discard_run_dir(spec, lock)` (`RunStart.discard`) undoes a failed start,
+     removing only the files this start wrote, and releases the lock.
+   - `obtain_tokenizer(...)`: the one load-or-train. Resuming never retrains: the run's (or the
+     checkpoint's) tokenizer is loaded.
 
 Resume checks: every checkpoint records `RunFacts` (tokenizer hash, `seq_len`, a fingerprint
 of the data); `check_resume` compares them with the resumed run's and names the first
 difference in one line, unless `run.resume_changes` lists it.
 """
-
 from __future__ import annotations
 
 import dataclasses

@@ -300,7 +300,7 @@ def export_hf(path: str | Path, out: str | Path, *, dtype: str = "float32",
     it wrote, never the prefix nor another writer's objects (`storage.WriteLog`).
     """
     from raylm.train.runs import TOKENIZER_FILE
-    from raylm.use.load import _beside, load_run_config, resolve_checkpoint
+    from raylm.use.load import file_beside, load_run_config, resolve_checkpoint
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
@@ -317,7 +317,7 @@ def export_hf(path: str | Path, out: str | Path, *, dtype: str = "float32",
         out = _local_out(Path(out).expanduser())
     checkpoint = resolve_checkpoint(path)
     run_cfg = load_run_config(checkpoint)
-    tokenizer = Tokenizer.load(_beside(checkpoint, TOKENIZER_FILE))
+    tokenizer = Tokenizer.load(file_beside(checkpoint, TOKENIZER_FILE))
     cfg, torch_dtype = run_cfg.model, DTYPES[dtype]
     entries = weight_entries(cfg)
     _check_saved_shapes(checkpoint, entries)
