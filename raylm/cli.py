@@ -227,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(summary_lines(out)))
         elif args.command == "train" and (args.local or "TORCHELASTIC_RUN_ID" in os.environ):  # torchrun
             from raylm.train.local import train_local
+            from raylm.use.sample import print_samples
 
-            train_local(cfg)
+            train_local(cfg, samples=print_samples)  # the CLI, above use/, shows the trained model
         elif args.command == "train":
             from raylm.ray.train import train_command
 

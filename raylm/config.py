@@ -21,7 +21,6 @@ from typing import Any, Literal
 import yaml
 
 from raylm import storage
-from raylm.data.order import rounds_per_step
 from raylm.errors import ConfigError
 from raylm.model import ModelConfig
 
@@ -306,6 +305,12 @@ class Config:
         world size: when the workers' micro-batches do not divide it, ranks take uneven shares
         (`raylm.data.order.step_slots`)."""
         return rounds_per_step(self.sequences_per_step, world_size, self.train.micro_batch_size)
+
+
+def rounds_per_step(step_sequences: int, world_size: int, micro_batch_size: int) -> int:
+    """Micro-batches every rank runs per optimizer step (gradient accumulation); the split of a
+    step over the ranks is `raylm.data.order.step_slots`."""
+    return max(1, -(-step_sequences // (world_size * micro_batch_size)))
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING
 import sentencepiece as spm
 
 from raylm import storage
-from raylm.errors import DataError
+from raylm.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from raylm.config import Config
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+HF_PREFIX = "hf:"
+"""`model.init_from: hf:DIR` names a Hugging Face Llama directory (`raylm.train.hf_import`)."""
 _MAX_SENTENCE_CHARS = 8192
 
 
@@ -179,9 +181,7 @@ def load_or_train(cfg: Config, sample: Callable[[], Iterable[str]], log: Callabl
         tokenizer = Tokenizer.load(t.path)
     elif existing is not None:
         tokenizer = Tokenizer.load(existing)
-    elif cfg.model.init_from.startswith("hf:"):
-        from raylm.use.hf import hf_dir_of, hf_tokenizer_path
-
+    elif cfg.model.init_from.startswith(HF_PREFIX):
         tokenizer = Tokenizer.load(hf_tokenizer_path(hf_dir_of(cfg.model.init_from)))
     elif cfg.model.init_from:
         tokenizer = Tokenizer.load(_init_run_tokenizer(cfg.model.init_from))
@@ -196,6 +196,21 @@ def load_or_train(cfg: Config, sample: Callable[[], Iterable[str]], log: Callabl
                         f"{cfg.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
     return tokenizer
 
+
+def hf_dir_of(init_from: str) -> Path:
+    """DIR of `model.init_from: hf:DIR`."""
+    if not init_from.startswith(HF_PREFIX) or len(init_from) == len(HF_PREFIX):
+        raise ConfigError(f"model.init_from={init_from!r}: must be hf:DIR (a Hugging Face Llama directory)")
+    return Path(init_from[len(HF_PREFIX):]).expanduser()
+
+
+def hf_tokenizer_path(hf_dir: str | Path) -> Path:
+    """The sentencepiece model of an HF directory, for a run that continues its training."""
+    path = Path(hf_dir) / "tokenizer.model"
+    if not path.is_file():
+        raise ConfigError(f"model.init_from=hf:{hf_dir}: no sentencepiece tokenizer.model there; "
+                          "set tokenizer.path to the model's sentencepiece tokenizer")
+    return path
 
 def _init_run_tokenizer(init_from: str) -> str | Path:
     """tokenizer.model of the raylm run or checkpoint `model.init_from` names (each holds one;

@@ -117,7 +117,7 @@ def save_sharded(rank: int, out: Path, cfg_yaml: str, tokenizer_path: str, hf_di
 
     from raylm.config import config_from_dict
     from raylm.train.parallel import build_model
-    from raylm.use.hf import load_hf_weights
+    from raylm.train.hf_import import load_hf_weights
 
     cfg = config_from_dict(yaml.safe_load(cfg_yaml))
     model, info = build_model(cfg, torch.device("cpu"))

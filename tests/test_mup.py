@@ -264,7 +264,7 @@ def test_invalid_mup_values_and_combinations_are_one_line_config_errors(tmp_path
                            "model.tie_embeddings=true", f"model.init_from=hf:{tmp_path}"])
     assert str(e.value).startswith("model.init_from=") and "model.tie_embeddings=false" in str(e.value)
     assert "\n" not in str(e.value)
-    from raylm.use.hf import weight_entries
+    from raylm.train.hf_import import weight_entries
 
     with pytest.raises(ConfigError) as e:
         weight_entries(model_config(128, "mup", 64, tie_embeddings=True))

@@ -20,7 +20,8 @@ from raylm.model import Transformer
 from raylm.train.runs import TOKENIZER_FILE
 from raylm.train import checkpoint as ckpt
 from raylm.use.generate import SamplingOptions, generate_ids
-from raylm.use.hf import export_hf, hf_state_dict, load_hf_weights, rope_from_hf, rope_to_hf
+from raylm.train.hf_import import hf_state_dict, load_hf_weights, rope_from_hf, rope_to_hf
+from raylm.use.hf import export_hf
 
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.usefixtures("one_thread"),

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from raylm.config import rounds_per_step
+
 
 @dataclass
 class DataPosition:
@@ -60,11 +62,6 @@ class DataPosition:
     @classmethod
     def from_state_dict(cls, state: dict) -> DataPosition:
         return cls(int(state["watermark"]), np.asarray(state.get("extra", []), dtype=np.int64))
-
-
-def rounds_per_step(step_sequences: int, world_size: int, micro_batch_size: int) -> int:
-    """Micro-batches every rank runs per optimizer step (gradient accumulation)."""
-    return max(1, -(-step_sequences // (world_size * micro_batch_size)))
 
 
 def step_slots(step_sequences: int, rank: int, world_size: int, micro_batch_size: int) -> list[np.ndarray]:

@@ -40,8 +40,6 @@ from ray.train.torch import TorchTrainer
 
 from raylm import lock, storage
 from raylm.config import Config
-from raylm.data import prepared
-from raylm.data.plan import list_corpus
 from raylm.errors import DataError, RunInterrupted
 from raylm.ray.cluster import FREE_WAIT_S, check_cluster_fits
 from raylm.ray.connect import ray_session
@@ -49,10 +47,9 @@ from raylm.ray.data import data_config, sample_documents, trainer_datasets, work
 from raylm.ray.elastic import elastic_callbacks
 from raylm.ray.errors import cluster_loss, user_errors
 from raylm.train import checkpoint as ckpt
-from raylm.train.local import TrainResult, check_initial, checkpoint_files, log_bad_input, run_facts
 from raylm.train.metrics import MetricsWriter
-from raylm.train.runs import (RunSpec, check_storage, discard_run_dir, is_uri, obtain_tokenizer, open_run_dir,
-                              resolve_run)
+from raylm.train.runs import (RunSpec, RunStart, TrainResult, check_storage, checkpoint_files, is_uri, log_bad_input,
+                              next_steps, resolve_run, start_run)
 from raylm.train.tracking import forwarded_env
 from raylm.train.trainer import RankEnv, Trainer, tracking_options
 
@@ -70,34 +67,26 @@ def fit(spec: RunSpec, *, wait_s: float | None = FREE_WAIT_S, callbacks: list | 
     takes, as in a Tune trial). `callbacks`: Ray Train `UserCallback`s (Tune's report callback).
     """
     check_cluster_fits(spec.cfg, wait_s=wait_s)
-    spec, held = open_run_dir(spec)  # this driver holds it for the whole fit: the workers write as its part
+    with user_errors():  # this driver holds the run directory for the whole fit: the workers write as its part
+        run = start_run(spec, sample_documents, log)
     try:
-        return _fit_held(spec, held, callbacks, log)
+        return _fit_started(run, callbacks, log)
     finally:
-        held.release()
+        run.release()
 
 
-def _fit_held(spec: RunSpec, held, callbacks: list | None, log) -> TrainResult:
-    cfg = spec.cfg
-    streaming = not cfg.data.prepared_path
+def _fit_started(run: RunStart, callbacks: list | None, log) -> TrainResult:
+    spec, cfg = run.spec, run.spec.cfg
     try:
-        log(f"run directory: {spec.run_dir}" + (f" (from {spec.initial_checkpoint})" if spec.initial_checkpoint
-                                                else ""))
         with user_errors():
-            listing = list_corpus(cfg) if streaming else None
-            prepared_path = cfg.data.prepared_path if not streaming else None
-            tokenizer = obtain_tokenizer(spec, lambda: sample_documents(cfg, listing), log, prepared_path)
-            log(f"tokenizer: {tokenizer.vocab_size} pieces, sha256 {tokenizer.sha256[:12]}")
-            facts = run_facts(cfg, tokenizer, listing)
-            check_initial(spec, facts)
-            if streaming:
-                datasets, counter = trainer_datasets(cfg, tokenizer, listing, spec.run_dir, spec.initial_checkpoint)
-            else:
-                prepared.check_prepared(cfg, tokenizer.sha256)
+            if cfg.data.prepared_path:
                 datasets, counter = {}, None
-        trainer = _torch_trainer(spec, tokenizer, facts, datasets, counter, callbacks)
+            else:
+                datasets, counter = trainer_datasets(cfg, run.tokenizer, run.listing, spec.run_dir,
+                                                     spec.initial_checkpoint)
+        trainer = _torch_trainer(spec, run.tokenizer, run.facts, datasets, counter, callbacks)
     except BaseException:
-        discard_run_dir(spec, held)
+        run.discard()
         raise
     with cluster_loss(spec.run_dir), user_errors():
         try:
@@ -184,25 +173,12 @@ def train_command(cfg: Config, log=print) -> TrainResult:
         return result
     log(f"final checkpoint: {result.checkpoint}")
     if cfg.run.sample_tokens and cfg.run.sample_prompts:
+        from raylm.use.sample import print_final_samples  # the driver's entry point alone imports use/
+
         print_final_samples(result.checkpoint, log)
     if result.run_dir and not is_uri(result.run_dir):
-        from raylm.use.sample import next_steps
-
         log(next_steps(result.run_dir))
     return result
-
-
-def print_final_samples(checkpoint: str, log=print) -> None:
-    """Load the final checkpoint into a plain model on the driver (any world size saved it) and sample."""
-    from raylm.use.load import load_model, load_run_config
-    from raylm.use.sample import print_samples
-
-    cfg = load_run_config(storage.location(checkpoint))
-    if cfg.model.num_params() > 2e9:
-        log("samples skipped: the model is too large to sample on the driver; use raylm generate")
-        return
-    model, tokenizer, cfg = load_model(checkpoint)
-    print_samples(model, tokenizer, cfg, log)
 
 
 @contextlib.contextmanager

@@ -1,16 +1,18 @@
-"""`raylm train --local` and torchrun: the whole job without Ray (run dir, tokenizer, data, trainer, samples).
+"""`raylm train --local` and torchrun: the whole job without Ray (the run's start, data, trainer).
 
 One process, or every rank of a torchrun group (`torchrun --nproc-per-node 2 -m raylm train
-CONFIG`; torchrun implies --local): rank 0 creates the run directory (or takes a resumed run's),
-holds its lock for the run's life (`raylm.lock`), obtains the tokenizer and tells the other
-ranks; every rank packs the data in memory (or reads prepared shards) and runs the one `Trainer`
-with a `LocalSink`, so checkpoints, keep-K, resume and its checks follow the same rules as on Ray.
+CONFIG`; torchrun implies --local): rank 0 starts the run (`raylm.train.runs.start_run`: its
+directory, held for the run's life, and tokenizer) and tells the other ranks; every rank packs
+the data in memory (or reads prepared shards) and runs the one `Trainer` with a `LocalSink`, so
+checkpoints, keep-K, resume and its checks follow the same rules as on Ray. The end-of-run
+samples are the caller's (`samples`): the CLI passes `raylm.use.sample.print_samples`, since the
+core does not import `raylm.use`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -18,24 +20,17 @@ import torch.distributed as dist
 from raylm.config import Config
 from raylm.data import prepared
 from raylm.data.local import local_datasets, tokenizer_sample
-from raylm.data.plan import corpus_files, data_fingerprint, list_corpus
-from raylm.errors import RaylmError, RunInterrupted
+from raylm.errors import RunInterrupted
+from raylm.storage import is_uri
 from raylm.tokenizer import Tokenizer
 from raylm.train import checkpoint as ckpt
 from raylm.train.parallel import distributed_world, torchrun_group
-from raylm.storage import is_uri
-from raylm.train.runs import (CONFIG_FILE, TOKENIZER_FILE, RunFacts, RunSpec, check_resume, check_storage,
-                              discard_run_dir, obtain_tokenizer, open_run_dir, resolve_run)
+from raylm.train.runs import (RunStart, TrainResult, check_storage, log_bad_input, next_steps, resolve_run,
+                              start_run)
 from raylm.train.trainer import LocalSink, RankEnv, Trainer
 
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a finished (or stopped) training leaves: its last metrics, newest checkpoint and run directory."""
-
-    metrics: dict
-    checkpoint: str | None
-    run_dir: str
+Samples = Callable[[torch.nn.Module, Tokenizer, Config, Callable[[str], None]], object]
+"""Shows the trained model at the end of a run: `raylm.use.sample.print_samples`."""
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -53,88 +48,38 @@ def _share(value, rank: int):
     return box[0]
 
 
-def run_facts(cfg: Config, tokenizer: Tokenizer, listing=None) -> RunFacts:
-    """This run's facts; `listing` is the corpus listed once (streaming), unused with prepared data."""
-    if cfg.data.prepared_path:
-        fingerprint = prepared.data_fingerprint(prepared.read_manifest(cfg.data.prepared_path), cfg)
-        return RunFacts(tokenizer.sha256, cfg.data.seq_len, fingerprint)
-    listing = listing or list_corpus(cfg)
-    return RunFacts(tokenizer.sha256, cfg.data.seq_len, data_fingerprint(cfg, listing), corpus_files(cfg, listing))
-
-
-def check_initial(spec: RunSpec, facts: RunFacts) -> None:
-    """Fail before training starts when the checkpoint a run starts from does not match it."""
-    if spec.initial_checkpoint is not None:
-        marker = ckpt.read_marker(spec.initial_checkpoint) or {}
-        check_resume(spec.initial_checkpoint, marker.get("facts"), facts, spec.cfg.run.resume_changes)
-
-
-def checkpoint_files(spec: RunSpec, tokenizer: Tokenizer) -> dict[str, bytes]:
-    """Files every checkpoint carries, so that it loads on its own (generate, eval, export)."""
-    return {TOKENIZER_FILE: tokenizer.to_bytes(), CONFIG_FILE: spec.cfg.to_yaml().encode()}
-
-
-def train_local(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
-    """Train `cfg` in this process (or this torchrun group); return the result."""
+def train_local(cfg: Config, log: Callable[[str], None] = print, samples: Samples | None = None) -> TrainResult:
+    """Train `cfg` in this process (or this torchrun group); return the result. With `samples`,
+    one process shows its trained model with it (run.sample_prompts) at the end."""
     device = resolve_device(cfg)
     with torchrun_group(device.type) as (rank, world):
-        return _train_local(cfg, device, rank, world, log)
-
-
-def _train_local(cfg: Config, device: torch.device, rank: int, world: int, log: Callable[[str], None]) -> TrainResult:
-    log = log if rank == 0 else (lambda line: None)
-    check_storage(cfg)
-    spec = resolve_run(cfg)
-    held = None
-    if rank == 0:  # rank 0 holds the run directory for the group: the other ranks write as its part
+        log = log if rank == 0 else (lambda line: None)
+        check_storage(cfg)
+        run = start_run(resolve_run(cfg), tokenizer_sample, log, rank=rank, share=partial(_share, rank=rank))
         try:
-            spec, held = open_run_dir(spec)
-        except RaylmError as e:
-            if world == 1:
-                raise
-            spec = e
-    spec = _share(spec, rank)
-    if isinstance(spec, RaylmError):
-        raise spec
-    try:
-        return _train_held(spec, device, rank, world, log, held)
-    finally:
-        if held is not None:
-            held.release()
+            return _train_started(run, device, rank, world, log, samples)
+        finally:
+            run.release()
 
 
-def _train_held(spec: RunSpec, device: torch.device, rank: int, world: int, log: Callable[[str], None],
-                held) -> TrainResult:
-    """The run, its directory held (by rank 0)."""
-    cfg = spec.cfg
+def _train_started(run: RunStart, device: torch.device, rank: int, world: int, log: Callable[[str], None],
+                   samples: Samples | None) -> TrainResult:
+    """The run, its directory held (by rank 0) and its inputs checked."""
+    spec, cfg, tokenizer = run.spec, run.spec.cfg, run.tokenizer
     try:
-        listing = None if cfg.data.prepared_path else list_corpus(spec.cfg)
-        tokenizer = None
-        if rank == 0:
-            log(f"run directory: {spec.run_dir}" + (f" (from {spec.initial_checkpoint})" if spec.initial_checkpoint
-                                                    else ""))
-            tokenizer = obtain_tokenizer(spec, lambda: tokenizer_sample(spec.cfg, listing), log,
-                                         cfg.data.prepared_path)
-            log(f"tokenizer: {tokenizer.vocab_size} pieces, sha256 {tokenizer.sha256[:12]}")
-        tokenizer = _share(tokenizer, rank)
-        facts = run_facts(spec.cfg, tokenizer, listing)
-        check_initial(spec, facts)
         if cfg.data.prepared_path:
-            prepared.check_prepared(spec.cfg, tokenizer.sha256)
-            train_data, val_data = prepared.prepared_sources(spec.cfg)
+            train_data, val_data = prepared.prepared_sources(cfg)
         else:
-            train_data, val_data = local_datasets(spec.cfg, tokenizer, listing)
+            train_data, val_data = local_datasets(cfg, tokenizer, run.listing)
         log(f"data: {len(train_data):,} training and {len(val_data) if val_data else 0:,} held-out sequences "
             f"of {cfg.data.seq_len} tokens")
     except BaseException:
-        if rank == 0:
-            discard_run_dir(spec, held)
+        run.discard()
         raise
 
     sink = LocalSink(spec.run_dir, cfg.run.keep_checkpoints, rank, cfg)
-    trainer = Trainer(spec.cfg, RankEnv(rank, world, device), sink, train_data, val_data, facts=facts,
-                      initial_checkpoint=spec.initial_checkpoint, extra_files=checkpoint_files(spec, tokenizer),
-                      log=log)
+    trainer = Trainer(cfg, RankEnv(rank, world, device), sink, train_data, val_data, facts=run.facts,
+                      initial_checkpoint=spec.initial_checkpoint, extra_files=run.checkpoint_files(), log=log)
     try:
         final = trainer.fit()
     except KeyboardInterrupt:
@@ -146,18 +91,8 @@ def _train_held(spec: RunSpec, device: torch.device, rank: int, world: int, log:
     if hasattr(train_data, "bad_input"):
         log_bad_input(train_data.bad_input(), log)
     latest = ckpt.latest_checkpoint(spec.run_dir)
-    if rank == 0 and world == 1 and cfg.run.sample_tokens and cfg.run.sample_prompts:
-        from raylm.use.sample import print_samples
-
-        print_samples(trainer.model, tokenizer, cfg, log)
+    if samples is not None and rank == 0 and world == 1 and cfg.run.sample_tokens and cfg.run.sample_prompts:
+        samples(trainer.model, tokenizer, cfg, log)
     if latest is not None and rank == 0 and not is_uri(spec.run_dir):
-        from raylm.use.sample import next_steps
-
         log(next_steps(spec.run_dir))
     return TrainResult(final, str(latest) if latest else None, spec.run_dir)
-
-
-def log_bad_input(report: dict, log: Callable[[str], None]) -> None:
-    """The end-of-run summary of bad input skipped under data.on_error=skip (BadInputTally.report())."""
-    for kind, n in report.get("skipped", {}).items():
-        log(f"skipped {n} {kind} (data.on_error=skip): e.g. {report['examples'][kind]}")

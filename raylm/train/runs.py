@@ -2,34 +2,37 @@
 what a resumed run must match.
 
 Torch core, no Ray. Every driver (`raylm train --local`, torchrun, Ray Train, a Tune trial)
-goes through the same three steps:
+goes through the same two calls:
 
 1. `resolve_run(cfg) -> RunSpec`: a pure value (the config is not touched). A new run gets a
    fresh name; `run.resume_from=<run dir>` continues that run in place; `run.resume_from=
    <checkpoint>` starts a new run from it. Naming an existing run without resuming it is an
    error, since it would mix two runs' checkpoints.
-2. `open_run_dir(spec) -> (RunSpec, DirLock)`: the run directory, held by this process for the
-   run's life (`raylm.lock`: one writer per run directory; a second gets one line naming the
-   holder). A new run's directory is made with an exclusive `mkdir` (two runs started in the
-   same second get `name` and `name-2`) and locked before config.yaml is written; the spec comes
-   back with its final name. On object storage (`run.output_dir=s3://...`) a name is taken when
-   no object lies under it and its lease is created first (a conditional write on S3). A run
-   resumed in place is locked before anything in it is read or written, and its resume point
-   is read again under the lock. A resumed run's directory, config.yaml and tokenizer.model are
-   never rewritten. `discard_run_dir(spec, lock)` undoes a failed start, removing only the
-   files this start wrote, and releases the lock.
-3. `obtain_tokenizer(...)`: the one load-or-train. Resuming never retrains: the run's (or
-   the checkpoint's) tokenizer is loaded.
+2. `start_run(spec, sample) -> RunStart`: the run directory opened and held, the corpus listed
+   once, the tokenizer, the run's facts, and the checks against the checkpoint it starts from.
+   - `open_run_dir`: the run directory, held by this process for the run's life (`raylm.lock`:
+     one writer per run directory; a second gets one line naming the holder). A new run's
+     directory is made with an exclusive `mkdir` (two runs started in the same second get `name`
+     and `name-2`) and locked before config.yaml is written; the spec comes back with its final
+     name. On object storage (`run.output_dir=s3://...`) a name is taken when no object lies
+     under it and its lease is created first (a conditional write on S3). A run resumed in place
+     is locked before anything in it is read or written, and its resume point is read again
+     under the lock. A resumed run's directory, config.yaml and tokenizer.model are never
+     rewritten. `discard_run_dir(spec, lock)` (`RunStart.discard`) undoes a failed start,
+     removing only the files this start wrote, and releases the lock.
+   - `obtain_tokenizer(...)`: the one load-or-train. Resuming never retrains: the run's (or the
+     checkpoint's) tokenizer is loaded.
 
 Resume checks: every checkpoint records `RunFacts` (tokenizer hash, `seq_len`, a fingerprint
 of the data); `check_resume` compares them with the resumed run's and names the first
 difference in one line, unless `run.resume_changes` lists it.
 """
-
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
+import shlex
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +41,14 @@ import yaml
 
 from raylm import lock, storage
 from raylm.config import Config, config_from_dict
-from raylm.data.plan import corpus_changes
-from raylm.errors import CheckpointError, ConfigError, DataError
+from raylm.data import prepared
+from raylm.data.plan import CorpusListing, corpus_changes, corpus_files, data_fingerprint, list_corpus
+from raylm.errors import CheckpointError, ConfigError, DataError, RaylmError
 from raylm.lock import DirLock
 from raylm.storage import is_uri
-from raylm.tokenizer import Tokenizer, load_or_train
+from raylm.tokenizer import HF_PREFIX, Tokenizer, load_or_train
 from raylm.train import checkpoint as ckpt
+from raylm.train.hf_import import check_init_from
 from raylm.train.tracking import check_available
 
 CONFIG_FILE = "config.yaml"
@@ -77,7 +82,7 @@ def new_run_name(cfg: Config, now: dt.datetime | None = None) -> str:
 def resolve_run(cfg: Config, now: dt.datetime | None = None) -> RunSpec:
     """The run `cfg` asks for, as a new value; one-line errors for an impossible resume or name."""
     init_from = cfg.model.init_from
-    if init_from and not init_from.startswith("hf:") and not is_uri(init_from):
+    if init_from and not init_from.startswith(HF_PREFIX) and not is_uri(init_from):
         # Absolute: Ray Train's workers, which load it, do not run in this directory.
         model = dataclasses.replace(cfg.model, init_from=str(Path(init_from).expanduser().resolve()))
         cfg = dataclasses.replace(cfg, model=model)
@@ -95,9 +100,7 @@ def resolve_run(cfg: Config, now: dt.datetime | None = None) -> RunSpec:
         initial_checkpoint = str(initial)
     else:
         initial_checkpoint = None
-        if cfg.model.init_from.startswith("hf:"):  # a mismatch is said before anything is written
-            from raylm.use.hf import check_init_from
-
+        if cfg.model.init_from.startswith(HF_PREFIX):  # a mismatch is said before anything is written
             check_init_from(cfg.model)
         elif cfg.model.init_from:
             check_init_run(cfg)
@@ -216,6 +219,132 @@ def discard_run_dir(spec: RunSpec, held: DirLock | None = None) -> None:
         Path(spec.run_dir).rmdir()
     except OSError:
         pass
+
+
+# ---------------------------------------------------------------------------------------
+# Starting a run: the same sequence for every driver.
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """A run whose directory is held and whose inputs are gathered and checked (`start_run`)."""
+
+    spec: RunSpec
+    """With its final name (a second run in the same second gets `-2`)."""
+    tokenizer: Tokenizer
+    facts: RunFacts
+    listing: CorpusListing | None
+    """The corpus listed once, for the driver's datasets (None with prepared data)."""
+    held: DirLock | None
+    """The run directory's lock: this process holds it (rank 0 of a torchrun group), else None."""
+
+    def checkpoint_files(self) -> dict[str, bytes]:
+        return checkpoint_files(self.spec, self.tokenizer)
+
+    def discard(self) -> None:
+        """Undo the start (`discard_run_dir`): a driver whose own set-up fails after `start_run`."""
+        if self.held is not None:
+            discard_run_dir(self.spec, self.held)
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.held.release()
+
+
+def start_run(spec: RunSpec, sample: Callable[[Config, CorpusListing | None], Iterable[str]],
+              log: Callable[[str], None] = print, *, rank: int = 0,
+              share: Callable[[object], object] = lambda value: value) -> RunStart:
+    """Start `spec` the same way for every driver: open (and hold) the run directory, list the
+    corpus once, obtain the tokenizer (trained on `sample(cfg, listing)` when there is none),
+    record the run's facts, and check them against the checkpoint it starts from and prepared
+    data against the tokenizer. A failure undoes the start and is raised.
+
+    In a torchrun group rank 0 alone opens the directory and obtains the tokenizer, and
+    `share` hands rank 0's value (or its one-line error) to every rank; the lock is rank 0's.
+    The caller releases it (`RunStart.release`) when the run ends."""
+    held, opened = None, spec
+    if rank == 0:
+        try:
+            opened, held = open_run_dir(spec)
+        except RaylmError as e:
+            opened = e
+    opened = share(opened)
+    if isinstance(opened, RaylmError):
+        raise opened
+    spec, cfg = opened, opened.cfg
+    try:
+        listing = None if cfg.data.prepared_path else list_corpus(cfg)
+        tokenizer = None
+        if rank == 0:
+            log(f"run directory: {spec.run_dir}" + (f" (from {spec.initial_checkpoint})" if spec.initial_checkpoint
+                                                    else ""))
+            tokenizer = obtain_tokenizer(spec, lambda: sample(cfg, listing), log, cfg.data.prepared_path)
+            log(f"tokenizer: {tokenizer.vocab_size} pieces, sha256 {tokenizer.sha256[:12]}")
+        tokenizer = share(tokenizer)
+        facts = run_facts(cfg, tokenizer, listing)
+        check_initial(spec, facts)
+        if cfg.data.prepared_path:
+            prepared.check_prepared(cfg, tokenizer.sha256)
+    except BaseException:
+        if rank == 0:
+            discard_run_dir(spec, held)
+        raise
+    return RunStart(spec, tokenizer, facts, listing, held)
+
+
+def run_facts(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing | None = None) -> RunFacts:
+    """This run's facts; `listing` is the corpus listed once (streaming), unused with prepared data."""
+    if cfg.data.prepared_path:
+        fingerprint = prepared.data_fingerprint(prepared.read_manifest(cfg.data.prepared_path), cfg)
+        return RunFacts(tokenizer.sha256, cfg.data.seq_len, fingerprint)
+    listing = listing or list_corpus(cfg)
+    return RunFacts(tokenizer.sha256, cfg.data.seq_len, data_fingerprint(cfg, listing), corpus_files(cfg, listing))
+
+
+def check_initial(spec: RunSpec, facts: RunFacts) -> None:
+    """Fail before training starts when the checkpoint a run starts from does not match it."""
+    if spec.initial_checkpoint is not None:
+        marker = ckpt.read_marker(spec.initial_checkpoint) or {}
+        check_resume(spec.initial_checkpoint, marker.get("facts"), facts, spec.cfg.run.resume_changes)
+
+
+def checkpoint_files(spec: RunSpec, tokenizer: Tokenizer) -> dict[str, bytes]:
+    """Files every checkpoint carries, so that it loads on its own (generate, eval, export)."""
+    return {TOKENIZER_FILE: tokenizer.to_bytes(), CONFIG_FILE: spec.cfg.to_yaml().encode()}
+
+
+# ---------------------------------------------------------------------------------------
+# What a run leaves, and what to do with it.
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished (or stopped) training leaves: its last metrics, newest checkpoint and run directory."""
+
+    metrics: dict
+    checkpoint: str | None
+    run_dir: str
+
+
+def log_bad_input(report: dict, log: Callable[[str], None]) -> None:
+    """The end-of-run summary of bad input skipped under data.on_error=skip (BadInputTally.report())."""
+    for kind, n in report.get("skipped", {}).items():
+        log(f"skipped {n} {kind} (data.on_error=skip): e.g. {report['examples'][kind]}")
+
+
+def next_steps(run_dir: str) -> str:
+    """What to do with the run just made: the commands that use it, as they can be pasted."""
+    relative = os.path.relpath(run_dir)
+    path = run_dir if relative.startswith("..") else relative
+    run = shlex.quote(path)
+    return "\n".join([
+        "next, with this run:",
+        f"  raylm generate {run} --prompt 'def fibonacci(n):'    # continue a prompt (streams)",
+        f"  raylm eval {run}                                     # held-out loss, perplexity, bits per byte",
+        f"  raylm export {run} --format hf --out {shlex.quote(path.rstrip('/') + '-hf')}   # Hugging Face transformers",
+        f"  raylm plot {run}                                     # PNGs of the curves",
+        f"  tensorboard --logdir {run}",
+    ])
 
 
 # ---------------------------------------------------------------------------------------

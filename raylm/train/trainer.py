@@ -70,7 +70,9 @@ from raylm.config import Config
 from raylm.data.order import DataPosition, rounds_per_step, step_shares
 from raylm.errors import CheckpointError, TrainingError
 from raylm.optim import apply_group_settings, build_optimizer, lr_at, set_lr
+from raylm.tokenizer import HF_PREFIX
 from raylm.train import checkpoint as ckpt
+from raylm.train.hf_import import load_hf_weights
 from raylm.train.metrics import MetricsWriter, device_peak_flops, peak_memory_bytes
 from raylm.train.parallel import build_model, distributed_world
 from raylm.train.runs import RunFacts, check_resume, init_checkpoint
@@ -354,9 +356,7 @@ class Trainer:
         restores its own checkpoints, never the import."""
         self.sink.rewind(0)
         init_from = self.cfg.model.init_from
-        if init_from.startswith("hf:"):
-            from raylm.use.hf import load_hf_weights
-
+        if init_from.startswith(HF_PREFIX):
             load_hf_weights(self.model, self.cfg.model)
             self.log(f"initial weights from {init_from}")
         elif init_from:  # a raylm run or checkpoint: its weights only (not its optimizer, step or data)

@@ -52,7 +52,8 @@ def resolve_checkpoint(path: str | Path, log: Callable[[str], None] = _warn) -> 
     return found[0]
 
 
-def _beside(checkpoint: str | Path, name: str) -> str | Path:
+def file_beside(checkpoint: str | Path, name: str) -> str | Path:
+    """The file `name` a checkpoint carries (config.yaml, tokenizer.model), else its run directory's."""
     for candidate in (storage.child(checkpoint, name), storage.child(storage.parent_of(checkpoint), name)):
         if storage.is_file(candidate):
             return candidate
@@ -60,7 +61,7 @@ def _beside(checkpoint: str | Path, name: str) -> str | Path:
 
 
 def load_run_config(checkpoint: str | Path) -> Config:
-    path = _beside(checkpoint, CONFIG_FILE)
+    path = file_beside(checkpoint, CONFIG_FILE)
     try:
         return config_from_dict(yaml.safe_load(storage.read_bytes(path).decode()) or {})
     except (yaml.YAMLError, ConfigError) as e:
@@ -73,7 +74,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", *,
     mode. `verified`: `path` is what `resolve_checkpoint` returned, so its checksums passed."""
     checkpoint = path if verified else resolve_checkpoint(path)
     cfg = load_run_config(checkpoint)
-    tokenizer = Tokenizer.load(_beside(checkpoint, TOKENIZER_FILE))
+    tokenizer = Tokenizer.load(file_beside(checkpoint, TOKENIZER_FILE))
     plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing="none",
                                                                compile=False))
     model, _ = build_model(plain, torch.device(device))

@@ -41,19 +41,15 @@ def print_samples(model: torch.nn.Module, tokenizer: Tokenizer, cfg, log=print) 
     return outputs
 
 
-def next_steps(run_dir: str) -> str:
-    """What to do with the run just made: the commands that use it, as they can be pasted."""
-    import os
-    import shlex
+def print_final_samples(checkpoint: str, log=print) -> None:
+    """Load the final checkpoint into a plain model on this process (any world size saved it) and
+    sample: the end of `raylm train` on Ray, whose model lives in its workers."""
+    from raylm import storage
+    from raylm.use.load import load_model, load_run_config
 
-    relative = os.path.relpath(run_dir)
-    path = run_dir if relative.startswith("..") else relative
-    run = shlex.quote(path)
-    return "\n".join([
-        "next, with this run:",
-        f"  raylm generate {run} --prompt 'def fibonacci(n):'    # continue a prompt (streams)",
-        f"  raylm eval {run}                                     # held-out loss, perplexity, bits per byte",
-        f"  raylm export {run} --format hf --out {shlex.quote(path.rstrip('/') + '-hf')}   # Hugging Face transformers",
-        f"  raylm plot {run}                                     # PNGs of the curves",
-        f"  tensorboard --logdir {run}",
-    ])
+    cfg = load_run_config(storage.location(checkpoint))
+    if cfg.model.num_params() > 2e9:
+        log("samples skipped: the model is too large to sample on the driver; use raylm generate")
+        return
+    model, tokenizer, cfg = load_model(checkpoint)
+    print_samples(model, tokenizer, cfg, log)
