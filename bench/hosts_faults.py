@@ -1,21 +1,24 @@
 """Faults that cross a network, on real hosts (`cluster/hosts.sh`, needs root): what each costs a run.
 
-For each fault a `raylm train` job (debug preset, scaling.num_workers=[1,2], one worker per host,
-corpus and run on s3:// through the head's moto_server, a checkpoint every 2 steps but for the
-preemption's run, which has only the one it makes at the notice) is submitted from
-the client host; after 3 steps on 2 workers the fault hits the worker host h1:
+One `raylm train` job (debug preset, scaling.num_workers=[1,2], one worker per host, corpus and
+run on s3:// through the head's moto_server, a checkpoint every 4 steps, the preemption check
+every step, health checks as docs/elastic.md recommends) is submitted from the client host. After
+6 steps on 2 workers it takes three faults on worker host h1, one after the other, each made while
+the head's training workers are stopped at a step the bench has read, and each followed by h1's
+return and the run's growth back to 2 workers (tests/test_hosts.py makes the same faults):
 
 - partition: h1's link down (no process dies) until the run has stepped on 1 worker, then up;
 - crash: every process of h1 SIGKILLed at once, then h1 booted again;
-- preemption: `ray drain-node` on h1 with a 60 s deadline (a spot reclaim notice); once the run
+- preemption: `ray drain-node` on h1 with a 120 s deadline (a spot reclaim notice); once the run
   has checkpointed at the notice, h1 is crashed (the reclaim, from which the time is counted)
   and then booted again.
 
-Printed per fault: seconds from the fault to the next new step (the first step number the run had
-not reached before the fault), the steps redone (trained before the fault and trained again after
-the restart), the steps lost and repeated in the final metrics (goal 0 and 0), and the largest
-relative loss difference against the same run on one host (both workers on the head),
-uninterrupted (the global batch is exact at any world size).
+The run is then stopped (`ray job stop`) and the same run on one host (both workers on the head),
+uninterrupted, is trained to the same step. Printed per fault: seconds from the fault to the next
+new step (the first step number the run had not reached before the fault), the steps redone
+(trained before the fault and trained again after the restore), and the largest relative loss
+difference against the one-host run over the steps from the fault to the next; and for the whole
+run, the steps lost and repeated in the final metrics (goal 0 and 0).
 
 `--detect` measures instead how long the head takes to declare a cut-off host dead (the cost that
 decides a partition's), for Ray's default health checks and for the setting docs/elastic.md
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -39,8 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_hosts import DETECT_FAST, FAULT_STEPS, UPLOAD, Hosts, Job, alive_nodes, host_processes, why_not  # noqa: E402
-from support import frozen  # noqa: E402
+from test_hosts import (DETECT_FAST, OPEN_ENDED, UPLOAD, Faults, Hosts, Job, alive_nodes,  # noqa: E402
+                        node_id_of, restores, why_not)
 
 FAST = DETECT_FAST
 
@@ -54,81 +56,38 @@ def wait(predicate, what: str, timeout: float = 1800, poll: float = 1.0):
     raise SystemExit(f"bench/hosts_faults.py: timed out waiting for {what}")
 
 
-def node_id_of(h: Hosts, ip: str) -> str:
-    return next(node for node, addr in alive_nodes(h).items() if addr == ip)
-
-
-def run_fault(h: Hosts, fault: str, reference: dict | None) -> tuple[dict, dict]:
-    # The preemption's run has no periodic checkpoint before the notice: the one it restores from
-    # must be the one made at the notice.
-    every = 1000 if fault == "preemption" else 2
-    job = Job(h, f"bench-{fault}", f"train.checkpoint_every={every}")
+def fault_table(h: Hosts) -> list[str]:
+    job = Job(h, "bench-faults", *OPEN_ENDED, "train.checkpoint_every=4", "train.preemption_check_every=1")
     try:
-        wait(lambda: (r := job.rows()) and r[-1]["world_size"] == 2 and r[-1]["step"] >= 3, "steps on 2 workers")
-        with frozen(host_processes(h, "h0")):
-            at = job.last_step()
-            t0 = time.time()
-            if fault == "partition":
-                h.sh("cut", "h1")
-            elif fault == "crash":
-                h.sh("crash", "h1")
-            else:
-                h.run("h0", f"ray drain-node --node-id {node_id_of(h, '198.18.0.2')} --reason DRAIN_NODE_REASON_PREEMPTION "
-                            "--reason-message spot --deadline-remaining-seconds 60")
-        if fault == "preemption":  # the reclaim comes once the run has checkpointed at the notice
-            wait(lambda: newest_checkpoint_step(h, job.run) >= at, "the just-in-time checkpoint", poll=2)
-            with frozen(host_processes(h, "h0")):
-                at = job.last_step()
-                t0 = time.time()
-                h.sh("crash", "h1")
-        new = wait(lambda: next((r for r in job.rows() if r["step"] > at and r["time"] > t0), None), "the next new step")
-        if fault == "partition":
-            h.sh("heal", "h1")
-        else:
-            h.sh("revive", "h1")
-        wait(lambda: "198.18.0.2" in alive_nodes(h).values(), "h1 to rejoin", poll=3)
-        job.finish()
+        wait(lambda: (r := job.rows()) and r[-1]["world_size"] == 2 and r[-1]["step"] >= 6, "steps on 2 workers")
+        faults = Faults(h, job)
+        seen = [faults.hit(fault) for fault in ("partition", "crash", "preemption")]
+        job.stop()
     finally:
-        if not job.ended():
-            job.proc.kill()
+        job.kill()
     rows = job.rows()
-    events = [r for r in records_all(h, job.run) if r.get("event") == "restored"]
     steps = [r["step"] for r in rows]
-    if reference is None:
-        reference = one_host_reference(h)
-    worst = max(abs(r["loss"] - reference[r["step"]]) / abs(reference[r["step"]]) for r in rows)
-    restored_at = events[0]["step"] if events else at
-    return {
-        "fault": fault,
-        "seconds to next new step": new["time"] - t0,
-        "steps redone": max(0, at - restored_at),
-        "steps lost": len(set(range(1, FAULT_STEPS + 1)) - set(steps)),
-        "steps repeated": len(steps) - len(set(steps)),
-        "max rel loss diff": worst,
-        "world sizes": "".join(str(r["world_size"]) for r in rows),
-    }, reference
-
-
-def newest_checkpoint_step(h: Hosts, run: str) -> int:
-    out = h.python("client", f"""
-from raylm.train import checkpoint as ckpt
-found = ckpt.latest_checkpoint({run!r})
-print(ckpt.read_marker(found)["train_state"]["step"] if found else -1)
-""")
-    return int(out.splitlines()[-1])
-
-
-def records_all(h: Hosts, run: str) -> list[dict]:
-    from test_hosts import records
-    return records(h, run)
-
-
-def one_host_reference(h: Hosts) -> dict:
-    """Step -> loss of the same run on one host (both workers on the head), uninterrupted."""
-    job = Job(h, "bench-one-host", "train.checkpoint_every=1000", "scaling.num_workers=2",
-              "scaling.resources_per_worker={host_h0: 0.5}")
-    job.finish()
-    return {r["step"]: r["loss"] for r in job.rows()}
+    last = max(steps)
+    restored = restores(h, job.run)
+    reference_job = Job(h, "bench-one-host", *OPEN_ENDED[1:], f"train.max_steps={last}", "train.checkpoint_every=1000",
+                        workers="2", resources="{host_h0: 0.5}")
+    reference_job.finish()
+    reference = {r["step"]: r["loss"] for r in reference_job.rows()}
+    lines = []
+    for i, out in enumerate(seen):
+        end = seen[i + 1]["at"] if i + 1 < len(seen) else last
+        diff = max(abs(r["loss"] - reference[r["step"]]) / abs(reference[r["step"]])
+                   for r in rows if out["at"] < r["step"] <= end)
+        redone = out["at"] - restored[out["restores_before"]]["step"]
+        lines.append(f"| {out['fault']} | {out['next_new_step_s']:.1f} | {redone} | {diff:.1e} |")
+    before = max(abs(r["loss"] - reference[r["step"]]) / abs(reference[r["step"]])
+                 for r in rows if r["step"] <= seen[0]["at"])
+    lines.append(f"| (before the first fault) | | | {before:.1e} |")
+    lost = len(set(range(1, last + 1)) - set(steps))
+    repeated = len(steps) - len(set(steps))
+    lines.append(f"\nwhole run: {last} steps, {lost} lost, {repeated} repeated; world size per step: "
+                 + "".join(str(r["world_size"]) for r in rows))
+    return lines
 
 
 def detect(h: Hosts) -> float:
@@ -183,17 +142,12 @@ def main() -> None:
             print(f"| {name} | {', '.join(f'{t:.1f}' for t in times)} | {sorted(times)[len(times) // 2]:.1f} |",
                   flush=True)
         return
-    h = cluster(prefix)
+    h = cluster(prefix, FAST)
     try:
-        print("| fault | seconds to next new step | steps redone | steps lost | steps repeated | "
-              "max rel loss diff vs one host | world size per step |")
-        print("|---|---:|---:|---:|---:|---:|---|")
-        reference = None
-        for fault in ("partition", "crash", "preemption"):
-            row, reference = run_fault(h, fault, reference)
-            print(f"| {row['fault']} | {row['seconds to next new step']:.1f} | {row['steps redone']} | "
-                  f"{row['steps lost']} | {row['steps repeated']} | {row['max rel loss diff']:.1e} | "
-                  f"{row['world sizes']} |", flush=True)
+        print("| fault | seconds to next new step | steps redone | max rel loss diff vs one host, to the next fault |")
+        print("|---|---:|---:|---:|")
+        for line in fault_table(h):
+            print(line, flush=True)
     finally:
         h.sh("down", check=False)
 

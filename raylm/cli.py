@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=float, default=None,
                    help="model FLOPs utilisation (default: best measured in bench/RESULTS.md, else an assumption)")
     p.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: a rough list price)")
+    p.add_argument("--storage-gbps", type=float, default=None,
+                   help="GB/s between the bucket and the cluster, for checkpoint and data times (default: an assumption)")
     return parser
 
 
@@ -216,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plan":
             from raylm.plan import plan, format_plan
 
-            print(format_plan(plan(cfg, args.gpus, args.gpu, tokens=args.tokens, mfu=args.mfu, price=args.price)))
+            print(format_plan(plan(cfg, args.gpus, args.gpu, tokens=args.tokens, mfu=args.mfu, price=args.price,
+                                        storage_gbps=args.storage_gbps)))
         elif args.command == "prepare":
             from raylm.data.prepared import summary_lines
             from raylm.ray.connect import ray_session

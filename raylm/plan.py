@@ -296,6 +296,39 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     staged_checkpoint_bytes: int = 0
     """Host memory per GPU worker for the staged copy of a background save (0: saves block)."""
+    storage: "StorageEstimate | None" = None
+    """Checkpoint and data traffic to object storage."""
+
+
+@dataclass(frozen=True)
+class StorageEstimate:
+    """What the run moves to and from storage (a bucket), per checkpoint and per step.
+
+    A checkpoint holds the fp32 parameters and AdamW's two fp32 moments (12 bytes a parameter),
+    written as each worker's 1/W shard by that worker; a restart reads each byte once
+    (bench/scale_restart.py measured 1.00-1.02 x the checkpoint's bytes), so each worker reads
+    1/W. Prepared data is read by each worker as its own rows only (bench/scale_data.py: bytes
+    read 1.07-1.08 x the rows trained, RSS flat in the dataset's size), `seq_len + 1` tokens a
+    row at 2 bytes (uint16) when the vocabulary fits, else 4. Times assume the bucket gives the
+    cluster `storage_gbps` GB/s in aggregate, shared evenly by the workers."""
+
+    checkpoint_bytes: int
+    checkpoint_bytes_per_gpu: int
+    checkpoint_every: int
+    checkpoint_interval_s: float
+    storage_gbps: float
+    storage_source: str
+    save_s: float
+    """Writing one checkpoint; a background save (train.checkpoint_async) hides it behind steps."""
+    background: bool
+    restore_s: float
+    """Reading one checkpoint at a restart, each byte once."""
+    data_bytes_per_step: int
+    data_bytes_per_gpu_step: int
+    dataset_bytes: int
+    """The prepared rows of the whole run (train.max_steps' worth or --tokens)."""
+    data_read_share: float
+    """Data read time per step over step time (the read-ahead overlaps it with compute)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -509,8 +542,37 @@ def measured_mfu(gpu: str, results: Path | None = None) -> tuple[float, str] | N
     return best
 
 
+ASSUMED_STORAGE_GBPS = 10.0
+"""Aggregate GB/s between a bucket and the cluster when --storage-gbps is not given: a figure of
+the order S3 or GCS gives one prefix-spread workload; measure yours and pass it."""
+
+
+def storage_estimate(cfg: Config, gpus: int, step_time_s: float, train_tokens: float, gbps: float | None = None,
+                     device: str = "cuda") -> StorageEstimate:
+    """Checkpoint and data traffic of `cfg` on `gpus` workers (see StorageEstimate)."""
+    if gbps is None:
+        gbps, source = ASSUMED_STORAGE_GBPS, f"assumed {ASSUMED_STORAGE_GBPS:g} GB/s; set --storage-gbps"
+    else:
+        source = "--storage-gbps"
+    t, N = cfg.train, cfg.model.num_params()
+    ckpt = 12 * N
+    per_gpu_rate = gbps * 1e9 / gpus
+    token_bytes = 2 if cfg.model.vocab_size <= 2**16 else 4
+    row_bytes = (cfg.data.seq_len + 1) * token_bytes
+    per_step = cfg.sequences_per_step * row_bytes
+    background = t.checkpoint_async is True or (t.checkpoint_async == "auto" and device == "cuda")
+    return StorageEstimate(
+        checkpoint_bytes=ckpt, checkpoint_bytes_per_gpu=ckpt // gpus, checkpoint_every=t.checkpoint_every,
+        checkpoint_interval_s=t.checkpoint_every * step_time_s, storage_gbps=gbps, storage_source=source,
+        save_s=ckpt / (gbps * 1e9), background=background, restore_s=ckpt / (gbps * 1e9),
+        data_bytes_per_step=per_step, data_bytes_per_gpu_step=math.ceil(per_step / gpus),
+        dataset_bytes=int(train_tokens / cfg.data.seq_len * row_bytes),
+        data_read_share=(per_step / gpus / per_gpu_rate) / step_time_s,
+    )
+
+
 def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: float | None = None,
-         price: float | None = None, results: Path | None = None) -> Plan:
+         price: float | None = None, results: Path | None = None, storage_gbps: float | None = None) -> Plan:
     """Memory, time and cost of training `cfg` on `gpus` GPUs of kind `gpu` (see the docstring)."""
     if gpu not in GPUS:
         raise ConfigError(f"--gpu {gpu}: unknown GPU; valid: {', '.join(GPUS)}")
@@ -525,6 +587,8 @@ def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: flo
         raise ConfigError(f"--mfu {mfu}: must be a fraction in (0, 1], e.g. 0.4")
     if price is not None and not (math.isfinite(price) and price >= 0):
         raise ConfigError(f"--price {price}: must be >= 0 (USD per GPU-hour)")
+    if storage_gbps is not None and not (math.isfinite(storage_gbps) and storage_gbps > 0):
+        raise ConfigError(f"--storage-gbps {storage_gbps}: must be a positive number of GB/s, e.g. 10")
 
     m, t = cfg.model, cfg.train
     memory = estimate_memory(cfg, gpus, "cuda")
@@ -574,6 +638,7 @@ def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: flo
         steps=math.ceil(train_tokens / t.global_batch_tokens), total_time_s=total_time_s, gpu_hours=gpu_hours,
         price_per_gpu_hour=price_value, price_source=price_source, cost=gpu_hours * price_value, notes=notes,
         staged_checkpoint_bytes=staged_checkpoint_bytes(cfg, gpus),
+        storage=storage_estimate(cfg, gpus, t.global_batch_tokens / tokens_per_second, train_tokens, storage_gbps),
     )
 
 
@@ -702,6 +767,21 @@ def format_plan(p: Plan) -> str:
         _row("  GPU-hours", f"{p.gpu_hours:,.0f}"),
         _row(f"  cost at ${p.price_per_gpu_hour:,.2f} per GPU-hour ({p.price_source})", f"${p.cost:,.0f}"),
     ]
+    if (st := p.storage) is not None:
+        save = "written in the background" if st.background else "training waits"
+        rows += [
+            "",
+            f"storage at {st.storage_gbps:g} GB/s for the cluster ({st.storage_source})",
+            _row("  checkpoint: all / per GPU, GiB (fp32 weights + AdamW)",
+                 f"{_gib(st.checkpoint_bytes)} / {_gib(st.checkpoint_bytes_per_gpu)}"),
+            _row(f"  save every {st.checkpoint_every:,} steps ({_duration(st.checkpoint_interval_s)}), {save}",
+                 _duration(st.save_s)),
+            _row("  restart: reads each byte once (1/W per GPU)", _duration(st.restore_s)),
+            _row("  data per step: all / per GPU, MiB (prepared rows)",
+                 f"{st.data_bytes_per_step / 2**20:,.1f} / {st.data_bytes_per_gpu_step / 2**20:,.2f}"),
+            _row("  data read time / step time (overlapped by read-ahead)", f"{st.data_read_share:.2%}"),
+            _row("  prepared data for the whole run, GiB", _gib(st.dataset_bytes)),
+        ]
     rows += [f"note: {n}" for n in p.notes]
     rows += ["", verdict(p)]
     return "\n".join(rows)

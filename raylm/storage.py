@@ -13,7 +13,9 @@ Endpoint and credentials come from the standard AWS environment, never from a co
   boto3 honours these; pyarrow before 26 does not (apache/arrow#49643), so raylm passes
   `endpoint_override` (and `scheme="http"` for an http:// endpoint) itself.
 - `AWS_REGION`, else `AWS_DEFAULT_REGION`: the region. With neither and no endpoint, pyarrow
-  asks the bucket for its region (`FileSystem.from_uri`).
+  asks the bucket for its region (`resolve_s3_region`).
+- Every S3 request may stall for `S3_REQUEST_TIMEOUT_S` (60 s) before it is retried, not the AWS
+  SDK's 3 s, which a busy endpoint exceeds while a large checkpoint part is written.
 - `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_PROFILE`, instance
   roles: the AWS SDK's own credential chain, read by whichever process opens a file. The
   filesystem objects raylm builds carry no keys, so the Ray processes that unpickle them (read
@@ -146,16 +148,24 @@ def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
     return fs, fs_path.rstrip("/")
 
 
+# Seconds an S3 request may go without a byte moving before it is abandoned (and retried). The
+# AWS SDK's default is 3 s, which a busy endpoint or a loaded host exceeds while it writes a large
+# checkpoint part: a 125m async save to moto_server on a loaded 2-core machine failed with curl's
+# "Less than 1 bytes/sec transferred the last 3 seconds".
+S3_REQUEST_TIMEOUT_S = 60.0
+
+
 @functools.lru_cache(maxsize=64)
 def _s3(bucket: str, endpoint_url: str | None, region: str | None) -> pafs.FileSystem:
     """One S3FileSystem per (bucket, endpoint, region) in this process (resolving a region is a request)."""
     if endpoint_url:
         parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
         return pafs.S3FileSystem(endpoint_override=parsed.netloc + parsed.path.rstrip("/"),
-                                 scheme=parsed.scheme or "https", region=region or "us-east-1")
-    if region:
-        return pafs.S3FileSystem(region=region)
-    return pafs.FileSystem.from_uri(f"s3://{bucket}")[0]  # asks the bucket for its region
+                                 scheme=parsed.scheme or "https", region=region or "us-east-1",
+                                 request_timeout=S3_REQUEST_TIMEOUT_S)
+    if not region:
+        region = pafs.resolve_s3_region(bucket)  # asks the bucket for its region
+    return pafs.S3FileSystem(region=region, request_timeout=S3_REQUEST_TIMEOUT_S)
 
 
 @functools.lru_cache(maxsize=8)

@@ -105,12 +105,32 @@ def test_when_no_count_fits_the_verdict_names_the_count_with_micro_batch_1_and_f
 @pytest.mark.parametrize("bad", [["--gpus", "0"], ["--gpus", "1025"], ["--gpus", "8", "--mfu", "0"],
                                  ["--gpus", "8", "--mfu", "1.5"], ["--gpus", "8", "--mfu", "nan"],
                                  ["--gpus", "8", "--tokens", "-1"], ["--gpus", "8", "--tokens", "inf"],
-                                 ["--gpus", "8", "--price", "-1"]])
+                                 ["--gpus", "8", "--price", "-1"], ["--gpus", "8", "--storage-gbps", "0"]])
 def test_a_bad_gpus_mfu_tokens_or_price_is_one_line_naming_the_flag_and_exit_2(bad, capsys):
     assert main(["plan", LLAMA2_7B, *bad]) == 2
     out = capsys.readouterr()
     assert out.out == ""
     assert out.err.count("\n") == 1 and out.err.startswith(f"raylm: error: {bad[-2]} ")
+
+
+def test_checkpoint_and_data_traffic_follow_from_the_parameter_count_the_rows_and_the_storage_rate(capsys):
+    """A checkpoint is 12 bytes a parameter (fp32 weights + AdamW's two moments), 1/W per GPU; a
+    restart reads it once at the storage rate; a step reads its rows (seq_len + 1 uint16 tokens
+    each, the 32k vocabulary fits) once, 1/W per GPU; the whole run's prepared data is its
+    sequences' rows."""
+    cfg = load_config(LLAMA2_7B)
+    st = plan(cfg, 64, "h100", storage_gbps=5.0).storage
+    N, G, S = cfg.model.num_params(), cfg.sequences_per_step, cfg.data.seq_len
+    assert st.checkpoint_bytes == 12 * N and st.checkpoint_bytes_per_gpu == 12 * N // 64
+    assert st.restore_s == pytest.approx(12 * N / 5e9) and st.save_s == pytest.approx(12 * N / 5e9)
+    assert st.background  # train.checkpoint_async: auto is on for GPU runs
+    assert st.data_bytes_per_step == G * (S + 1) * 2 and st.data_bytes_per_gpu_step == G * (S + 1) * 2 // 64
+    assert st.dataset_bytes == pytest.approx(cfg.train.max_steps * G * (S + 1) * 2, rel=1e-9)
+    assert "set --storage-gbps" in plan(cfg, 64, "h100").storage.storage_source
+    main(TABLE_ARGS + ["--storage-gbps", "5"])
+    table = capsys.readouterr().out
+    assert "storage at 5 GB/s for the cluster (--storage-gbps)" in table
+    assert value(table, "  restart: reads each byte once") == f"{12 * N / 5e9:.1f} s"
 
 
 def test_the_mfu_is_the_best_plan_mfu_line_of_the_results_for_that_gpu_else_a_stated_assumption(tmp_path):
