@@ -26,6 +26,7 @@ import logging
 import sys
 
 from raylm import errors
+from raylm.ray.compat import ISSUE_DETECTOR_LOGGER, train_user_exception
 
 _MAX_DEPTH = 64
 
@@ -64,7 +65,7 @@ _OWN = (errors.__name__, __name__)
 
 def _causes(exc: BaseException):
     yield getattr(exc, "cause", None)  # RayTaskError
-    yield getattr(exc, "_base_exc", None)  # Ray Train's UserExceptionWithTraceback
+    yield train_user_exception(exc)  # Ray Train's UserExceptionWithTraceback
     yield exc.__cause__
     yield exc.__context__
     failures = getattr(exc, "worker_failures", None)  # Ray Train V2 WorkerGroupError
@@ -182,8 +183,19 @@ class _DropHidden(logging.Filter):
         return not getattr(record, "hide", False)
 
 
+class _HideAll(logging.Filter):
+    """On a logger of Ray's diagnostics (`ISSUE_DETECTOR_LOGGER`): mark every record `hide`, so it
+    reaches Ray's log files (ray-data.log) and no console (`raylm.ray.compat`, item 4)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.hide = True
+        _drop_hidden_on_consoles(logging.getLogger(record.name))
+        return True
+
+
 _HIDE = _HideUserErrors()
 _DROP = _DropHidden()
+_HIDE_ALL = _HideAll()
 
 
 def _drop_hidden_on_consoles(logger: logging.Logger) -> None:
@@ -205,16 +217,22 @@ def hide_user_error_tracebacks() -> None:
         logger = logging.getLogger(name)
         if _HIDE not in logger.filters:
             logger.addFilter(_HIDE)
+    diagnostics = logging.getLogger(ISSUE_DETECTOR_LOGGER)
+    if _HIDE_ALL not in diagnostics.filters:
+        diagnostics.addFilter(_HIDE_ALL)
 
 
 @contextlib.contextmanager
 def user_error_tracebacks_hidden():
     """`hide_user_error_tracebacks` on this process for the duration of a command."""
-    added = [logging.getLogger(n) for n in TRACEBACK_LOGGERS if _HIDE not in logging.getLogger(n).filters]
-    for logger in added:
-        logger.addFilter(_HIDE)
+    added = [(logging.getLogger(n), _HIDE) for n in TRACEBACK_LOGGERS if _HIDE not in logging.getLogger(n).filters]
+    diagnostics = logging.getLogger(ISSUE_DETECTOR_LOGGER)
+    if _HIDE_ALL not in diagnostics.filters:
+        added.append((diagnostics, _HIDE_ALL))
+    for logger, hide in added:
+        logger.addFilter(hide)
     try:
         yield
     finally:
-        for logger in added:
-            logger.removeFilter(_HIDE)
+        for logger, hide in added:
+            logger.removeFilter(hide)

@@ -46,6 +46,7 @@ from raylm import lock, storage
 from raylm import sweep as sweeps
 from raylm.errors import ConfigError, RaylmError
 from raylm.ray.cluster import needs
+from raylm.ray.compat import asha_merge_rungs, asha_rungs
 from raylm.ray.connect import ray_session
 from raylm.ray.errors import user_errors
 from raylm.ray.train import storage_config
@@ -189,17 +190,14 @@ class RecordedASHA(ASHAScheduler):
 
     def _save(self) -> None:
         state = {"stopped": self.stopped,
-                 "rungs": [[[milestone, recorded] for milestone, recorded in b._rungs] for b in self._brackets]}
+                 "rungs": asha_rungs(self)}
         storage.write_bytes(self.state_path, json.dumps(state).encode())  # whole or not at all
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         saved = read_asha_state(self.state_path)
         self.stopped = {**saved.get("stopped", {}), **self.stopped}
-        for bracket, rungs in zip(self._brackets, saved.get("rungs", [])):
-            for (milestone, recorded), (saved_milestone, saved_recorded) in zip(bracket._rungs, rungs):
-                if milestone == saved_milestone:
-                    recorded.update({k: v for k, v in saved_recorded.items() if k not in recorded})
+        asha_merge_rungs(self, saved.get("rungs", []))
 
 
 def read_asha_state(path: str | Path) -> dict:
