@@ -3,13 +3,17 @@ API it waits for, and the upstream thread. tests/test_ray_compat.py checks each 
 installed Ray and fails loudly (naming the workaround) when a release removes or changes what it
 relies on; pyproject's Ray range is the one those tests were run on.
 
+One family lives beside the code that needs it: the module-named loggers that print a user
+error's traceback (`raylm.ray.errors.TRACEBACK_LOGGERS`), guarded by tests/test_ray_errors.py.
+
 Replaced by public APIs (nothing of them is left here):
 - `ray._private.services.get_node_ip_address` -> `ray.util.get_node_ip_address`.
 - The GCS port picked by bind-and-free and passed in `RAY_GCS_SERVER_PORT` (undocumented, and a
   race with any other process that binds the port in between): Ray picks the port itself, and
   each worker learns the cluster's address from `ray.get_runtime_context().gcs_address`
   (`raylm.ray.worker.setup`).
-- `DataConfig._resolve_execution_options`: `raylm.ray.data._TrainDataConfig` keeps the options it
+- ASHA's `_time_attr` and `_max_t`: `RecordedASHA` keeps the values it was made with.
+- `DataConfig._resolve_execution_options` and `_enable_shard_locality`: `raylm.ray.data._TrainDataConfig` keeps the options it
   was given and hands out a copy.
 - `map_batches(**ray_remote_args)` (deprecated in Ray 2.60, removed in 2.64; ray-project/ray#65228):
   `allow_out_of_order_execution=False` -> `ActorPoolStrategy(max_tasks_in_flight_per_actor=1)`

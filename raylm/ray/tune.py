@@ -175,15 +175,15 @@ class RecordedASHA(ASHAScheduler):
     scheduler as it was at the start) reloads the rungs, so its decisions go on from the same
     evidence."""
 
-    def __init__(self, state_path: str, **kwargs):
-        super().__init__(**kwargs)
-        self.state_path = state_path
+    def __init__(self, state_path: str, *, time_attr: str, max_t: int, **kwargs):
+        super().__init__(time_attr=time_attr, max_t=max_t, **kwargs)
+        self.state_path, self.step_key, self.max_steps = state_path, time_attr, max_t
         self.stopped: dict[str, int] = {}
 
     def on_trial_result(self, tune_controller, trial, result):
         action = super().on_trial_result(tune_controller, trial, result)
-        step = result.get(self._time_attr)
-        if action == self.STOP and step is not None and step < self._max_t:
+        step = result.get(self.step_key)
+        if action == self.STOP and step is not None and step < self.max_steps:
             self.stopped[trial.trial_id] = int(step)
         self._save()
         return action
