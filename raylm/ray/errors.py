@@ -12,7 +12,9 @@ Ray Data's executor ("An exception was raised from a task of operator ..."), its
 handler ("Full stack trace"), the streaming split coordinator, Ray Train's worker ("Error in
 training function"). `hide_user_error_tracebacks` marks those records `hide` when the
 exception they carry holds a RaylmError: console handlers drop them, Ray's log files keep
-them. Any other exception (a bug) keeps its traceback everywhere.
+them. Any other exception (a bug) keeps its traceback everywhere. Ray Data's issue-detector
+reports (heuristics about its own operators, nothing a raylm user sets) are hidden from consoles
+the same way, whole (`raylm.ray.compat`, item 4).
 
 A lost cluster (every Ray process gone, or the cluster at RAY_ADDRESS unreachable) reaches the
 driver as a Ray system exception; `cluster_loss` turns it into `ClusterLost`, one line that

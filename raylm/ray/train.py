@@ -22,6 +22,7 @@ continues.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
