@@ -114,20 +114,22 @@ def test_ray_trains_report_logger_exists_and_is_outside_what_its_public_logging_
 # 4. Ray Data's issue detectors: in Ray's log files, off the console
 
 
-def test_ray_datas_issue_reports_reach_its_log_file_and_not_the_console(tmp_path):
-    """compat 4: the issue detector still logs through the logger raylm hides from consoles;
-    a record of it reaches a file handler and no stream handler during a session."""
-    from ray.data._internal.issue_detection import issue_detector_manager
+@pytest.mark.parametrize("name", compat.DIAGNOSTIC_LOGGERS)
+def test_ray_datas_diagnostics_reach_its_log_file_and_not_the_console(tmp_path, name):
+    """compat 4: the issue detector and the progress-bar notice still log through the loggers
+    raylm hides from consoles; a record of each reaches a file handler and no stream handler
+    during a session."""
+    import importlib
 
     from raylm.ray.errors import user_error_tracebacks_hidden
 
-    assert issue_detector_manager.logger.name == compat.ISSUE_DETECTOR_LOGGER, \
-        "Ray Data's issue detector logs elsewhere now: its block is back on the console"
+    assert importlib.import_module(name).logger.name == name, \
+        f"{name} logs elsewhere now: Ray Data's diagnostics are back on the console (compat item 4)"
     parent = logging.getLogger("raylm-test-ray-data")  # stands for "ray.data" with its two handlers
     console, file_path = io.StringIO(), tmp_path / "ray-data.log"
     parent.addHandler(logging.StreamHandler(console))
     parent.addHandler(logging.FileHandler(file_path))
-    logger = logging.getLogger(compat.ISSUE_DETECTOR_LOGGER)
+    logger = logging.getLogger(name)
     saved = (logger.parent, logger.propagate)
     logger.parent, logger.propagate = parent, True
     try:

@@ -112,6 +112,10 @@ def quiet_train_logs() -> None:
 # `DataContext.issue_detectors_config.detectors = []`, which would lose them from the logs too.
 
 ISSUE_DETECTOR_LOGGER = "ray.data._internal.issue_detection.issue_detector_manager"
+PROGRESS_LOGGER = "ray.data._internal.progress"
+"""Its "Progress bars disabled. To enable, set ..." (once a process) echoes raylm's own choice
+(`raylm.ray.connect.quiet_console`) back at the user: kept in Ray's logs the same way."""
+DIAGNOSTIC_LOGGERS = (ISSUE_DETECTOR_LOGGER, PROGRESS_LOGGER)
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ handler ("Full stack trace"), the streaming split coordinator, Ray Train's worke
 training function"). `hide_user_error_tracebacks` marks those records `hide` when the
 exception they carry holds a RaylmError: console handlers drop them, Ray's log files keep
 them. Any other exception (a bug) keeps its traceback everywhere. Ray Data's issue-detector
-reports (heuristics about its own operators, nothing a raylm user sets) are hidden from consoles
-the same way, whole (`raylm.ray.compat`, item 4).
+reports (heuristics about its own operators, nothing a raylm user sets) and its "Progress bars
+disabled" notice are hidden from consoles the same way, whole (`raylm.ray.compat`, item 4).
 
 A lost cluster (every Ray process gone, or the cluster at RAY_ADDRESS unreachable) reaches the
 driver as a Ray system exception; `cluster_loss` turns it into `ClusterLost`, one line that
@@ -28,7 +28,7 @@ import logging
 import sys
 
 from raylm import errors
-from raylm.ray.compat import ISSUE_DETECTOR_LOGGER, train_user_exception
+from raylm.ray.compat import DIAGNOSTIC_LOGGERS, train_user_exception
 
 _MAX_DEPTH = 64
 
@@ -186,7 +186,7 @@ class _DropHidden(logging.Filter):
 
 
 class _HideAll(logging.Filter):
-    """On a logger of Ray's diagnostics (`ISSUE_DETECTOR_LOGGER`): mark every record `hide`, so it
+    """On a logger of Ray's diagnostics (`DIAGNOSTIC_LOGGERS`): mark every record `hide`, so it
     reaches Ray's log files (ray-data.log) and no console (`raylm.ray.compat`, item 4)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -219,18 +219,17 @@ def hide_user_error_tracebacks() -> None:
         logger = logging.getLogger(name)
         if _HIDE not in logger.filters:
             logger.addFilter(_HIDE)
-    diagnostics = logging.getLogger(ISSUE_DETECTOR_LOGGER)
-    if _HIDE_ALL not in diagnostics.filters:
-        diagnostics.addFilter(_HIDE_ALL)
+    for name in DIAGNOSTIC_LOGGERS:
+        logger = logging.getLogger(name)
+        if _HIDE_ALL not in logger.filters:
+            logger.addFilter(_HIDE_ALL)
 
 
 @contextlib.contextmanager
 def user_error_tracebacks_hidden():
     """`hide_user_error_tracebacks` on this process for the duration of a command."""
     added = [(logging.getLogger(n), _HIDE) for n in TRACEBACK_LOGGERS if _HIDE not in logging.getLogger(n).filters]
-    diagnostics = logging.getLogger(ISSUE_DETECTOR_LOGGER)
-    if _HIDE_ALL not in diagnostics.filters:
-        added.append((diagnostics, _HIDE_ALL))
+    added += [(logging.getLogger(n), _HIDE_ALL) for n in DIAGNOSTIC_LOGGERS if _HIDE_ALL not in logging.getLogger(n).filters]
     for logger, hide in added:
         logger.addFilter(hide)
     try:
