@@ -92,10 +92,19 @@ class TokenizeFrame:
 
 
 def _restarted_actor() -> bool:
-    """Whether this process is an actor Ray has restarted (False outside an actor)."""
+    """Whether this process is an actor Ray has restarted (False outside an actor). One GCS
+    query: call it once, at the actor's start."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    if not ray.is_initialized():  # not in a Ray worker (a test calls PackIndex directly): never start Ray
+        return False
     try:
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
-    except Exception:  # noqa: BLE001 - not in an actor (a test calls PackIndex directly)
+        with warnings.catch_warnings():  # Ray 2.60's own property reads its deprecated `actor_id`
+            warnings.simplefilter("ignore", RayDeprecationWarning)
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - a Ray process that is not an actor (a task, the driver)
         return False
 
 
@@ -126,6 +135,7 @@ class PackIndex:
         self.skip_tokens = skip_tokens
         self.cur_pos, self.cur_off = -1, 0  # the file being read and its tokens so far
         self.last_doc = (-1, -1)  # (pos, ord) of the last document packed
+        self.restarted = _restarted_actor()  # then its state, the stream so far, is lost
 
     def _check_order(self, spans: np.ndarray) -> None:
         for first_pos, first_ord, last_pos, last_ord in spans.reshape(-1, 4).tolist():
@@ -153,7 +163,7 @@ class PackIndex:
             parts = [np.asarray(s, dtype=dtype).ravel() for s in batch[name]]
             return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
-        if _restarted_actor():
+        if self.restarted:
             raise RuntimeError("the packing actor was restarted and lost the stream's state; "
                                "the run restarts from its newest checkpoint")
         self._check_order(np.asarray(batch["span"], dtype=np.int64))
