@@ -40,6 +40,7 @@ from raylm.errors import RaylmError
 from raylm.ray.compat import WORKERS_SOFT_LIMIT_VAR, environment
 from raylm.ray.errors import ClusterLost, cluster_loss, user_error_tracebacks_hidden
 
+
 def workers_soft_limit(cpus: int | None = None) -> int:
     """Idle worker processes a local cluster keeps: enough for a streaming run's processes."""
     return max(16, 2 * (cpus or os.cpu_count() or 1))
