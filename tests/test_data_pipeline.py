@@ -289,6 +289,6 @@ def test_no_stage_of_the_training_stream_asks_for_more_cpu_than_ray_datas_cap(ra
     assert actors > 0 and len(tasks) >= 2, tasks
     assert all(cpus <= data_cpus(cfg) - actors + 1e-9 for _, cpus in tasks), (data_cpus(cfg), actors, tasks)
 
-    ds.context.execution_options = data_config(cfg)._resolve_execution_options("train")
+    ds.context.execution_options = data_config(cfg).train_execution_options()
     batches = iter(ds.streaming_split(1, equal=False)[0].iter_batches(batch_size=8, batch_format="numpy"))
     assert next(batches)["index"].tolist() == list(range(8))

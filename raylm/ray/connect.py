@@ -11,6 +11,11 @@ and 3 with the workers kept (bench/RESULTS.md). A cluster started with `ray star
 same setting from its nodes' environment (docs/cluster.md); raylm does not change a cluster
 it joins.
 
+The process is left as it was found: `RAY_num_workers_soft_limit` is in the environment only
+while `ray.init` starts the raylet, and Ray Data's console settings (the current DataContext's
+progress bars, the "ray.data" logger's level) are put back when the session ends. Ray picks
+the local cluster's GCS port itself; nothing is bound and freed in between.
+
 What the console shows. A user error raised in a worker reaches the user as raylm's one line:
 every worker process of the job (a local cluster's or one joined at RAY_ADDRESS) runs
 `raylm.ray.errors.hide_user_error_tracebacks` when it starts (Ray's
@@ -32,9 +37,8 @@ from pathlib import Path
 import ray
 
 from raylm.errors import RaylmError
+from raylm.ray.compat import WORKERS_SOFT_LIMIT_VAR, environment
 from raylm.ray.errors import ClusterLost, cluster_loss, user_error_tracebacks_hidden
-
-WORKERS_SOFT_LIMIT_VAR = "RAY_num_workers_soft_limit"
 
 
 def workers_soft_limit(cpus: int | None = None) -> int:
@@ -42,10 +46,18 @@ def workers_soft_limit(cpus: int | None = None) -> int:
     return max(16, 2 * (cpus or os.cpu_count() or 1))
 
 
+def local_cluster_env() -> dict[str, str]:
+    """What the raylet of a local cluster raylm starts reads from the environment at its start
+    (`raylm.ray.compat.environment` sets it for that start only; a value already set wins)."""
+    return {WORKERS_SOFT_LIMIT_VAR: str(workers_soft_limit())}
+
+
 def configure_local_cluster() -> None:
-    """Call before `ray.init` starts a local cluster: its raylet reads these variables.
-    A value already in the environment wins."""
-    os.environ.setdefault(WORKERS_SOFT_LIMIT_VAR, str(workers_soft_limit()))
+    """For a process that will start local clusters itself (the test session, bench scripts):
+    set `local_cluster_env` for good. A value already in the environment wins. `ray_session`
+    sets it only while it starts its cluster."""
+    for key, value in local_cluster_env().items():
+        os.environ.setdefault(key, value)
 
 
 SETUP_HOOK = "raylm.ray.worker.setup"
@@ -60,41 +72,29 @@ class Session:
     logs: str | None = None
 
 
-def connect(progress_bars: bool = False, worker_logs: bool = True) -> bool:
-    """Join RAY_ADDRESS or start a local cluster (no-op when Ray is up); True if this call started Ray.
+def _connect(worker_logs: bool) -> Session:
+    """Join RAY_ADDRESS or start a local cluster (no-op when Ray is up).
 
     `worker_logs`: show the workers' output on this console (a sweep's trials keep theirs in
     their run directories instead)."""
-    return _connect(progress_bars, worker_logs).started
-
-
-def _connect(progress_bars: bool, worker_logs: bool) -> Session:
     if ray.is_initialized():
-        quiet_console(progress_bars)
         return Session(False)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         context = ray.init(address=address, log_to_driver=worker_logs, runtime_env=_job_setup_hook())
         url = getattr(context, "dashboard_url", None)
-        session = Session(True, f"the Ray cluster at RAY_ADDRESS={address}",
-                          "Ray's logs: `ray logs` on the cluster" + (f", or its dashboard http://{url}" if url else ""))
-    else:
-        # Workers must import raylm even where it is not installed (a source checkout).
-        root = str(Path(__file__).resolve().parents[2])
-        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-        configure_local_cluster()
-        with _gcs_port() as gcs_address:
-            # RAY_ADDRESS in the workers: Ray's own in-cluster State API calls (Ray Train's
-            # PlacementGroupCleaner, which frees the workers of a trial Tune stops) otherwise
-            # look for "the" Ray instance and fail when the machine runs more than one.
-            env = {"env_vars": {"PYTHONPATH": path, "RAY_ADDRESS": gcs_address},
-                   "worker_process_setup_hook": SETUP_HOOK}
-            context = ray.init(address="local", runtime_env=env, log_to_driver=worker_logs)
-        session_dir = context.address_info.get("session_dir")
-        session = Session(True, "the local Ray cluster",
-                          f"Ray's logs: {Path(session_dir) / 'logs'}" if session_dir else None)
-    quiet_console(progress_bars)
-    return session
+        return Session(True, f"the Ray cluster at RAY_ADDRESS={address}",
+                       "Ray's logs: `ray logs` on the cluster" + (f", or its dashboard http://{url}" if url else ""))
+    # Workers must import raylm even where it is not installed (a source checkout). Ray picks
+    # the GCS port itself; each worker learns the address from its runtime context
+    # (`raylm.ray.worker.setup` sets RAY_ADDRESS there).
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {"env_vars": {"PYTHONPATH": path}, "worker_process_setup_hook": SETUP_HOOK}
+    with environment(local_cluster_env()):  # read by the raylet as it starts; not kept after
+        context = ray.init(address="local", runtime_env=env, log_to_driver=worker_logs)
+    session_dir = context.address_info.get("session_dir")
+    return Session(True, "the local Ray cluster", f"Ray's logs: {Path(session_dir) / 'logs'}" if session_dir else None)
 
 
 def _job_setup_hook() -> dict:
@@ -106,35 +106,14 @@ def _job_setup_hook() -> dict:
 
 
 @contextlib.contextmanager
-def _gcs_port():
-    """A free port for the local cluster's GCS (RAY_GCS_SERVER_PORT, read when Ray starts) and its address."""
-    import socket
-
-    from ray._private.services import get_node_ip_address
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    before = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    try:
-        yield f"{get_node_ip_address()}:{port}"
-    finally:
-        if before is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = before
-
-
-@contextlib.contextmanager
 def ray_session(progress_bars: bool = False, worker_logs: bool = True):
     """Connect for the duration of a command; shut down only a cluster this call started.
 
     A user error raised in Ray comes out as its one line naming Ray's logs (where its traceback
     went), a lost cluster as `ClusterLost`."""
-    session = _connect(progress_bars, worker_logs)
+    session = _connect(worker_logs)
     try:
-        with _one_line(session), cluster_loss(), user_error_tracebacks_hidden():
+        with _one_line(session), cluster_loss(), user_error_tracebacks_hidden(), quiet_console(progress_bars):
             yield
     finally:
         if session.started:
@@ -157,10 +136,20 @@ def _one_line(session: Session):
         raise amended
 
 
-def quiet_console(progress_bars: bool = False) -> None:
-    """Keep the console to raylm's progress lines: Ray Data's per-dataset progress reports and
-    Ray Train's per-report INFO lines repeat what metrics.jsonl and the dashboard hold."""
-    ctx = ray.data.DataContext.get_current()  # captured by trainer.fit() and sent to the workers
+@contextlib.contextmanager
+def quiet_console(progress_bars: bool = False):
+    """For the session: keep the console to raylm's progress lines. Ray Data's per-dataset
+    progress reports and its INFO lines repeat what metrics.jsonl and the dashboard hold. The
+    DataContext is captured by trainer.fit() and sent to the workers, so it is set on the
+    driver's current context; both it and the logger's level are put back afterwards."""
+    ctx = ray.data.DataContext.get_current()
+    logger = logging.getLogger("ray.data")
+    before = (ctx.enable_progress_bars, ctx.print_on_execution_start, logger.level)
     ctx.enable_progress_bars = progress_bars and sys.stderr.isatty()
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start, level = before
+        logger.setLevel(level)

@@ -8,8 +8,8 @@
 
 Order. `preserve_order=True` makes every stage hand on its output in input order, and the
 single packing actor keeps the carry between batches and runs its batches in that order
-(`allow_out_of_order_execution=False`: Ray Data's default lets an actor's tasks overtake each
-other, which once packed a stream rotated by one batch; `PackIndex` checks), so the rows are
+(one batch in flight at a time: Ray Data's default lets an actor's tasks overtake each other,
+which once packed a stream rotated by one batch; `PackIndex` checks), so the rows are
 exactly a sequential pack of the documents in plan order (`raylm.data.plan`): the same rows as
 `raylm.data.local` and as the prepared shards. Row k of the stream has global index k. Each row also carries its
 anchor: the plan position of the file its first token comes from and that token's offset in
@@ -47,6 +47,7 @@ pipeline (`Pipeline.counter`); the training workers read its report into their m
 
 from __future__ import annotations
 
+import copy
 import heapq
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,7 @@ from raylm.data.plan import CorpusListing, FilePlan, plan_files, read_blocks, st
 from raylm.data.transforms import TOKEN_DTYPE
 from raylm.errors import DataError
 from raylm.ray.cluster import PACK_CPUS, data_cpus
+from raylm.ray.compat import set_last_operator_resources
 from raylm.ray.errors import user_errors
 from raylm.ray.stages import PackIndex, TokenizeFrame, plan_payload, read_parse
 from raylm.tokenizer import Tokenizer
@@ -147,17 +149,15 @@ def packed_dataset(cfg: Config, tokenizer: Tokenizer, plan: FilePlan, split: str
         PackIndex,
         fn_constructor_kwargs=dict(seq_len=d.seq_len, skip=skip.state_dict() if skip is not None else None,
                                    first_index=first_index, skip_tokens=skip_tokens),
-        compute=ray.data.ActorPoolStrategy(size=1),
+        # Its state is the stream so far: one batch at a time reaches it, so none can overtake
+        # another (Ray Data lets an actor's queued tasks run out of order), and a restarted actor
+        # refuses to go on (`PackIndex`): the execution fails instead of a fresh actor numbering
+        # the rest of the rows from the start, and the run restarts from its checkpoint, which
+        # rebuilds the state exactly (raylm.ray.compat: what replaced the deprecated remote args).
+        compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
         num_cpus=PACK_CPUS,
         batch_size=None,
         batch_format="numpy",
-        # Its state is the stream so far: batches run in the order they come (Ray Data's
-        # default lets them overtake each other), and a dead actor fails the execution instead
-        # of being replaced by a fresh one that would number the rest of the rows from the
-        # start (the run restarts from its checkpoint, which rebuilds the state exactly).
-        allow_out_of_order_execution=False,
-        max_restarts=0,
-        max_task_retries=0,
     )
     ds = _ordered(ds)
     # Start reading only once the actors are up. Otherwise bad input in the first file fails
@@ -235,7 +235,7 @@ class TrainStream:
 
 
 def _small_blocks(ds, rows: int):
-    """`ds` re-cut into blocks of at most `rows` rows by a task that holds PACK_CPUS.
+    """`ds` re-cut into blocks of at most `rows` rows by tasks that hold PACK_CPUS, one at a time.
 
     `Dataset.repartition(target_num_rows_per_block=...)` runs tasks of 1 CPU and takes no
     resource arguments. Under Ray Train's cap on Ray Data (`data_config`: data_cpus, under 1
@@ -243,17 +243,12 @@ def _small_blocks(ds, rows: int):
     have work, so the first rows reached the workers only once the whole planned stream had
     been read, tokenised and packed into the object store (measured: 72 s to the first batch
     for an 11-pass plan of a 40 MB corpus, 21 s for 3 passes; 13.5 s and 11.4 s with this).
-    Ray Data gives the operator no public knob for it, so its logical operator's remote
-    arguments and concurrency are set here; where a Ray version lays the plan out differently,
-    the stream is only slower to start, never different.
+    Ray Data gives the operator no public knob for it (`raylm.ray.compat`, item 7, guarded by
+    tests/test_ray_compat.py). One task at a time: tasks this small would otherwise run by the
+    dozen, each in a worker process of its own (seen: 20 idle workers of 200 MB on 2 CPUs).
     """
     ds = _ordered(ds.repartition(target_num_rows_per_block=rows))
-    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
-    if isinstance(getattr(op, "ray_remote_args", None), dict) and hasattr(op, "compute"):
-        op.ray_remote_args["num_cpus"] = PACK_CPUS
-        # One task at a time: tasks this small would otherwise run by the dozen, each in a
-        # worker process of its own (seen: 20 idle workers of 200 MB on 2 CPUs).
-        object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=1))
+    set_last_operator_resources(ds, PACK_CPUS, tasks=1)
     return ds
 
 
@@ -278,6 +273,15 @@ class _TrainDataConfig(DataConfig):
     to whichever worker asks, none is dropped, and a worker that takes more rows per step than
     the others (an uneven split of the batch) never waits for them to catch up."""
 
+    def __init__(self, options: "ray.data.ExecutionOptions", enable_shard_locality: bool = True):
+        super().__init__(datasets_to_split=["train"], execution_options=options,
+                         enable_shard_locality=enable_shard_locality)
+        self.train_options, self.shard_locality = options, enable_shard_locality
+
+    def train_execution_options(self):
+        """The training stream's execution options, a copy (the stream's context owns it)."""
+        return copy.deepcopy(self.train_options)
+
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         train = datasets.get("train")
         others = {k: v for k, v in datasets.items() if k != "train"}
@@ -287,8 +291,8 @@ class _TrainDataConfig(DataConfig):
             if train.name is None:
                 train.set_name("train")
             ds = train.copy(train)
-            ds.context.execution_options = self._resolve_execution_options("train")
-            hints = worker_node_ids if self._enable_shard_locality else None
+            ds.context.execution_options = self.train_execution_options()
+            hints = worker_node_ids if self.shard_locality else None
             for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
                 output[i]["train"] = split
         return output
@@ -300,7 +304,7 @@ def data_config(cfg: Config) -> DataConfig:
         preserve_order=True,
         resource_limits=ray.data.ExecutionResources(cpu=data_cpus(cfg)),
     )
-    return _TrainDataConfig(datasets_to_split=["train"], execution_options=options)
+    return _TrainDataConfig(options)
 
 
 def sample_documents(cfg: Config, listing: CorpusListing) -> list[str]:

@@ -25,13 +25,12 @@ from __future__ import annotations
 import logging
 import time
 
-import ray
 from ray.train import UserCallback
+
+from raylm.ray.compat import COORDINATOR_LOOK_S, refresh_coordinator  # Ray internals, guarded there
 
 logger = logging.getLogger(__name__)
 
-COORDINATOR = "AutoscalingCoordinator"  # the actor's name and namespace (ray.data ... default_autoscaling_coordinator)
-COORDINATOR_LOOK_S = 20.0  # _AutoscalingCoordinatorActor.TICK_INTERVAL_S in Ray 2.60
 REFRESH_TIMEOUT_S = 5.0
 
 
@@ -53,10 +52,7 @@ class FreshClusterView(UserCallback):
     def refresh(self) -> None:
         self._last = time.monotonic()
         try:
-            coordinator = ray.get_actor(COORDINATOR, namespace=COORDINATOR)
-            # Any requester id: recompute=True looks at the cluster and re-reserves for every request.
-            ray.get(coordinator.get_reserved_resources.remote("raylm-refresh", recompute=True),
-                    timeout=REFRESH_TIMEOUT_S)
+            refresh_coordinator(REFRESH_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - a refresh is an optimisation; the 20 s look remains
             logger.debug("could not refresh the AutoscalingCoordinator's cluster view: %r", e)
 

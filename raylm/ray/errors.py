@@ -12,7 +12,9 @@ Ray Data's executor ("An exception was raised from a task of operator ..."), its
 handler ("Full stack trace"), the streaming split coordinator, Ray Train's worker ("Error in
 training function"). `hide_user_error_tracebacks` marks those records `hide` when the
 exception they carry holds a RaylmError: console handlers drop them, Ray's log files keep
-them. Any other exception (a bug) keeps its traceback everywhere.
+them. Any other exception (a bug) keeps its traceback everywhere. Ray Data's issue-detector
+reports (heuristics about its own operators, nothing a raylm user sets) and its "Progress bars
+disabled" notice are hidden from consoles the same way, whole (`raylm.ray.compat`, item 4).
 
 A lost cluster (every Ray process gone, or the cluster at RAY_ADDRESS unreachable) reaches the
 driver as a Ray system exception; `cluster_loss` turns it into `ClusterLost`, one line that
@@ -26,6 +28,7 @@ import logging
 import sys
 
 from raylm import errors
+from raylm.ray.compat import DIAGNOSTIC_LOGGERS, train_user_exception
 
 _MAX_DEPTH = 64
 
@@ -64,7 +67,7 @@ _OWN = (errors.__name__, __name__)
 
 def _causes(exc: BaseException):
     yield getattr(exc, "cause", None)  # RayTaskError
-    yield getattr(exc, "_base_exc", None)  # Ray Train's UserExceptionWithTraceback
+    yield train_user_exception(exc)  # Ray Train's UserExceptionWithTraceback
     yield exc.__cause__
     yield exc.__context__
     failures = getattr(exc, "worker_failures", None)  # Ray Train V2 WorkerGroupError
@@ -183,8 +186,19 @@ class _DropHidden(logging.Filter):
         return not getattr(record, "hide", False)
 
 
+class _HideAll(logging.Filter):
+    """On a logger of Ray's diagnostics (`DIAGNOSTIC_LOGGERS`): mark every record `hide`, so it
+    reaches Ray's log files (ray-data.log) and no console (`raylm.ray.compat`, item 4)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.hide = True
+        _drop_hidden_on_consoles(logging.getLogger(record.name))
+        return True
+
+
 _HIDE = _HideUserErrors()
 _DROP = _DropHidden()
+_HIDE_ALL = _HideAll()
 
 
 def _drop_hidden_on_consoles(logger: logging.Logger) -> None:
@@ -206,16 +220,21 @@ def hide_user_error_tracebacks() -> None:
         logger = logging.getLogger(name)
         if _HIDE not in logger.filters:
             logger.addFilter(_HIDE)
+    for name in DIAGNOSTIC_LOGGERS:
+        logger = logging.getLogger(name)
+        if _HIDE_ALL not in logger.filters:
+            logger.addFilter(_HIDE_ALL)
 
 
 @contextlib.contextmanager
 def user_error_tracebacks_hidden():
     """`hide_user_error_tracebacks` on this process for the duration of a command."""
-    added = [logging.getLogger(n) for n in TRACEBACK_LOGGERS if _HIDE not in logging.getLogger(n).filters]
-    for logger in added:
-        logger.addFilter(_HIDE)
+    added = [(logging.getLogger(n), _HIDE) for n in TRACEBACK_LOGGERS if _HIDE not in logging.getLogger(n).filters]
+    added += [(logging.getLogger(n), _HIDE_ALL) for n in DIAGNOSTIC_LOGGERS if _HIDE_ALL not in logging.getLogger(n).filters]
+    for logger, hide in added:
+        logger.addFilter(hide)
     try:
         yield
     finally:
-        for logger in added:
-            logger.removeFilter(_HIDE)
+        for logger, hide in added:
+            logger.removeFilter(hide)

@@ -90,6 +90,23 @@ class TokenizeFrame:
                 "seg_pos": pos[starts][None, :], "seg_len": seg_len[None, :], "span": span}
 
 
+def _restarted_actor() -> bool:
+    """Whether this process is an actor Ray has restarted (False outside an actor). One GCS
+    query: call it once, at the actor's start."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    if not ray.is_initialized():  # not in a Ray worker (a test calls PackIndex directly): never start Ray
+        return False
+    try:
+        with warnings.catch_warnings():  # Ray 2.60's own property reads its deprecated `actor_id`
+            warnings.simplefilter("ignore", RayDeprecationWarning)
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - a Ray process that is not an actor (a task, the driver)
+        return False
+
+
 class PackIndex:
     """The single sequential actor: keeps the carry across batches, numbers rows, drops consumed
     ones, and tags each row with its anchor: the plan position and token offset (within that
@@ -100,10 +117,11 @@ class PackIndex:
     `first_index` exactly as the full stream packed it.
 
     Its batches must come in stream order: Ray Data lets actor tasks run out of order unless
-    the actor is made with `allow_out_of_order_execution=False` (`raylm.ray.data.packed_dataset`
-    does), and a batch out of order would number and pack rows wrongly without a sound. Each
-    batch's span is therefore checked to continue the one before it (the next document of the
-    same file, or the first document of a later file); a gap or a step back raises.
+    only one is in flight (`raylm.ray.data.packed_dataset` allows one), and a batch out of order
+    would number and pack rows wrongly without a sound. Each batch's span is therefore checked
+    to continue the one before it (the next document of the same file, or the first document of
+    a later file); a gap or a step back raises. So does a batch reaching an actor Ray restarted
+    (its state, the stream so far, is lost).
     """
 
     def __init__(self, seq_len: int, skip: dict | None, first_index: int = 0, skip_tokens: int = 0):
@@ -116,6 +134,7 @@ class PackIndex:
         self.skip_tokens = skip_tokens
         self.cur_pos, self.cur_off = -1, 0  # the file being read and its tokens so far
         self.last_doc = (-1, -1)  # (pos, ord) of the last document packed
+        self.restarted = _restarted_actor()  # then its state, the stream so far, is lost
 
     def _check_order(self, spans: np.ndarray) -> None:
         for first_pos, first_ord, last_pos, last_ord in spans.reshape(-1, 4).tolist():
@@ -143,6 +162,9 @@ class PackIndex:
             parts = [np.asarray(s, dtype=dtype).ravel() for s in batch[name]]
             return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
+        if self.restarted:
+            raise RuntimeError("the packing actor was restarted and lost the stream's state; "
+                               "the run restarts from its newest checkpoint")
         self._check_order(np.asarray(batch["span"], dtype=np.int64))
         stream = joined("stream", TOKEN_DTYPE)
         pos_tok, off_tok = self._token_anchors(joined("seg_pos", np.int64), joined("seg_len", np.int64))

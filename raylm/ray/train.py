@@ -283,11 +283,9 @@ def _worker_log(line: str) -> None:
 
 def _quiet_train_logs() -> None:
     # Each report would otherwise print its whole metrics dict; raylm prints its own lines.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    with contextlib.suppress(ImportError):  # Ray 2.60 names this logger by its file path
-        from ray.train.v2._internal.execution import context as _train_context
+    from raylm.ray.compat import quiet_train_logs  # a Ray internal, guarded there
 
-        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
+    quiet_train_logs()
 
 
 def train_func(config: dict[str, Any]) -> None:

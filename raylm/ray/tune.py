@@ -46,6 +46,7 @@ from raylm import lock, storage
 from raylm import sweep as sweeps
 from raylm.errors import ConfigError, RaylmError
 from raylm.ray.cluster import needs
+from raylm.ray.compat import asha_merge_rungs, asha_rungs
 from raylm.ray.connect import ray_session
 from raylm.ray.errors import user_errors
 from raylm.ray.train import storage_config
@@ -174,32 +175,29 @@ class RecordedASHA(ASHAScheduler):
     scheduler as it was at the start) reloads the rungs, so its decisions go on from the same
     evidence."""
 
-    def __init__(self, state_path: str, **kwargs):
-        super().__init__(**kwargs)
-        self.state_path = state_path
+    def __init__(self, state_path: str, *, time_attr: str, max_t: int, **kwargs):
+        super().__init__(time_attr=time_attr, max_t=max_t, **kwargs)
+        self.state_path, self.step_key, self.max_steps = state_path, time_attr, max_t
         self.stopped: dict[str, int] = {}
 
     def on_trial_result(self, tune_controller, trial, result):
         action = super().on_trial_result(tune_controller, trial, result)
-        step = result.get(self._time_attr)
-        if action == self.STOP and step is not None and step < self._max_t:
+        step = result.get(self.step_key)
+        if action == self.STOP and step is not None and step < self.max_steps:
             self.stopped[trial.trial_id] = int(step)
         self._save()
         return action
 
     def _save(self) -> None:
         state = {"stopped": self.stopped,
-                 "rungs": [[[milestone, recorded] for milestone, recorded in b._rungs] for b in self._brackets]}
+                 "rungs": asha_rungs(self)}
         storage.write_bytes(self.state_path, json.dumps(state).encode())  # whole or not at all
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         saved = read_asha_state(self.state_path)
         self.stopped = {**saved.get("stopped", {}), **self.stopped}
-        for bracket, rungs in zip(self._brackets, saved.get("rungs", [])):
-            for (milestone, recorded), (saved_milestone, saved_recorded) in zip(bracket._rungs, rungs):
-                if milestone == saved_milestone:
-                    recorded.update({k: v for k, v in saved_recorded.items() if k not in recorded})
+        asha_merge_rungs(self, saved.get("rungs", []))
 
 
 def read_asha_state(path: str | Path) -> dict:

@@ -1,6 +1,12 @@
 """What every Ray worker process of a raylm cluster or job does when it starts (Ray's
-`worker_process_setup_hook`): keep user errors' tracebacks off the console, and make the
-collectives (gloo, NCCL's bootstrap) use the address Ray uses for this node.
+`worker_process_setup_hook`): keep user errors' tracebacks off the console, make the
+collectives (gloo, NCCL's bootstrap) use the address Ray uses for this node, and name its own
+cluster in RAY_ADDRESS.
+
+Why RAY_ADDRESS: Ray's own in-cluster State API calls (Ray Train's PlacementGroupCleaner, which
+frees the workers of a trial Tune stops) otherwise look for "the" Ray instance on the machine and
+fail when it runs more than one. The worker's runtime context knows its cluster's GCS address,
+so no port needs choosing before the cluster starts. A value already set is kept.
 
 Why the address: gloo and NCCL pick their interface from the hostname when GLOO_SOCKET_IFNAME /
 NCCL_SOCKET_IFNAME are unset. Many cloud images map the host's own name to 127.0.0.1, and then a
@@ -51,5 +57,9 @@ def pin_collective_interface(node_ip: str) -> str | None:
 def setup() -> None:
     """The worker process set-up hook of every raylm cluster and job."""
     hide_user_error_tracebacks()
+    import ray
     import ray.util
+
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     pin_collective_interface(ray.util.get_node_ip_address())
