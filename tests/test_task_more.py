@@ -68,3 +68,70 @@ def test_eval_of_a_pairs_run_counts_only_completion_tokens_and_gives_trainings_h
     assert numbers["sequences"] == len(rows)
     assert numbers["tokens"] == trained < len(rows) * cfg.data.seq_len / 2
     assert 0 < numbers["bytes"] < numbers["tokens"] * 16
+
+
+# ---------------------------------------------------------------------------------------
+# Batched generation
+
+PROMPTS = ["x", "def main(", "import os\nimport sys\n", "class Reader:\n    def __init__(self, path):\n        self.",
+           "for i in range(10):\n    total +="]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tokenizer):
+    """The debug model with large random weights (peaked logits: clear greedy choices, varied
+    text) and the session's real tokenizer."""
+    from hf_support import randomize
+
+    from raylm.model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig.preset("debug", vocab_size=512, max_seq_len=64)).eval()
+    randomize(model, 5)
+    return model, tokenizer
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time_with_stop_strings_per_row(model_and_tokenizer):
+    """Prompts of different lengths (1 to ~20 tokens) generated together in one batch give the
+    same greedy text as each alone, as `raylm generate`'s loop makes it, cut at the first stop
+    string; rows end at different steps (stop string, max_new_tokens) and the rest go on."""
+    from raylm.use.generate import SamplingOptions, generate
+    from raylm.use.score import Scorer
+
+    model, tokenizer = model_and_tokenizer
+    lengths = {len(tokenizer.encode_one(p)) for p in PROMPTS}
+    assert len(lengths) == len(PROMPTS) and max(lengths) >= 8 * min(lengths)
+    for stop in (["e"], ["s", "("]):
+        batched = Scorer(model, tokenizer, batch_size=len(PROMPTS)).generate_until(PROMPTS, stop=stop,
+                                                                                   max_new_tokens=20)
+        for prompt, text in zip(PROMPTS, batched):
+            full = generate(model, tokenizer, prompt, SamplingOptions(max_new_tokens=20, temperature=0))
+            cuts = [full.find(s) for s in stop if s in full]
+            assert text == (full[:min(cuts)] if cuts else full)
+        assert len({len(t) for t in batched}) > 2  # the rows ended at different steps
+
+
+def test_batched_rows_go_on_past_max_seq_len_as_each_alone_and_sampling_ignores_the_batching(model_and_tokenizer):
+    """The lock-step loop slides its KV cache past model.max_seq_len as one prompt does (greedy
+    ids equal `generate_ids` alone, cached and, while the text fits, uncached), and sampled
+    generate_until gives the same texts in batches of 1 and of 5 (each prompt its own seed)."""
+    from raylm.use.generate import SamplingOptions, generate_ids, generate_rows
+    from raylm.use.score import Scorer
+
+    model, tokenizer = model_and_tokenizer
+    prompts = [[tokenizer.bos_id] + tokenizer.encode_one(p) for p in PROMPTS]
+    greedy = SamplingOptions(max_new_tokens=model.config.max_seq_len + 10, temperature=0)
+    rows: dict[int, list[int]] = {r: [] for r in range(len(prompts))}
+    for r, token in generate_rows(model, prompts, greedy, vocab_limit=tokenizer.vocab_size, eos_id=None,
+                                  generators=[None] * len(prompts)):
+        rows[r].append(token)
+    for r, prompt in enumerate(prompts):
+        alone = list(generate_ids(model, prompt, greedy, vocab_limit=tokenizer.vocab_size, eos_id=None))
+        assert rows[r] == alone and len(alone) == greedy.max_new_tokens
+    short = SamplingOptions(max_new_tokens=8, temperature=0)
+    for r, token in generate_rows(model, prompts, short, vocab_limit=tokenizer.vocab_size, eos_id=None,
+                                  generators=[None] * len(prompts), use_cache=False):
+        assert token == rows[r].pop(0)
+
+    sampled = [Scorer(model, tokenizer, batch_size=size).generate_until(PROMPTS, max_new_tokens=12, temperature=1.0,
+                                                                        seed=7) for size in (1, 5)]
+    assert sampled[0] == sampled[1]
