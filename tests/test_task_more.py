@@ -135,3 +135,59 @@ def test_batched_rows_go_on_past_max_seq_len_as_each_alone_and_sampling_ignores_
     sampled = [Scorer(model, tokenizer, batch_size=size).generate_until(PROMPTS, max_new_tokens=12, temperature=1.0,
                                                                         seed=7) for size in (1, 5)]
     assert sampled[0] == sampled[1]
+
+
+# ---------------------------------------------------------------------------------------
+# The Ray Data path of `eval --task`
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.slow
+def test_ray_task_path_writes_the_local_paths_json(ray_cluster, local_run, tmp_path, capsys):
+    """`eval --task T --ray yes` scores the examples in a Ray Data actor pool (2 actors, each
+    loading the model once) and gathers them on the driver: its --json (metrics and per-example
+    predictions with their log-likelihoods, in file order) equals the local path's, bit for bit,
+    for a 2-shot choice task (the few-shot draws are made once, on the driver)."""
+    _jsonl(tmp_path / "test.jsonl", [{"text": code, "label": label} for label, codes in SNIPPETS.items()
+                                     for code in codes])
+    _jsonl(tmp_path / "shots.jsonl", [{"text": f"{label}.x{i}", "label": label} for i in range(2) for label in SNIPPETS])
+    (tmp_path / "choice.yaml").write_text('kind: choice\ndata: test.jsonl\nprompt: "{text}\\nPackage:"\n'
+                                          'choices: [os, json, re, math]\nfields: {label: label}\n'
+                                          'fewshot: {data: shots.jsonl, num: 2, seed: 3}\n')
+    results = {}
+    for ray in ("no", "yes"):
+        out = tmp_path / f"{ray}.json"
+        assert cli_main(["eval", local_run.run_dir, "--task", str(tmp_path / "choice.yaml"), "--ray", ray,
+                         "--batch-size", "3", "--json", str(out)]) == 0
+        results[ray] = json.loads(out.read_text())
+    capsys.readouterr()
+    assert results["no"].pop("pipeline") == "local" and results["yes"].pop("pipeline") == "ray"
+    assert len(results["yes"]["predictions"]) == 16 and results["yes"]["num_fewshot"] == 2
+    assert results["yes"] == results["no"]
+
+
+def test_a_share_of_a_sampled_generate_task_predicts_what_the_whole_does(model_and_tokenizer, tmp_path):
+    """What lets the Ray path split a task: `predict` on a share of the examples, given their
+    contexts and their indices in the file, gives the whole run's predictions for them, also
+    when sampling (each example draws from seed + its index)."""
+    from raylm.use.score import Scorer
+    from raylm.use.tasks import contexts, load_task, predict, read_examples
+
+    model, tokenizer = model_and_tokenizer
+    _jsonl(tmp_path / "test.jsonl", [{"text": code, "label": label} for label, codes in SNIPPETS.items()
+                                     for code in codes])
+    (tmp_path / "gen.yaml").write_text('kind: generate\ndata: test.jsonl\nprompt: "{text}\\nPackage:"\n'
+                                       'fields: {answer: label}\nmax_new_tokens: 5\ntemperature: 1.0\nseed: 11\n'
+                                       'metrics: [exact_match, f1]\n')
+    task = load_task(str(tmp_path / "gen.yaml"))
+    examples = read_examples(task, task.data)
+    ctxs = contexts(task, examples)
+    scorer = Scorer(model, tokenizer, batch_size=4)
+    whole = predict(task, scorer, examples, ctxs)
+    share = predict(task, scorer, examples[5:11], ctxs[5:11], indices=list(range(5, 11)))
+    assert share == whole[5:11]
+    assert len({p["prediction"] for p in whole}) > 8  # sampled: varied

@@ -150,15 +150,16 @@ class Scorer:
         return totals
 
     def generate_until(self, prompts: Sequence[str], stop: Sequence[str] = (), max_new_tokens: int = 64,
-                       temperature: float = 0.0, seed: int | None = 0,
-                       progress: Progress | None = None) -> list[str]:
+                       temperature: float = 0.0, seed: int | None = 0, progress: Progress | None = None,
+                       seed_index: Sequence[int] | None = None) -> list[str]:
         """The continuation of each prompt, greedy (temperature 0) or sampled, ended by EOS, by
         `max_new_tokens` or just before the first stop string (which is not returned).
 
         Prompts go `batch_size` at a time, sorted by length (longest first), through the batched
         KV-cache loop (`raylm.use.generate.generate_rows`: each row as it would be alone; greedy
         output equals one prompt at a time, tested). Sampling: prompt i draws from its own
-        generator seeded `seed + i`, so the samples do not depend on the batching."""
+        generator seeded `seed + seed_index[i]` (default `seed + i`), so the samples do not
+        depend on the batching."""
         options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, seed=seed)
         options.validate()
         stop = [s for s in stop if s]
@@ -172,7 +173,9 @@ class Scorer:
             def stopped(row: int, token: int) -> bool:
                 return bool(stop) and _first_stop(self.tokenizer.decode(new[row]), stop) is not None
 
-            generators = [SamplingOptions(seed=None if seed is None else seed + i).generator() for i in batch]
+            generators = [SamplingOptions(seed=None if seed is None else seed + (i if seed_index is None
+                                                                                 else seed_index[i])).generator()
+                          for i in batch]
             for row, token in generate_rows(self.model, [encoded[i] for i in batch], options,
                                             vocab_limit=self.tokenizer.vocab_size, eos_id=self.tokenizer.eos_id,
                                             generators=generators, stop=stopped):
