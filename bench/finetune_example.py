@@ -79,23 +79,23 @@ def main() -> None:
     costs: dict[str, tuple[float, float]] = {}
     load_start = os.getloadavg()[0]
 
-    base = args.base
-    if base is None:
-        run("pretrain", ["train", "configs/demo.yaml", "--local", f"run.output_dir={out}", "run.name=demo",
-                         *(QUICK_PRETRAIN if args.quick else [])], costs, log)
-        base = str(out / "demo")
-    task_dir = out / "stdlib-task"
-    run("build task", ["task", "build", "stdlib", "--out", str(task_dir)], costs, log)
-    run("fine-tune", ["train", "configs/finetune-demo.yaml", "--local", f"run.output_dir={out}", "run.name=finetuned",
-                      f"model.init_from={base}", f"data.sources.0.path={task_dir / 'train.jsonl'}",
-                      *(QUICK_FINETUNE if args.quick else [])], costs, log)
-    finetuned = str(out / "finetuned")
-
-    limit = ["--max-examples", str(args.max_examples)] if args.max_examples else []
-    task = str(task_dir / "task.yaml")
-    results: dict[str, dict] = {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped (SIGTERM)"))
+    task_dir = out / "stdlib-task"
+    results: dict[str, dict] = {}
+    base = args.base
     try:
+        if base is None:
+            run("pretrain", ["train", "configs/demo.yaml", "--local", f"run.output_dir={out}", "run.name=demo",
+                             *(QUICK_PRETRAIN if args.quick else [])], costs, log)
+            base = str(out / "demo")
+        run("build task", ["task", "build", "stdlib", "--out", str(task_dir)], costs, log)
+        run("fine-tune", ["train", "configs/finetune-demo.yaml", "--local", f"run.output_dir={out}", "run.name=finetuned",
+                          f"model.init_from={base}", f"data.sources.0.path={task_dir / 'train.jsonl'}",
+                          *(QUICK_FINETUNE if args.quick else [])], costs, log)
+        finetuned = str(out / "finetuned")
+
+        limit = ["--max-examples", str(args.max_examples)] if args.max_examples else []
+        task = str(task_dir / "task.yaml")
         # The fine-tuned model first: the number the example is about, should the run be stopped.
         for name, run_dir, extra in (("fine-tuned, zero-shot", finetuned, []),
                                      ("base, zero-shot", base, []),
@@ -105,8 +105,9 @@ def main() -> None:
             results[name] = json.loads(path.read_text())["metrics"]
             if name.startswith("fine-tuned"):
                 run("plot", ["plot", str(path), "--out", str(out)], costs, log)
-    finally:  # stopped part way: the table of what finished
-        print_table(args, base, task_dir, results, costs, load_start)
+    finally:  # also when a stage failed or was stopped: the table of what finished
+        if (task_dir / "test.jsonl").exists():
+            print_table(args, base or str(out / "demo"), task_dir, results, costs, load_start)
 
 
 def print_table(args, base: str, task_dir: Path, results: dict, costs: dict, load_start: float) -> None:

@@ -333,7 +333,8 @@ def test_a_run_resumed_on_the_ray_path_continues_its_mlflow_run(ray_cluster, tmp
     from raylm.ray.train import train_command
 
     client, name = experiment
-    ray_overrides = ("run.tracking=[mlflow]", "scaling.num_workers=1", "scaling.cpus_per_worker=1")
+    ray_overrides = ("run.tracking=[mlflow]", "scaling.num_workers=1", "scaling.cpus_per_worker=0.25",
+                     "data.tokenize_actors=1")  # configs/debug.yaml's CPUs: fits the 2-CPU cluster
     train_command(small_config(tmp_path, *ray_overrides, "train.max_steps=2"))
     run_dir = tmp_path / "r"
     (run,) = runs_of(client, name)
