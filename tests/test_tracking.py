@@ -321,7 +321,7 @@ def test_a_sweep_logs_one_run_per_trial_under_the_sweep_in_mlflow_and_wandb(ray_
     assert len(files) == 2 and len(wandb_ids) == 2
     for f in files:
         (run,) = [r.run for r in read_wandb_records(Path(f)) if r.WhichOneof("record_type") == "run"]
-        assert run.group == "s" and run.run_id in wandb_ids
+        assert run.run_group == "s" and run.run_id in wandb_ids
 
 
 @pytest.mark.slow
