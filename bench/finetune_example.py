@@ -22,6 +22,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -78,42 +79,49 @@ def main() -> None:
     costs: dict[str, tuple[float, float]] = {}
     load_start = os.getloadavg()[0]
 
-    base = args.base
-    if base is None:
-        run("pretrain", ["train", "configs/demo.yaml", "--local", f"run.output_dir={out}", "run.name=demo",
-                         *(QUICK_PRETRAIN if args.quick else [])], costs, log)
-        base = str(out / "demo")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped (SIGTERM)"))
     task_dir = out / "stdlib-task"
-    run("build task", ["task", "build", "stdlib", "--out", str(task_dir)], costs, log)
-    run("fine-tune", ["train", "configs/finetune-demo.yaml", "--local", f"run.output_dir={out}", "run.name=finetuned",
-                      f"model.init_from={base}", f"data.sources.0.path={task_dir / 'train.jsonl'}",
-                      *(QUICK_FINETUNE if args.quick else [])], costs, log)
-    finetuned = str(out / "finetuned")
+    results: dict[str, dict] = {}
+    base = args.base
+    try:
+        if base is None:
+            run("pretrain", ["train", "configs/demo.yaml", "--local", f"run.output_dir={out}", "run.name=demo",
+                             *(QUICK_PRETRAIN if args.quick else [])], costs, log)
+            base = str(out / "demo")
+        run("build task", ["task", "build", "stdlib", "--out", str(task_dir)], costs, log)
+        run("fine-tune", ["train", "configs/finetune-demo.yaml", "--local", f"run.output_dir={out}", "run.name=finetuned",
+                          f"model.init_from={base}", f"data.sources.0.path={task_dir / 'train.jsonl'}",
+                          *(QUICK_FINETUNE if args.quick else [])], costs, log)
+        finetuned = str(out / "finetuned")
 
-    limit = ["--max-examples", str(args.max_examples)] if args.max_examples else []
-    task = str(task_dir / "task.yaml")
-    results = {}
-    for name, run_dir, extra in (("base, zero-shot", base, []),
-                                 (f"base, {args.fewshot}-shot", base, ["--num-fewshot", str(args.fewshot)]),
-                                 ("fine-tuned, zero-shot", finetuned, [])):
-        path = out / f"eval-{len(results)}.json"
-        run(f"eval: {name}", ["eval", run_dir, "--task", task, "--json", str(path), *limit, *extra], costs, log)
-        results[name] = json.loads(path.read_text())["metrics"]
-        if name.startswith("fine-tuned"):
-            run("plot", ["plot", str(path), "--out", str(out)], costs, log)
+        limit = ["--max-examples", str(args.max_examples)] if args.max_examples else []
+        task = str(task_dir / "task.yaml")
+        # The fine-tuned model first: the number the example is about, should the run be stopped.
+        for name, run_dir, extra in (("fine-tuned, zero-shot", finetuned, []),
+                                     ("base, zero-shot", base, []),
+                                     (f"base, {args.fewshot}-shot", base, ["--num-fewshot", str(args.fewshot)])):
+            path = out / f"eval-{len(results)}.json"
+            run(f"eval: {name}", ["eval", run_dir, "--task", task, "--json", str(path), *limit, *extra], costs, log)
+            results[name] = json.loads(path.read_text())["metrics"]
+            if name.startswith("fine-tuned"):
+                run("plot", ["plot", str(path), "--out", str(out)], costs, log)
+    finally:  # also when a stage failed or was stopped: the table of what finished
+        if (task_dir / "test.jsonl").exists():
+            print_table(args, base or str(out / "demo"), task_dir, results, costs, load_start)
 
+
+def print_table(args, base: str, task_dir: Path, results: dict, costs: dict, load_start: float) -> None:
     train_labels = [json.loads(line)["label"] for line in (task_dir / "train.jsonl").read_text().splitlines()]
     test = [json.loads(line)["label"] for line in (task_dir / "test.jsonl").read_text().splitlines()]
     test = test[:args.max_examples] if args.max_examples else test
     majority = Counter(train_labels).most_common(1)[0][0]
     baseline = classification_metrics(test, [majority] * len(test))
-    labels = json.loads(json.dumps(results["fine-tuned, zero-shot"]["confusion"]["labels"]))
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     print(f"# bench/finetune_example.py{' --quick' if args.quick else ''}: {platform.machine()}, "
           f"{os.cpu_count()} cores, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, "
           f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
-    print(f"task: stdlib, {len(labels)} labels, {len(test)} test snippets, {len(train_labels)} training snippets"
+    print(f"task: stdlib, {len(set(test))} labels, {len(test)} test snippets, {len(train_labels)} training snippets"
           f"; base {base}")
     print()
     print("| model | accuracy | macro F1 |")
@@ -127,7 +135,7 @@ def main() -> None:
     for stage, (wall, cpu) in costs.items():
         print(f"| {stage} | {wall:.0f} | {cpu:.0f} |")
     total_wall, total_cpu = sum(w for w, _ in costs.values()), sum(c for _, c in costs.values())
-    print(f"| total | {total_wall:.0f} | {total_cpu:.0f} |")
+    print(f"| total | {total_wall:.0f} | {total_cpu:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

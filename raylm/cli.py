@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequences", type=int, default=None, help="evaluate at most this many packed sequences")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default: train.micro_batch_size)")
     p.add_argument("--ray", choices=["auto", "yes", "no"], default="auto",
-                   help="tokenise and pack through Ray Data (auto: when the data is larger than 64 MB)")
+                   help="tokenise and pack through Ray Data (auto: when the data is larger than 64 MB); "
+                        "--task: score in a Ray Data actor pool (auto: above 20,000 examples)")
     p.add_argument("--device", default="auto", help="auto (GPU when there is one, in bf16), cpu, cuda, cuda:N")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON to FILE")
     task = p.add_mutually_exclusive_group()
@@ -121,6 +122,13 @@ def _ray_rows(*args, **kwargs):
     yield from ray_rows(*args, **kwargs)
 
 
+def _ray_task_predictions(*args, **kwargs):
+    """`raylm eval --task`'s Ray Data actor pool, imported only when used."""
+    from raylm.ray.evaluate import ray_task_predictions
+
+    return ray_task_predictions(*args, **kwargs)
+
+
 def _check_path_args(args: argparse.Namespace) -> None:
     """A URI of a scheme raylm does not know is one line naming the argument, never a local folder."""
     from raylm import storage
@@ -140,7 +148,8 @@ def _use_command(args: argparse.Namespace) -> None:
         from raylm.use.tasks import task_command
 
         task_command(args.path, args.task, json_path=args.json, batch_size=args.batch_size or 8,
-                     limit=args.max_examples, device=args.device, num_fewshot=args.num_fewshot)
+                     limit=args.max_examples, device=args.device, num_fewshot=args.num_fewshot,
+                     use_ray=args.ray, ray_predict=_ray_task_predictions)
     elif args.command == "eval" and args.harness:
         from raylm.use.harness import harness_command
 

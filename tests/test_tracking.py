@@ -281,19 +281,23 @@ def test_tracking_settings_are_checked_in_one_line(tmp_path, monkeypatch, capsys
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_sweep_logs_one_mlflow_run_per_trial_under_the_sweeps_parent_run(ray_cluster, tmp_path, experiment):
+def test_a_sweep_logs_one_run_per_trial_under_the_sweep_in_mlflow_and_wandb(ray_cluster, tmp_path, experiment,
+                                                                           monkeypatch):
     """`raylm tune` on Ray: each trial (a Ray Train run, tracked by its rank 0) is one MLflow run,
-    a child of the sweep's parent run, with its own metrics; the driver's MLFLOW_* variables
-    reach the trials' workers."""
+    a child of the sweep's parent run, with its own metrics, and one offline W&B run whose group
+    is the sweep's name; the driver's MLFLOW_* and WANDB_* variables reach the trials' workers."""
     from raylm.ray.tune import tune_command
     from raylm.sweep import load_sweep
 
     client, name = experiment
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(json.dumps({
         "base": str(ROOT / "configs/debug.yaml"), "name": "s", "output_dir": str(tmp_path / "sweeps"),
         "set": {"train.max_steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2, "run.sample_tokens": 0,
-                "run.tracking": ["mlflow"], "data.sources.0.max_bytes": 100000, "tokenizer.sample_bytes": 100000},
+                "run.tracking": ["mlflow", "wandb"], "data.sources.0.max_bytes": 100000,
+                "tokenizer.sample_bytes": 100000},
         "resources": {"num_workers": 1, "cpus_per_worker": 1},
         "space": {"optimizer.lr": {"grid": [3.0e-3, 1.0e-3]}},
         "scheduler": "none", "metric": "val_loss", "max_concurrent": 1}))
@@ -308,3 +312,36 @@ def test_a_sweep_logs_one_mlflow_run_per_trial_under_the_sweeps_parent_run(ray_c
     for r in trials:
         assert r.data.tags["raylm.sweep"] == "s" and r.info.status == "FINISHED"
         assert sorted(history(client, r.info.run_id, "loss")) == [1, 2]
+
+    saved = [json.loads(Path(f).read_text()) for f in glob.glob(str(tmp_path / "sweeps" / "**" / TRACKING_FILE),
+                                                                recursive=True)]
+    assert len(saved) == 2 and {t["mlflow"]["run_id"] for t in saved} == {r.info.run_id for r in trials}
+    wandb_ids = {t["wandb"]["run_id"] for t in saved}
+    files = glob.glob(str(tmp_path / "sweeps" / "**" / "offline-run-*" / "run-*.wandb"), recursive=True)
+    assert len(files) == 2 and len(wandb_ids) == 2
+    for f in files:
+        (run,) = [r.run for r in read_wandb_records(Path(f)) if r.WhichOneof("record_type") == "run"]
+        assert run.run_group == "s" and run.run_id in wandb_ids
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_run_resumed_on_the_ray_path_continues_its_mlflow_run(ray_cluster, tmp_path, experiment):
+    """Ray Train (rank 0 tracks): a run stopped at step 2 and resumed in place to step 4 is one
+    MLflow run (the id in tracking.json unchanged) holding steps 1-4, tagged with the step it
+    was restored at."""
+    from raylm.ray.train import train_command
+
+    client, name = experiment
+    ray_overrides = ("run.tracking=[mlflow]", "scaling.num_workers=1", "scaling.cpus_per_worker=0.25",
+                     "data.tokenize_actors=1")  # configs/debug.yaml's CPUs: fits the 2-CPU cluster
+    train_command(small_config(tmp_path, *ray_overrides, "train.max_steps=2"))
+    run_dir = tmp_path / "r"
+    (run,) = runs_of(client, name)
+    assert json.loads((run_dir / TRACKING_FILE).read_text())["mlflow"]["run_id"] == run.info.run_id
+    train_command(small_config(tmp_path, *ray_overrides, f"run.resume_from={run_dir}", "train.max_steps=4"))
+    (again,) = runs_of(client, name)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert json.loads((run_dir / TRACKING_FILE).read_text())["mlflow"]["run_id"] == run.info.run_id
+    assert sorted(history(client, run.info.run_id, "loss")) == [1, 2, 3, 4]
+    assert again.data.tags["raylm.restored_at_step"] == "2"

@@ -12,6 +12,8 @@ where `loss` is the mean cross-entropy in nats per target token. A token's bytes
 its piece (`▁` is one space, a byte-fallback piece `<0xNN>` one byte); BOS, EOS and other
 control tokens spell none, yet their prediction is part of the loss, as in training. Unlike
 perplexity it does not depend on the vocabulary, so models with different tokenizers compare.
+On a pairs or chat run's own split, the loss, the target tokens and their bytes are those of the
+trained (completion) targets only, as training's held-out loss counts them.
 
 Small corpora are tokenised in this process, one file at a time; large ones (above
 `RAY_THRESHOLD_BYTES`, or `--ray yes`) through the Ray Data pipeline that training uses, whose
@@ -38,7 +40,7 @@ from raylm.data.plan import plan_files
 from raylm.data.transforms import TOKEN_DTYPE
 from raylm.errors import ConfigError, DataError, EmptySplit
 from raylm.tokenizer import Tokenizer
-from raylm.train.step import loss_and_correct
+from raylm.train.step import IGNORE_INDEX, inputs_targets, loss_and_correct
 
 RAY_THRESHOLD_BYTES = 64 * 2**20
 """`--ray auto` tokenises through Ray Data above this much text: one process does ~1-2 MB/s."""
@@ -112,8 +114,12 @@ class EvalTotals:
 
 @torch.no_grad()
 def evaluate_rows(model: torch.nn.Module, row_arrays, tokenizer: Tokenizer, *, batch_size: int, precision: str,
-                  on_batch: Callable[[int], None] | None = None) -> EvalTotals:
-    """The loss, accuracy, tokens and bytes of every row of `row_arrays` ((n, seq_len + 1) each)."""
+                  on_batch: Callable[[int], None] | None = None, document_mask: bool = False,
+                  supervised: bool = False) -> EvalTotals:
+    """The loss, accuracy, tokens and bytes of every row of `row_arrays` ((n, seq_len + 1) each),
+    over the targets training's loss counts (`raylm.train.step.inputs_targets`): all of them for
+    plain text; for pairs and chat (`supervised`) the completion tokens only, with each packed
+    document attending to itself when the run's data did (`document_mask`)."""
     device = next(model.parameters()).device
     spelled = torch.from_numpy(token_bytes(tokenizer))
     totals = EvalTotals()
@@ -122,12 +128,13 @@ def evaluate_rows(model: torch.nn.Module, row_arrays, tokenizer: Tokenizer, *, b
         for start in range(0, len(rows), batch_size):
             chunk = np.array(rows[start:start + batch_size], dtype=TOKEN_DTYPE)  # a writable copy
             tokens = torch.from_numpy(chunk).to(device=device, dtype=torch.long)  # (B, L + 1)
-            loss_sum, correct = loss_and_correct(model, tokens, precision)
-            targets = tokens[:, 1:].cpu()  # (B, L)
+            loss_sum, correct = loss_and_correct(model, tokens, precision, document_mask, supervised)
+            _, targets, _ = inputs_targets(tokens.cpu(), False, supervised)  # (B, L)
+            trained = targets[targets != IGNORE_INDEX]  # (n,): the targets the loss summed over
             totals.loss_nats += float(loss_sum)
             totals.correct += int(correct)
-            totals.tokens += targets.numel()
-            totals.bytes += int(spelled[targets].sum())
+            totals.tokens += trained.numel()
+            totals.bytes += int(spelled[trained].sum())
             totals.sequences += len(chunk)
             if on_batch is not None:
                 on_batch(len(chunk))
@@ -190,7 +197,8 @@ def eval_command(path: str, *, data: str | None = None, fmt: str | None = None, 
     rows = (ray_rows if ray else local_rows)(cfg, tokenizer, split, max_sequences)
     with tqdm(total=max_sequences, unit="seq", desc="eval", disable=not sys.stderr.isatty()) as bar:
         totals = evaluate_rows(model, rows, tokenizer, batch_size=batch_size or run_cfg.train.micro_batch_size,
-                               precision=run_cfg.train.precision, on_batch=bar.update)
+                               precision=run_cfg.train.precision, on_batch=bar.update,
+                               document_mask=cfg.data.documents_masked, supervised=cfg.data.supervised)
     result = totals.result()
     record = {"checkpoint": str(checkpoint), "data": data, "split": split, "seq_len": cfg.data.seq_len,
               "pipeline": "ray" if ray else "local", **result}

@@ -5,7 +5,8 @@ The prompt is run once (prefill) and every new token then costs one position's w
 context reaches `model.max_seq_len`, the last half of it is run again from position 0 and
 generation goes on (a sliding window in jumps; without the cache, the window slides by one).
 Greedy output with the cache equals greedy output without it while the text fits the context
-(tested token for token).
+(tested token for token). Several prompts generate together in one batch (`generate_rows`, for
+task evaluation), each row as it would alone; `raylm generate` runs one prompt at a time.
 
 Only ids below the tokenizer's vocabulary are ever sampled: the model's embedding may have more
 rows than the tokenizer has pieces (a small corpus yields fewer pieces than model.vocab_size),
@@ -98,7 +99,6 @@ def next_token(logits: torch.Tensor, options: SamplingOptions, generator: torch.
 # The token loop
 
 
-@torch.no_grad()
 def generate_ids(model: Transformer, prompt_ids: list[int], options: SamplingOptions, *, vocab_limit: int,
                  eos_id: int | None, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> Iterator[int]:
@@ -106,34 +106,74 @@ def generate_ids(model: Transformer, prompt_ids: list[int], options: SamplingOpt
 
     `vocab_limit`: only ids below it are sampled (the tokenizer's vocabulary size). Without
     the cache every step re-runs the model over the last max_seq_len tokens: the reference the
-    cached path is tested against, and no faster.
+    cached path is tested against, and no faster. One prompt: `generate_rows` with one row.
     """
-    if not prompt_ids:
+    for _, token in generate_rows(model, [prompt_ids], options, vocab_limit=vocab_limit, eos_id=eos_id,
+                                  generators=[generator], use_cache=use_cache):
+        yield token
+
+
+@torch.no_grad()
+def generate_rows(model: Transformer, prompts: list[list[int]], options: SamplingOptions, *, vocab_limit: int,
+                  eos_id: int | None, generators: list[torch.Generator | None], use_cache: bool = True,
+                  stop: Callable[[int, int], bool] | None = None) -> Iterator[tuple[int, int]]:
+    """Generate after several prompts at once; yield (row, token) as tokens are made.
+
+    The rows move in lock-step by position, so no row is padded and each token sits at the
+    position, and sees the keys, it would have alone (the same RoPE angles, no padding mask):
+    the tokens that every prompt has are run at once, then one position per step for all rows,
+    a row still inside its (longer) prompt taking its next prompt token instead of a new one.
+    Batch prompts of similar length (`raylm.use.score` sorts them) so that tail stays short.
+    A row ends at EOS (not yielded), after `options.max_new_tokens` tokens, or when
+    `stop(row, token)` says so (a stop string); ended rows leave the batch and its KV cache.
+    Row `r` draws from `generators[r]` (None: greedy only or an unseeded generator).
+    """
+    if any(not p for p in prompts):
         raise ValueError("generation needs at least one prompt token (a BOS, or some text)")
+    if options.max_new_tokens == 0:
+        return
     max_len = model.config.max_seq_len
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        ids = list(prompt_ids)[-max_len:]
+        ids = [list(p)[-max_len:] for p in prompts]  # each row's tokens so far: prompt, then new ones
+        made = [0] * len(ids)
+        rows = list(range(len(ids)))  # rows still generating, in the order of the batch
+        n = min(len(x) for x in ids)  # tokens of each row that the next forward reads up to
         cache = KVCache(model.config) if use_cache else None
-        pending = ids  # tokens not yet run through the model
-        position = 0  # where `pending` starts in the cache
-        for _ in range(options.max_new_tokens):
+        start, filled = 0, 0  # ids[r][start] sits at cache position 0; positions filled
+        while rows:
             if cache is None:
-                logits = _forward(model, _tensor(ids[-max_len:], device))[0, -1]  # (V,)
+                logits = _forward(model, _batch([ids[r][:n][-max_len:] for r in rows], device))[:, -1]  # (B, V)
             else:
-                if position + len(pending) > cache.max_len:
+                if n - start > cache.max_len:
                     # Full: run the last half of the context again from position 0.
-                    pending, position = ids[-(max_len // 2):], 0
-                logits = _forward(model, _tensor(pending, device), cache, position)[0, -1]  # (V,)
-                position += len(pending)
-            token = next_token(logits[:vocab_limit], options, generator)
-            if options.stop_at_eos and token == eos_id:
-                return
-            yield token
-            ids.append(token)
-            pending = [token]
+                    start, filled = n - max_len // 2, 0
+                pending = _batch([ids[r][start + filled:n] for r in rows], device)  # (B, T)
+                logits = _forward(model, pending, cache, filled)[:, -1]  # (B, V)
+                filled = n - start
+            ended = []
+            for b, r in enumerate(rows):
+                if len(ids[r]) > n:  # still inside its prompt
+                    continue
+                token = next_token(logits[b, :vocab_limit], options, generators[r])
+                if options.stop_at_eos and token == eos_id:
+                    ended.append(b)
+                    continue
+                ids[r].append(token)
+                made[r] += 1
+                yield r, token
+                if made[r] >= options.max_new_tokens or (stop is not None and stop(r, token)):
+                    ended.append(b)
+            n += 1
+            if ended:
+                keep = [b for b in range(len(rows)) if b not in ended]
+                rows = [rows[b] for b in keep]
+                if cache is not None and rows:
+                    index = torch.tensor(keep, device=device)
+                    for layer in cache.layers:
+                        layer.k, layer.v = layer.k[index], layer.v[index]  # (B', KV, max_len, D) each
     finally:
         model.train(was_training)
 
@@ -145,8 +185,8 @@ def _forward(model: Transformer, tokens: torch.Tensor, *cache_args) -> torch.Ten
         return model(tokens, *cache_args)
 
 
-def _tensor(ids: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+def _batch(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)  # (B, T): rows of one length
 
 
 # ---------------------------------------------------------------------------------------

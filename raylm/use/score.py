@@ -22,7 +22,9 @@ evaluation's (raylm.use.tasks). Both agree with lm-eval's `HFLM` over `raylm exp
 
 Continuations of one context (a question's choices) share one run of the context through a KV
 cache; other rows go in batches sorted by length (longest first) so padding stays small; results
-come back in the order asked (the numbers are a plain forward's either way; tested). Generation runs the KV-cache loop of raylm.use.generate, one prompt at a time.
+come back in the order asked (the numbers are a plain forward's either way; tested). Generation
+runs the KV-cache loop of raylm.use.generate over a batch of prompts, each row as it would run
+alone (greedy output equals one prompt at a time; tested).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 
 from raylm.model import KVCache
 from raylm.tokenizer import Tokenizer
-from raylm.use.generate import SamplingOptions, _forward, generate_ids
+from raylm.use.generate import SamplingOptions, _forward, generate_rows
 
 Progress = Callable[[int], None]
 """Called with the number of requests just finished (a progress bar's `update`)."""
@@ -148,37 +150,45 @@ class Scorer:
         return totals
 
     def generate_until(self, prompts: Sequence[str], stop: Sequence[str] = (), max_new_tokens: int = 64,
-                       temperature: float = 0.0, seed: int | None = 0,
-                       progress: Progress | None = None) -> list[str]:
+                       temperature: float = 0.0, seed: int | None = 0, progress: Progress | None = None,
+                       seed_index: Sequence[int] | None = None) -> list[str]:
         """The continuation of each prompt, greedy (temperature 0) or sampled, ended by EOS, by
-        `max_new_tokens` or just before the first stop string (which is not returned)."""
+        `max_new_tokens` or just before the first stop string (which is not returned).
+
+        Prompts go `batch_size` at a time, sorted by length (longest first), through the batched
+        KV-cache loop (`raylm.use.generate.generate_rows`: each row as it would be alone; greedy
+        output equals one prompt at a time, tested). Sampling: prompt i draws from its own
+        generator seeded `seed + seed_index[i]` (default `seed + i`), so the samples do not
+        depend on the batching."""
         options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, seed=seed)
         options.validate()
-        generator = options.generator()  # one stream over all prompts: a seed reproduces them all
-        out = []
-        for prompt in prompts:
-            ids = self.prefix + self.encode(prompt)
-            # room for the new tokens inside the window, so the cache loop never slides
-            ids = ids[-max(1, self.window - max_new_tokens):]
-            out.append(self._generate_one(ids, options, generator, list(stop)))
+        stop = [s for s in stop if s]
+        # room for the new tokens inside the window, so the cache loop never slides
+        encoded = [(self.prefix + self.encode(p))[-max(1, self.window - max_new_tokens):] for p in prompts]
+        out = [""] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+        for batch in _chunks(order, self.batch_size):
+            new: list[list[int]] = [[] for _ in batch]
+
+            def stopped(row: int, token: int) -> bool:
+                return bool(stop) and _first_stop(self.tokenizer.decode(new[row]), stop) is not None
+
+            generators = [SamplingOptions(seed=None if seed is None else seed + (i if seed_index is None
+                                                                                 else seed_index[i])).generator()
+                          for i in batch]
+            for row, token in generate_rows(self.model, [encoded[i] for i in batch], options,
+                                            vocab_limit=self.tokenizer.vocab_size, eos_id=self.tokenizer.eos_id,
+                                            generators=generators, stop=stopped):
+                new[row].append(token)
+            for row, i in enumerate(batch):
+                text = self.tokenizer.decode(new[row])
+                cut = _first_stop(text, stop)
+                out[i] = text if cut is None else text[:cut]
             if progress is not None:
-                progress(1)
+                progress(len(batch))
         return out
 
     # -- internals ----------------------------------------------------------------------
-
-    def _generate_one(self, ids: list[int], options: SamplingOptions, generator: torch.Generator,
-                      stop: list[str]) -> str:
-        new: list[int] = []
-        text = ""
-        for token in generate_ids(self.model, ids, options, vocab_limit=self.tokenizer.vocab_size,
-                                  eos_id=self.tokenizer.eos_id, generator=generator):
-            new.append(token)
-            text = self.tokenizer.decode(new)
-            cut = _first_stop(text, stop)
-            if cut is not None:
-                return text[:cut]
-        return text
 
     @torch.no_grad()
     def _score_shared(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:

@@ -38,6 +38,7 @@ import re
 import string
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -387,15 +388,44 @@ def run_task(task: Task, scorer, *, limit: int | None = None, progress=None,
     """{"metrics": ..., "predictions": [...]} of the task's examples (read from its data file unless
     given) with `scorer` (raylm.use.score.Scorer)."""
     examples = read_examples(task, task.data, limit) if examples is None else examples
+    predictions = predict(task, scorer, examples, contexts(task, examples), progress=progress)
+    return {"metrics": task_metrics(task, predictions), "predictions": predictions}
+
+
+def predict(task: Task, scorer, examples: list[Example], ctxs: list[str], *, progress=None,
+            indices: list[int] | None = None) -> list[dict]:
+    """Each example's prediction and scores, given its context (`contexts`, drawn once for the
+    whole file so that any share of it scores the same). `indices`: the examples' places in
+    the whole file (default 0, 1, ...): a sampled generation draws from the seed `task.seed +`
+    its index, so a share scored elsewhere (the Ray path) samples what the whole would."""
     if task.kind == "choice":
-        return _run_choice(task, scorer, examples, progress)
+        return _predict_choice(task, scorer, examples, ctxs, progress)
     if task.kind == "generate":
-        return _run_generate(task, scorer, examples, progress)
-    return _run_loglikelihood(task, scorer, examples, progress)
+        return _predict_generate(task, scorer, examples, ctxs, progress, indices)
+    return _predict_loglikelihood(scorer, examples, progress)
 
 
-def _run_choice(task: Task, scorer, examples: list[Example], progress) -> dict:
-    ctxs = contexts(task, examples)
+def task_metrics(task: Task, predictions: list[dict]) -> dict:
+    """The task's metrics from its predictions alone (what --json holds)."""
+    n = len(predictions)
+    if task.kind == "choice":
+        metrics = classification_metrics([p["label"] for p in predictions], [p["prediction"] for p in predictions],
+                                         task.choices)
+        metrics = {k: v for k, v in metrics.items() if k in task.metrics}
+    elif task.kind == "generate":
+        metrics = {m: sum(p.get(m, 0.0) for p in predictions) / n for m in task.metrics}
+    else:
+        total = sum(p["logprob"] for p in predictions)
+        tokens, nbytes = sum(p["tokens"] for p in predictions), sum(p["bytes"] for p in predictions)
+        metrics = {"perplexity": math.exp(min(-total / max(tokens, 1), 700.0)),
+                   "bits_per_byte": -total / (math.log(2) * max(nbytes, 1))}
+        metrics = {k: v for k, v in metrics.items() if k in task.metrics}
+        metrics.update(tokens=tokens, bytes=nbytes)
+    metrics["examples"] = n
+    return metrics
+
+
+def _predict_choice(task: Task, scorer, examples: list[Example], ctxs: list[str], progress) -> list[dict]:
     requests, spans = [], []
     for ctx, e in zip(ctxs, examples):
         start = len(requests)
@@ -405,7 +435,7 @@ def _run_choice(task: Task, scorer, examples: list[Example], progress) -> dict:
     if task.normalize == "token":
         continuation_tokens = [len(scorer.encode_pair(c, x)[1]) for c, x in requests]
     scores = scorer.loglikelihood(requests, progress=progress)
-    predictions, gold, predicted = [], [], []
+    predictions = []
     for e, (start, end) in zip(examples, spans):
         logprobs = [scores[k][0] for k in range(start, end)]
         if task.normalize == "byte":
@@ -418,42 +448,26 @@ def _run_choice(task: Task, scorer, examples: list[Example], progress) -> dict:
         predictions.append({"line": e.line, "label": e.label, "prediction": e.choices[best],
                             "correct": e.choices[best] == e.label, "choices": e.choices,
                             "logprobs": logprobs, "scores": norm})
-        gold.append(e.label)
-        predicted.append(e.choices[best])
-    metrics = classification_metrics(gold, predicted, task.choices)
-    metrics = {k: v for k, v in metrics.items() if k in task.metrics}
-    metrics["examples"] = len(examples)
-    return {"metrics": metrics, "predictions": predictions}
+    return predictions
 
 
-def _run_generate(task: Task, scorer, examples: list[Example], progress) -> dict:
+def _predict_generate(task: Task, scorer, examples: list[Example], ctxs: list[str], progress,
+                      indices: list[int] | None) -> list[dict]:
     rouge = rouge_scorer() if any(m.startswith("rouge") for m in task.metrics) else None
-    ctxs = contexts(task, examples)
     outputs = scorer.generate_until(ctxs, stop=task.stop, max_new_tokens=task.max_new_tokens,
-                                    temperature=task.temperature, seed=task.seed, progress=progress)
-    predictions, totals = [], Counter()
+                                    temperature=task.temperature, seed=task.seed, progress=progress,
+                                    seed_index=indices)
+    predictions = []
     for e, out in zip(examples, outputs):
         scores = generation_scores(out.strip(), e.answers, rouge)
-        totals.update(scores)
         predictions.append({"line": e.line, "answers": e.answers, "prediction": out.strip(), **scores})
-    metrics = {m: totals[m] / len(examples) for m in task.metrics}
-    metrics["examples"] = len(examples)
-    return {"metrics": metrics, "predictions": predictions}
+    return predictions
 
 
-def _run_loglikelihood(task: Task, scorer, examples: list[Example], progress) -> dict:
+def _predict_loglikelihood(scorer, examples: list[Example], progress) -> list[dict]:
     logprobs = scorer.loglikelihood_rolling([e.prompt + e.text for e in examples], progress=progress)
-    predictions, tokens, nbytes, total = [], 0, 0, 0.0
-    for e, lp in zip(examples, logprobs):
-        n_tokens = len(scorer.encode(e.prompt + e.text))
-        n_bytes = len((e.prompt + e.text).encode("utf-8"))
-        predictions.append({"line": e.line, "logprob": lp, "tokens": n_tokens, "bytes": n_bytes})
-        tokens, nbytes, total = tokens + n_tokens, nbytes + n_bytes, total + lp
-    metrics = {"perplexity": math.exp(min(-total / max(tokens, 1), 700.0)),
-               "bits_per_byte": -total / (math.log(2) * max(nbytes, 1))}
-    metrics = {k: v for k, v in metrics.items() if k in task.metrics}
-    metrics.update(examples=len(examples), tokens=tokens, bytes=nbytes)
-    return {"metrics": metrics, "predictions": predictions}
+    return [{"line": e.line, "logprob": lp, "tokens": len(scorer.encode(e.prompt + e.text)),
+             "bytes": len((e.prompt + e.text).encode("utf-8"))} for e, lp in zip(examples, logprobs)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -488,10 +502,21 @@ def format_confusion(confusion: dict) -> list[str]:
     return lines
 
 
+RAY_THRESHOLD_EXAMPLES = 20_000
+"""`--ray auto` scores a task in a Ray Data actor pool above this many examples."""
+
+RayPredict = Callable[[str, Task, list[Example], list[str], int, str], list[dict]]
+"""(checkpoint, task, examples, their contexts, batch size, device) -> predictions in the examples'
+order: the Ray path (raylm.ray.evaluate.ray_task_predictions), handed in by the CLI."""
+
+
 def task_command(path: str, task_path: str, *, json_path: str | None = None, batch_size: int = 8,
                  limit: int | None = None, device: str = "auto", num_fewshot: int | None = None,
-                 out=None) -> dict:
-    """`raylm eval RUN --task TASK.yaml`: load, evaluate, print; write --json."""
+                 use_ray: str = "no", ray_predict: RayPredict | None = None, out=None) -> dict:
+    """`raylm eval RUN --task TASK.yaml`: load, evaluate, print; write --json. `use_ray` yes (or
+    auto above RAY_THRESHOLD_EXAMPLES examples): `ray_predict` scores them in a Ray Data actor
+    pool, each actor loading the model once; contexts and metrics are made here either way, so
+    both paths give the same --json."""
     from tqdm import tqdm
 
     from raylm.use.generate import resolve_device
@@ -506,16 +531,28 @@ def task_command(path: str, task_path: str, *, json_path: str | None = None, bat
     task = load_task(task_path)
     if num_fewshot is not None:
         task.num_fewshot = _int(num_fewshot, "--num-fewshot", 0)
+    if use_ray not in ("auto", "yes", "no"):
+        raise ConfigError(f"--ray={use_ray!r}: must be auto, yes or no")
     examples = read_examples(task, task.data, limit)  # bad data is said before a model is loaded
+    ctxs = contexts(task, examples)
     checkpoint = resolve_checkpoint(path)
-    model, tokenizer, cfg = load_model(checkpoint, resolve_device(device), verified=True)
-    scorer = Scorer(model, tokenizer, add_bos=cfg.data.add_bos, batch_size=batch_size or 8, window=cfg.data.seq_len)
-    total = len(examples) * (len(examples[0].choices) if task.kind == "choice" else 1)
-    with tqdm(total=total, unit="req", desc=f"eval {task.name}", disable=not sys.stderr.isatty()) as bar:
-        result = run_task(task, scorer, progress=bar.update, examples=examples)
+    ray = use_ray == "yes" or (use_ray == "auto" and len(examples) > RAY_THRESHOLD_EXAMPLES)
+    if ray:
+        if ray_predict is None:
+            raise ConfigError("--ray yes: the Ray path is not available to this caller")
+        predictions = ray_predict(str(checkpoint), task, examples, ctxs, batch_size or 8, device)
+    else:
+        model, tokenizer, cfg = load_model(checkpoint, resolve_device(device), verified=True)
+        scorer = Scorer(model, tokenizer, add_bos=cfg.data.add_bos, batch_size=batch_size or 8,
+                        window=cfg.data.seq_len)
+        total = len(examples) * (len(examples[0].choices) if task.kind == "choice" else 1)
+        with tqdm(total=total, unit="req", desc=f"eval {task.name}", disable=not sys.stderr.isatty()) as bar:
+            predictions = predict(task, scorer, examples, ctxs, progress=bar.update)
+    result = {"metrics": task_metrics(task, predictions), "predictions": predictions}
     print(format_result(task, str(checkpoint), result["metrics"]), file=out)
     record = {"checkpoint": str(checkpoint), "task": task_path, "kind": task.kind, "num_fewshot": task.num_fewshot,
-              "normalize": task.normalize if task.kind == "choice" else None, **result}
+              "normalize": task.normalize if task.kind == "choice" else None,
+              "pipeline": "ray" if ray else "local", **result}
     if json_path:
         try:
             storage.write_bytes(storage.location(json_path), (json.dumps(record, indent=1) + "\n").encode())
