@@ -57,7 +57,8 @@ def wait(predicate, what: str, timeout: float = 1800, poll: float = 1.0):
 
 
 def fault_table(h: Hosts) -> list[str]:
-    job = Job(h, "bench-faults", *OPEN_ENDED, "train.checkpoint_every=4", "train.preemption_check_every=1")
+    job = Job(h, "bench-faults", *OPEN_ENDED, "train.checkpoint_every=4", "train.preemption_check_every=1",
+              "run.max_failures=10")
     try:
         wait(lambda: (r := job.rows()) and r[-1]["world_size"] == 2 and r[-1]["step"] >= 6, "steps on 2 workers")
         faults = Faults(h, job)

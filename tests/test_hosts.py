@@ -195,6 +195,14 @@ class Job:
     def ended(self) -> bool:
         return self.proc.poll() is not None
 
+    def gone(self) -> bool:
+        """False while the job runs; once it has ended, an AssertionError with its output's tail
+        (for waits on events that only a running job can make)."""
+        if self.proc.poll() is None:
+            return False
+        self.reader.join(timeout=60)
+        raise AssertionError(f"the job ended (exit {self.proc.returncode}):\n{self.output[-8000:]}")
+
     def rows(self) -> list[dict]:
         return step_rows(self.h, self.run)
 
@@ -303,10 +311,10 @@ class Faults:
                 steps = [int(m) for m in PREEMPTED.findall(job.output)][notices_before:]
                 return steps or None
 
-            seen = wait_for(notice, 900, "the checkpoint at the preemption notice", ended=job.ended, poll_s=1)
+            seen = wait_for(notice, 900, "the checkpoint at the preemption notice", ended=job.gone, poll_s=1)
             out["notice_step"] = seen[0]
             wait_for(lambda: newest_checkpoint(h, job.run).get("step", 0) >= seen[0], 900,
-                     "the notice's checkpoint to be complete", ended=job.ended, poll_s=1)
+                     "the notice's checkpoint to be complete", ended=job.gone, poll_s=1)
             with frozen(host_processes(h, "h0")):
                 out["at"] = job.last_step()
                 out["t"] = time.time()
@@ -316,7 +324,7 @@ class Faults:
         # the first new step, on the 1 worker left (rows of steps after the restored checkpoint
         # were dropped and are trained again first)
         new = wait_for(lambda: next((r for r in job.rows() if r["step"] > out["at"] and r["world_size"] == 1), None),
-                       1800, f"a new step on 1 worker after the {fault}", ended=job.ended, poll_s=1)
+                       1800, f"a new step on 1 worker after the {fault}", ended=job.gone, poll_s=1)
         out["next_new_step_s"] = new["time"] - out["t"]
         with frozen(host_processes(h, "h0")):
             shrunk_at = job.last_step()
@@ -325,7 +333,7 @@ class Faults:
             wait_for(lambda: "198.18.0.2" in alive_nodes(h).values(), 900, f"h1 to rejoin after the {fault}",
                      poll_s=1)
         wait_for(lambda: self.rows_after(shrunk_at, 2), 1800, f"the run to grow back to 2 workers after the {fault}",
-                 ended=job.ended, poll_s=1)
+                 ended=job.gone, poll_s=1)
         phase(f"2 workers again at step {job.last_step()}")
         return out
 
@@ -357,10 +365,11 @@ def test_a_two_host_run_survives_a_partition_a_crash_and_a_preemption_growing_ba
     from support import wait_for
 
     phase("submit")
-    job = Job(hosts, "faults", *OPEN_ENDED, "train.checkpoint_every=4", "train.preemption_check_every=1")
+    job = Job(hosts, "faults", *OPEN_ENDED, "train.checkpoint_every=4", "train.preemption_check_every=1",
+              "run.max_failures=10")
     try:
         wait_for(lambda: (r := job.rows()) and r[-1]["world_size"] == 2 and r[-1]["step"] >= 6, 1800,
-                 "steps on 2 workers", ended=job.ended, poll_s=1)
+                 "steps on 2 workers", ended=job.gone, poll_s=1)
         phase(f"2 workers at step {job.last_step()}")
         assert training_worker_ips(hosts) == ["198.18.0.1", "198.18.0.2"]  # one worker per host
         faults = Faults(hosts, job)
