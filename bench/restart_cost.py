@@ -83,15 +83,14 @@ def time_to_first_step(load_config, config, overrides, checkpoint: Path, name: s
     return first["time"] - start, first["step_time_s"] * first["data_wait_fraction"]
 
 
-def kill_to_next_step(load_config, config, overrides) -> tuple[float, int]:
+def start_fit(load_config, config, overrides):
+    """A Ray Train run of `config` with `overrides`, fitted by a task on this node: (run dir, ref)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from raylm.train.runs import resolve_run
 
-    cfg = load_config(config, [*overrides, "run.name=killed", "train.max_steps=60", "train.checkpoint_every=10"])
-    spec = resolve_run(cfg)
-    run_dir = Path(spec.run_dir)
+    spec = resolve_run(load_config(config, overrides))
 
     def run(spec):
         from raylm.ray.train import fit
@@ -99,11 +98,17 @@ def kill_to_next_step(load_config, config, overrides) -> tuple[float, int]:
         fit(spec, log=lambda line: None)
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    ref = ray.remote(num_cpus=0)(run).options(scheduling_strategy=here).remote(spec)
+    return Path(spec.run_dir), ray.remote(num_cpus=0)(run).options(scheduling_strategy=here).remote(spec)
+
+
+def kill_to_next_step(load_config, config, overrides) -> tuple[float, int]:
+    import ray
+
+    run_dir, ref = start_fit(load_config, config,
+                             [*overrides, "run.name=killed", "train.max_steps=60", "train.checkpoint_every=10"])
     while len(step_records(run_dir)) < 25:
         time.sleep(0.1)
-    alive = ray._private.state.actors(actor_state_name="ALIVE").values()
-    pid = next(a["Pid"] for a in alive if a["ActorClassName"] == "RayTrainWorker")
+    pid = worker_pid()
     killed_at_step = step_records(run_dir)[-1]["step"]
     kill_time = time.time()
     os.kill(pid, signal.SIGKILL)
@@ -138,23 +143,13 @@ def killed_job(load_config, config, overrides, early: int, late: int, replay: bo
     """One job killed after the checkpoints of steps `early` and `late`: per kill, the step restored
     from, the tokens it had consumed and the seconds from the kill to the next new step."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from raylm.train import checkpoint as ckpt
-    from raylm.train.runs import resolve_run
 
-    cfg = load_config(config, [*overrides, f"run.name={name}", f"train.max_steps={late + 2}",
-                               f"train.checkpoint_every={early}", "run.keep_checkpoints=2", "run.max_failures=4"])
-    spec = resolve_run(cfg)
-    run_dir = Path(spec.run_dir)
-
-    def run(spec):
-        from raylm.ray.train import fit
-
-        fit(spec, log=lambda line: None)
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    ref = ray.remote(num_cpus=0)(run).options(scheduling_strategy=here).remote(spec)
+    overrides = [*overrides, f"run.name={name}", f"train.max_steps={late + 2}", f"train.checkpoint_every={early}",
+                 "run.keep_checkpoints=2", "run.max_failures=4"]
+    tokens_per_step = load_config(config, overrides).train.global_batch_tokens
+    run_dir, ref = start_fit(load_config, config, overrides)
     kills = []
     for point in (early, late):
         marker = run_dir / ckpt.checkpoint_dir_name(point) / ckpt.MARKER
@@ -169,7 +164,7 @@ def killed_job(load_config, config, overrides, early: int, late: int, replay: bo
             time.sleep(0.05)
         restored = newer[0]["step"] - 1
         kills.append({"point": point, "restored_step": restored, "steps_lost": before - restored,
-                      "tokens": restored * cfg.train.global_batch_tokens, "seconds": newer[0]["time"] - kill_time})
+                      "tokens": restored * tokens_per_step, "seconds": newer[0]["time"] - kill_time})
     ray.get(ref)
     return kills
 
