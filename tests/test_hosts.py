@@ -382,8 +382,9 @@ def test_a_two_host_run_survives_a_partition_a_crash_and_a_preemption_growing_ba
     rows = check_every_step_once(job)
     sizes = [r["world_size"] for r in rows]
     assert sizes[0] == 2 and sizes[-1] == 2
-    shrinks = sum(1 for a, b in zip(sizes, sizes[1:]) if (a, b) == (2, 1))
-    assert shrinks >= 3, sizes  # at least once per fault
+    # Each fault shrank the run: `Faults.hit` waited for a new step on 1 worker after each. The
+    # final curve need not show it: a growth restores the newest checkpoint, and the 1-worker
+    # steps after it are trained again on 2.
     # The reclaim restored the checkpoint made at the notice: nothing trained before the notice was lost.
     preemption = seen[2]
     after_reclaim = restores(hosts, job.run)[preemption["restores_before"]]
