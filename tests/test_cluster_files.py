@@ -54,7 +54,10 @@ RAY_BIN = Path(sys.executable).with_name("ray")
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 RAYLM_VERSION = PYPROJECT["version"]
-(RAY_VERSION,) = {m.group(1) for d in PYPROJECT["dependencies"] if (m := re.match(r"ray\[[^\]]*\]==(\S+)", d))}
+# The Ray the clusters run is the one CI tests: the constraints pin (pyproject allows the range
+# tests/test_ray_compat.py guards).
+(RAY_VERSION,) = {m.group(1) for line in (ROOT / "constraints" / "cpu.txt").read_text().splitlines()
+                  if (m := re.match(r"ray==(\S+)", line.strip()))}
 PYTHON_VERSION = "3.11"  # the images' Python (py311)
 
 
