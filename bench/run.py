@@ -132,6 +132,11 @@ REGISTRY: dict[str, Entry] = {
         "bench/finetune_example.py", ("--quick", "--max-examples", "150"),
         ("bench/RESULTS.md: Fine-tuning and task evaluation", "docs/finetune.md"),
         8, "2026-12-07 log: 376 CPU-s in all (2985 s wall at load 25-40)"),
+    "finetune_example_full": Entry(
+        "bench/finetune_example.py", (),
+        ("bench/RESULTS.md: The full-size run", "docs/finetune.md"),
+        40, "estimate: the demo's 300 steps plus 120 fine-tuning steps and the evaluations on a quiet machine; "
+            "the one attempt (2026-12-07, load 35-127) did not finish", published=False),
     "hosts_faults_detect": Entry(
         "bench/hosts_faults.py", ("--detect",),
         ("bench/RESULTS.md: Detecting a lost host", "docs/elastic.md: declare a cut-off host dead"),

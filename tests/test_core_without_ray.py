@@ -90,8 +90,10 @@ LAYERS = [
 ]
 LAYER_OF = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 ADAPTER_PART = "ray"
-ADAPTER_MAY_USE = {"raylm.ray.train": {"train_command"}, "raylm.ray.tune": {"_curve"}}
-ENTRY_POINTS = ", ".join(f"{m}.{f}" for m, fs in sorted(ADAPTER_MAY_USE.items()) for f in sorted(fs))
+# Where the adapter may import use/: the driver entry points that show a finished run, and the
+# whole of ray/evaluate.py, the Ray path of `raylm eval` (a use/ command; "*": the module).
+ADAPTER_MAY_USE = {"raylm.ray.train": {"train_command"}, "raylm.ray.tune": {"_curve"}, "raylm.ray.evaluate": {"*"}}
+ENTRY_POINTS = ", ".join(m if f == "*" else f"{m}.{f}" for m, fs in sorted(ADAPTER_MAY_USE.items()) for f in sorted(fs))
 """The adapter's driver entry points that show a finished run or sweep, and only they, import `use/`
 (inside the function, so neither a Ray worker nor a Tune trial loads it)."""
 
@@ -166,7 +168,7 @@ def upward_imports(graph) -> list[str]:
             if source == ADAPTER_PART:
                 if to == ADAPTER_PART or LAYER_OF[to] <= LAYER_OF["train"]:
                     continue
-                if to == "use" and function in ADAPTER_MAY_USE.get(module, ()):
+                if to == "use" and ({function, "*"} & ADAPTER_MAY_USE.get(module, set())):
                     continue
                 offenders.append(f"{where}:{line} imports {target} (the adapter uses the core up to train/, "
                                  f"and use/ only inside {ENTRY_POINTS})")
@@ -192,7 +194,7 @@ def test_the_layer_check_names_an_upward_import_by_file_line_and_target():
     graph["raylm.ray.data"] = graph["raylm.ray.data"] + [(9, "raylm.use.load", None)]
     assert upward_imports(graph) == [
         "raylm/ray/data.py:9 imports raylm.use.load (the adapter uses the core up to train/, and use/ only inside "
-        "raylm.ray.train.train_command, raylm.ray.tune._curve)",
+        "raylm.ray.evaluate, raylm.ray.train.train_command, raylm.ray.tune._curve)",
         "raylm/train/runs.py:7 imports raylm.use.hf (upward: train is below use)",
     ]
 

@@ -244,6 +244,11 @@ def _async_save(state: dict[str, Any], writer: "_HashingWriter") -> Future:
     # The stager is the writer (FileSystemWriter is a BlockingAsyncStager): a fresh host copy
     # per save, which the thread drops when it is written. A CheckpointException raised here
     # (staging failed on some rank) is as in a blocking save.
+    if not (dist.is_available() and dist.is_initialized()):
+        # In one process DCP warns that it assumes so from its save thread, after this call has
+        # returned, where a filter around the call cannot reach: a one-process run that saves in
+        # the background ignores that one message from its first background save on.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     try:
         return dcp.async_save(state, storage_writer=writer, process_group=_async_group(),
                               async_checkpointer_type=AsyncCheckpointerType.THREAD)
