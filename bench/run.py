@@ -113,8 +113,12 @@ REGISTRY: dict[str, Entry] = {
         20, "2026-12-07 log: moto writes 19 + 190 + 716 s at load 30-50 (moto spools to disk), local writes, "
             "18 fresh workers of ~2 s; the local rows of the same run are superseded by scale_data"),
     "scale_checkpoint": Entry(
-        "bench/scale_checkpoint.py", ("--preset", "tiny", "--every", "8", "--saves", "2"),
+        "bench/scale_checkpoint.py", ("--preset", "125m", "--every", "8", "--saves", "2"),
         ("bench/RESULTS.md: Checkpoint cost", "docs/plan.md: checkpoint costs", "docs/cluster.md: Checkpoint cost"),
+        8, "2026-12-07 20:17 log: runs of 144 s (load ~2) + 286 s (load 10-14), moto start and model builds"),
+    "scale_checkpoint_tiny": Entry(
+        "bench/scale_checkpoint.py", ("--preset", "tiny", "--every", "8", "--saves", "2"),
+        ("bench/RESULTS.md: Checkpoint cost (the tiny preset)",),
         4, "2026-12-07 log: runs of 316 + 294 s at load 35-45 (about 8x a quiet machine's time)"),
     "scale_checkpoint_every3": Entry(
         "bench/scale_checkpoint.py", ("--preset", "tiny", "--every", "3", "--saves", "3"),
