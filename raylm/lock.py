@@ -337,11 +337,6 @@ class _BestEffortStore:
             storage.delete_file(self.path)
 
 
-def conditional_writes(directory: str | Path) -> bool:
-    """Whether locks under `directory` are exclusive (local disks, S3 with boto3) or a best effort."""
-    return type(_store(storage.child(directory, LOCK_FILE))) is not _BestEffortStore
-
-
 def _store(path: str | Path):
     if not storage.is_uri(path):
         return _LocalStore(str(path))

@@ -579,7 +579,7 @@ def test_local_cluster_script_runs_a_job_with_the_token_and_refuses_clients_with
         # finishes and leaves its checkpoint. (2 logical CPUs a node: the data pipeline's actors
         # and tasks and the worker must fit on the nodes at once.)
         # Its tokenizer trained here beforehand (tokenizer.path): the job skips sampling the corpus.
-        from raylm.data.local import train_tokenizer_local
+        from support import train_tokenizer_local
 
         runs, job_args = tmp_path / "runs", ["train.max_steps=2", "train.eval_every=0", "run.sample_tokens=4",
                                              "data.val_fraction=0", "data.sources.0.max_bytes=100000",

@@ -22,7 +22,6 @@ continues.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import shutil

@@ -119,7 +119,6 @@ from raylm.train.parallel import distributed_world
 
 MARKER = "raylm_checkpoint.json"
 FORMAT = "raylm-dcp-2"
-_LEGACY_FORMAT = "raylm-dcp-1"
 _HASH_CHUNK_BYTES = 1 << 20
 _ITEM_DIGEST_BYTES = 16
 DAMAGED_NOTE = "raylm_damaged.json"
@@ -776,9 +775,6 @@ def _check_marker(path: str | Path, notes: bool = True) -> tuple[dict[str, Any] 
         return None, f"{path}/{MARKER}: unreadable ({str(e).splitlines()[0] if str(e) else e!r})"
     if not isinstance(marker, dict):
         return None, f"{path}/{MARKER}: not a JSON object"
-    if marker.get("format") == _LEGACY_FORMAT:
-        return None, (f"{path}/{MARKER}: format {_LEGACY_FORMAT} has no checksums and is no longer "
-                      f"loaded; only {FORMAT} checkpoints are")
     if marker.get("format") != FORMAT:
         return None, f"{path}/{MARKER}: format {marker.get('format')!r}, expected {FORMAT!r}"
     if not isinstance(marker.get("files"), dict) or not isinstance(marker.get("train_state"), dict):

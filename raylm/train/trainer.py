@@ -255,7 +255,7 @@ class Trainer:
         self.on_indices = on_indices
         self._own_model = model is None and optimizer is None
         if model is None:
-            model, _ = build_model(cfg, env.device)
+            model = build_model(cfg, env.device)
         self.model = model
         self.optimizer = optimizer or build_optimizer(model, cfg.optimizer, env.device.type)
         self.state = TrainState()
@@ -293,11 +293,11 @@ class Trainer:
         if self.initial_checkpoint is not None:
             candidates.append(storage.location(self.initial_checkpoint))
         pristine = self._pristine() if candidates else None
-        check = None
-        if self.facts is not None:
-            def check(path, marker):
-                check_resume(path, marker.get("facts"), self.facts, self.cfg.run.resume_changes)
-        found, damaged = ckpt.restore_newest(candidates, self.model, self.optimizer, log=self.log, check=check) \
+
+        def check(path, marker):
+            check_resume(path, marker.get("facts"), self.facts, self.cfg.run.resume_changes)
+        found, damaged = ckpt.restore_newest(candidates, self.model, self.optimizer, log=self.log,
+                                             check=check if self.facts is not None else None) \
             if candidates else (None, [])
         if damaged:
             self._after_damage(damaged, found)
@@ -321,7 +321,7 @@ class Trainer:
         for a model the caller handed in."""
         if self._own_model:
             def rebuild():
-                self.model, _ = build_model(self.cfg, self.env.device)
+                self.model = build_model(self.cfg, self.env.device)
                 self.optimizer = build_optimizer(self.model, self.cfg.optimizer, self.env.device.type)
             return rebuild
         model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}

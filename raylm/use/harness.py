@@ -27,7 +27,6 @@ from raylm.errors import ConfigError
 
 def _lm_eval():
     try:
-        import lm_eval  # noqa: F401
         from lm_eval.api.model import LM
     except ImportError:
         raise ConfigError("--harness needs lm-evaluation-harness: pip install 'raylm[eval]'") from None

@@ -383,15 +383,6 @@ def generation_scores(prediction: str, answers: list[str], rouge) -> dict[str, f
 # Running a task
 
 
-def run_task(task: Task, scorer, *, limit: int | None = None, progress=None,
-             examples: list[Example] | None = None) -> dict:
-    """{"metrics": ..., "predictions": [...]} of the task's examples (read from its data file unless
-    given) with `scorer` (raylm.use.score.Scorer)."""
-    examples = read_examples(task, task.data, limit) if examples is None else examples
-    predictions = predict(task, scorer, examples, contexts(task, examples), progress=progress)
-    return {"metrics": task_metrics(task, predictions), "predictions": predictions}
-
-
 def predict(task: Task, scorer, examples: list[Example], ctxs: list[str], *, progress=None,
             indices: list[int] | None = None) -> list[dict]:
     """Each example's prediction and scores, given its context (`contexts`, drawn once for the
