@@ -147,10 +147,8 @@ Time and cost
   assumption in the output). Check: Llama 2 7B's published 184,320 A100-80GB GPU-hours for 2T
   tokens put this FLOP count at 44.5% MFU (`implied_mfu`), inside the 35-55% that published
   A100 runs reach (torchtitan: 56-58% for Llama 3 8B on 64 A100).
-* Peak FLOP/s: NVIDIA datasheets, bf16 dense (without 2:4 sparsity): H100 SXM 989.4 TFLOP/s
-  (H100 datasheet: 1,979 with sparsity), H200 SXM 989 (same Hopper tensor cores), A100 SXM
-  312, B200 (HGX, 1,000 W) 2,250 (4,500 with sparsity). The same figures as
-  raylm.train.metrics.PEAK_BF16_FLOPS for the GPUs that table has (it has no B200).
+* Peak FLOP/s: bf16 dense, from NVIDIA datasheets: raylm.train.metrics.PEAK_BF16_FLOPS, the
+  table training's MFU uses too.
 * Prices: rough on-demand list prices per GPU-hour at the large clouds (8-GPU instances:
   AWS p5 / GCP a3-highgpu-8g class) as of 2025; they differ by region and change often, and
   spot or committed prices are far lower. The output says when it used one; pass --price.
@@ -169,7 +167,9 @@ from raylm.config import Config
 from raylm.data.order import rounds_per_step, step_shares
 from raylm.errors import ConfigError
 from raylm.model import _SDPA_HAS_ENABLE_GQA, ModelConfig
+from raylm.train.metrics import PEAK_BF16_FLOPS
 from raylm.train.parallel import checkpointed_blocks, uses_bf16
+from raylm.train.trainer import saves_in_background
 
 GIB = 2**30
 OVERHEAD_FIXED_GIB = 2.0
@@ -191,16 +191,16 @@ class GpuSpec:
     """Usable memory: the total CUDA reports (`torch.cuda.mem_get_info`, and the "total
     capacity" of an out-of-memory message), ~1% under the datasheet's 80/141/180 GB."""
     peak_bf16_flops: float
-    """Dense bf16 tensor-core FLOP/s (no sparsity), from the vendor datasheet."""
+    """Dense bf16 tensor-core FLOP/s (no sparsity): raylm.train.metrics.PEAK_BF16_FLOPS."""
     price_per_hour: float
     """Rough on-demand list price, USD per GPU-hour (see the module docstring)."""
 
 
 GPUS: dict[str, GpuSpec] = {
-    "h100": GpuSpec("h100", "H100 SXM 80GB", 79.1, 989e12, 7.0),
-    "h200": GpuSpec("h200", "H200 SXM 141GB", 139.8, 989e12, 10.0),
-    "a100": GpuSpec("a100", "A100 SXM 80GB", 79.1, 312e12, 4.0),
-    "b200": GpuSpec("b200", "B200 (HGX) 180GB", 178.3, 2250e12, 14.0),
+    "h100": GpuSpec("h100", "H100 SXM 80GB", 79.1, PEAK_BF16_FLOPS["H100"], 7.0),
+    "h200": GpuSpec("h200", "H200 SXM 141GB", 139.8, PEAK_BF16_FLOPS["H200"], 10.0),
+    "a100": GpuSpec("a100", "A100 SXM 80GB", 79.1, PEAK_BF16_FLOPS["A100"], 4.0),
+    "b200": GpuSpec("b200", "B200 (HGX) 180GB", 178.3, PEAK_BF16_FLOPS["B200"], 14.0),
 }
 
 
@@ -455,8 +455,7 @@ def staged_checkpoint_bytes(cfg: Config, world_size: int, device: str = "cuda") 
     GPU): its shard of the fp32 parameters and AdamW's two fp32 moments (12 bytes a parameter,
     1/W each), copied at the checkpoint step and held until the background write ends. 0 when
     saves block. On a GPU it is host RAM, not GPU memory: a node of 8 GPUs holds 8 copies."""
-    background = cfg.train.checkpoint_async
-    if not (device == "cuda" if background == "auto" else background):
+    if not saves_in_background(cfg, device):
         return 0
     return 12 * cfg.model.num_params() // world_size
 
@@ -560,7 +559,7 @@ def storage_estimate(cfg: Config, gpus: int, step_time_s: float, train_tokens: f
     token_bytes = 2 if cfg.model.vocab_size <= 2**16 else 4
     row_bytes = (cfg.data.seq_len + 1) * token_bytes
     per_step = cfg.sequences_per_step * row_bytes
-    background = t.checkpoint_async is True or (t.checkpoint_async == "auto" and device == "cuda")
+    background = saves_in_background(cfg, device)
     return StorageEstimate(
         checkpoint_bytes=ckpt, checkpoint_bytes_per_gpu=ckpt // gpus, checkpoint_every=t.checkpoint_every,
         checkpoint_interval_s=t.checkpoint_every * step_time_s, storage_gbps=gbps, storage_source=source,

@@ -76,6 +76,8 @@ def torchrun_group(device_type: str) -> Iterator[tuple[int, int]]:
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether training computes in bf16: the one decision the train step's autocast, FSDP2's
+    mixed precision and the planner's memory model (raylm.plan) all follow."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 

@@ -230,6 +230,13 @@ def checkpoint_due(cfg: Config, step: int) -> bool:
     return step == t.max_steps or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
 
 
+def saves_in_background(cfg: Config, device_type: str) -> bool:
+    """train.checkpoint_async: `auto` saves in the background on a GPU (the copy to host memory is
+    cheap there); the planner (raylm.plan) asks the same question."""
+    background = cfg.train.checkpoint_async
+    return device_type == "cuda" if background == "auto" else bool(background)
+
+
 def report_due(cfg: Config, step: int) -> bool:
     """Metrics reports (to Ray Train and Tune) at log and eval steps; checkpoints report themselves."""
     return step % cfg.train.log_every == 0 or eval_due(cfg, step)
@@ -264,8 +271,7 @@ class Trainer:
         self.checkpointed_step: int | None = None
         self.in_flight: tuple[ckpt.Save, dict] | None = None
         """The background save not yet finished, and its step's record."""
-        background = cfg.train.checkpoint_async
-        self.background_saves = env.device.type == "cuda" if background == "auto" else background
+        self.background_saves = saves_in_background(cfg, env.device.type)
 
     # -- restore ---------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from typing import TextIO
 
 import torch
 
+from raylm.config import RunConfig
 from raylm.data.parse import json_lines
 from raylm.errors import ConfigError, DataError
 from raylm.model import KVCache, Transformer
@@ -38,9 +39,9 @@ class SamplingOptions:
 
     max_new_tokens: int = 128
     """Tokens generated per prompt at most (fewer when EOS comes first)."""
-    temperature: float = 0.8
+    temperature: float = RunConfig.temperature  # one owner: the run's end-of-run samples
     """Divides the logits before sampling: below 1 sharpens, above 1 flattens; 0 is greedy."""
-    top_k: int = 40
+    top_k: int = RunConfig.top_k
     """Sample among the k most likely tokens only; 0 disables."""
     top_p: float = 1.0
     """Nucleus sampling: the smallest set of most likely tokens whose probability reaches p; 1 disables."""
