@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", choices=["h100", "h200", "a100", "b200"], default="h100", help="GPU type (default h100)")
     p.add_argument("--tokens", type=float, default=None, help="tokens to train, e.g. 2e12 (default: train.max_steps' worth)")
     p.add_argument("--mfu", type=float, default=None,
-                   help="model FLOPs utilisation (default: best measured in bench/RESULTS.md, else an assumption)")
+                   help="model FLOPs utilisation (default: raylm.plan.MEASURED_MFU, else an assumption)")
     p.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: a rough list price)")
     p.add_argument("--storage-gbps", type=float, default=None,
                    help="GB/s between the bucket and the cluster, for checkpoint and data times (default: an assumption)")

@@ -142,9 +142,9 @@ Time and cost
 * tokens/s = W * peak bf16 dense FLOP/s * MFU / FLOPs per token; step time =
   train.global_batch_tokens / tokens/s; time for T tokens = T / tokens/s; GPU-hours =
   W * time / 3600; cost = GPU-hours * price per GPU-hour.
-* MFU: --mfu, else the best `plan-mfu GPU VALUE` line in bench/RESULTS.md for this GPU
-  (written by whoever measures it with bench/gpu_mfu.py), else `ASSUMED_MFU` (stated as an
-  assumption in the output). Check: Llama 2 7B's published 184,320 A100-80GB GPU-hours for 2T
+* MFU: --mfu, else `MEASURED_MFU` for this GPU (a figure bench/gpu_mfu.py printed, copied into
+  the code with its source, so an installed wheel plans the same), else `ASSUMED_MFU` (stated
+  as an assumption in the output). Check: Llama 2 7B's published 184,320 A100-80GB GPU-hours for 2T
   tokens put this FLOP count at 44.5% MFU (`implied_mfu`), inside the 35-55% that published
   A100 runs reach (torchtitan: 56-58% for Llama 3 8B on 64 A100).
 * Peak FLOP/s: bf16 dense, from NVIDIA datasheets: raylm.train.metrics.PEAK_BF16_FLOPS, the
@@ -157,9 +157,7 @@ Time and cost
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -177,10 +175,12 @@ OVERHEAD_FIXED_GIB = 2.0
 OVERHEAD_FRACTION = 0.10
 """Headroom for the caching allocator's fragmentation, as a share of the estimated peak."""
 ASSUMED_MFU = 0.40
-"""MFU when neither --mfu nor bench/RESULTS.md gives one: torchtitan reports 33-39% for Llama
+"""MFU when neither --mfu nor MEASURED_MFU gives one: torchtitan reports 33-39% for Llama
 3.1 8B FSDP2 on H100 (500 W) and 56-58% for Llama 3 8B on A100; Llama 2 7B implies 44.5%."""
-RESULTS_FILE = Path(__file__).resolve().parents[1] / "bench" / "RESULTS.md"
-"""Where measured MFUs are looked up, as lines `plan-mfu h100 0.43 (how it was measured)`."""
+MEASURED_MFU: dict[str, tuple[float, str]] = {}
+"""MFU per GPU key measured by bench/gpu_mfu.py, with how it was measured, e.g.
+`"h100": (0.43, "bench/gpu_mfu.py, 64 x H100, llama2-7b, 2027-01-05; bench/RESULTS.md, GPU MFU")`.
+Empty: no GPU run is recorded yet (bench/RESULTS.md, "GPU MFU": not measured)."""
 
 
 @dataclass(frozen=True)
@@ -528,19 +528,6 @@ def implied_mfu(m: ModelConfig, seq_len: int, tokens: float, gpu_hours: float, p
     return tokens * m.flops_per_token(seq_len) / (gpu_hours * 3600 * peak_flops)
 
 
-def measured_mfu(gpu: str, results: Path | None = None) -> tuple[float, str] | None:
-    """The best `plan-mfu GPU VALUE` line of bench/RESULTS.md for `gpu`, with its text."""
-    path = RESULTS_FILE if results is None else results
-    if not path.is_file():
-        return None
-    best = None
-    for line in path.read_text().splitlines():
-        match = re.search(rf"\bplan-mfu\s+{re.escape(gpu)}\s+([0-9]*\.?[0-9]+)", line, re.IGNORECASE)
-        if match and 0 < float(match.group(1)) <= 1 and (best is None or float(match.group(1)) > best[0]):
-            best = (float(match.group(1)), line.strip())
-    return best
-
-
 ASSUMED_STORAGE_GBPS = 10.0
 """Aggregate GB/s between a bucket and the cluster when --storage-gbps is not given: a figure of
 the order S3 or GCS gives one prefix-spread workload; measure yours and pass it."""
@@ -571,7 +558,7 @@ def storage_estimate(cfg: Config, gpus: int, step_time_s: float, train_tokens: f
 
 
 def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: float | None = None,
-         price: float | None = None, results: Path | None = None, storage_gbps: float | None = None) -> Plan:
+         price: float | None = None, measured: dict[str, tuple[float, str]] | None = None, storage_gbps: float | None = None) -> Plan:
     """Memory, time and cost of training `cfg` on `gpus` GPUs of kind `gpu` (see the docstring)."""
     if gpu not in GPUS:
         raise ConfigError(f"--gpu {gpu}: unknown GPU; valid: {', '.join(GPUS)}")
@@ -602,10 +589,10 @@ def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: flo
 
     if mfu is not None:
         mfu_value, mfu_source = mfu, "--mfu"
-    elif found := measured_mfu(gpu, results):
-        mfu_value, mfu_source = found[0], f"measured, bench/RESULTS.md: {found[1]}"
+    elif found := (MEASURED_MFU if measured is None else measured).get(gpu):
+        mfu_value, mfu_source = found[0], f"measured: {found[1]}"
     else:
-        mfu_value, mfu_source = ASSUMED_MFU, f"assumed: no plan-mfu {gpu} line in bench/RESULTS.md"
+        mfu_value, mfu_source = ASSUMED_MFU, f"assumed: no measured MFU for {gpu} in raylm.plan.MEASURED_MFU"
     flops = m.flops_per_token(cfg.data.seq_len)
     tokens_per_second = gpus * spec.peak_bf16_flops * mfu_value / flops
     if tokens is None:
