@@ -93,7 +93,7 @@ class ModelConfigError(ConfigError, ValueError):
 
 # `enable_gqa` appeared in torch 2.5; older versions must repeat K/V heads themselves. (Compared
 # as numbers: as strings "2.13" < "2.5".)
-_SDPA_HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+SDPA_HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 # ----------------------------------------------------------------------------------------
@@ -575,7 +575,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)  # (B, KV, T, D)
         # Native GQA only pays off in half precision: for fp32 the fused CUDA kernels reject
         # unequal head counts and SDPA silently falls back to the O(T^2)-memory math kernel.
-        native_gqa = _SDPA_HAS_ENABLE_GQA and q.dtype in (torch.float16, torch.bfloat16)
+        native_gqa = SDPA_HAS_ENABLE_GQA and q.dtype in (torch.float16, torch.bfloat16)
         if mask is not None:  # packed documents: causal within each (document_layout)
             out = _grouped_attention(q, k, v, native_gqa, is_causal=False, mask=mask, scale=self.scale)
         elif cache is None:

@@ -55,7 +55,7 @@ its forward under autocast, below):
   - RoPE rotates q and k in fp32 and saves those fp32 copies: 4D + 4Dg;
   - SDPA (flash / memory-efficient: no T x T matrix) saves q, k, v, its output and the
     log-sum-exp: cD(2 + 2g') + 4H, where g' = g when raylm.model passes the grouped K/V
-    heads (native GQA: bf16, and `raylm.model._SDPA_HAS_ENABLE_GQA`), else 1 (it repeats
+    heads (native GQA: bf16, and `raylm.model.SDPA_HAS_ENABLE_GQA`), else 1 (it repeats
     them to H heads first). The planner reads that flag rather than guessing, so it follows
     the model on the torch it runs with;
   - the attention output's reshape copy (wo's input): cD;
@@ -164,7 +164,7 @@ import torch
 from raylm.config import Config
 from raylm.data.order import rounds_per_step, step_shares
 from raylm.errors import ConfigError
-from raylm.model import _SDPA_HAS_ENABLE_GQA, ModelConfig
+from raylm.model import SDPA_HAS_ENABLE_GQA, ModelConfig
 from raylm.train.metrics import PEAK_BF16_FLOPS
 from raylm.train.parallel import checkpointed_blocks, uses_bf16
 from raylm.train.trainer import saves_in_background
@@ -362,7 +362,7 @@ def sdpa_kv_share(m: ModelConfig, c: int) -> float:
     else 1 (it repeats the K/V heads to n_heads first)."""
     if m.kv_heads == m.n_heads:
         return 1.0
-    return m.kv_heads / m.n_heads if (c == 2 and _SDPA_HAS_ENABLE_GQA) else 1.0
+    return m.kv_heads / m.n_heads if (c == 2 and SDPA_HAS_ENABLE_GQA) else 1.0
 
 
 def activation_bytes_per_token(m: ModelConfig, mode: str, c: int, r: int) -> dict[str, float]:

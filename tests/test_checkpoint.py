@@ -154,7 +154,7 @@ def test_each_save_has_its_own_save_id_and_dcp_metadata_records_it(two_ranks):
     first = json.loads((out / "first" / "rank0" / ckpt.MARKER).read_text())["save_id"]
     second = json.loads((out / "separate" / "rank0" / ckpt.MARKER).read_text())["save_id"]
     assert len(first) == len(second) == 32 and first != second
-    assert ckpt._read_metadata(out / "separate" / "rank0").storage_meta.save_id == second
+    assert ckpt.read_dcp_metadata(out / "separate" / "rank0").storage_meta.save_id == second
 
 
 @pytest.mark.slow  # a spawned two-rank gloo group

@@ -303,4 +303,4 @@ def test_native_gqa_is_on_for_every_supported_torch():
     compared version strings, and "2.13" < "2.5" turned native GQA off)."""
     import raylm.model as model
 
-    assert model._SDPA_HAS_ENABLE_GQA is True
+    assert model.SDPA_HAS_ENABLE_GQA is True

@@ -98,7 +98,8 @@ class Pipeline:
         return ray.get(self.counter.report.remote())
 
 
-def _ordered(ds):
+def ordered(ds):
+    """`ds`, set to keep its rows in plan order and to raise raylm's own errors from its tasks."""
     ds.context.execution_options.preserve_order = True
     # A DataError raised in a read task or actor reaches the driver as itself (wrapped by
     # RayTaskError), not behind Ray Data's UserCodeException, whose cause is lost in transit.
@@ -117,7 +118,7 @@ def documents_dataset(cfg: Config, plan: FilePlan, split: str, counter, *, with_
     # autoscaling cluster can ask for a node), then one read task per block (data.read_cpus).
     n_blocks = max(1, min(len(rest.files), read_blocks(rest, d.tokenize_actors)))
     ds = ray.data.from_items([{"data": i} for i in range(len(rest.files))], override_num_blocks=n_blocks)
-    return _ordered(ds).map_batches(
+    return ordered(ds).map_batches(
         read_parse,
         fn_kwargs=dict(plan=ray.put(plan_payload(plan)), first=first, split=split, val_fraction=d.val_fraction,
                        on_error=d.on_error, counter=counter,
@@ -159,7 +160,7 @@ def packed_dataset(cfg: Config, tokenizer: Tokenizer, plan: FilePlan, split: str
         batch_size=None,
         batch_format="numpy",
     )
-    ds = _ordered(ds)
+    ds = ordered(ds)
     # Start reading only once the actors are up. Otherwise bad input in the first file fails
     # the execution while they are still pending, and Ray Data's shutdown could leave one
     # alive holding its CPUs (seen on 2 CPUs: the next run then waited for them in vain).
@@ -247,7 +248,7 @@ def _small_blocks(ds, rows: int):
     tests/test_ray_compat.py). One task at a time: tasks this small would otherwise run by the
     dozen, each in a worker process of its own (seen: 20 idle workers of 200 MB on 2 CPUs).
     """
-    ds = _ordered(ds.repartition(target_num_rows_per_block=rows))
+    ds = ordered(ds.repartition(target_num_rows_per_block=rows))
     set_last_operator_resources(ds, PACK_CPUS, tasks=1)
     return ds
 
@@ -311,7 +312,7 @@ def sample_documents(cfg: Config, listing: CorpusListing) -> list[str]:
     """The tokenizer's training sample through Ray Data (each file once, no weights): the
     tokenizer.sample_docs training documents of lowest seeded priority (`parse.sample_priority`)."""
     plan = plan_files(cfg, "train", mixture=False, listing=listing)
-    ds = _ordered(documents_dataset(cfg, plan, "train", bad_input_counter(), with_priority=True))
+    ds = ordered(documents_dataset(cfg, plan, "train", bad_input_counter(), with_priority=True))
     k = cfg.tokenizer.sample_docs
     heap: list[tuple[float, str, str]] = []  # max-heap by priority via negation
     for batch in iter_rows(ds, batch_rows=256):

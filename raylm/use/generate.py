@@ -146,13 +146,13 @@ def generate_rows(model: Transformer, prompts: list[list[int]], options: Samplin
         start, filled = 0, 0  # ids[r][start] sits at cache position 0; positions filled
         while rows:
             if cache is None:
-                logits = _forward(model, _batch([ids[r][:n][-max_len:] for r in rows], device))[:, -1]  # (B, V)
+                logits = eager_forward(model, _batch([ids[r][:n][-max_len:] for r in rows], device))[:, -1]  # (B, V)
             else:
                 if n - start > cache.max_len:
                     # Full: run the last half of the context again from position 0.
                     start, filled = n - max_len // 2, 0
                 pending = _batch([ids[r][start + filled:n] for r in rows], device)  # (B, T)
-                logits = _forward(model, pending, cache, filled)[:, -1]  # (B, V)
+                logits = eager_forward(model, pending, cache, filled)[:, -1]  # (B, V)
                 filled = n - start
             ended = []
             for b, r in enumerate(rows):
@@ -179,7 +179,7 @@ def generate_rows(model: Transformer, prompts: list[list[int]], options: Samplin
         model.train(was_training)
 
 
-def _forward(model: Transformer, tokens: torch.Tensor, *cache_args) -> torch.Tensor:
+def eager_forward(model: Transformer, tokens: torch.Tensor, *cache_args) -> torch.Tensor:
     """The model's forward, eager even where training compiled the blocks (train.compile): every
     new length and position would otherwise trigger a recompilation."""
     with torch.compiler.set_stance("force_eager"):

@@ -398,7 +398,7 @@ def _check_saved_shapes(checkpoint: Path, entries: list[WeightEntry]) -> None:
     """One line when the checkpoint's tensors are not the shapes its config.yaml describes."""
     from raylm.train import checkpoint as ckpt
 
-    saved = ckpt._read_metadata(checkpoint).state_dict_metadata
+    saved = ckpt.read_dcp_metadata(checkpoint).state_dict_metadata
     for entry in entries:
         meta = saved.get(f"model.{entry.raylm}")
         if meta is None or not hasattr(meta, "size"):
@@ -447,7 +447,7 @@ def _read_tensors(checkpoint: Path, names: list[str]) -> dict[str, torch.Tensor]
 
     from raylm.train import checkpoint as ckpt
 
-    saved = ckpt._read_metadata(checkpoint).state_dict_metadata
+    saved = ckpt.read_dcp_metadata(checkpoint).state_dict_metadata
     tensors = {name: torch.empty(tuple(saved[f"model.{name}"].size), dtype=saved[f"model.{name}"].properties.dtype)
                for name in names}
     try:
