@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -37,7 +38,6 @@ from raylm.config import load_config
 from raylm.plan import plan
 from raylm.train import checkpoint as ckpt
 
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+, as the images
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
