@@ -8,21 +8,12 @@ the verdict. Parameters come from `ModelConfig.num_params`, FLOPs from
 The memory model follows what raylm's code does, step by step: `raylm.train.parallel.build_model`
 (FSDP2 over W > 1 workers, a plain module on one), `raylm.train.step.train_step` (gradient sync
 after every micro-batch or only the last, `train.grad_sync`; fp32 logits and loss),
-`raylm.optim.build_optimizer` (AdamW; fused on GPU, foreach on CPU). docs/plan.md has the
-formulas for users; bench/plan_memory.py measures the peak (bench/RESULTS.md, "Planner memory vs
-measured peak (issue 12)"), bench/scale_memory.py the peak under gradient accumulation in both
-`train.grad_sync` modes.
+`raylm.optim.build_optimizer` (AdamW; fused on GPU, foreach on CPU); bench/plan_memory.py and
+bench/scale_memory.py measure the peaks it predicts.
 
-Symbols
--------
-N  parameters (`ModelConfig.num_params`: embeddings, blocks, final norm, output head)
-Pb parameters of one block, Pbm its matmul weights; Pr = N - L*Pb the root's (embedding,
-   output head, final norm)
-Nm matmul weights (every block's linears plus the output head: autocast casts these)
-W  workers = GPUs; L layers; D dim; F SwiGLU hidden size; V vocabulary; H query heads
-g  n_kv_heads / n_heads; B micro-batch (sequences); T seq_len; BT = B*T tokens per micro-batch
-c  bytes per compute element: 2 with bf16 (precision bf16, or auto on GPU), else 4
-k  accumulation steps (`raylm.data.order.rounds_per_step`: micro-batches per worker per step)
+docs/plan.md states the model for users: its symbols (used below), the terms of the peak,
+the headroom, the FLOP count, time and cost, and how it was checked against measurement
+(bench/RESULTS.md). What follows is why each memory term is what it is, from the code it follows.
 
 Memory per GPU: peak = resident + max(forward/backward, optimizer step)
 ------------------------------------------------------------------------
@@ -114,44 +105,11 @@ micro-batch under every and once per step under last:
 With bf16 and k = 8 that is 64 against 36 units of N*(W-1)/W: every moves 1.8x the bytes.
 
 Not counted in the peak, but covered by a fixed headroom (`OVERHEAD_FIXED_GIB` + 10% of the
-peak, `OVERHEAD_FRACTION`): the CUDA context and cuBLAS workspaces (~0.5-1 GiB), NCCL
-communicators and buffers (~0.5-1 GiB at a few hundred ranks), the caching allocator's
-fragmentation (reserved minus allocated, typically 5-10%), and the few MiB of rope tables,
-batches and metrics. "fits" means peak + headroom <= the memory CUDA reports as the GPU's
-total (`GpuSpec.memory_gib`: 79.1 GiB for an 80 GB H100, not 80). torch.compile
-(`train.compile`) fuses the norms and RoPE and saves fewer fp32 intermediates, so with
-compile on the activation figure is an upper bound (torchtitan: 82.4 -> 77.0 GiB for Llama
-3.1 8B on 8 H100, docs/performance.md).
-
-Checked against measurement: bench/plan_memory.py's CPU suite (debug, tiny and 125m presets;
-micro-batches 2-8; accumulation 1-2; checkpointing none, full, selective:2; fp32 and bf16
-autocast; one process and FSDP2 over 2 ranks) puts every estimate at 0.95-1.05 of the
-measured peak (bench/RESULTS.md). What remains: full checkpointing reads ~4% low on the small
-presets, the 125m preset without checkpointing ~4% high. The GPU suite (`--suite gpu`) is still
-to be run.
-Cross-check against published numbers: torchtitan's Llama 3.1 8B (seq 8192, local batch 2,
-8 H100, FSDP2, no accumulation) peaks at 82.4 GiB eager with selective *op* checkpointing,
-which saves more than full and less than none; this model puts that shape at 43 GiB with
-full checkpointing and 159 GiB with none (tests/test_plan.py holds the bracket).
-
-Time and cost
--------------
-* FLOPs per token: `ModelConfig.flops_per_token(seq_len)` = 6 * matmul parameters + 12*L*H*Q*T
-  (attention scores and weighted sum, the full T x T as PaLM counts it). Recomputation by
-  activation checkpointing is not counted: it is part of what a lower MFU pays for.
-* tokens/s = W * peak bf16 dense FLOP/s * MFU / FLOPs per token; step time =
-  train.global_batch_tokens / tokens/s; time for T tokens = T / tokens/s; GPU-hours =
-  W * time / 3600; cost = GPU-hours * price per GPU-hour.
-* MFU: --mfu, else `MEASURED_MFU` for this GPU (a figure bench/gpu_mfu.py printed, copied into
-  the code with its source, so an installed wheel plans the same), else `ASSUMED_MFU` (stated
-  as an assumption in the output). Check: Llama 2 7B's published 184,320 A100-80GB GPU-hours for 2T
-  tokens put this FLOP count at 44.5% MFU (`implied_mfu`), inside the 35-55% that published
-  A100 runs reach (torchtitan: 56-58% for Llama 3 8B on 64 A100).
-* Peak FLOP/s: bf16 dense, from NVIDIA datasheets: raylm.train.metrics.PEAK_BF16_FLOPS, the
-  table training's MFU uses too.
-* Prices: rough on-demand list prices per GPU-hour at the large clouds (8-GPU instances:
-  AWS p5 / GCP a3-highgpu-8g class) as of 2025; they differ by region and change often, and
-  spot or committed prices are far lower. The output says when it used one; pass --price.
+peak, `OVERHEAD_FRACTION`): the CUDA context, cuBLAS workspaces, NCCL buffers, the caching
+allocator's fragmentation. With train.compile the activation figure is an upper bound (compiled
+blocks save fewer fp32 intermediates). Time and cost are the FLOP count at an MFU (`--mfu`,
+`MEASURED_MFU`, else `ASSUMED_MFU`) on the datasheet peak (raylm.train.metrics.PEAK_BF16_FLOPS),
+at a rough list price (`GpuSpec.price_per_hour`).
 """
 
 from __future__ import annotations
@@ -193,7 +151,9 @@ class GpuSpec:
     peak_bf16_flops: float
     """Dense bf16 tensor-core FLOP/s (no sparsity): raylm.train.metrics.PEAK_BF16_FLOPS."""
     price_per_hour: float
-    """Rough on-demand list price, USD per GPU-hour (see the module docstring)."""
+    """Rough on-demand list price, USD per GPU-hour at the large clouds' 8-GPU instances (AWS p5 /
+    GCP a3-highgpu-8g class) as of 2025: it differs by region and changes often, and spot or
+    committed prices are far lower; the output says when it used one (--price sets yours)."""
 
 
 GPUS: dict[str, GpuSpec] = {

@@ -15,26 +15,13 @@ exactly a sequential pack of the documents in plan order (`raylm.data.plan`): th
 anchor: the plan position of the file its first token comes from and that token's offset in
 the file's framed tokens.
 
-Streaming training. The training stream is one execution of `data.stream_passes` passes over
-the corpus (derived from train.max_steps when unset: enough for the run). Ray Train splits it
-over the workers with `streaming_split(equal=False)`, which hands rows out in arrival order,
-not as contiguous slices, and never drops any. The workers then trade rows so that step s
-trains exactly the next G unseen global indices at every world size (`StreamingTrainSource`),
-as the prepared path does: a resize does not change the rows of any step. The trainer's
-`DataPosition` records them (watermark + extra), and its `data_anchor` the anchor of a
-consumed row below the watermark. If a finite stream runs out, every rank learns it at the same step
-(`Trainer`: `finite`), checkpoints and stops; nobody waits in a collective for the others.
-
-Restarts in seconds. The training Dataset is built by `TrainStream`, a callable Ray Train
-calls on its controller at every worker-group start (the first, each restart after a
-failure or preemption, each elastic resize). It reads the marker of the newest complete
-checkpoint of the run (`newest_complete`: markers and listings only, never the shards; the
-workers verify what they load as they load it, and restart once if it proves damaged) and starts the plan at the file of its anchor,
-dropping the tokens before it, so the packing carry is rebuilt exactly and the first row is
-the anchor's row; rows the position has consumed are dropped by the packing actor and by
-every worker (`StreamingTrainSource`). The cost of a restart is therefore the reading of at
-most one checkpoint interval of data, not of the corpus up to the resume point. Prepared
-mode seeks instantly.
+Streaming training (docs/elastic.md says how and why): one execution of `data.stream_passes`
+passes, split by `streaming_split(equal=False)`; the workers trade rows so that every step
+trains the next G unseen global indices at any world size (`StreamingTrainSource`), and a
+finite stream's end is agreed by every rank at one step. Restarts: `TrainStream`, which Ray
+Train calls at every worker-group start, starts the plan at the anchor of the newest complete
+checkpoint (`newest_complete`: markers and listings only), so a restart re-reads at most one
+checkpoint interval of data.
 
 Validation: the held-out documents, in a seeded order that spreads over every source and file
 (`raylm.data.plan`), packed the same way, cut to the rows evaluation reads (`Config.eval_sequences`),
