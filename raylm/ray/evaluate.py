@@ -41,11 +41,11 @@ class TaskScorer:
     their contexts (drawn by the driver) and returns their predictions as JSON."""
 
     def __init__(self, checkpoint: str, task: Task, batch_size: int, device: str):
-        from raylm.use.generate import resolve_device
+        from raylm.use.generate import device_from_name
         from raylm.use.load import load_model
         from raylm.use.score import Scorer
 
-        model, tokenizer, cfg = load_model(checkpoint, resolve_device(device), verified=True)
+        model, tokenizer, cfg = load_model(checkpoint, device_from_name(device), verified=True)
         self.task = task
         self.scorer = Scorer(model, tokenizer, add_bos=cfg.data.add_bos, batch_size=batch_size,
                              window=cfg.data.seq_len)

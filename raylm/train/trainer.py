@@ -168,7 +168,7 @@ class TrainState:
         self.pending_indices, self.pending_anchors = [], []
 
 
-class LocalSink:
+class RunDirSink:
     """Metrics and checkpoints in a run directory (local, shared, or a URI on object storage, which
     every rank writes its shards to directly), keeping the newest K checkpoints. The checkpoint
     just written is the newest verified one (written by this process, after the restore moved

@@ -276,7 +276,7 @@ def read_prompts(prompt: str | None, prompts_file: str | None, stdin: TextIO) ->
     return prompts
 
 
-def resolve_device(name: str) -> torch.device:
+def device_from_name(name: str) -> torch.device:
     """`auto`: the GPU when there is one, else the CPU; otherwise any torch device name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -305,7 +305,7 @@ def generate_command(path: str, prompts: list[str], options: SamplingOptions, de
     """`raylm generate`: each prompt followed by its continuation, streamed to `out` (stdout) as it is made."""
     options.validate()
     out = sys.stdout if out is None else out
-    model, tokenizer, cfg = load_for_generation(path, resolve_device(device))
+    model, tokenizer, cfg = load_for_generation(path, device_from_name(device))
     generator = options.generator()  # one stream over all prompts: a seed reproduces the whole output
 
     def write(text: str) -> None:
