@@ -117,11 +117,11 @@ def train_and_wait(config: dict) -> None:
     import torch
 
     from raylm.ray.data import StreamingTrainSource
-    from raylm.train.trainer import LocalSink, RankEnv, Trainer
+    from raylm.train.trainer import RunDirSink, RankEnv, Trainer
 
     torch.set_num_threads(1)
     cfg = load_config(None, config["overrides"])
-    sink = LocalSink(Path(config["out"]).parent, keep_checkpoints=1)
+    sink = RunDirSink(Path(config["out"]).parent, keep_checkpoints=1)
     Trainer(cfg, RankEnv(), sink, StreamingTrainSource("train"), log=lambda line: None).fit()
     sink.close()
 

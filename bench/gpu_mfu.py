@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"train.activation_checkpointing={args.activation_checkpointing}", f"train.compile={str(compile_blocks).lower()}",
         f"train.precision={'bf16' if cuda else 'fp32'}",
     ])
-    model, info = build_model(cfg, device)
+    model = build_model(cfg, device)
     optimizer = build_optimizer(model, cfg.optimizer, device.type)
     generator = torch.Generator().manual_seed(rank)
     micro = [{"tokens": torch.randint(0, cfg.model.vocab_size, (args.micro_batch, args.seq_len + 1), generator=generator)}
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"ac={args.activation_checkpointing}): {result['tokens_per_second']:,.0f} tokens/s, "
               f"{tokens_per_device:,.0f} per device, MFU {mfu}, step {step_s * 1e3:.0f} ms, "
               f"peak memory {result['peak_memory_gib']:.1f} GiB")
-    if info.world_size > 1:
+    if world > 1:
         torch.distributed.destroy_process_group()
     return result
 

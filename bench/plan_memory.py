@@ -147,7 +147,7 @@ def measure(preset: str, seq_len: int, micro_batch: int, accum: int, ac: str, fs
         warm = load_config(None, ["model.preset=debug", "data.seq_len=16", "train.micro_batch_size=1",
                                   "train.global_batch_tokens=16", f"train.activation_checkpointing={ac}",
                                   f"train.precision={precision}"])
-        warm_model, _ = parallel.build_model(warm, device)
+        warm_model = parallel.build_model(warm, device)
         warm_optimizer = build_optimizer(warm_model, warm.optimizer, device.type)
         warm_tokens = [{"tokens": torch.randint(0, warm.model.vocab_size, (1, 17))}]
         train_step(warm_model, warm_optimizer, warm_tokens, device, warm.train.precision, 1.0, 1)
@@ -167,7 +167,7 @@ def measure(preset: str, seq_len: int, micro_batch: int, accum: int, ac: str, fs
         torch.manual_seed(0)
         model.init_weights(buffer_device=device)
     else:
-        model, _ = parallel.build_model(cfg, device)
+        model = parallel.build_model(cfg, device)
     optimizer = build_optimizer(model, cfg.optimizer, device.type)
     generator = torch.Generator().manual_seed(rank)
     micro = [{"tokens": torch.randint(0, cfg.model.vocab_size, (micro_batch, seq_len + 1), generator=generator)}

@@ -76,7 +76,7 @@ def warm_up(device) -> None:
 
     warm = load_config(None, ["model.preset=debug", "data.seq_len=16", "train.micro_batch_size=1",
                               f"train.global_batch_tokens={16 * WORLD}", "train.precision=fp32"])
-    model, _ = parallel.build_model(warm, device)
+    model = parallel.build_model(warm, device)
     optimizer = build_optimizer(model, warm.optimizer, device.type)
     tokens = [{"tokens": torch.randint(0, warm.model.vocab_size, (1, 17))}] * 2
     train_step(model, optimizer, tokens, device, "fp32", 1.0, WORLD, global_tokens=2 * 16 * WORLD)
@@ -97,7 +97,7 @@ def measure(rank: int, preset: str, seq_len: int, micro_batch: int, accum: int, 
     cfg = case_config(preset, seq_len, micro_batch, accum, grad_sync)
     warm_up(device)
     base = rss_bytes()
-    model, _ = parallel.build_model(cfg, device)
+    model = parallel.build_model(cfg, device)
     optimizer = build_optimizer(model, cfg.optimizer, device.type)
     generator = torch.Generator().manual_seed(rank)
     micro = [{"tokens": torch.randint(0, cfg.model.vocab_size, (micro_batch, seq_len + 1), generator=generator)}

@@ -242,7 +242,7 @@ def rank_work(rank: int, out: Path, preset: str, repeats: int = 2) -> dict:
 
     cfg = bench_config(preset)
     run = out / preset
-    model, _ = build_model(cfg, torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg.optimizer, "cpu")
     # One real step, so that the optimizer state (2/3 of the checkpoint) is there.
     trainer = Trainer(cfg, RankEnv(rank, 2), _TimingSink(run), PackedDataset(_rows(cfg)), model=model,
@@ -280,7 +280,7 @@ def _restart_today(cfg, rank: int, out: Path, run: Path, path: Path) -> dict:
     from raylm.train.trainer import RankEnv, Trainer
 
     start = time.perf_counter()
-    model, _ = build_model(cfg, torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg.optimizer, "cpu")
     built = time.perf_counter()
     found = ckpt.newest_good([uri(path)], log=lambda line: None)

@@ -47,10 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="the prompt (default: all of stdin)")
     source.add_argument("--prompts", metavar="FILE",
                         help="one prompt per line; a .jsonl file: a JSON string or {\"prompt\": ...} per line")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 disables (default 40)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 disables (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default 128)")
+    # defaults: raylm.use.generate.SamplingOptions's (docs/use.md lists them)
+    p.add_argument("--temperature", type=float, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens; 0 disables (default 40)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling; 1 disables (default 1)")
+    p.add_argument("--max-new-tokens", type=int, help="per prompt (default 128)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: fresh)")
     p.add_argument("--device", default="auto", help="auto (GPU when there is one, in bf16), cpu, cuda, cuda:N")
 
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", choices=["h100", "h200", "a100", "b200"], default="h100", help="GPU type (default h100)")
     p.add_argument("--tokens", type=float, default=None, help="tokens to train, e.g. 2e12 (default: train.max_steps' worth)")
     p.add_argument("--mfu", type=float, default=None,
-                   help="model FLOPs utilisation (default: best measured in bench/RESULTS.md, else an assumption)")
+                   help="model FLOPs utilisation (default: raylm.plan.MEASURED_MFU, else an assumption)")
     p.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: a rough list price)")
     p.add_argument("--storage-gbps", type=float, default=None,
                    help="GB/s between the bucket and the cluster, for checkpoint and data times (default: an assumption)")
@@ -170,8 +171,9 @@ def _use_command(args: argparse.Namespace) -> None:
     elif args.command == "generate":
         from raylm.use.generate import SamplingOptions, generate_command, read_prompts
 
-        options = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+                 "top_p": args.top_p}
+        options = SamplingOptions(**{k: v for k, v in given.items() if v is not None}, seed=args.seed)
         options.validate()
         generate_command(args.path, read_prompts(args.prompt, args.prompts, sys.stdin), options, args.device)
     else:

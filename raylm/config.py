@@ -230,9 +230,6 @@ class ScalingConfig:
     def elastic(self) -> bool:
         return self.min_workers != self.max_workers
 
-    def world_sizes(self) -> range:
-        return range(self.min_workers, self.max_workers + 1)
-
 
 @dataclass
 class RunConfig:

@@ -1,38 +1,17 @@
 """One writer per directory: a lease file that names its holder, kept fresh by a heartbeat.
 
-A run directory (and a sweep directory) has one writer at a time. The writer holds
-`DIR/raylm.lock`, a JSON lease `{host, boot_id, pid, pid_start, started, heartbeat, token}`, from
-before it reads or writes anything in the directory until it exits (also on an error or Ctrl-C).
-A second writer reads the lease and stops with one line naming the holder (host, pid, start
-time), without touching the directory. Readers (generate, eval, export, plot) take no lock.
+A run (or sweep) directory has one writer at a time: it holds `DIR/raylm.lock` from before it
+reads or writes anything there until it exits, and a second writer stops with one line naming
+the holder, without touching the directory; readers take no lock. docs/cluster.md ("One writer
+per run directory") describes the lease, how each store takes it exclusively and when it is stale.
 
     create(dir)    make `dir` (exclusive: it must not exist) and hold its lock
     acquire(dir)   hold the lock of an existing `dir`; LockHeld names a live holder
 
-Taking a lease is exclusive on every store:
-
-- local disks and NFS: the lease is written to a private temporary file and `link()`ed to its
-  name, which fails when the name exists (atomic on NFS too, unlike O_EXCL on old clients) and
-  makes the lease appear whole;
-- S3: PutObject with `If-None-Match: *` (through boto3, when it is installed);
-- elsewhere (GCS through pyarrow, which sends no preconditions; S3 without boto3): a best
-  effort: the lease is written when none is there and read back after a pause; a writer that
-  reads back another's token gives way. Two starts within that pause can both win.
-
-The holder refreshes `heartbeat` every REFRESH_S seconds (a daemon thread). A lease is stale,
-and may be taken over, when its holder is gone:
-
-- same host (hostname, boot id and pid namespace) and its pid is not alive (or is another
-  process than the one that took the lock): stale at once;
-- another host: its heartbeat is older than STALE_AFTER_S (3 refresh periods). Hosts' clocks are
-  assumed to agree within a few seconds (NTP).
-
-A takeover is a compare-and-swap, so that of two processes that find one stale lease only one
-wins: on local disks and NFS the taker holds a kernel lock (flock) while it reads the lease again
-and, if it is still the one it judged stale, replaces it in one rename (the name is never
-absent, so no exclusive create slips in); refreshes and releases take the same kernel lock, and
-it dies with its holder, so it never goes stale. On S3 the new lease is put with `If-Match:
-<ETag of the stale lease>`; on the best-effort stores it is replaced and read back as above.
+Each store (`_LocalStore`, `_S3Store`, `_BestEffortStore`) creates a lease only where none is
+and replaces a stale one by compare-and-swap, so that of two processes that find one stale
+lease only one wins: locally under a kernel lock (flock), which dies with its holder and so
+never goes stale; on S3 by conditional writes; elsewhere by writing and reading back.
 """
 
 from __future__ import annotations
@@ -335,11 +314,6 @@ class _BestEffortStore:
         current = Lease.from_bytes(data) if data else None
         if current is not None and current.token == lease.token:
             storage.delete_file(self.path)
-
-
-def conditional_writes(directory: str | Path) -> bool:
-    """Whether locks under `directory` are exclusive (local disks, S3 with boto3) or a best effort."""
-    return type(_store(storage.child(directory, LOCK_FILE))) is not _BestEffortStore
 
 
 def _store(path: str | Path):

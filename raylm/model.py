@@ -93,7 +93,7 @@ class ModelConfigError(ConfigError, ValueError):
 
 # `enable_gqa` appeared in torch 2.5; older versions must repeat K/V heads themselves. (Compared
 # as numbers: as strings "2.13" < "2.5".)
-_SDPA_HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+SDPA_HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 # ----------------------------------------------------------------------------------------
@@ -155,9 +155,9 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
         """A named config, optionally with some fields replaced; the result is validated."""
-        if name not in _PRESETS:
+        if name not in PRESETS:
             raise ModelConfigError(
-                f"model.preset={name!r}: unknown preset; valid presets: {', '.join(_PRESETS)}"
+                f"model.preset={name!r}: unknown preset; valid presets: {', '.join(PRESETS)}"
             )
         valid = {f.name for f in fields(cls)}
         for key in overrides:
@@ -165,13 +165,9 @@ class ModelConfig:
                 raise ModelConfigError(
                     f"model.{key}: unknown field; valid fields: {', '.join(sorted(valid))}"
                 )
-        config = cls(**{**_PRESETS[name], **overrides})
+        config = cls(**{**PRESETS[name], **overrides})
         config.validate()
         return config
-
-    @staticmethod
-    def preset_names() -> list[str]:
-        return list(_PRESETS)
 
     # -- derived sizes ------------------------------------------------------------------
 
@@ -349,7 +345,7 @@ class ModelConfig:
 # Linear layers of a block whose both dimensions grow with width ("hidden" in µP's terms).
 _HIDDEN_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
-_PRESETS: dict[str, dict] = {
+PRESETS: dict[str, dict] = {
     # ~0.9M params: unit tests on CPU.
     "debug": dict(
         dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048,
@@ -550,10 +546,6 @@ class KVCache:
         self.max_len = config.max_seq_len if max_len is None else min(max_len, config.max_seq_len)
         self.layers = [LayerKV(self.max_len) for _ in range(config.n_layers)]
 
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.k, layer.v)
-                   if t is not None)
-
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -583,7 +575,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)  # (B, KV, T, D)
         # Native GQA only pays off in half precision: for fp32 the fused CUDA kernels reject
         # unequal head counts and SDPA silently falls back to the O(T^2)-memory math kernel.
-        native_gqa = _SDPA_HAS_ENABLE_GQA and q.dtype in (torch.float16, torch.bfloat16)
+        native_gqa = SDPA_HAS_ENABLE_GQA and q.dtype in (torch.float16, torch.bfloat16)
         if mask is not None:  # packed documents: causal within each (document_layout)
             out = _grouped_attention(q, k, v, native_gqa, is_causal=False, mask=mask, scale=self.scale)
         elif cache is None:

@@ -8,21 +8,12 @@ the verdict. Parameters come from `ModelConfig.num_params`, FLOPs from
 The memory model follows what raylm's code does, step by step: `raylm.train.parallel.build_model`
 (FSDP2 over W > 1 workers, a plain module on one), `raylm.train.step.train_step` (gradient sync
 after every micro-batch or only the last, `train.grad_sync`; fp32 logits and loss),
-`raylm.optim.build_optimizer` (AdamW; fused on GPU, foreach on CPU). docs/plan.md has the
-formulas for users; bench/plan_memory.py measures the peak (bench/RESULTS.md, "Planner memory vs
-measured peak (issue 12)"), bench/scale_memory.py the peak under gradient accumulation in both
-`train.grad_sync` modes.
+`raylm.optim.build_optimizer` (AdamW; fused on GPU, foreach on CPU); bench/plan_memory.py and
+bench/scale_memory.py measure the peaks it predicts.
 
-Symbols
--------
-N  parameters (`ModelConfig.num_params`: embeddings, blocks, final norm, output head)
-Pb parameters of one block, Pbm its matmul weights; Pr = N - L*Pb the root's (embedding,
-   output head, final norm)
-Nm matmul weights (every block's linears plus the output head: autocast casts these)
-W  workers = GPUs; L layers; D dim; F SwiGLU hidden size; V vocabulary; H query heads
-g  n_kv_heads / n_heads; B micro-batch (sequences); T seq_len; BT = B*T tokens per micro-batch
-c  bytes per compute element: 2 with bf16 (precision bf16, or auto on GPU), else 4
-k  accumulation steps (`raylm.data.order.rounds_per_step`: micro-batches per worker per step)
+docs/plan.md states the model for users: its symbols (used below), the terms of the peak,
+the headroom, the FLOP count, time and cost, and how it was checked against measurement
+(bench/RESULTS.md). What follows is why each memory term is what it is, from the code it follows.
 
 Memory per GPU: peak = resident + max(forward/backward, optimizer step)
 ------------------------------------------------------------------------
@@ -55,7 +46,7 @@ its forward under autocast, below):
   - RoPE rotates q and k in fp32 and saves those fp32 copies: 4D + 4Dg;
   - SDPA (flash / memory-efficient: no T x T matrix) saves q, k, v, its output and the
     log-sum-exp: cD(2 + 2g') + 4H, where g' = g when raylm.model passes the grouped K/V
-    heads (native GQA: bf16, and `raylm.model._SDPA_HAS_ENABLE_GQA`), else 1 (it repeats
+    heads (native GQA: bf16, and `raylm.model.SDPA_HAS_ENABLE_GQA`), else 1 (it repeats
     them to H heads first). The planner reads that flag rather than guessing, so it follows
     the model on the torch it runs with;
   - the attention output's reshape copy (wo's input): cD;
@@ -114,62 +105,27 @@ micro-batch under every and once per step under last:
 With bf16 and k = 8 that is 64 against 36 units of N*(W-1)/W: every moves 1.8x the bytes.
 
 Not counted in the peak, but covered by a fixed headroom (`OVERHEAD_FIXED_GIB` + 10% of the
-peak, `OVERHEAD_FRACTION`): the CUDA context and cuBLAS workspaces (~0.5-1 GiB), NCCL
-communicators and buffers (~0.5-1 GiB at a few hundred ranks), the caching allocator's
-fragmentation (reserved minus allocated, typically 5-10%), and the few MiB of rope tables,
-batches and metrics. "fits" means peak + headroom <= the memory CUDA reports as the GPU's
-total (`GpuSpec.memory_gib`: 79.1 GiB for an 80 GB H100, not 80). torch.compile
-(`train.compile`) fuses the norms and RoPE and saves fewer fp32 intermediates, so with
-compile on the activation figure is an upper bound (torchtitan: 82.4 -> 77.0 GiB for Llama
-3.1 8B on 8 H100, docs/performance.md).
-
-Checked against measurement: bench/plan_memory.py's CPU suite (debug, tiny and 125m presets;
-micro-batches 2-8; accumulation 1-2; checkpointing none, full, selective:2; fp32 and bf16
-autocast; one process and FSDP2 over 2 ranks) puts every estimate at 0.95-1.05 of the
-measured peak (bench/RESULTS.md). What remains: full checkpointing reads ~4% low on the small
-presets, the 125m preset without checkpointing ~4% high. The GPU suite (`--suite gpu`) is still
-to be run.
-Cross-check against published numbers: torchtitan's Llama 3.1 8B (seq 8192, local batch 2,
-8 H100, FSDP2, no accumulation) peaks at 82.4 GiB eager with selective *op* checkpointing,
-which saves more than full and less than none; this model puts that shape at 43 GiB with
-full checkpointing and 159 GiB with none (tests/test_plan.py holds the bracket).
-
-Time and cost
--------------
-* FLOPs per token: `ModelConfig.flops_per_token(seq_len)` = 6 * matmul parameters + 12*L*H*Q*T
-  (attention scores and weighted sum, the full T x T as PaLM counts it). Recomputation by
-  activation checkpointing is not counted: it is part of what a lower MFU pays for.
-* tokens/s = W * peak bf16 dense FLOP/s * MFU / FLOPs per token; step time =
-  train.global_batch_tokens / tokens/s; time for T tokens = T / tokens/s; GPU-hours =
-  W * time / 3600; cost = GPU-hours * price per GPU-hour.
-* MFU: --mfu, else the best `plan-mfu GPU VALUE` line in bench/RESULTS.md for this GPU
-  (written by whoever measures it with bench/gpu_mfu.py), else `ASSUMED_MFU` (stated as an
-  assumption in the output). Check: Llama 2 7B's published 184,320 A100-80GB GPU-hours for 2T
-  tokens put this FLOP count at 44.5% MFU (`implied_mfu`), inside the 35-55% that published
-  A100 runs reach (torchtitan: 56-58% for Llama 3 8B on 64 A100).
-* Peak FLOP/s: NVIDIA datasheets, bf16 dense (without 2:4 sparsity): H100 SXM 989.4 TFLOP/s
-  (H100 datasheet: 1,979 with sparsity), H200 SXM 989 (same Hopper tensor cores), A100 SXM
-  312, B200 (HGX, 1,000 W) 2,250 (4,500 with sparsity). The same figures as
-  raylm.train.metrics.PEAK_BF16_FLOPS for the GPUs that table has (it has no B200).
-* Prices: rough on-demand list prices per GPU-hour at the large clouds (8-GPU instances:
-  AWS p5 / GCP a3-highgpu-8g class) as of 2025; they differ by region and change often, and
-  spot or committed prices are far lower. The output says when it used one; pass --price.
+peak, `OVERHEAD_FRACTION`): the CUDA context, cuBLAS workspaces, NCCL buffers, the caching
+allocator's fragmentation. With train.compile the activation figure is an upper bound (compiled
+blocks save fewer fp32 intermediates). Time and cost are the FLOP count at an MFU (`--mfu`,
+`MEASURED_MFU`, else `ASSUMED_MFU`) on the datasheet peak (raylm.train.metrics.PEAK_BF16_FLOPS),
+at a rough list price (`GpuSpec.price_per_hour`).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from raylm.config import Config
 from raylm.data.order import rounds_per_step, step_shares
 from raylm.errors import ConfigError
-from raylm.model import _SDPA_HAS_ENABLE_GQA, ModelConfig
+from raylm.model import SDPA_HAS_ENABLE_GQA, ModelConfig
+from raylm.train.metrics import PEAK_BF16_FLOPS
 from raylm.train.parallel import checkpointed_blocks, uses_bf16
+from raylm.train.trainer import saves_in_background
 
 GIB = 2**30
 OVERHEAD_FIXED_GIB = 2.0
@@ -177,10 +133,12 @@ OVERHEAD_FIXED_GIB = 2.0
 OVERHEAD_FRACTION = 0.10
 """Headroom for the caching allocator's fragmentation, as a share of the estimated peak."""
 ASSUMED_MFU = 0.40
-"""MFU when neither --mfu nor bench/RESULTS.md gives one: torchtitan reports 33-39% for Llama
+"""MFU when neither --mfu nor MEASURED_MFU gives one: torchtitan reports 33-39% for Llama
 3.1 8B FSDP2 on H100 (500 W) and 56-58% for Llama 3 8B on A100; Llama 2 7B implies 44.5%."""
-RESULTS_FILE = Path(__file__).resolve().parents[1] / "bench" / "RESULTS.md"
-"""Where measured MFUs are looked up, as lines `plan-mfu h100 0.43 (how it was measured)`."""
+MEASURED_MFU: dict[str, tuple[float, str]] = {}
+"""MFU per GPU key measured by bench/gpu_mfu.py, with how it was measured, e.g.
+`"h100": (0.43, "bench/gpu_mfu.py, 64 x H100, llama2-7b, 2027-01-05; bench/RESULTS.md, GPU MFU")`.
+Empty: no GPU run is recorded yet (bench/RESULTS.md, "GPU MFU": not measured)."""
 
 
 @dataclass(frozen=True)
@@ -191,16 +149,18 @@ class GpuSpec:
     """Usable memory: the total CUDA reports (`torch.cuda.mem_get_info`, and the "total
     capacity" of an out-of-memory message), ~1% under the datasheet's 80/141/180 GB."""
     peak_bf16_flops: float
-    """Dense bf16 tensor-core FLOP/s (no sparsity), from the vendor datasheet."""
+    """Dense bf16 tensor-core FLOP/s (no sparsity): raylm.train.metrics.PEAK_BF16_FLOPS."""
     price_per_hour: float
-    """Rough on-demand list price, USD per GPU-hour (see the module docstring)."""
+    """Rough on-demand list price, USD per GPU-hour at the large clouds' 8-GPU instances (AWS p5 /
+    GCP a3-highgpu-8g class) as of 2025: it differs by region and changes often, and spot or
+    committed prices are far lower; the output says when it used one (--price sets yours)."""
 
 
 GPUS: dict[str, GpuSpec] = {
-    "h100": GpuSpec("h100", "H100 SXM 80GB", 79.1, 989e12, 7.0),
-    "h200": GpuSpec("h200", "H200 SXM 141GB", 139.8, 989e12, 10.0),
-    "a100": GpuSpec("a100", "A100 SXM 80GB", 79.1, 312e12, 4.0),
-    "b200": GpuSpec("b200", "B200 (HGX) 180GB", 178.3, 2250e12, 14.0),
+    "h100": GpuSpec("h100", "H100 SXM 80GB", 79.1, PEAK_BF16_FLOPS["H100"], 7.0),
+    "h200": GpuSpec("h200", "H200 SXM 141GB", 139.8, PEAK_BF16_FLOPS["H200"], 10.0),
+    "a100": GpuSpec("a100", "A100 SXM 80GB", 79.1, PEAK_BF16_FLOPS["A100"], 4.0),
+    "b200": GpuSpec("b200", "B200 (HGX) 180GB", 178.3, PEAK_BF16_FLOPS["B200"], 14.0),
 }
 
 
@@ -362,7 +322,7 @@ def sdpa_kv_share(m: ModelConfig, c: int) -> float:
     else 1 (it repeats the K/V heads to n_heads first)."""
     if m.kv_heads == m.n_heads:
         return 1.0
-    return m.kv_heads / m.n_heads if (c == 2 and _SDPA_HAS_ENABLE_GQA) else 1.0
+    return m.kv_heads / m.n_heads if (c == 2 and SDPA_HAS_ENABLE_GQA) else 1.0
 
 
 def activation_bytes_per_token(m: ModelConfig, mode: str, c: int, r: int) -> dict[str, float]:
@@ -455,8 +415,7 @@ def staged_checkpoint_bytes(cfg: Config, world_size: int, device: str = "cuda") 
     GPU): its shard of the fp32 parameters and AdamW's two fp32 moments (12 bytes a parameter,
     1/W each), copied at the checkpoint step and held until the background write ends. 0 when
     saves block. On a GPU it is host RAM, not GPU memory: a node of 8 GPUs holds 8 copies."""
-    background = cfg.train.checkpoint_async
-    if not (device == "cuda" if background == "auto" else background):
+    if not saves_in_background(cfg, device):
         return 0
     return 12 * cfg.model.num_params() // world_size
 
@@ -529,19 +488,6 @@ def implied_mfu(m: ModelConfig, seq_len: int, tokens: float, gpu_hours: float, p
     return tokens * m.flops_per_token(seq_len) / (gpu_hours * 3600 * peak_flops)
 
 
-def measured_mfu(gpu: str, results: Path | None = None) -> tuple[float, str] | None:
-    """The best `plan-mfu GPU VALUE` line of bench/RESULTS.md for `gpu`, with its text."""
-    path = RESULTS_FILE if results is None else results
-    if not path.is_file():
-        return None
-    best = None
-    for line in path.read_text().splitlines():
-        match = re.search(rf"\bplan-mfu\s+{re.escape(gpu)}\s+([0-9]*\.?[0-9]+)", line, re.IGNORECASE)
-        if match and 0 < float(match.group(1)) <= 1 and (best is None or float(match.group(1)) > best[0]):
-            best = (float(match.group(1)), line.strip())
-    return best
-
-
 ASSUMED_STORAGE_GBPS = 10.0
 """Aggregate GB/s between a bucket and the cluster when --storage-gbps is not given: a figure of
 the order S3 or GCS gives one prefix-spread workload; measure yours and pass it."""
@@ -560,7 +506,7 @@ def storage_estimate(cfg: Config, gpus: int, step_time_s: float, train_tokens: f
     token_bytes = 2 if cfg.model.vocab_size <= 2**16 else 4
     row_bytes = (cfg.data.seq_len + 1) * token_bytes
     per_step = cfg.sequences_per_step * row_bytes
-    background = t.checkpoint_async is True or (t.checkpoint_async == "auto" and device == "cuda")
+    background = saves_in_background(cfg, device)
     return StorageEstimate(
         checkpoint_bytes=ckpt, checkpoint_bytes_per_gpu=ckpt // gpus, checkpoint_every=t.checkpoint_every,
         checkpoint_interval_s=t.checkpoint_every * step_time_s, storage_gbps=gbps, storage_source=source,
@@ -572,7 +518,7 @@ def storage_estimate(cfg: Config, gpus: int, step_time_s: float, train_tokens: f
 
 
 def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: float | None = None,
-         price: float | None = None, results: Path | None = None, storage_gbps: float | None = None) -> Plan:
+         price: float | None = None, measured: dict[str, tuple[float, str]] | None = None, storage_gbps: float | None = None) -> Plan:
     """Memory, time and cost of training `cfg` on `gpus` GPUs of kind `gpu` (see the docstring)."""
     if gpu not in GPUS:
         raise ConfigError(f"--gpu {gpu}: unknown GPU; valid: {', '.join(GPUS)}")
@@ -603,10 +549,10 @@ def plan(cfg: Config, gpus: int, gpu: str, tokens: float | None = None, mfu: flo
 
     if mfu is not None:
         mfu_value, mfu_source = mfu, "--mfu"
-    elif found := measured_mfu(gpu, results):
-        mfu_value, mfu_source = found[0], f"measured, bench/RESULTS.md: {found[1]}"
+    elif found := (MEASURED_MFU if measured is None else measured).get(gpu):
+        mfu_value, mfu_source = found[0], f"measured: {found[1]}"
     else:
-        mfu_value, mfu_source = ASSUMED_MFU, f"assumed: no plan-mfu {gpu} line in bench/RESULTS.md"
+        mfu_value, mfu_source = ASSUMED_MFU, f"assumed: no measured MFU for {gpu} in raylm.plan.MEASURED_MFU"
     flops = m.flops_per_token(cfg.data.seq_len)
     tokens_per_second = gpus * spec.peak_bf16_flops * mfu_value / flops
     if tokens is None:

@@ -7,24 +7,14 @@ delete, copy) take a local path or a URI alike, so the callers have one code pat
 are explicit (`SCHEMES`, and `file://` for reading): any other `scheme://` is a ConfigError,
 never a local folder named `scheme:`.
 
-Endpoint and credentials come from the standard AWS environment, never from a config file:
-
-- `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`: an S3-compatible endpoint (MinIO, moto, R2).
-  boto3 honours these; pyarrow before 26 does not (apache/arrow#49643), so raylm passes
-  `endpoint_override` (and `scheme="http"` for an http:// endpoint) itself.
-- `AWS_REGION`, else `AWS_DEFAULT_REGION`: the region. With neither and no endpoint, pyarrow
-  asks the bucket for its region (`resolve_s3_region`).
-- Every S3 request may stall for `S3_REQUEST_TIMEOUT_S` (60 s) before it is retried, not the AWS
-  SDK's 3 s, which a busy endpoint exceeds while a large checkpoint part is written.
-- `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_PROFILE`, instance
-  roles: the AWS SDK's own credential chain, read by whichever process opens a file. The
-  filesystem objects raylm builds carry no keys, so the Ray processes that unpickle them (read
-  tasks, Train workers) use their node's credentials.
-
-gs:// is pyarrow's GcsFileSystem with Google's default credentials (the node's service account,
-`GOOGLE_APPLICATION_CREDENTIALS`), through `FileSystem.from_uri`. `STORAGE_EMULATOR_HOST`
-(`host:port` or a URL; the variable Google's own clients honour, which pyarrow does not read)
-points it at a GCS emulator instead, with anonymous credentials, as those clients do.
+Endpoint and credentials come from the standard AWS and Google environment of each process,
+never from a config file (docs/cluster.md, "Object storage", lists the variables). What this
+module adds: the endpoint variables passed to pyarrow as `endpoint_override` (pyarrow before 26
+ignores them, apache/arrow#49643), the bucket's region asked when none is set
+(`pyarrow.fs.resolve_s3_region`), a 60 s S3 request timeout (`S3_REQUEST_TIMEOUT_S`) instead of the SDK's
+3 s, which a busy endpoint exceeds while a large checkpoint part is written, and
+`STORAGE_EMULATOR_HOST` honoured for a GCS emulator as Google's own clients do. The filesystem
+objects carry no keys, so the Ray processes that unpickle them use their node's credentials.
 
 Object stores have no rename and no exclusive create: a file written here appears whole or not
 at all (one PUT, or a multipart upload completed on close), which is what the checkpoint marker

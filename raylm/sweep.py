@@ -449,14 +449,15 @@ def best_trial(outcomes: list[TrialOutcome], mode: str) -> TrialOutcome | None:
 def results_table(outcomes: list[TrialOutcome], sweep: Sweep) -> str:
     keys = list(sweep.space)
     headers = ["trial", *keys, sweep.metric, "steps", "status"]
-    rows = [[o.trial_id, *(_short(o.params.get(k)) for k in keys),
+    rows = [[o.trial_id, *(short_value(o.params.get(k)) for k in keys),
              "-" if o.metric is None else f"{o.metric:.4f}", str(o.steps), o.status] for o in outcomes]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
-def _short(value: Any) -> str:
+def short_value(value: Any) -> str:
+    """A parameter value as a table cell: floats to 4 significant digits, None as "-"."""
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
@@ -491,7 +492,7 @@ def plot_curves(outcomes: list[TrialOutcome], sweep: Sweep, out: str | Path) -> 
         if not o.curve:
             continue
         steps, values = zip(*o.curve)
-        params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in o.params.items())
+        params = ", ".join(f"{k.split('.')[-1]}={short_value(v)}" for k, v in o.params.items())
         style = "-" if o.state == "completed" else ":"
         ax.plot(steps, values, style, marker=".", label=f"{o.trial_id}: {params}")
     ax.set_xlabel("step")

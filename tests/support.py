@@ -1,5 +1,5 @@
-"""Shared test pieces: an in-memory sink, a real two-rank gloo group, a crafted pickle;
-waits for events (`wait_for`) and a pause the test controls (`frozen`), so no test depends on speed."""
+"""Shared test pieces: an in-memory sink, a real two-rank gloo group, a crafted pickle; reference
+data helpers (the default corpus's documents, a whole-list pack, the run's tokenizer); waits for events (`wait_for`) and a pause the test controls (`frozen`), so no test depends on speed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
+
 from raylm.config import Config, load_config
+from raylm.data.corpus import Document, stdlib_files, stdlib_root
+from raylm.data.local import BATCH_DOCS, pack_batches, tokenizer_sample
+from raylm.data.transforms import TOKEN_DTYPE
+from raylm.tokenizer import Tokenizer, load_or_train
 from raylm.train import checkpoint as ckpt
 
 # The session's shared run (conftest.py's `local_run`): LOCAL_STEPS steps, a checkpoint every
@@ -33,6 +39,31 @@ def local_config(out: str | Path, *overrides: str) -> Config:
         f"train.checkpoint_every={LOCAL_CHECKPOINT_EVERY}", "train.log_every=1", "optimizer.warmup_steps=1",
         "optimizer.lr=3e-3", f"run.output_dir={out}", "run.sample_tokens=4", "run.keep_checkpoints=5", *overrides,
     ])
+
+
+def stdlib_documents(max_bytes: int | None = None) -> Iterator[Document]:
+    """Every document of the default corpus (or of its max_bytes sample), in sorted order, with
+    no split (the train/validation split is the file plan's): read here independently of it."""
+    root = stdlib_root()
+    for path in stdlib_files(max_bytes):
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        if text.strip():
+            yield Document(path.relative_to(root).as_posix(), text)
+
+
+def pack_documents(docs: list[Document], tokenizer: Tokenizer, seq_len: int, add_bos: bool,
+                   batch_docs: int = BATCH_DOCS) -> np.ndarray:
+    """All rows (N, seq_len + 1) of `docs` in document order; the last partial row is dropped."""
+    batches = ([d.text for d in docs[start : start + batch_docs]] for start in range(0, len(docs), batch_docs))
+    parts = list(pack_batches(batches, tokenizer, seq_len, add_bos))
+    if not parts:
+        return np.zeros((0, seq_len + 1), dtype=TOKEN_DTYPE)
+    return np.concatenate(parts)
+
+
+def train_tokenizer_local(cfg: Config) -> Tokenizer:
+    """The tokenizer `raylm train` gets for `cfg`, made in this process."""
+    return load_or_train(cfg, lambda: tokenizer_sample(cfg), lambda line: None)
 
 
 class ListSink:

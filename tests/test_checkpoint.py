@@ -36,7 +36,7 @@ def config():
 
 def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     cfg = config()
-    model, _ = build_model(cfg, torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu"))
     return model, build_optimizer(model, cfg.optimizer, "cpu")
 
 
@@ -154,7 +154,7 @@ def test_each_save_has_its_own_save_id_and_dcp_metadata_records_it(two_ranks):
     first = json.loads((out / "first" / "rank0" / ckpt.MARKER).read_text())["save_id"]
     second = json.loads((out / "separate" / "rank0" / ckpt.MARKER).read_text())["save_id"]
     assert len(first) == len(second) == 32 and first != second
-    assert ckpt._read_metadata(out / "separate" / "rank0").storage_meta.save_id == second
+    assert ckpt.read_dcp_metadata(out / "separate" / "rank0").storage_meta.save_id == second
 
 
 @pytest.mark.slow  # a spawned two-rank gloo group
@@ -253,14 +253,14 @@ def test_facts_and_extra_files_round_trip_and_extra_files_are_checksummed(tmp_pa
         ckpt.save_checkpoint(tmp_path / "d", model, optimizer, {"step": 5}, extra_files={ckpt.MARKER: b"{}"})
 
 
-def test_marker_without_checksums_is_refused_with_its_format_named(tmp_path):
+def test_marker_of_another_format_is_refused_with_its_format_named(tmp_path):
     path = ckpt.save_checkpoint(tmp_path / "c", *fresh(), {"step": 1})
     marker = json.loads((path / ckpt.MARKER).read_text())
     marker["format"] = "raylm-dcp-1"
     marker["files"] = {name: entry["bytes"] for name, entry in marker["files"].items()}
     (path / ckpt.MARKER).write_text(json.dumps(marker))
     assert ckpt.read_marker(path) is None
-    with pytest.raises(CheckpointError, match="format raylm-dcp-1 has no checksums"):
+    with pytest.raises(CheckpointError, match=f"format 'raylm-dcp-1', expected '{ckpt.FORMAT}'"):
         ckpt.load_checkpoint(path, *fresh())
 
 

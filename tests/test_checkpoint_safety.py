@@ -29,7 +29,7 @@ from raylm.model import Transformer
 from raylm.optim import build_optimizer
 from raylm.train import checkpoint as ckpt
 from raylm.train.local import train_local
-from raylm.train.trainer import LocalSink, RankEnv, Trainer
+from raylm.train.trainer import RunDirSink, RankEnv, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/debug.yaml"
@@ -150,13 +150,13 @@ ROWS = np.random.default_rng(0).integers(4, 500, size=(256, 33)).astype(np.int32
 
 
 def _fit(run: Path, max_steps: int, every: int, keep: int, log: list[str]) -> Trainer:
-    """The trainer of `raylm train --local` continuing `run` in place (LocalSink, fixed rows)."""
+    """The trainer of `raylm train --local` continuing `run` in place (RunDirSink, fixed rows)."""
     cfg = _trainer_config(run, f"train.max_steps={max_steps}", f"train.checkpoint_every={every}",
                           f"run.keep_checkpoints={keep}")
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     model.init_weights()
-    sink = LocalSink(run, keep)
+    sink = RunDirSink(run, keep)
     trainer = Trainer(cfg, RankEnv(), sink, PackedDataset(ROWS), model=model,
                       optimizer=build_optimizer(model, cfg.optimizer), log=log.append)
     try:

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -37,7 +38,6 @@ from raylm.config import load_config
 from raylm.plan import plan
 from raylm.train import checkpoint as ckpt
 
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+, as the images
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -579,7 +579,7 @@ def test_local_cluster_script_runs_a_job_with_the_token_and_refuses_clients_with
         # finishes and leaves its checkpoint. (2 logical CPUs a node: the data pipeline's actors
         # and tasks and the worker must fit on the nodes at once.)
         # Its tokenizer trained here beforehand (tokenizer.path): the job skips sampling the corpus.
-        from raylm.data.local import train_tokenizer_local
+        from support import train_tokenizer_local
 
         runs, job_args = tmp_path / "runs", ["train.max_steps=2", "train.eval_every=0", "run.sample_tokens=4",
                                              "data.val_fraction=0", "data.sources.0.max_bytes=100000",

@@ -58,11 +58,11 @@ def test_every_core_module_imports_and_the_trainer_trains_with_ray_unimportable(
         import numpy as np
         from raylm.config import load_config
         from raylm.data.order import PackedDataset
-        from raylm.train.trainer import LocalSink, RankEnv, Trainer
+        from raylm.train.trainer import RunDirSink, RankEnv, Trainer
         cfg = load_config(None, ["model.preset=debug", "data.seq_len=32", "train.global_batch_tokens=128",
                                  "train.micro_batch_size=4", "train.max_steps=2", "train.eval_every=0"])
         rows = np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=(16, 33)).astype(np.int32)
-        sink = LocalSink({str(tmp_path)!r}, keep_checkpoints=1)
+        sink = RunDirSink({str(tmp_path)!r}, keep_checkpoints=1)
         out = Trainer(cfg, RankEnv(), sink, PackedDataset(rows), log=lambda line: None).fit()
         sink.close()
         assert out["step"] == 2, out

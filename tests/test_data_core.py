@@ -24,11 +24,13 @@ def test_data_core_runs_with_ray_unimportable():
         import sys
         sys.modules["ray"] = None
         from raylm.config import load_config
-        from raylm.data.local import local_documents, pack_documents, train_tokenizer_local
+        import numpy as np
+        from raylm.data.local import planned_rows, tokenizer_sample
+        from raylm.tokenizer import load_or_train
         cfg = load_config(None, ["data.sources.0.max_bytes=150000", "model.vocab_size=512",
-                                 "tokenizer.sample_bytes=100000"])
-        tok = train_tokenizer_local(cfg)
-        rows = pack_documents(local_documents(cfg, "train"), tok, 64, True)
+                                 "tokenizer.sample_bytes=100000", "data.seq_len=64"])
+        tok = load_or_train(cfg, lambda: tokenizer_sample(cfg), lambda line: None)
+        rows = np.concatenate(list(planned_rows(cfg, tok, "train")))
         assert rows.shape[1] == 65 and len(rows) > 100, rows.shape
         print("ok")
         """
@@ -169,7 +171,7 @@ def test_local_rows_equal_reading_stdlib_in_order(tmp_path):
     """The single-process documents of the default corpus are the stdlib files in sorted order
     (with data.shuffle_files off; on, the same files in a seeded order)."""
     from raylm.config import load_config
-    from raylm.data.corpus import stdlib_documents
+    from support import stdlib_documents
     from raylm.data.local import local_documents
 
     cfg = load_config(None, ["data.sources.0.max_bytes=200000", "data.shuffle_files=false", "data.val_fraction=0"])

@@ -31,7 +31,7 @@ def config(*overrides, sources=None):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from raylm.data.corpus import stdlib_documents
+    from support import stdlib_documents
 
     docs = stdlib_documents(max_bytes=200_000)
     return Tokenizer.train((d.text for d in docs), 512, max_bytes=100_000)
@@ -135,7 +135,7 @@ def test_validation_is_held_out_by_document_hash(ray_cluster, tmp_path):
 
 def test_ray_trained_tokenizer_equals_the_local_one(ray_cluster, tmp_path):
     """The tokenizer sample streamed through Ray Data is the local path's sample: same model bytes."""
-    from raylm.data.local import train_tokenizer_local
+    from support import train_tokenizer_local
     from raylm.data.plan import list_corpus
     from raylm.ray.data import sample_documents
     from raylm.tokenizer import load_or_train

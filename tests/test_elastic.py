@@ -44,7 +44,7 @@ def tokenizer(tmp_path_factory) -> str:
     """`tokenizer.path=...` of the tokenizer these runs would train, trained once here in this
     process: each streaming run (and `raylm prepare`) would otherwise sample the corpus through
     Ray Data and train the same one again before its first step."""
-    from raylm.data.local import train_tokenizer_local
+    from support import train_tokenizer_local
 
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
     train_tokenizer_local(elastic_config(path.parent)).save(path)

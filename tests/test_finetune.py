@@ -374,7 +374,8 @@ def test_ray_data_packs_pairs_with_their_masks_as_the_single_process_path(ray_cl
     rows from a pairs source, loss masks included, as `--local`'s path: the stream that
     `raylm train` hands its workers carries the mask, and its bad-input counter counts the
     record without a completion. The workers then run the trainer the `--local` test runs."""
-    from raylm.data.local import local_documents, pack_documents
+    from raylm.data.local import local_documents
+    from support import pack_documents
     from raylm.data.plan import plan_files
     from raylm.ray.data import iter_rows, packed_dataset
     from raylm.tokenizer import Tokenizer

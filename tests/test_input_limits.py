@@ -271,7 +271,7 @@ def _facts(cfg, listing=None):
     from raylm.train.runs import RunFacts
 
     listing = listing or plan.list_corpus(cfg, log=None)
-    return RunFacts("tok", cfg.data.seq_len, plan.data_fingerprint(cfg, listing), plan.corpus_files(cfg, listing))
+    return RunFacts("tok", cfg.data.seq_len, plan.stream_fingerprint(cfg, listing), plan.corpus_files(cfg, listing))
 
 
 def _check(then, now, allowed=()):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from raylm.errors import ConfigError
 from raylm.model import (
     Attention,
+    PRESETS,
     ModelConfig,
     Transformer,
     _causal_attention,
@@ -134,7 +135,7 @@ def test_llama2_7b_on_meta_has_exact_param_count_and_allocates_nothing():
 
 @pytest.mark.parametrize(
     "name,overrides",
-    [(name, {}) for name in ModelConfig.preset_names()]
+    [(name, {}) for name in list(PRESETS)]
     + [("tiny", {"tie_embeddings": True}), ("debug", {"ffn_dim_multiplier": 1.3})],
 )
 def test_analytic_param_count_equals_built_model(name, overrides):
@@ -163,7 +164,7 @@ def test_flops_per_token_matches_palm_formula_for_llama2_7b():
     matmul_params = L * per_layer_matmul + V * d  # + output head, no embedding table
     expected = 6 * matmul_params + 12 * L * H * Q * T
     assert config.flops_per_token(T) == expected
-    for name in ModelConfig.preset_names():
+    for name in list(PRESETS):
         c = ModelConfig.preset(name)
         assert c.flops_per_token(c.max_seq_len) >= 6 * c.num_params(include_embedding=False)
 
@@ -280,9 +281,9 @@ def test_invalid_config_raises_one_line_value_error_naming_the_key(overrides, ke
 def test_unknown_preset_lists_valid_names():
     with pytest.raises(ValueError) as excinfo:
         ModelConfig.preset("gpt5")
-    for name in ModelConfig.preset_names():
+    for name in list(PRESETS):
         assert name in str(excinfo.value)
-    assert set(ModelConfig.preset_names()) == {"debug", "tiny", "125m", "1b", "llama2-7b"}
+    assert set(list(PRESETS)) == {"debug", "tiny", "125m", "1b", "llama2-7b"}
 
 
 def test_bf16_forward_uses_native_gqa_and_stays_close_to_fp32():
@@ -302,4 +303,4 @@ def test_native_gqa_is_on_for_every_supported_torch():
     compared version strings, and "2.13" < "2.5" turned native GQA off)."""
     import raylm.model as model
 
-    assert model._SDPA_HAS_ENABLE_GQA is True
+    assert model.SDPA_HAS_ENABLE_GQA is True

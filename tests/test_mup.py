@@ -209,6 +209,8 @@ def _two_rank_groups(rank: int, out: Path) -> dict:
     """On each rank of a gloo group: a sharded µP model (activation checkpointing on, so names
     carry a wrapper prefix), its groups by parameter name, one step, a DCP save and a load into
     a fresh sharded model whose groups were spoiled."""
+    from torch.distributed.fsdp import FSDPModule
+
     from raylm.train.parallel import build_model
 
     torch.set_num_threads(1)
@@ -219,15 +221,16 @@ def _two_rank_groups(rank: int, out: Path) -> dict:
         names = {id(p): n for n, p in model.named_parameters()}
         return {names[id(p)]: [g["lr_mult"], g["weight_decay"]] for g in optimizer.param_groups for p in g["params"]}
 
-    model, info = build_model(cfg, torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu"))
     optimizer = adam_steps(model, 1, 1e-3, tokens(vocab=cfg.model.vocab_size, batch=2, length=16))
     ckpt.save_checkpoint(out / "ckpt", model, optimizer, {"step": 1})
-    fresh, _ = build_model(cfg, torch.device("cpu"), seed=5)
+    fresh = build_model(cfg, torch.device("cpu"), seed=5)
     fresh_opt = build_optimizer(fresh, cfg.optimizer)
     for group in fresh_opt.param_groups:
         group["lr_mult"] = -1.0
     ckpt.load_checkpoint(out / "ckpt", fresh, fresh_opt)
-    return {"sharded": info.sharded, "groups": groups(model, optimizer), "loaded": groups(fresh, fresh_opt),
+    return {"sharded": isinstance(model, FSDPModule), "groups": groups(model, optimizer),
+            "loaded": groups(fresh, fresh_opt),
             "states": len(fresh_opt.state_dict()["state"])}
 
 

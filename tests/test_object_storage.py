@@ -235,7 +235,7 @@ def s3_ray(s3):
     tokenizer at TOKENIZER."""
     from conftest import start_local_ray
 
-    from raylm.data.local import train_tokenizer_local
+    from support import train_tokenizer_local
 
     cfg = ray_config("unused", "tokenizer.path=null")
     train_tokenizer_local(cfg).save(TOKENIZER)
@@ -258,9 +258,9 @@ def training_worker_pids() -> list[int]:
 def streaming_reference(cfg, tokenizer_uri: str) -> dict[int, float]:
     """Losses of the same run in this process without Ray: one worker's stream is the packed
     rows of the plan in index order (the same rows the Ray Data pipeline packs)."""
-    from support import ListSink
+    from support import ListSink, pack_documents
 
-    from raylm.data.local import local_documents, pack_documents
+    from raylm.data.local import local_documents
     from raylm.data.order import PackedDataset
     from raylm.tokenizer import Tokenizer
     from raylm.train.trainer import RankEnv, Trainer

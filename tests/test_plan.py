@@ -133,16 +133,35 @@ def test_checkpoint_and_data_traffic_follow_from_the_parameter_count_the_rows_an
     assert value(table, "  restart: reads each byte once") == f"{12 * N / 5e9:.1f} s"
 
 
-def test_the_mfu_is_the_best_plan_mfu_line_of_the_results_for_that_gpu_else_a_stated_assumption(tmp_path):
+def test_the_mfu_is_the_measured_figure_for_that_gpu_else_a_stated_assumption():
     cfg = load_config(LLAMA2_7B)
-    results = tmp_path / "RESULTS.md"
-    results.write_text("plan-mfu h100 0.38 (8 x H100, 1b)\nplan-mfu a100 0.61 (other GPU)\n"
-                       "| plan-mfu h100 0.43 (64 x H100, llama2-7b) |\n")
-    measured = plan(cfg, 64, "h100", results=results)
+    table = {"h100": (0.43, "64 x H100, llama2-7b"), "a100": (0.61, "other GPU")}
+    measured = plan(cfg, 64, "h100", measured=table)
     assert measured.mfu == 0.43 and "measured" in measured.mfu_source and "64 x H100" in measured.mfu_source
-    assumed = plan(cfg, 64, "h100", results=tmp_path / "missing.md")
+    assumed = plan(cfg, 64, "h100", measured={})
     assert assumed.mfu == 0.40 and assumed.mfu_source.startswith("assumed")
-    assert plan(cfg, 64, "h100", mfu=0.5, results=results).mfu == 0.5
+    assert plan(cfg, 64, "h100", mfu=0.5, measured=table).mfu == 0.5
+
+
+def test_the_planner_reads_no_repository_file_so_an_installed_wheel_plans_the_same(tmp_path, capsys):
+    """`raylm plan` from a copy of the package alone (no bench/, docs/ or configs/ beside it, as
+    in an installed wheel) prints the same table as from the repository."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import raylm
+
+    shutil.copytree(Path(raylm.__file__).parent, tmp_path / "site" / "raylm",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    args = ["plan", LLAMA2_7B, "--gpus", "64"]
+    code = "import sys; from raylm.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    from_wheel = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=tmp_path, capture_output=True,
+                                text=True, check=True).stdout
+    main(args)
+    assert "raylm.plan.MEASURED_MFU" in from_wheel and from_wheel == capsys.readouterr().out
 
 
 def test_torchtitan_llama3_8b_published_peak_lies_between_full_and_no_checkpointing():

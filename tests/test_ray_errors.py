@@ -127,7 +127,7 @@ def test_a_user_error_in_ray_train_workers_prints_only_raylms_line(tmp_path):
     Ray Data logs nor the workers' "Error in training function" reach the console, only the line;
     Ray Train's worker logs keep the traceback. (run.max_failures=0: one attempt, not four.)"""
     from raylm.config import load_config
-    from raylm.data.local import train_tokenizer_local
+    from support import train_tokenizer_local
 
     good = bad_jsonl(tmp_path / "good.jsonl", bad=False)
     cfg = load_config(str(ROOT / "configs/debug.yaml"), [f"data.sources=[{{path: {good}, format: jsonl}}]"])
@@ -290,7 +290,7 @@ def test_a_lost_local_cluster_ends_train_with_one_line_naming_the_run(tmp_path):
     traceback, exit status 1, and the run directory keeps its checkpoint. (Its tokenizer trained
     here beforehand, `tokenizer.path`: the run skips sampling the corpus through Ray Data.)"""
     from raylm.config import load_config
-    from raylm.data.local import train_tokenizer_local
+    from support import train_tokenizer_local
 
     tokenizer = train_tokenizer_local(load_config(str(ROOT / "configs/debug.yaml"))).save(tmp_path / "tok.model")
     out_dir = tmp_path / "runs"

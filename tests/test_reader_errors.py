@@ -16,7 +16,7 @@ import sentencepiece as spm
 
 from raylm.cli import main as cli_main
 from raylm.config import load_config
-from raylm.data.local import first_rows, local_datasets, local_documents, pack_documents, planned_rows
+from raylm.data.local import first_rows, local_datasets, local_documents, planned_rows
 from raylm.data.parse import BadInputTally, read_documents
 from raylm.data.plan import plan_files
 from raylm.errors import CheckpointError, DataError, RaylmError, SourceNotFound
@@ -26,6 +26,7 @@ from raylm.train import checkpoint as ckpt
 from raylm.train.runs import init_checkpoint
 from raylm.use.evaluate import data_config, local_rows
 from raylm.use.load import resolve_checkpoint
+from support import pack_documents
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jugglers".split()
 

@@ -85,7 +85,7 @@ def restore(cfg, rank: int, run: Path, log: list[str]) -> Trainer:
 def _rank_work(rank: int, out: Path) -> dict:
     cfg = config()
     run = out / "run"
-    model, _ = build_model(cfg, torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg.optimizer, "cpu")
     saved = {}
     for step in (1, 2):
@@ -196,7 +196,7 @@ class _Stream(PackedDataset):
 
 def _two_checkpoints(run: Path) -> tuple[Path, Path]:
     cfg = config()
-    model, _ = build_model(cfg, torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg.optimizer, "cpu")
     first = ckpt.save_checkpoint(run / ckpt.checkpoint_dir_name(1), model, optimizer, train_state(1))
     with torch.no_grad():
@@ -235,7 +235,7 @@ def test_damage_behind_a_stream_built_from_markers_is_noted_so_the_restart_skips
         (newest / name).write_bytes((newest / name).read_bytes()[:-64] + bytes(64))  # the last item damaged
     trainer = Trainer(config(), RankEnv(), ListSink(only), PackedDataset(rows), log=log.append)
     trainer.restore()
-    fresh, _ = build_model(config(), torch.device("cpu"))
+    fresh = build_model(config(), torch.device("cpu"))
     assert trainer.restored_from is None and trainer.state.step == 0
     assert same_weights(trainer.model.state_dict(), fresh.state_dict())
 
@@ -250,7 +250,7 @@ def test_a_marker_without_item_checksums_still_loads_verified_whole(tmp_path):
             entry.pop("items", None)
         (path / ckpt.MARKER).write_text(json.dumps(marker))
     cfg = config()
-    model, _ = build_model(cfg, torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu"))
     assert ckpt.load_checkpoint(newest, model, build_optimizer(model, cfg.optimizer, "cpu"))["step"] == 2
     shard = newest / "__0_0.distcp"
     shard.write_bytes(bytes(shard.stat().st_size))

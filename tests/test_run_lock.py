@@ -232,7 +232,7 @@ def s3(s3_server):
 def test_on_s3_the_lease_is_exclusive_names_its_holder_and_a_stale_one_has_one_taker(s3):
     """S3 leases use PutObject If-None-Match (create) and If-Match on the stale lease's ETag (takeover)."""
     directory = f"{s3}/unit"
-    assert lock.conditional_writes(directory)
+    assert type(lock._store(storage.child(directory, lock.LOCK_FILE))) is lock._S3Store  # exclusive, not best effort
     winner = _one_winner(_race(6, lambda: lock.create(directory, "run directory")))
     with pytest.raises(lock.LockHeld, match=f"pid {os.getpid()}"):
         lock.acquire(directory, "run directory")

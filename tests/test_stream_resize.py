@@ -125,7 +125,7 @@ def test_a_streaming_run_resized_from_2_workers_to_1_trains_the_same_rows_and_lo
     checkpoint on 1 worker: its steps 4-6 have the losses (rel 1e-4) of the uninterrupted
     2-worker run's, and each run's final data position is exactly the first 6 x G sequences
     (no hole, none twice)."""
-    from raylm.data.local import train_tokenizer_local
+    from support import train_tokenizer_local
     from raylm.train import checkpoint as ckpt
 
     tokenizer = tmp_path / "tokenizer.model"

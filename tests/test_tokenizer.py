@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from raylm.data.corpus import stdlib_documents
+from support import stdlib_documents
 from raylm.errors import DataError
 from raylm.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 

@@ -13,18 +13,24 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from raylm.config import load_config
-from raylm.data.local import pack_documents, local_documents, train_tokenizer_local
+from raylm.data.local import local_documents
 from raylm.data.order import PackedDataset, step_shares
 from raylm.errors import CheckpointError
 from raylm.optim import build_optimizer
 from raylm.train import checkpoint as ckpt
-from raylm.train.parallel import build_model, local_param_count
+from raylm.train.parallel import build_model
 from raylm.train.trainer import RankEnv, Trainer
-from support import ListSink, RunsCode, run_ranks
+from support import ListSink, RunsCode, pack_documents, run_ranks, train_tokenizer_local
 
 STEPS, RESUME_AT = 4, 2
+
+
+def _local_param_count(model) -> int:
+    """Parameter elements held by this rank (its shards under FSDP2)."""
+    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
 
 
 def core_config(tmp: Path | str = "runs", **extra):
@@ -58,7 +64,7 @@ def train(cfg, rows_path: Path, out: Path, resume: Path | None = None) -> dict:
     trainer = Trainer(cfg, RankEnv(rank, world, device), sink, data, None, initial_checkpoint=resume,
                       log=lambda line: None)
     trainer.fit()
-    return {"losses": sink.losses(), "local_params": local_param_count(trainer.model), "rank": rank}
+    return {"losses": sink.losses(), "local_params": _local_param_count(trainer.model), "rank": rank}
 
 
 def full_state(model, optimizer) -> dict[str, torch.Tensor]:
@@ -83,7 +89,7 @@ def _rank_task(task: str, args: dict, rank: int, out: Path) -> dict:
             (out / name).mkdir(exist_ok=True)
             runs[name] = train(core_config(out / name), Path(args["rows"]), out / name, resume)
         return runs
-    model, _ = build_model(cfg, torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg.optimizer, "cpu")
     ckpt.load_checkpoint(args["checkpoint"], model, optimizer)
     state = full_state(model, optimizer)
@@ -133,8 +139,8 @@ def test_init_is_world_size_independent_and_loss_matches_one_process(two_rank_ru
 def test_checkpoint_saved_by_two_ranks_loads_in_one_process_with_identical_state(two_rank_run, tmp_path):
     out, _ = two_rank_run
     cfg = core_config(tmp_path)
-    model, info = build_model(cfg, torch.device("cpu"))
-    assert not info.sharded
+    model = build_model(cfg, torch.device("cpu"))
+    assert not isinstance(model, FSDPModule)
     optimizer = build_optimizer(model, cfg.optimizer, "cpu")
     state = ckpt.load_checkpoint(out / ckpt.checkpoint_dir_name(STEPS), model, optimizer)
     assert state["step"] == STEPS
@@ -208,7 +214,7 @@ def test_incomplete_checkpoint_is_never_taken_as_latest(two_rank_run, tmp_path):
 
 
 def _fresh(cfg):
-    model, _ = build_model(cfg, torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu"))
     return model, build_optimizer(model, cfg.optimizer, "cpu")
 
 

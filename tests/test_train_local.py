@@ -1,6 +1,6 @@
 """The core trainer without Ray: `raylm train --local` runs, run directories, resume checks, non-finite steps, sampling.
 
-`train_local` is the same Trainer and checkpoint rules a Ray worker runs, with a LocalSink. The
+`train_local` is the same Trainer and checkpoint rules a Ray worker runs, with a RunDirSink. The
 tests that only need a finished run read the session's (`local_run`, conftest.py).
 """
 
@@ -23,7 +23,7 @@ from raylm.optim import build_optimizer
 from raylm.train import checkpoint as ckpt
 from raylm.train.local import train_local
 from raylm.train.runs import create_run_dir, discard_run_dir, resolve_run
-from raylm.train.trainer import LocalSink, RankEnv, Trainer
+from raylm.train.trainer import RunDirSink, RankEnv, Trainer
 
 from support import LOCAL_CHECKPOINT_EVERY, LOCAL_STEPS as STEPS, local_config
 
@@ -139,7 +139,7 @@ def _trainer(cfg, out: Path, on_indices_for):
     model = Transformer(cfg.model)
     model.init_weights()
     rows = np.random.default_rng(0).integers(4, 500, size=(64, 33)).astype(np.int32)
-    sink = LocalSink(out, cfg.run.keep_checkpoints)
+    sink = RunDirSink(out, cfg.run.keep_checkpoints)
     trainer = Trainer(cfg, RankEnv(), sink, PackedDataset(rows), model=model,
                       optimizer=build_optimizer(model, cfg.optimizer), on_indices=on_indices_for(model),
                       log=lambda line: None)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from raylm.cli import main as cli_main
-from raylm.data.local import local_documents, pack_documents
+from raylm.data.local import local_documents
 from raylm.tokenizer import Tokenizer
 from raylm.train import checkpoint as ckpt
 from raylm.use.evaluate import token_bytes
-from support import local_config
+from support import local_config, pack_documents
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

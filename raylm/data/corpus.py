@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import sysconfig
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,13 +66,3 @@ def is_validation(doc_id: str, val_fraction: float) -> bool:
     """Stable split of records: the same document is held out on every machine and every run.
     (Whole text files are chosen by bytes instead: `raylm.data.plan.heldout_text_files`.)"""
     return val_fraction > 0 and hash_fraction(doc_id) < val_fraction
-
-
-def stdlib_documents(max_bytes: int | None = None) -> Iterator[Document]:
-    """Every document of the default corpus (or of its max_bytes sample), in sorted order, with
-    no split: the train/validation split is the file plan's (`raylm.data.plan`)."""
-    root = stdlib_root()
-    for path in stdlib_files(max_bytes):
-        text = path.read_bytes().decode("utf-8", errors="replace")
-        if text.strip():
-            yield Document(path.relative_to(root).as_posix(), text)

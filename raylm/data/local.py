@@ -19,7 +19,7 @@ from raylm.data.parse import BadInputTally, read_documents, sample_priority
 from raylm.data.plan import CorpusListing, plan_files
 from raylm.data.transforms import TOKEN_DTYPE, tokenize_and_pack
 from raylm.errors import EmptySplit
-from raylm.tokenizer import Tokenizer, load_or_train
+from raylm.tokenizer import Tokenizer
 
 
 BATCH_DOCS = 256
@@ -56,16 +56,6 @@ def pack_batches(text_batches: Iterable[list[str]], tokenizer: Tokenizer, seq_le
             texts, tokenizer.encode, seq_len, tokenizer.bos_id, tokenizer.eos_id, add_bos, carry
         )
         yield rows
-
-
-def pack_documents(docs: list[Document], tokenizer: Tokenizer, seq_len: int, add_bos: bool,
-                   batch_docs: int = BATCH_DOCS) -> np.ndarray:
-    """All rows (N, seq_len + 1) of `docs` in document order; the last partial row is dropped."""
-    batches = ([d.text for d in docs[start : start + batch_docs]] for start in range(0, len(docs), batch_docs))
-    parts = list(pack_batches(batches, tokenizer, seq_len, add_bos))
-    if not parts:
-        return np.zeros((0, seq_len + 1), dtype=TOKEN_DTYPE)
-    return np.concatenate(parts)
 
 
 def planned_rows(cfg: Config, tokenizer: Tokenizer, split: str, max_rows: int | None = None, *,
@@ -120,11 +110,6 @@ def tokenizer_sample(cfg: Config, listing: CorpusListing | None = None) -> list[
     seed = cfg.tokenizer.seed
     docs = sorted(docs, key=lambda d: (sample_priority(seed, d.doc_id), d.doc_id))[: cfg.tokenizer.sample_docs]
     return [d.text for d in docs]
-
-
-def train_tokenizer_local(cfg: Config) -> Tokenizer:
-    """The tokenizer `raylm train` gets for `cfg`, made in this process (tests, benchmarks)."""
-    return load_or_train(cfg, lambda: tokenizer_sample(cfg), lambda line: None)
 
 
 class CountedSource:

@@ -506,7 +506,7 @@ def _data_settings(cfg: Config) -> dict:
             "on_error": d.on_error, "max_document_bytes": d.max_document_bytes}
 
 
-def data_fingerprint(cfg: Config, listing: CorpusListing) -> str:
+def stream_fingerprint(cfg: Config, listing: CorpusListing) -> str:
     """What decides a streaming run's sequences besides the tokenizer and seq_len: the listed
     files (path and size) and the settings that order, split and filter their documents.
     The files' contents are compared by `corpus_files` (a resume checks both)."""

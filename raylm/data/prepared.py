@@ -125,7 +125,7 @@ def has_split(path: str | Path, split: str) -> bool:
     return bool(read_manifest(path)["splits"].get(split, {}).get("sequences"))
 
 
-def data_fingerprint(manifest: dict, cfg: Config) -> str:
+def prepared_fingerprint(manifest: dict, cfg: Config) -> str:
     """What decides a prepared run's sequence order: the shards (by their config and counts) and data.seed."""
     counts = {s: info["sequences"] for s, info in manifest["splits"].items()}
     text = json.dumps({"prepared": manifest["config_sha256"], "sequences": counts, "seed": cfg.data.seed,

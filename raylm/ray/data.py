@@ -15,26 +15,13 @@ exactly a sequential pack of the documents in plan order (`raylm.data.plan`): th
 anchor: the plan position of the file its first token comes from and that token's offset in
 the file's framed tokens.
 
-Streaming training. The training stream is one execution of `data.stream_passes` passes over
-the corpus (derived from train.max_steps when unset: enough for the run). Ray Train splits it
-over the workers with `streaming_split(equal=False)`, which hands rows out in arrival order,
-not as contiguous slices, and never drops any. The workers then trade rows so that step s
-trains exactly the next G unseen global indices at every world size (`StreamingTrainSource`),
-as the prepared path does: a resize does not change the rows of any step. The trainer's
-`DataPosition` records them (watermark + extra), and its `data_anchor` the anchor of a
-consumed row below the watermark. If a finite stream runs out, every rank learns it at the same step
-(`Trainer`: `finite`), checkpoints and stops; nobody waits in a collective for the others.
-
-Restarts in seconds. The training Dataset is built by `TrainStream`, a callable Ray Train
-calls on its controller at every worker-group start (the first, each restart after a
-failure or preemption, each elastic resize). It reads the marker of the newest complete
-checkpoint of the run (`newest_complete`: markers and listings only, never the shards; the
-workers verify what they load as they load it, and restart once if it proves damaged) and starts the plan at the file of its anchor,
-dropping the tokens before it, so the packing carry is rebuilt exactly and the first row is
-the anchor's row; rows the position has consumed are dropped by the packing actor and by
-every worker (`StreamingTrainSource`). The cost of a restart is therefore the reading of at
-most one checkpoint interval of data, not of the corpus up to the resume point. Prepared
-mode seeks instantly.
+Streaming training (docs/elastic.md says how and why): one execution of `data.stream_passes`
+passes, split by `streaming_split(equal=False)`; the workers trade rows so that every step
+trains the next G unseen global indices at any world size (`StreamingTrainSource`), and a
+finite stream's end is agreed by every rank at one step. Restarts: `TrainStream`, which Ray
+Train calls at every worker-group start, starts the plan at the anchor of the newest complete
+checkpoint (`newest_complete`: markers and listings only), so a restart re-reads at most one
+checkpoint interval of data.
 
 Validation: the held-out documents, in a seeded order that spreads over every source and file
 (`raylm.data.plan`), packed the same way, cut to the rows evaluation reads (`Config.eval_sequences`),
@@ -98,7 +85,8 @@ class Pipeline:
         return ray.get(self.counter.report.remote())
 
 
-def _ordered(ds):
+def ordered(ds):
+    """`ds`, set to keep its rows in plan order and to raise raylm's own errors from its tasks."""
     ds.context.execution_options.preserve_order = True
     # A DataError raised in a read task or actor reaches the driver as itself (wrapped by
     # RayTaskError), not behind Ray Data's UserCodeException, whose cause is lost in transit.
@@ -117,7 +105,7 @@ def documents_dataset(cfg: Config, plan: FilePlan, split: str, counter, *, with_
     # autoscaling cluster can ask for a node), then one read task per block (data.read_cpus).
     n_blocks = max(1, min(len(rest.files), read_blocks(rest, d.tokenize_actors)))
     ds = ray.data.from_items([{"data": i} for i in range(len(rest.files))], override_num_blocks=n_blocks)
-    return _ordered(ds).map_batches(
+    return ordered(ds).map_batches(
         read_parse,
         fn_kwargs=dict(plan=ray.put(plan_payload(plan)), first=first, split=split, val_fraction=d.val_fraction,
                        on_error=d.on_error, counter=counter,
@@ -159,7 +147,7 @@ def packed_dataset(cfg: Config, tokenizer: Tokenizer, plan: FilePlan, split: str
         batch_size=None,
         batch_format="numpy",
     )
-    ds = _ordered(ds)
+    ds = ordered(ds)
     # Start reading only once the actors are up. Otherwise bad input in the first file fails
     # the execution while they are still pending, and Ray Data's shutdown could leave one
     # alive holding its CPUs (seen on 2 CPUs: the next run then waited for them in vain).
@@ -247,7 +235,7 @@ def _small_blocks(ds, rows: int):
     tests/test_ray_compat.py). One task at a time: tasks this small would otherwise run by the
     dozen, each in a worker process of its own (seen: 20 idle workers of 200 MB on 2 CPUs).
     """
-    ds = _ordered(ds.repartition(target_num_rows_per_block=rows))
+    ds = ordered(ds.repartition(target_num_rows_per_block=rows))
     set_last_operator_resources(ds, PACK_CPUS, tasks=1)
     return ds
 
@@ -311,7 +299,7 @@ def sample_documents(cfg: Config, listing: CorpusListing) -> list[str]:
     """The tokenizer's training sample through Ray Data (each file once, no weights): the
     tokenizer.sample_docs training documents of lowest seeded priority (`parse.sample_priority`)."""
     plan = plan_files(cfg, "train", mixture=False, listing=listing)
-    ds = _ordered(documents_dataset(cfg, plan, "train", bad_input_counter(), with_priority=True))
+    ds = ordered(documents_dataset(cfg, plan, "train", bad_input_counter(), with_priority=True))
     k = cfg.tokenizer.sample_docs
     heap: list[tuple[float, str, str]] = []  # max-heap by priority via negation
     for batch in iter_rows(ds, batch_rows=256):

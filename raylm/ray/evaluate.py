@@ -14,7 +14,7 @@ import ray
 from raylm.config import Config
 from raylm.data.plan import plan_files
 from raylm.ray.connect import ray_session
-from raylm.ray.data import _ordered, iter_rows, packed_dataset
+from raylm.ray.data import iter_rows, ordered, packed_dataset
 from raylm.tokenizer import Tokenizer
 from raylm.use.tasks import Example, Task, predict
 
@@ -29,7 +29,7 @@ def ray_rows(cfg: Config, tokenizer: Tokenizer, split: str, max_rows: int | None
     while the caller evaluates; joins RAY_ADDRESS or starts a local cluster for the duration."""
     with ray_session():
         pipeline = packed_dataset(cfg, tokenizer, plan_files(cfg, split, mixture=False), split)
-        ds = pipeline.dataset if max_rows is None else _ordered(pipeline.dataset.limit(max_rows))
+        ds = pipeline.dataset if max_rows is None else ordered(pipeline.dataset.limit(max_rows))
         # Iterated to the end (the limit ends it): an abandoned iterator could leave the
         # tokenizer actors holding CPUs (see raylm.ray.data.validation_dataset).
         for batch in iter_rows(ds):
@@ -41,11 +41,11 @@ class TaskScorer:
     their contexts (drawn by the driver) and returns their predictions as JSON."""
 
     def __init__(self, checkpoint: str, task: Task, batch_size: int, device: str):
-        from raylm.use.generate import resolve_device
+        from raylm.use.generate import device_from_name
         from raylm.use.load import load_model
         from raylm.use.score import Scorer
 
-        model, tokenizer, cfg = load_model(checkpoint, resolve_device(device), verified=True)
+        model, tokenizer, cfg = load_model(checkpoint, device_from_name(device), verified=True)
         self.task = task
         self.scorer = Scorer(model, tokenizer, add_bos=cfg.data.add_bos, batch_size=batch_size,
                              window=cfg.data.seq_len)

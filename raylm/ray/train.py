@@ -22,7 +22,6 @@ continues.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import shutil
@@ -35,7 +34,9 @@ from typing import Any
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+# Ray's RunConfig and ScalingConfig are written ray.train.RunConfig / ray.train.ScalingConfig here:
+# raylm.config has classes of both names.
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from raylm import lock, storage
@@ -124,15 +125,15 @@ def storage_config(path: str | Path) -> dict:
     return {"storage_path": fs_path, "storage_filesystem": fs}
 
 
-def scaling_config(cfg: Config) -> ScalingConfig:
+def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
     """Ray Train's ScalingConfig: a fixed worker count, or (min, max) with the resize check interval."""
     s = cfg.scaling
     resources: dict[str, float] = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     if s.use_gpu:
         resources["GPU"] = 1
     workers = (s.min_workers, s.max_workers) if s.elastic else s.min_workers
-    return ScalingConfig(num_workers=workers, use_gpu=s.use_gpu, resources_per_worker=resources,
-                         elastic_resize_monitor_interval_s=s.resize_check_s)
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                   elastic_resize_monitor_interval_s=s.resize_check_s)
 
 
 def _torch_trainer(spec: RunSpec, tokenizer, facts, datasets: dict, counter, callbacks) -> TorchTrainer:
@@ -142,7 +143,7 @@ def _torch_trainer(spec: RunSpec, tokenizer, facts, datasets: dict, counter, cal
         train_loop_config={"spec": spec, "tokenizer": tokenizer, "facts": facts, "datasets": sorted(datasets),
                            "counter": counter, "tracking_env": forwarded_env()},
         scaling_config=scaling_config(cfg),
-        run_config=RunConfig(
+        run_config=ray.train.RunConfig(
             name=spec.name,
             **storage_config(spec.output_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),

@@ -258,7 +258,7 @@ class Progress(tune.Callback):
 
 
 def _params_text(params: dict) -> str:
-    return ", ".join(f"{k}={sweeps._short(v)}" for k, v in params.items())
+    return ", ".join(f"{k}={sweeps.short_value(v)}" for k, v in params.items())
 
 
 def prepare_shared_data(sweep: Sweep, sweep_dir: str | Path, log) -> str:

@@ -119,7 +119,6 @@ from raylm.train.parallel import distributed_world
 
 MARKER = "raylm_checkpoint.json"
 FORMAT = "raylm-dcp-2"
-_LEGACY_FORMAT = "raylm-dcp-1"
 _HASH_CHUNK_BYTES = 1 << 20
 _ITEM_DIGEST_BYTES = 16
 DAMAGED_NOTE = "raylm_damaged.json"
@@ -662,7 +661,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
 
 
-def _read_metadata(path: str | Path, entry: dict[str, Any] | None = None):
+def read_dcp_metadata(path: str | Path, entry: dict[str, Any] | None = None):
     """DCP's `.metadata`, through the allow-listed unpickler. With `entry` (the marker's), its
     bytes are checked against the checksum first: DamagedCheckpoint when they differ."""
     error = DamagedCheckpoint if entry is not None else CheckpointError  # listed in a marker: damage
@@ -733,7 +732,7 @@ class SafeFileSystemReader(FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any):
         if kwargs.get("rank") is not None:
             raise CheckpointError(f"{self.location}: per-rank metadata files are not supported")
-        metadata = self._metadata if self._metadata is not None else _read_metadata(self.location)
+        metadata = self._metadata if self._metadata is not None else read_dcp_metadata(self.location)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -776,9 +775,6 @@ def _check_marker(path: str | Path, notes: bool = True) -> tuple[dict[str, Any] 
         return None, f"{path}/{MARKER}: unreadable ({str(e).splitlines()[0] if str(e) else e!r})"
     if not isinstance(marker, dict):
         return None, f"{path}/{MARKER}: not a JSON object"
-    if marker.get("format") == _LEGACY_FORMAT:
-        return None, (f"{path}/{MARKER}: format {_LEGACY_FORMAT} has no checksums and is no longer "
-                      f"loaded; only {FORMAT} checkpoints are")
     if marker.get("format") != FORMAT:
         return None, f"{path}/{MARKER}: format {marker.get('format')!r}, expected {FORMAT!r}"
     if not isinstance(marker.get("files"), dict) or not isinstance(marker.get("train_state"), dict):
@@ -1084,7 +1080,7 @@ def _load_dcp(path: str | Path, marker: dict[str, Any], model: torch.nn.Module,
               optimizer: torch.optim.Optimizer | None, verify: bool) -> dict[str, Any]:
     entry = marker["files"].get(".metadata") if verify else None
     try:
-        metadata, reason = _read_metadata(path, entry), None
+        metadata, reason = read_dcp_metadata(path, entry), None
     except DamagedCheckpoint as e:
         metadata, reason = None, str(e)
     if (reason := _first_reason(reason)) is not None:  # every rank read it: all agree before DCP starts

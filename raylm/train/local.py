@@ -3,7 +3,7 @@
 One process, or every rank of a torchrun group (`torchrun --nproc-per-node 2 -m raylm train
 CONFIG`; torchrun implies --local): rank 0 starts the run (`raylm.train.runs.start_run`: its
 directory, held for the run's life, and tokenizer) and tells the other ranks; every rank packs
-the data in memory (or reads prepared shards) and runs the one `Trainer` with a `LocalSink`, so
+the data in memory (or reads prepared shards) and runs the one `Trainer` with a `RunDirSink`, so
 checkpoints, keep-K, resume and its checks follow the same rules as on Ray. The end-of-run
 samples are the caller's (`samples`): the CLI passes `raylm.use.sample.print_samples`, since the
 core does not import `raylm.use`.
@@ -27,13 +27,14 @@ from raylm.train import checkpoint as ckpt
 from raylm.train.parallel import distributed_world, torchrun_group
 from raylm.train.runs import (RunStart, TrainResult, check_storage, log_bad_input, next_steps, resolve_run,
                               start_run)
-from raylm.train.trainer import LocalSink, RankEnv, Trainer
+from raylm.train.trainer import RunDirSink, RankEnv, Trainer
 
 Samples = Callable[[torch.nn.Module, Tokenizer, Config, Callable[[str], None]], object]
 """Shows the trained model at the end of a run: `raylm.use.sample.print_samples`."""
 
 
-def resolve_device(cfg: Config) -> torch.device:
+def training_device(cfg: Config) -> torch.device:
+    """This process's device for training under `cfg` (train.device: auto takes the GPU when there is one)."""
     if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     return torch.device("cpu")
@@ -51,7 +52,7 @@ def _share(value, rank: int):
 def train_local(cfg: Config, log: Callable[[str], None] = print, samples: Samples | None = None) -> TrainResult:
     """Train `cfg` in this process (or this torchrun group); return the result. With `samples`,
     one process shows its trained model with it (run.sample_prompts) at the end."""
-    device = resolve_device(cfg)
+    device = training_device(cfg)
     with torchrun_group(device.type) as (rank, world):
         log = log if rank == 0 else (lambda line: None)
         check_storage(cfg)
@@ -77,7 +78,7 @@ def _train_started(run: RunStart, device: torch.device, rank: int, world: int, l
         run.discard()
         raise
 
-    sink = LocalSink(spec.run_dir, cfg.run.keep_checkpoints, rank, cfg)
+    sink = RunDirSink(spec.run_dir, cfg.run.keep_checkpoints, rank, cfg)
     trainer = Trainer(cfg, RankEnv(rank, world, device), sink, train_data, val_data, facts=run.facts,
                       initial_checkpoint=spec.initial_checkpoint, extra_files=run.checkpoint_files(), log=log)
     try:

@@ -36,11 +36,14 @@ from raylm.train.tracking import Tracking, check_available
 SYNC_EVERY_S = 60.0
 """Longest time between uploads of the metrics of a run directory on object storage."""
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
+# Dense bf16 peak FLOP/s per device (NVIDIA datasheets, without 2:4 sparsity): H100 SXM 989.4
+# TFLOP/s (1,979 with sparsity), H200 SXM 989 (the same Hopper tensor cores), A100 SXM 312,
+# B200 (HGX, 1,000 W) 2,250 (4,500 with sparsity). MFU here and `raylm plan` both read this table.
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
     "H100": 989e12,
     "A100": 312e12,
+    "B200": 2250e12,
     "L40S": 362e12,
     "A10G": 70e12,
 }

@@ -29,7 +29,6 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -38,14 +37,6 @@ import torch.nn as nn
 from raylm.config import Config
 
 from raylm.model import ModelConfig, Transformer
-
-
-@dataclass
-class ParallelInfo:
-    rank: int
-    world_size: int
-    sharded: bool
-    """True when the model is FSDP2-sharded (world size > 1)."""
 
 
 def distributed_world() -> tuple[int, int]:
@@ -85,6 +76,8 @@ def torchrun_group(device_type: str) -> Iterator[tuple[int, int]]:
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether training computes in bf16: the one decision the train step's autocast, FSDP2's
+    mixed precision and the planner's memory model (raylm.plan) all follow."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
@@ -138,10 +131,10 @@ def reference_init_state(model_cfg: ModelConfig, seed: int) -> dict[str, torch.T
     return model.state_dict()
 
 
-def build_model(cfg: Config, device: torch.device, seed: int | None = None) -> tuple[nn.Module, ParallelInfo]:
+def build_model(cfg: Config, device: torch.device, seed: int | None = None) -> nn.Module:
     """The model for this rank, sharded over the default process group when it has > 1 rank."""
     seed = cfg.train.seed if seed is None else seed
-    rank, world = distributed_world()
+    _, world = distributed_world()
     with torch.device("meta"):
         model = Transformer(cfg.model)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
@@ -167,7 +160,7 @@ def build_model(cfg: Config, device: torch.device, seed: int | None = None) -> t
 
         full = reference_init_state(cfg.model, seed)
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
-    return model, ParallelInfo(rank=rank, world_size=world, sharded=sharded)
+    return model
 
 
 def _sharded_rng_supported(mesh) -> bool:
@@ -178,11 +171,3 @@ def _sharded_rng_supported(mesh) -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return is_rng_supported_mesh(mesh)
-
-
-def local_param_count(model: nn.Module) -> int:
-    """Parameter elements held by this rank (its shards under FSDP2)."""
-    total = 0
-    for p in model.parameters():
-        total += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-    return total

@@ -42,7 +42,7 @@ import yaml
 from raylm import lock, storage
 from raylm.config import Config, config_from_dict
 from raylm.data import prepared
-from raylm.data.plan import CorpusListing, corpus_changes, corpus_files, data_fingerprint, list_corpus
+from raylm.data.plan import CorpusListing, corpus_changes, corpus_files, list_corpus, stream_fingerprint
 from raylm.errors import CheckpointError, ConfigError, DataError, RaylmError
 from raylm.lock import DirLock
 from raylm.storage import is_uri
@@ -295,10 +295,10 @@ def start_run(spec: RunSpec, sample: Callable[[Config, CorpusListing | None], It
 def run_facts(cfg: Config, tokenizer: Tokenizer, listing: CorpusListing | None = None) -> RunFacts:
     """This run's facts; `listing` is the corpus listed once (streaming), unused with prepared data."""
     if cfg.data.prepared_path:
-        fingerprint = prepared.data_fingerprint(prepared.read_manifest(cfg.data.prepared_path), cfg)
+        fingerprint = prepared.prepared_fingerprint(prepared.read_manifest(cfg.data.prepared_path), cfg)
         return RunFacts(tokenizer.sha256, cfg.data.seq_len, fingerprint)
     listing = listing or list_corpus(cfg)
-    return RunFacts(tokenizer.sha256, cfg.data.seq_len, data_fingerprint(cfg, listing), corpus_files(cfg, listing))
+    return RunFacts(tokenizer.sha256, cfg.data.seq_len, stream_fingerprint(cfg, listing), corpus_files(cfg, listing))
 
 
 def check_initial(spec: RunSpec, facts: RunFacts) -> None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from raylm.tokenizer import BOS_ID, EOS_ID
-from raylm.train.parallel import distributed_world
+from raylm.train.parallel import distributed_world, uses_bf16
 
 IGNORE_INDEX = -100
 """cross_entropy's default ignore_index: a target that is not trained."""
@@ -40,8 +40,7 @@ class StepStats:
 
 
 def autocast_for(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not uses_bf16(precision, device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

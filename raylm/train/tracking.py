@@ -43,7 +43,6 @@ from typing import Any
 from raylm import storage
 from raylm.errors import ConfigError
 
-TRACKERS = ("mlflow", "wandb")
 TRACKING_FILE = "tracking.json"
 """In the run directory: each tracker's run id (and MLflow's URI), so a resume continues that run."""
 EXTRA = "raylm[track]"

@@ -168,7 +168,7 @@ class TrainState:
         self.pending_indices, self.pending_anchors = [], []
 
 
-class LocalSink:
+class RunDirSink:
     """Metrics and checkpoints in a run directory (local, shared, or a URI on object storage, which
     every rank writes its shards to directly), keeping the newest K checkpoints. The checkpoint
     just written is the newest verified one (written by this process, after the restore moved
@@ -230,6 +230,13 @@ def checkpoint_due(cfg: Config, step: int) -> bool:
     return step == t.max_steps or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
 
 
+def saves_in_background(cfg: Config, device_type: str) -> bool:
+    """train.checkpoint_async: `auto` saves in the background on a GPU (the copy to host memory is
+    cheap there); the planner (raylm.plan) asks the same question."""
+    background = cfg.train.checkpoint_async
+    return device_type == "cuda" if background == "auto" else bool(background)
+
+
 def report_due(cfg: Config, step: int) -> bool:
     """Metrics reports (to Ray Train and Tune) at log and eval steps; checkpoints report themselves."""
     return step % cfg.train.log_every == 0 or eval_due(cfg, step)
@@ -255,7 +262,7 @@ class Trainer:
         self.on_indices = on_indices
         self._own_model = model is None and optimizer is None
         if model is None:
-            model, _ = build_model(cfg, env.device)
+            model = build_model(cfg, env.device)
         self.model = model
         self.optimizer = optimizer or build_optimizer(model, cfg.optimizer, env.device.type)
         self.state = TrainState()
@@ -264,8 +271,7 @@ class Trainer:
         self.checkpointed_step: int | None = None
         self.in_flight: tuple[ckpt.Save, dict] | None = None
         """The background save not yet finished, and its step's record."""
-        background = cfg.train.checkpoint_async
-        self.background_saves = env.device.type == "cuda" if background == "auto" else background
+        self.background_saves = saves_in_background(cfg, env.device.type)
 
     # -- restore ---------------------------------------------------------------------------
 
@@ -293,11 +299,11 @@ class Trainer:
         if self.initial_checkpoint is not None:
             candidates.append(storage.location(self.initial_checkpoint))
         pristine = self._pristine() if candidates else None
-        check = None
-        if self.facts is not None:
-            def check(path, marker):
-                check_resume(path, marker.get("facts"), self.facts, self.cfg.run.resume_changes)
-        found, damaged = ckpt.restore_newest(candidates, self.model, self.optimizer, log=self.log, check=check) \
+
+        def check(path, marker):
+            check_resume(path, marker.get("facts"), self.facts, self.cfg.run.resume_changes)
+        found, damaged = ckpt.restore_newest(candidates, self.model, self.optimizer, log=self.log,
+                                             check=check if self.facts is not None else None) \
             if candidates else (None, [])
         if damaged:
             self._after_damage(damaged, found)
@@ -321,7 +327,7 @@ class Trainer:
         for a model the caller handed in."""
         if self._own_model:
             def rebuild():
-                self.model, _ = build_model(self.cfg, self.env.device)
+                self.model = build_model(self.cfg, self.env.device)
                 self.optimizer = build_optimizer(self.model, self.cfg.optimizer, self.env.device.type)
             return rebuild
         model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}

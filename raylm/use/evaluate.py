@@ -166,7 +166,7 @@ def eval_command(path: str, *, data: str | None = None, fmt: str | None = None, 
     split; print one table, and write the numbers as JSON to `json_path` when given."""
     from tqdm import tqdm
 
-    from raylm.use.generate import resolve_device
+    from raylm.use.generate import device_from_name
     from raylm.use.load import load_model, resolve_checkpoint
 
     out = sys.stdout if out is None else out
@@ -177,7 +177,7 @@ def eval_command(path: str, *, data: str | None = None, fmt: str | None = None, 
     if use_ray not in ("auto", "yes", "no"):
         raise ConfigError(f"--ray={use_ray!r}: must be auto, yes or no")
     checkpoint = resolve_checkpoint(path)
-    model, tokenizer, run_cfg = load_model(checkpoint, resolve_device(device), verified=True)
+    model, tokenizer, run_cfg = load_model(checkpoint, device_from_name(device), verified=True)
     if data is None:
         cfg, split, what = run_cfg, "validation", "the run's held-out split"
     else:

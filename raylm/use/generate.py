@@ -26,6 +26,7 @@ from typing import TextIO
 
 import torch
 
+from raylm.config import RunConfig
 from raylm.data.parse import json_lines
 from raylm.errors import ConfigError, DataError
 from raylm.model import KVCache, Transformer
@@ -38,9 +39,9 @@ class SamplingOptions:
 
     max_new_tokens: int = 128
     """Tokens generated per prompt at most (fewer when EOS comes first)."""
-    temperature: float = 0.8
+    temperature: float = RunConfig.temperature  # one owner: the run's end-of-run samples
     """Divides the logits before sampling: below 1 sharpens, above 1 flattens; 0 is greedy."""
-    top_k: int = 40
+    top_k: int = RunConfig.top_k
     """Sample among the k most likely tokens only; 0 disables."""
     top_p: float = 1.0
     """Nucleus sampling: the smallest set of most likely tokens whose probability reaches p; 1 disables."""
@@ -145,13 +146,13 @@ def generate_rows(model: Transformer, prompts: list[list[int]], options: Samplin
         start, filled = 0, 0  # ids[r][start] sits at cache position 0; positions filled
         while rows:
             if cache is None:
-                logits = _forward(model, _batch([ids[r][:n][-max_len:] for r in rows], device))[:, -1]  # (B, V)
+                logits = eager_forward(model, _batch([ids[r][:n][-max_len:] for r in rows], device))[:, -1]  # (B, V)
             else:
                 if n - start > cache.max_len:
                     # Full: run the last half of the context again from position 0.
                     start, filled = n - max_len // 2, 0
                 pending = _batch([ids[r][start + filled:n] for r in rows], device)  # (B, T)
-                logits = _forward(model, pending, cache, filled)[:, -1]  # (B, V)
+                logits = eager_forward(model, pending, cache, filled)[:, -1]  # (B, V)
                 filled = n - start
             ended = []
             for b, r in enumerate(rows):
@@ -178,7 +179,7 @@ def generate_rows(model: Transformer, prompts: list[list[int]], options: Samplin
         model.train(was_training)
 
 
-def _forward(model: Transformer, tokens: torch.Tensor, *cache_args) -> torch.Tensor:
+def eager_forward(model: Transformer, tokens: torch.Tensor, *cache_args) -> torch.Tensor:
     """The model's forward, eager even where training compiled the blocks (train.compile): every
     new length and position would otherwise trigger a recompilation."""
     with torch.compiler.set_stance("force_eager"):
@@ -275,7 +276,7 @@ def read_prompts(prompt: str | None, prompts_file: str | None, stdin: TextIO) ->
     return prompts
 
 
-def resolve_device(name: str) -> torch.device:
+def device_from_name(name: str) -> torch.device:
     """`auto`: the GPU when there is one, else the CPU; otherwise any torch device name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -304,7 +305,7 @@ def generate_command(path: str, prompts: list[str], options: SamplingOptions, de
     """`raylm generate`: each prompt followed by its continuation, streamed to `out` (stdout) as it is made."""
     options.validate()
     out = sys.stdout if out is None else out
-    model, tokenizer, cfg = load_for_generation(path, resolve_device(device))
+    model, tokenizer, cfg = load_for_generation(path, device_from_name(device))
     generator = options.generator()  # one stream over all prompts: a seed reproduces the whole output
 
     def write(text: str) -> None:

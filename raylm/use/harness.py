@@ -27,7 +27,6 @@ from raylm.errors import ConfigError
 
 def _lm_eval():
     try:
-        import lm_eval  # noqa: F401
         from lm_eval.api.model import LM
     except ImportError:
         raise ConfigError("--harness needs lm-evaluation-harness: pip install 'raylm[eval]'") from None
@@ -111,7 +110,7 @@ def harness_command(path: str, tasks: str, *, include_path: str | None = None, n
     from lm_eval.utils import make_table
 
     from raylm import storage
-    from raylm.use.generate import resolve_device
+    from raylm.use.generate import device_from_name
     from raylm.use.load import load_model, resolve_checkpoint
     from raylm.use.score import Scorer
 
@@ -122,7 +121,7 @@ def harness_command(path: str, tasks: str, *, include_path: str | None = None, n
     if limit is not None and limit < 1:
         raise ConfigError(f"--max-examples={limit}: must be at least 1")
     checkpoint = resolve_checkpoint(path)
-    model, tokenizer, cfg = load_model(checkpoint, resolve_device(device), verified=True)
+    model, tokenizer, cfg = load_model(checkpoint, device_from_name(device), verified=True)
     scorer = Scorer(model, tokenizer, add_bos=cfg.data.add_bos, batch_size=batch_size, window=cfg.data.seq_len)
     results = run_harness(raylm_lm(scorer), names, include_path=include_path, num_fewshot=num_fewshot, limit=limit)
     print(f"raylm eval: {checkpoint}: lm-evaluation-harness", file=out)

@@ -1,51 +1,18 @@
 """Hugging Face Llama checkpoints: `raylm export --format hf` (the import, `model.init_from: hf:DIR`,
 is the core's: `raylm.train.hf_import`, whose tensor names and RoPE permutation this uses).
 
-An exported directory loads with `AutoModelForCausalLM.from_pretrained(DIR)` and
-`AutoTokenizer.from_pretrained(DIR)`, with no custom code and no network:
-
-    config.json                  LlamaConfig fields (architectures ["LlamaForCausalLM"])
-    generation_config.json       bos/eos/pad ids, the run's sampling settings, and
-                                 suppress_tokens: the model's ids beyond the tokenizer's pieces
-    model.safetensors            weights; above --max-shard-size, model-0000i-of-0000n.safetensors
-                                 and model.safetensors.index.json
-    tokenizer.model              raylm's sentencepiece model, as trained
-    tokenizer.json               the same tokenizer for the `tokenizers` library (written here)
-    tokenizer_config.json        PreTrainedTokenizerFast, special tokens, BOS added like raylm,
-                                 the chat template of a `format: chat` run (Jinja)
-    special_tokens_map.json
-
-Weights: the names map one to one (wq -> q_proj, w1 -> gate_proj, w3 -> up_proj, w2 -> down_proj,
-...). RoPE is the one difference in layout: raylm rotates adjacent channel pairs (0, 1), (2, 3),
-... of each head, as Meta's reference code does, while transformers rotates channel i with
-channel i + head_dim/2 ("rotate_half"). Both use the same frequency for pair k, so permuting the
-output rows of wq and wk per head, channel 2k -> k and 2k+1 -> k + head_dim/2, gives the same
-attention scores (q.k is unchanged when q and k are permuted alike); v and wo are untouched.
-Import (`raylm.train.hf_import`) applies the inverse permutation, so export then import gives the
-weights back bit for bit.
-
-µP models (`model.parametrization: mup`, docs/mup.md) export to a plain Llama with the same
-outputs: the logit multiplier base_dim / dim is folded into lm_head, and the attention scale's
-ratio to Llama's 1/sqrt(head_dim), sqrt(base_head_dim / head_dim), into wq (RoPE is a rotation,
-linear, so it commutes with the factor). Import into a µP config divides them out again (exact
-when the factors are powers of two). A µP model with tied embeddings away from its base width
-has no such export (the head is the embedding) and is refused in one line.
-
-Export reads a DCP checkpoint written by any number of ranks one shard's worth of tensors at a
-time (DCP reads only the byte ranges of the tensors asked for), converts tensor by tensor and
-writes each safetensors file before reading the next: memory holds at most about two output
-shards, never two copies of the model. Nothing is unpickled: DCP metadata goes through the
-checkpoint module's allow-listed reader, and the HF side is safetensors and JSON only.
-
-Tokenizer: transformers 5 builds Llama tokenizers with its own normalizer (a dummy-prefix
-Metaspace), which is not how raylm trains sentencepiece (no dummy prefix, no normalisation,
-newline and tab as user symbols). tokenizer.json is therefore written here from the
-sentencepiece model itself: the BPE merges are every split of every piece ranked by piece score,
-which is how sentencepiece's BPE chooses its merges, plus byte fallback, user symbols isolated
-before the model, and literal "<s>" text kept as text (`split_special_tokens`). For BPE models
-the encoding equals sentencepiece's (tested on code, Unicode and whitespace runs). For unigram
-models transformers' Viterbi may break ties between equal-score segmentations differently (for
-instance a run of spaces split 1+8 or 8+1): the text is the same, the ids can differ.
+docs/use.md, "Export", describes the directory, the RoPE permutation, µP folding and the
+tokenizer for users. What this module does, and why:
+- weights: read from a DCP checkpoint (any world size) one output shard's worth of tensors at a
+  time, converted tensor by tensor, each safetensors file written before the next is read, so
+  memory holds about two shards, never two copies of the model; nothing is unpickled (DCP
+  metadata through `raylm.train.checkpoint`'s allow-listed reader);
+- RoPE: wq and wk rows are permuted per head from raylm's adjacent pairs to transformers'
+  rotate_half layout (`raylm.train.hf_import` applies the inverse: export then import is exact);
+- µP: the logit multiplier and the attention scale's ratio are folded into lm_head and wq, so
+  a plain Llama gives the same outputs;
+- tokenizer.json is built here from the sentencepiece model, since transformers' own Llama
+  tokenizer normalises text in a way raylm's training never did.
 """
 
 from __future__ import annotations
@@ -398,7 +365,7 @@ def _check_saved_shapes(checkpoint: Path, entries: list[WeightEntry]) -> None:
     """One line when the checkpoint's tensors are not the shapes its config.yaml describes."""
     from raylm.train import checkpoint as ckpt
 
-    saved = ckpt._read_metadata(checkpoint).state_dict_metadata
+    saved = ckpt.read_dcp_metadata(checkpoint).state_dict_metadata
     for entry in entries:
         meta = saved.get(f"model.{entry.raylm}")
         if meta is None or not hasattr(meta, "size"):
@@ -447,7 +414,7 @@ def _read_tensors(checkpoint: Path, names: list[str]) -> dict[str, torch.Tensor]
 
     from raylm.train import checkpoint as ckpt
 
-    saved = ckpt._read_metadata(checkpoint).state_dict_metadata
+    saved = ckpt.read_dcp_metadata(checkpoint).state_dict_metadata
     tensors = {name: torch.empty(tuple(saved[f"model.{name}"].size), dtype=saved[f"model.{name}"].properties.dtype)
                for name in names}
     try:

@@ -77,7 +77,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", *,
     tokenizer = Tokenizer.load(file_beside(checkpoint, TOKENIZER_FILE))
     plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing="none",
                                                                compile=False))
-    model, _ = build_model(plain, torch.device(device))
+    model = build_model(plain, torch.device(device))
     ckpt.load_checkpoint(checkpoint, model, verify=False)  # verified above
     model.eval()
     return model, tokenizer, cfg

@@ -17,8 +17,8 @@ def sample(
     tokenizer: Tokenizer,
     prompt: str,
     max_new_tokens: int,
-    temperature: float = 0.8,
-    top_k: int = 40,
+    temperature: float = SamplingOptions.temperature,
+    top_k: int = SamplingOptions.top_k,
     add_bos: bool = True,
     generator: torch.Generator | None = None,
 ) -> str:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from raylm.model import KVCache
 from raylm.tokenizer import Tokenizer
-from raylm.use.generate import SamplingOptions, _forward, generate_rows
+from raylm.use.generate import SamplingOptions, eager_forward, generate_rows
 
 Progress = Callable[[int], None]
 """Called with the number of requests just finished (a progress bar's `update`)."""
@@ -201,7 +201,7 @@ class Scorer:
         self.model.eval()
         try:
             tokens = torch.tensor([context], dtype=torch.long, device=self.device)  # (1, Tc)
-            first = F.log_softmax(_forward(self.model, tokens, cache, 0)[0, -1].float(), dim=-1).cpu()  # (V,)
+            first = F.log_softmax(eager_forward(self.model, tokens, cache, 0)[0, -1].float(), dim=-1).cpu()  # (V,)
             B = len(continuations)
             for layer in cache.layers:
                 layer.k = layer.k.expand(B, -1, -1, -1).contiguous()  # (B, KV, max_len, D)
@@ -211,7 +211,7 @@ class Scorer:
                 padded = torch.full((B, longest - 1), self.tokenizer.pad_id, dtype=torch.long)  # (B, Tx - 1)
                 for b, cont in enumerate(continuations):
                     padded[b, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
-                logits = _forward(self.model, padded.to(self.device), cache, len(context))  # (B, Tx - 1, V)
+                logits = eager_forward(self.model, padded.to(self.device), cache, len(context))  # (B, Tx - 1, V)
                 rest = F.log_softmax(logits.float(), dim=-1).cpu()  # (B, Tx - 1, V)
         finally:
             self.model.train(was_training)
@@ -248,7 +248,7 @@ class Scorer:
         padded = torch.full((len(inputs), longest), self.tokenizer.pad_id, dtype=torch.long)  # (B, T)
         for b, ids in enumerate(inputs):
             padded[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        logits = _forward(self.model, padded.to(self.device))  # (B, T, V)
+        logits = eager_forward(self.model, padded.to(self.device))  # (B, T, V)
         logprobs = F.log_softmax(logits.float(), dim=-1).cpu()  # (B, T, V)
         out = []
         for b, (ids, cont) in enumerate(zip(inputs, targets)):

@@ -383,15 +383,6 @@ def generation_scores(prediction: str, answers: list[str], rouge) -> dict[str, f
 # Running a task
 
 
-def run_task(task: Task, scorer, *, limit: int | None = None, progress=None,
-             examples: list[Example] | None = None) -> dict:
-    """{"metrics": ..., "predictions": [...]} of the task's examples (read from its data file unless
-    given) with `scorer` (raylm.use.score.Scorer)."""
-    examples = read_examples(task, task.data, limit) if examples is None else examples
-    predictions = predict(task, scorer, examples, contexts(task, examples), progress=progress)
-    return {"metrics": task_metrics(task, predictions), "predictions": predictions}
-
-
 def predict(task: Task, scorer, examples: list[Example], ctxs: list[str], *, progress=None,
             indices: list[int] | None = None) -> list[dict]:
     """Each example's prediction and scores, given its context (`contexts`, drawn once for the
@@ -519,7 +510,7 @@ def task_command(path: str, task_path: str, *, json_path: str | None = None, bat
     both paths give the same --json."""
     from tqdm import tqdm
 
-    from raylm.use.generate import resolve_device
+    from raylm.use.generate import device_from_name
     from raylm.use.load import load_model, resolve_checkpoint
     from raylm.use.score import Scorer
 
@@ -542,7 +533,7 @@ def task_command(path: str, task_path: str, *, json_path: str | None = None, bat
             raise ConfigError("--ray yes: the Ray path is not available to this caller")
         predictions = ray_predict(str(checkpoint), task, examples, ctxs, batch_size or 8, device)
     else:
-        model, tokenizer, cfg = load_model(checkpoint, resolve_device(device), verified=True)
+        model, tokenizer, cfg = load_model(checkpoint, device_from_name(device), verified=True)
         scorer = Scorer(model, tokenizer, add_bos=cfg.data.add_bos, batch_size=batch_size or 8,
                         window=cfg.data.seq_len)
         total = len(examples) * (len(examples[0].choices) if task.kind == "choice" else 1)
