@@ -317,16 +317,11 @@ cmd_remove() {  # HOST: a worker host and all it had: processes, namespaces, lin
     with_lock list_remove "$host"
 }
 
-wait_joined() {  # HOST: until the head sees HOST's Ray node alive
-    local ip deadline=$((SECONDS + START_TIMEOUT_S))
-    ip="$(host_addr "$1")"
+wait_joined() {  # HOST: until its Ray node has joined the head (`ray start` says so in its log)
+    local log="$STATE/$1/disk/tmp/ray-node.log" deadline=$((SECONDS + START_TIMEOUT_S))
     while (( SECONDS < deadline )); do
-        [[ "$(host_exec h0 timeout 30 python -c "
-import ray
-ray.init(address='auto', logging_level='ERROR')
-print(any(n['Alive'] and n['NodeManagerAddress'] == '$ip' for n in ray.nodes()))" 2>/dev/null | tail -1 || true)" == True ]] \
-            && return 0
-        sleep 2
+        grep -q "Ray runtime started" "$log" 2>/dev/null && return 0
+        sleep 1
     done
     die "host $1 did not join the head within ${START_TIMEOUT_S}s (logs: cluster/hosts.sh exec $1 cat /tmp/ray-node.log)"
 }

@@ -11,8 +11,9 @@ Two halves, one file:
   cloud provider asks its cloud's API, through the Unix socket /tmp/hosts-api.sock. Its nodes and
   their tags are kept in a small JSON file on the head's disk, so a restarted autoscaler finds them.
 - `serve` is that API, on the machine (started by `hosts.sh up --autoscale`, stopped by `down`): one
-  JSON line in, one out; `add` picks the next unused name hK and runs `hosts.sh add`, `remove` runs
-  `hosts.sh remove`, `list` says which hosts are up.
+  JSON line in, one out; `add` picks the next unused name hK and runs `hosts.sh add` (several at
+  once; a host that fails to come up is removed again), `remove` runs `hosts.sh remove`, `list`
+  says which hosts are up.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import socketserver
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -128,17 +130,17 @@ class HostsNodeProvider(NodeProvider):
         """`count` new hosts, each with Ray started with the node type's resources (CPU, GPU and the
         custom ones: a `trainer` slot, say), joined to the head. Blocks until the hosts are made."""
         custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory", "object_store_memory")}
-        made = {}
-        for _ in range(count):
-            host = call_api({"op": "add", "cpus": int(resources.get("CPU", 0)), "gpus": int(resources.get("GPU", 0)),
-                             "resources": custom}, self._api)
-            node_tags = {**tags, TAG_RAY_NODE_KIND: NODE_KIND_WORKER, TAG_RAY_NODE_NAME: host["host"],
-                         TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE}  # no updater: hosts.sh starts its Ray
-            with self._lock:
-                self._nodes[host["host"]] = {"ip": host["ip"], "tags": node_tags}
-                self._save()
-            made[host["host"]] = host
-        return made
+        request = {"op": "add", "cpus": int(resources.get("CPU", 0)), "gpus": int(resources.get("GPU", 0)),
+                   "resources": custom}
+        with ThreadPoolExecutor(max_workers=count) as pool:  # made side by side, as a cloud makes VMs
+            hosts = list(pool.map(lambda _: call_api(request, self._api), range(count)))
+        with self._lock:
+            for host in hosts:
+                self._nodes[host["host"]] = {"ip": host["ip"], "tags": {
+                    **tags, TAG_RAY_NODE_KIND: NODE_KIND_WORKER, TAG_RAY_NODE_NAME: host["host"],
+                    TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE}}  # no updater: hosts.sh starts its Ray
+            self._save()
+        return {host["host"]: host for host in hosts}
 
     def terminate_node(self, node_id: str) -> None:
         """Remove the host: its processes, namespaces, link and disk (`hosts.sh remove`)."""
@@ -160,7 +162,7 @@ HOSTS_SH = Path(__file__).resolve().with_name("hosts.sh")
 
 
 class HostApi:
-    """Runs hosts.sh for the provider, one add or remove at a time (list needs no turn)."""
+    """Runs hosts.sh for the provider (hosts.sh locks the set's host list itself)."""
 
     def __init__(self, state: Path):
         self.state = state
@@ -197,15 +199,22 @@ class HostApi:
         if op == "list":
             alive = [h for h in self.hosts() if h != "client" and self.alive(h)]
             return {"ok": True, "hosts": alive}
-        with self.turn:
-            if op == "add":
+        if op == "add":  # several at once: each its own name, namespaces and address
+            with self.turn:
                 host = self.next_host()
+            try:
                 self.sh("add", host, "--cpus", str(int(request.get("cpus", 1))), "--gpus",
                         str(int(request.get("gpus", 0))), "--resources", json.dumps(request.get("resources", {})))
-                return {"ok": True, "host": host, "ip": f"{self.subnet}.{int(host[1:]) + 1}"}
-            if op == "remove":
-                self.sh("remove", str(request["host"]))
-                return {"ok": True}
+            except Exception:
+                try:  # a host that did not come up is not left half made
+                    self.sh("remove", host)
+                except Exception:
+                    pass
+                raise
+            return {"ok": True, "host": host, "ip": f"{self.subnet}.{int(host[1:]) + 1}"}
+        if op == "remove":
+            self.sh("remove", str(request["host"]))
+            return {"ok": True}
         raise RuntimeError(f"unknown op {op!r} (add, remove, list)")
 
     def alive(self, host: str) -> bool:
