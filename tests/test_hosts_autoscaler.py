@@ -54,7 +54,9 @@ class Hosts:
         self.prefix, self.state = prefix, BASE / prefix
         self.env = {**os.environ, "RAYLM_HOSTS_PREFIX": prefix, "RAYLM_HOSTS_DIR": str(BASE),
                     "RAYLM_HOSTS_PYTHON": sys.executable,
-                    "RAYLM_HOSTS_ENV": "AUTOSCALER_UPDATE_INTERVAL_S=1"}  # the autoscaler looks every second
+                    "RAYLM_HOSTS_ENV": "AUTOSCALER_UPDATE_INTERVAL_S=1",  # the autoscaler looks every second
+                    # a host's Ray start is retried by its supervisor; on a loaded machine it took 3 tries
+                    "RAYLM_HOSTS_START_TIMEOUT_S": "600"}
 
     def sh(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
         proc = subprocess.run(["bash", str(HOSTS), *args], env=self.env, capture_output=True, text=True,
@@ -101,8 +103,9 @@ class Hosts:
             return []
 
     def monitor_log(self) -> str:
-        (logs,) = (self.state / "h0" / "disk" / "tmp" / "ray").glob("session_2*/logs")
-        return (logs / "monitor.log").read_text()
+        ray_dir = self.state / "h0" / "disk" / "tmp" / "ray"  # the head's newest session (a slow start is retried)
+        session = os.path.basename(os.readlink(ray_dir / "session_latest"))
+        return (ray_dir / session / "logs" / "monitor.log").read_text()
 
 
 UPLOAD = f"""
