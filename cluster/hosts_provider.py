@@ -46,8 +46,9 @@ STATE_PATH = "/tmp/hosts-provider.json"  # on h0's disk: node id (host name) -> 
 HEAD_NODE_TYPE = "ray.head.default"
 
 
-def call_api(request: dict, path: str = API_SOCKET, timeout_s: float = 600) -> dict:
-    """One request to the host API; raises RuntimeError with its error if it failed."""
+def call_api(request: dict, path: str = API_SOCKET, timeout_s: float | None = None) -> dict:
+    """One request to the host API; raises RuntimeError with its error if it failed. No timeout by
+    default: an `add` takes as long as the host takes to join (hosts.sh bounds that)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout_s)
         s.connect(path)
@@ -89,7 +90,7 @@ class HostsNodeProvider(NodeProvider):
         os.replace(tmp, self._state_path)
 
     def non_terminated_nodes(self, tag_filters: dict[str, str]) -> list[str]:
-        up = set(call_api({"op": "list"}, self._api)["hosts"])
+        up = set(call_api({"op": "list"}, self._api, timeout_s=60)["hosts"])
         with self._lock:
             gone = [n for n in self._nodes if n != "h0" and n not in up]  # removed by hand, or crashed
             for node_id in gone:
@@ -133,13 +134,17 @@ class HostsNodeProvider(NodeProvider):
         request = {"op": "add", "cpus": int(resources.get("CPU", 0)), "gpus": int(resources.get("GPU", 0)),
                    "resources": custom}
         with ThreadPoolExecutor(max_workers=count) as pool:  # made side by side, as a cloud makes VMs
-            hosts = list(pool.map(lambda _: call_api(request, self._api), range(count)))
-        with self._lock:
+            calls = [pool.submit(call_api, request, self._api) for _ in range(count)]
+        hosts = [c.result() for c in calls if c.exception() is None]
+        with self._lock:  # the hosts made are this provider's, even if another failed
             for host in hosts:
                 self._nodes[host["host"]] = {"ip": host["ip"], "tags": {
                     **tags, TAG_RAY_NODE_KIND: NODE_KIND_WORKER, TAG_RAY_NODE_NAME: host["host"],
                     TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE}}  # no updater: hosts.sh starts its Ray
             self._save()
+        for c in calls:
+            if c.exception() is not None:
+                raise c.exception()
         return {host["host"]: host for host in hosts}
 
     def terminate_node(self, node_id: str) -> None:
