@@ -10,6 +10,10 @@
 #   cluster/hosts.sh cut HOST | heal HOST      take HOST's network link down / up (no process dies)
 #   cluster/hosts.sh crash HOST                SIGKILL every process of HOST at once
 #   cluster/hosts.sh revive HOST               boot a crashed HOST again (its Ray rejoins)
+#   cluster/hosts.sh add HOST [--cpus C] [--gpus G] [--resources JSON]   one more worker host (hK, K < 100)
+#   cluster/hosts.sh remove HOST               remove one worker host: its processes, namespaces, link, disk
+#   cluster/hosts.sh up 1 --autoscale YAML     the head with Ray's autoscaler on YAML (provider:
+#                                        cluster/hosts_provider.py), no worker hosts: it adds and removes them
 #
 # Each host is a network namespace on a bridge (in a hub namespace of its own) with an address in
 # 198.18.0.0/24 (RFC 2544's range for network tests), no default route and no NAT: no packet can
@@ -25,6 +29,14 @@
 # host restarts its Ray node when it exits (a node the GCS marked dead after a partition rejoins as
 # a new node, as a cloud's node supervisor would restart it). `ray stop` is never run: a host's
 # processes stop when its PID namespace's init dies.
+#
+# The autoscaler on these hosts (`up --autoscale`, cluster/hosts-autoscaler.yaml): the head's Ray
+# starts with --autoscaling-config, and its autoscaler (on h0, inside h0's namespaces) uses
+# cluster/hosts_provider.py, a NodeProvider whose nodes are hosts of this set. A host cannot make its
+# siblings (its mount and PID namespaces are its own), so creating and removing hosts is this
+# machine's job, as it is a cloud's: `up --autoscale` also starts, on the machine, the set's host API
+# (`python cluster/hosts_provider.py serve`), which listens on a Unix socket that h0 sees as
+# /tmp/hosts-api.sock and runs `add`/`remove` for the provider. `down` stops it first.
 #
 # Env: RAYLM_HOSTS_PREFIX (default rl; namespaces are PREFIX-hub, PREFIX-h0, ..., so several sets of
 # hosts can be up at once), RAYLM_HOSTS_DIR (state and the hosts' disks: DIR/PREFIX/HOST/disk; default
@@ -184,23 +196,31 @@ host_exec() {  # HOST CMD...
         env -i $(host_env) "$@"
 }
 
-start_services() {  # HOST: its supervised Ray node (and on h0 moto_server)
-    local host="$1" cpus; cpus="$(cat "$STATE/cpus")"
+start_services() {  # HOST [CPUS GPUS EXTRA]: its supervised Ray node (and on h0 moto_server); EXTRA:
+    # more `, "name": units` entries for its --resources (the hosts `add` makes)
+    local host="$1" cpus="${2:-}" gpus="${3:-0}" extra="${4:-}"
+    [[ -n "$cpus" ]] || cpus="$(cat "$STATE/cpus")"
     local addr; addr="$(host_addr "$host")"
-    local ray_args
+    local ray_args env_line=""
     if [[ "$host" == h0 ]]; then
         host_exec h0 bash -c "setsid moto_server -H $addr -p $S3_PORT >/tmp/moto.log 2>&1 &"
         ray_args="--head --port=$RAY_PORT --dashboard-host=$addr --dashboard-port=$DASH_PORT"
+        if [[ -e "$STATE/h0/disk/tmp/autoscaler.yaml" ]]; then  # `up --autoscale`: the provider's module too
+            ray_args+=" --autoscaling-config=/tmp/autoscaler.yaml"
+            env_line="export PYTHONPATH=$REPO/cluster"
+        fi
     else
         ray_args="--address=$(host_addr h0):$RAY_PORT"
     fi
+    [[ "$gpus" == 0 ]] || ray_args+=" --num-gpus=$gpus"
     # The supervisor: restart the node whenever it exits (after a back-off), until
     # /tmp/ray-supervisor.stop exists on the host.
     cat > "$STATE/$host/disk/tmp/ray-node.sh" <<EOF
+$env_line
 n=0
 while [ ! -e /tmp/ray-supervisor.stop ]; do
     n=\$((n+1)); echo "start \$n \$(date -u +%FT%TZ)" >> /tmp/ray-supervisor.log
-    ray start $ray_args --node-ip-address=$addr --num-cpus=$cpus --resources='{"host": 1, "host_$host": 1}' \\
+    ray start $ray_args --node-ip-address=$addr --num-cpus=$cpus --resources='{"host": 1, "host_$host": 1$extra}' \\
         --temp-dir=/tmp/ray --block --disable-usage-stats >> /tmp/ray-node.log 2>&1
     sleep 5
 done
@@ -208,7 +228,7 @@ EOF
     host_exec "$host" bash -c "setsid bash /tmp/ray-node.sh </dev/null >/dev/null 2>&1 &"
 }
 
-wait_nodes() {  # N: until the head sees N alive nodes
+wait_nodes() {  # N: until the head sees N alive nodes (or more)
     local n="$1" deadline=$((SECONDS + START_TIMEOUT_S))
     while (( SECONDS < deadline )); do
         local got
@@ -216,20 +236,106 @@ wait_nodes() {  # N: until the head sees N alive nodes
 import ray
 ray.init(address='auto', logging_level='ERROR')
 print(sum(1 for n in ray.nodes() if n['Alive']))" 2>/dev/null | tail -1 || true)"
-        [[ "$got" == "$n" ]] && return 0
+        [[ "$got" =~ ^[0-9]+$ ]] && (( got >= n )) && return 0  # more: the autoscaler's hosts
         sleep 2
     done
     die "the head did not see $n nodes within ${START_TIMEOUT_S}s (logs: cluster/hosts.sh exec h0 cat /tmp/ray-node.log)"
+}
+
+start_api() {  # the set's host API for the autoscaler's provider (outside the hosts: it makes them)
+    local sock="$STATE/h0/disk/tmp/hosts-api.sock" i
+    rm -f "$sock"
+    RAYLM_HOSTS_PREFIX="$PREFIX" RAYLM_HOSTS_DIR="$BASE" setsid "$(python_bin)" "$REPO/cluster/hosts_provider.py" \
+        serve "$sock" </dev/null >>"$STATE/api.log" 2>&1 &
+    echo $! > "$STATE/api.pid"
+    for i in $(seq 1 300); do
+        [[ -S "$sock" ]] && return 0
+        kill -0 "$(cat "$STATE/api.pid")" 2>/dev/null || break
+        sleep 0.1
+    done
+    die "the host API did not start (see $STATE/api.log)"
+}
+
+stop_api() {  # the API and any `add`/`remove` it runs (its process group)
+    local p; p="$(cat "$STATE/api.pid" 2>/dev/null || true)"
+    [[ -n "$p" ]] && kill -9 -- "-$p" 2>/dev/null || true
+    rm -f "$STATE/api.pid"
+}
+
+with_lock() {  # CMD...: with the set's host list locked (the API may add and remove at once)
+    ( flock 9; "$@" ) 9>"$STATE/lock"
+}
+list_add() { grep -qx "$1" "$STATE/hosts" && return 1; echo "$1" >> "$STATE/hosts"; }
+list_remove() { grep -vx "$1" "$STATE/hosts" > "$STATE/hosts.new" || true; mv "$STATE/hosts.new" "$STATE/hosts"; }
+
+cmd_add() {  # HOST [--cpus C] [--gpus G] [--resources JSON]: one more worker host, its Ray joining the head
+    need_root
+    local host="${1:-}"; shift || true
+    [[ "$host" =~ ^h[1-9][0-9]?$ ]] || die "add needs a worker host name h1..h99, got '$host'"
+    [[ -e "$STATE/hosts" ]] || die "no hosts with prefix '$PREFIX' are up (cluster/hosts.sh up first)"
+    local cpus gpus=0 resources='{}'
+    cpus="$(cat "$STATE/cpus")"
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --cpus) cpus="$2"; shift 2 ;;
+            --gpus) gpus="$2"; shift 2 ;;
+            --resources) resources="$2"; shift 2 ;;
+            *) die "unknown option '$1'" ;;
+        esac
+    done
+    [[ "$cpus" =~ ^[0-9]+$ ]] || die "--cpus needs a whole number, got '$cpus'"
+    [[ "$gpus" =~ ^[0-9]+$ ]] || die "--gpus needs a whole number, got '$gpus'"
+    local extra
+    extra="$("$(python_bin)" -c '
+import json, re, sys
+try:
+    d = json.loads(sys.argv[1])
+    assert isinstance(d, dict) and all(re.fullmatch(r"[A-Za-z_][\w.-]*", k) and float(v) >= 0 for k, v in d.items())
+except Exception:
+    sys.exit(1)
+print("".join(f", \"{k}\": {float(v):g}" for k, v in d.items()))' "$resources")" \
+        || die "--resources needs a JSON object of name: units, got '$resources'"
+    with_lock list_add "$host" || die "host $host exists in set '$PREFIX'"
+    make_host "$host"
+    start_services "$host" "$cpus" "$gpus" "$extra"
+    wait_joined "$host"  # an autoscaler expects the node's heartbeat soon after it is made
+}
+
+cmd_remove() {  # HOST: a worker host and all it had: processes, namespaces, link, disk
+    need_root
+    local host="${1:-}"
+    [[ "$host" =~ ^h[1-9][0-9]?$ ]] || die "remove needs a worker host name h1..h99 (not the head or client), got '$host'"
+    grep -qx "$host" "$STATE/hosts" 2>/dev/null || die "no host $host in set '$PREFIX'"
+    local p i; p="$(init_pid "$host")"; [[ -n "$p" ]] || p="$(find_init "$host")"
+    if [[ -n "$p" ]]; then
+        kill -9 "$p" 2>/dev/null || true  # PID 1 gone: the kernel kills the whole host
+        for i in $(seq 1 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    fi
+    ip -n "$(netns hub)" link del "v$(host_index "$host")" 2>/dev/null || true
+    ip netns del "$(netns "$host")" 2>/dev/null || true
+    rm -rf "${STATE:?}/$host"
+    with_lock list_remove "$host"
+}
+
+wait_joined() {  # HOST: until its Ray node has joined the head (`ray start` says so in its log)
+    local log="$STATE/$1/disk/tmp/ray-node.log" deadline=$((SECONDS + START_TIMEOUT_S))
+    while (( SECONDS < deadline )); do
+        grep -q "Ray runtime started" "$log" 2>/dev/null && return 0
+        sleep 1
+    done
+    die "host $1 did not join the head within ${START_TIMEOUT_S}s (logs: cluster/hosts.sh exec $1 cat /tmp/ray-node.log)"
 }
 
 cmd_up() {
     need_root
     local n="${1:-}"; shift || true
     [[ "$n" =~ ^[0-9]+$ && "$n" -ge 1 ]] || die "up needs a host count N >= 1"
-    local cpus=2
+    local cpus=2 autoscale=""
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --cpus) cpus="$2"; shift 2 ;;
+            --autoscale) autoscale="$2"; shift 2
+                [[ -f "$autoscale" ]] || die "--autoscale: no cluster YAML at '$autoscale'" ;;
             *) die "unknown option '$1'" ;;
         esac
     done
@@ -244,6 +350,10 @@ cmd_up() {
     hosts+=(client)
     printf '%s\n' "${hosts[@]}" > "$STATE/hosts"
     for h in "${hosts[@]}"; do make_host "$h"; done
+    if [[ -n "$autoscale" ]]; then  # before the head starts: its autoscaler reads both at once
+        cp "$autoscale" "$STATE/h0/disk/tmp/autoscaler.yaml"
+        start_api
+    fi
     for ((i = 0; i < n; i++)); do start_services "h$i"; [[ $i == 0 ]] && wait_nodes 1; done
     wait_nodes "$n"
     cmd_list
@@ -251,9 +361,10 @@ cmd_up() {
 
 cmd_down() {
     need_root
+    stop_api  # first: no host is made while the others go
     local h
     for h in $(cat "$STATE/hosts" 2>/dev/null); do
-        local p; p="$(init_pid "$h")"
+        local p; p="$(init_pid "$h")"; [[ -n "$p" ]] || p="$(find_init "$h")"
         [[ -n "$p" ]] && kill -9 "$p" 2>/dev/null || true  # PID 1 gone: the kernel kills the whole host
     done
     local ns
@@ -285,8 +396,10 @@ main() {
         crash) need_root; kill -9 "$(init_pid "$1")" ;;
         revive) need_root; alive "$1" && die "host $1 is running"; boot_host "$1"
                 [[ "$1" == client ]] || start_services "$1" ;;
+        add) cmd_add "$@" ;;
+        remove) cmd_remove "$@" ;;
         _init) host_init "$@" ;;
-        *) sed -n '5,13p' "$0" | sed 's/^# *//' >&2; exit 2 ;;
+        *) sed -n '5,17p' "$0" | sed 's/^# *//' >&2; exit 2 ;;
     esac
 }
 

@@ -49,6 +49,7 @@ LAUNCHER_FILES = ["aws.yaml", "gcp.yaml"]  # Ray cluster launcher, cloud provide
 KUBERAY_CLUSTER, KUBERAY_JOB = "kuberay-raycluster.yaml", "kuberay-rayjob.yaml"
 CLOUD_FILES = [*LAUNCHER_FILES, KUBERAY_CLUSTER]
 LOCAL_AUTOSCALER = "local-autoscaler.yaml"
+HOSTS_AUTOSCALER = "hosts-autoscaler.yaml"  # the autoscaler on namespace hosts (cluster/hosts_provider.py)
 GPUS_PER_NODE = 8  # p5.48xlarge, a3-highgpu-8g: 8 x H100 80GB
 RAY_BIN = Path(sys.executable).with_name("ray")
 
@@ -132,14 +133,14 @@ def images(name: str) -> list[str]:
 
 def test_every_yaml_in_cluster_and_configs_is_checked_here_and_every_config_loads():
     assert sorted(p.name for p in CLUSTER.glob("*.yaml")) == sorted([*LAUNCHER_FILES, KUBERAY_CLUSTER, KUBERAY_JOB,
-                                                                     LOCAL_AUTOSCALER])
+                                                                     LOCAL_AUTOSCALER, HOSTS_AUTOSCALER])
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert len(configs) >= 5
     for path in configs:
         load_config(path)  # raises a one-line ConfigError if a file is wrong
 
 
-@pytest.mark.parametrize("name", [*LAUNCHER_FILES, LOCAL_AUTOSCALER])
+@pytest.mark.parametrize("name", [*LAUNCHER_FILES, LOCAL_AUTOSCALER, HOSTS_AUTOSCALER])
 def test_launcher_files_validate_against_rays_own_schema_and_config_checks(name):
     """ray-schema.json from the installed wheel, then Ray's own validate_config, as `ray up`
     runs them before any cloud call (prepare_config fills in the provider's defaults first; the
@@ -149,7 +150,7 @@ def test_launcher_files_validate_against_rays_own_schema_and_config_checks(name)
     cluster = load(name)
     jsonschema.validate(cluster, ray_schema())
     validate_config(copy.deepcopy(cluster))
-    if name != LOCAL_AUTOSCALER:
+    if name not in (LOCAL_AUTOSCALER, HOSTS_AUTOSCALER):
         validate_config(prepare_config(copy.deepcopy(cluster)))
 
 
