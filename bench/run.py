@@ -141,6 +141,11 @@ REGISTRY: dict[str, Entry] = {
         ("bench/RESULTS.md: The full-size run", "docs/finetune.md"),
         40, "estimate: the demo's 300 steps plus 120 fine-tuning steps and the evaluations on a quiet machine; "
             "the one attempt (2026-12-07, load 35-127) did not finish", published=False),
+    "hosts_faults": Entry(
+        "bench/hosts_faults.py", (),
+        ("bench/RESULTS.md: Faults on real hosts", "docs/elastic.md: fault table"),
+        12, "2026-12-07 quiet test run of the same faults: 625 s (the bench's own run, at load 10-62, took 31 min)",
+        needs=("root",)),
     "hosts_faults_detect": Entry(
         "bench/hosts_faults.py", ("--detect",),
         ("bench/RESULTS.md: Detecting a lost host", "docs/elastic.md: declare a cut-off host dead"),
