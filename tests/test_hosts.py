@@ -400,3 +400,132 @@ def test_a_two_host_run_survives_a_partition_a_crash_and_a_preemption_growing_ba
     assert {r["world_size"] for r in reference.values()} == {2}
     for r in rows:
         assert r["loss"] == pytest.approx(reference[r["step"]]["loss"], rel=1e-4), (r["step"], r["world_size"])
+
+
+# ---------------------------------------------------------------------------------------------
+# A Tune sweep over both hosts, one host lost mid-sweep (issue 21, item 5)
+
+SWEEP_STEPS = 16
+SWEEP_CHECKPOINT_EVERY = 4
+LOST_HOST_SWEEP = f"""\
+base: {ROOT}/configs/debug.yaml
+set:
+  train.max_steps: {SWEEP_STEPS}
+  train.eval_every: 8
+  train.checkpoint_every: {SWEEP_CHECKPOINT_EVERY}
+  run.sample_tokens: 0
+  data.sources: [{{path: '{CORPUS}', format: text, max_bytes: 300000}}]
+resources:                      # one training worker per trial, at most one per host
+  num_workers: 1
+  cpus_per_worker: 1
+  resources_per_worker: {{host: 1}}
+space:
+  optimizer.lr: {{grid: [3.0e-3, 1.0e-3]}}
+scheduler: none                 # every trial to its end: none is stopped before the host is lost
+metric: val_loss
+max_concurrent: 2
+max_trial_failures: 2           # a trial whose own process was on the lost host is retried
+output_dir: s3://runs/sweeps
+"""
+
+
+class SweepJob(Job):
+    """`raylm tune` submitted from the client host with `ray job submit`, the sweep file uploaded
+    as the job's working directory (as a user on another machine submits one)."""
+
+    def __init__(self, h: Hosts, name: str, sweep_yaml: str):
+        import threading
+
+        self.h, self.run, self.id = h, f"s3://runs/sweeps/{name}", f"raylm-{name}"
+        local = Path(h.env["RAYLM_HOSTS_DIR"]) / h.prefix / "client" / "disk" / "tmp" / name  # the client's /tmp
+        local.mkdir(parents=True)
+        (local / "sweep.yaml").write_text(sweep_yaml + f"name: {name}\n")
+        # the hosts run the checkout under test (ROOT), not whatever the virtualenv installed
+        runtime_env = json.dumps({"working_dir": f"/tmp/{name}", "env_vars": {"PYTHONPATH": str(ROOT)}})
+        self.proc = subprocess.Popen(["bash", str(HOSTS), "exec", "client", "bash", "-c",
+                                      f"ray job submit --address $RAYLM_DASHBOARD --submission-id {self.id} "
+                                      f"--runtime-env-json '{runtime_env}' -- python -m raylm tune sweep.yaml 2>&1"],
+                                     env=h.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+
+def train_runs(h: Hosts) -> dict[str, list[dict]]:
+    """Ray Train's own record of its runs (what the dashboard's Train page shows), by run name (a
+    trial's id): each run's attempts, with the IPs of their workers' nodes."""
+    return last_json(h.python("h0", """
+import json, ray
+from ray.train.v2._internal.state.state_actor import get_state_actor
+ray.init(address="auto", logging_level="ERROR")
+actor = get_state_actor()
+runs = ray.get(actor.get_train_runs.remote()) if actor else {}
+attempts = ray.get(actor.get_train_run_attempts.remote()) if actor else {}
+out = {}
+for run_id, run in runs.items():
+    out.setdefault(run.name, []).append({"run_id": run_id, "attempts": [
+        sorted(w.node_ip for w in a.workers) for a in sorted(attempts.get(run_id, {}).values(),
+                                                             key=lambda a: a.start_time_ns)]})
+print(json.dumps(out))
+"""))
+
+
+def test_a_sweep_over_both_hosts_finishes_by_itself_when_a_host_is_lost_and_its_trial_continues_from_its_checkpoint(
+        hosts):
+    """`raylm tune` submitted with `ray job submit` from the client host, its sweep directory, the
+    trials' run directories and Tune's state on s3:// (the head's moto_server): 2 trials of the
+    debug model at once, one training worker each, pinned one per host by the `host` resource (1
+    unit on each host), so one trial trains on h1 (Ray Train's record of its workers' nodes says
+    which). Once that trial has a checkpoint and has not finished, h1 crashes (every process
+    SIGKILLed, while its training worker is stopped at a step the test has read) and is not
+    brought back: the sweep has the head alone.
+
+    The trial on h1 continues from its checkpoint on the head, once the other trial frees the
+    head's `host` unit: through Ray Train (a new attempt of the same run) when only its worker
+    was on h1, or through Tune (a retry, `max_trial_failures`) when its trial process was there
+    too, which waits for the lost host's lease on the run directory to go stale. Checked: the job
+    succeeds by itself (no --resume), both trials complete every step, and the h1 trial's metrics
+    say it restored a checkpoint at or after the one seen before the crash, each step once."""
+    from support import frozen, wait_for
+
+    h = hosts
+    name = f"lost-host-{os.getpid()}"
+    phase("sweep: submit")
+    job = SweepJob(h, name, LOST_HOST_SWEEP)
+    try:
+        on_h1 = wait_for(lambda: next((trial for trial, runs in train_runs(h).items()
+                                       if "198.18.0.2" in ([[]] + runs[-1]["attempts"])[-1]), None),
+                         1800, "a trial training on h1", ended=job.gone, poll_s=1)
+        run = f"{job.run}/runs/{on_h1}"
+        phase(f"sweep: trial {on_h1} trains on h1")
+
+        def crash_after_a_checkpoint():
+            with frozen(host_processes(h, "h1")):
+                step = newest_checkpoint(h, run).get("step", 0)
+                if not SWEEP_CHECKPOINT_EVERY <= step < SWEEP_STEPS:
+                    return None
+                h.sh("crash", "h1")
+                return step
+
+        seen = wait_for(crash_after_a_checkpoint, 1800, f"a checkpoint of trial {on_h1} before its end",
+                        ended=job.gone, poll_s=1)
+        phase(f"sweep: h1 crashed, trial {on_h1} past its checkpoint at step {seen}")
+        output = job.finish()
+        phase("sweep: finished")
+    finally:
+        job.kill()
+    assert "best trial" in output and "--resume" not in output, output[-6000:]
+
+    results = json.loads(h.python("client", f"from raylm import storage; "
+                                            f"print(storage.read_bytes('{job.run}/results.json').decode())"))
+    assert sorted((t["state"], t["steps"]) for t in results["trials"]) == [("completed", SWEEP_STEPS)] * 2
+    assert on_h1 in {t["trial_id"] for t in results["trials"]}
+
+    lost = records(h, run)
+    rows = [r for r in lost if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, SWEEP_STEPS + 1))  # each step once, to the end
+    restored = [r["step"] for r in lost if r.get("event") == "restored"]
+    assert restored and restored[0] >= seen, (restored, seen)  # continued from its checkpoint, not from step 0
+    how = train_runs(h)[on_h1]
+    phase(f"sweep: trial {on_h1} restored step {restored[0]} via "
+          + ("Ray Train (a new attempt of its run)" if len(how) == 1 else "Tune (a retried trial)") + f": {how}")
