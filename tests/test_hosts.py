@@ -440,8 +440,10 @@ class SweepJob(Job):
         local = Path(h.env["RAYLM_HOSTS_DIR"]) / h.prefix / "client" / "disk" / "tmp" / name  # the client's /tmp
         local.mkdir(parents=True)
         (local / "sweep.yaml").write_text(sweep_yaml + f"name: {name}\n")
-        # the hosts run the checkout under test (ROOT), not whatever the virtualenv installed
-        runtime_env = json.dumps({"working_dir": f"/tmp/{name}", "env_vars": {"PYTHONPATH": str(ROOT)}})
+        # the hosts run the checkout under test (ROOT), not whatever the virtualenv installed; Ray
+        # Train keeps its runs' state (their workers' nodes) for `train_runs`
+        runtime_env = json.dumps({"working_dir": f"/tmp/{name}", "env_vars": {
+            "PYTHONPATH": str(ROOT), "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}})
         self.proc = subprocess.Popen(["bash", str(HOSTS), "exec", "client", "bash", "-c",
                                       f"ray job submit --address $RAYLM_DASHBOARD --submission-id {self.id} "
                                       f"--runtime-env-json '{runtime_env}' -- python -m raylm tune sweep.yaml 2>&1"],
@@ -452,8 +454,9 @@ class SweepJob(Job):
 
 
 def train_runs(h: Hosts) -> dict[str, list[dict]]:
-    """Ray Train's own record of its runs (what the dashboard's Train page shows), by run name (a
-    trial's id): each run's attempts, with the IPs of their workers' nodes."""
+    """Ray Train's own record of its runs (what the dashboard's Train page shows; kept when the
+    job sets RAY_TRAIN_ENABLE_STATE_TRACKING=1), by run name (a trial's id): each run's attempts,
+    with the IPs of their workers' nodes. The state actor's handle is Ray's internal API."""
     return last_json(h.python("h0", """
 import json, ray
 from ray.train.v2._internal.state.state_actor import get_state_actor
