@@ -405,8 +405,10 @@ def test_a_two_host_run_survives_a_partition_a_crash_and_a_preemption_growing_ba
 # ---------------------------------------------------------------------------------------------
 # A Tune sweep over both hosts, one host lost mid-sweep (issue 21, item 5)
 
-SWEEP_STEPS = 32  # a wide window (checkpoint to end) for the crash, however far apart the trials start
-SWEEP_CHECKPOINT_EVERY = 8
+# A wide window (first checkpoint to end) for the crash: the two trials' steps can be far apart
+# (16 steps seen on a quiet machine), and steps of the debug model are cheap beside a trial's start.
+SWEEP_STEPS = 64
+SWEEP_CHECKPOINT_EVERY = 16
 # Placement by count, on hosts of 2 CPUs: a trial's own process (the Tune trainable that fits its
 # TorchTrainer, with the trainer's controller) takes 1.5 CPUs, so each host runs one; a training
 # worker takes 0.5 CPU and the host's one `host` unit, so each host runs one. Lost with h1 are
@@ -415,7 +417,7 @@ LOST_HOST_SWEEP = f"""\
 base: {ROOT}/configs/debug.yaml
 set:
   train.max_steps: {SWEEP_STEPS}
-  train.eval_every: 16
+  train.eval_every: 32
   train.checkpoint_every: {SWEEP_CHECKPOINT_EVERY}
   run.sample_tokens: 0
   data.sources: [{{path: '{CORPUS}', format: text, max_bytes: 300000}}]
