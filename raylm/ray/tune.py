@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +100,27 @@ def trial(config: dict[str, Any], context: TrialContext) -> None:
     extra = [f"run.output_dir={runs}", f"run.name={trial_id}", f"data.prepared_path={context.prepared_path}",
              f"run.tracking_group={sweeps.tracking_group(context.sweep_dir)}"]  # tracking runs under the sweep
     if storage.exists(run_dir):
+        wait_for_lost_holder(run_dir)
         if ckpt.latest_checkpoint(run_dir) is not None:
             extra.append(f"run.resume_from={run_dir}")  # a retry or a resumed sweep continues the trial's run
         else:
             set_aside(runs, trial_id)
     cfg = context.sweep.trial_config(config["params"], extra)
     fit(resolve_run(cfg), wait_s=None, callbacks=[EvalReports(context.sweep.metric)])  # holds the run's lock
+
+
+def wait_for_lost_holder(run_dir: str | Path) -> None:
+    """A trial retried after its host was lost (a crash, a partition) finds its run directory's
+    lock still held by the lost host's process, whose lease another host can only judge stale
+    once its heartbeat is older than `lock.STALE_AFTER_S`: wait that long for it, rather than fail
+    the retry at once. A holder still alive after that is one the next step names (LockHeld)."""
+    deadline = time.monotonic() + lock.STALE_AFTER_S + lock.REFRESH_S
+    while time.monotonic() < deadline:
+        try:
+            lock.check_free(run_dir, "trial run directory")
+            return
+        except lock.LockHeld:
+            time.sleep(1.0)
 
 
 def set_aside(runs: str | Path, trial_id: str) -> None:
