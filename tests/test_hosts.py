@@ -85,6 +85,9 @@ def hosts():
     prefix = f"rlt{os.getpid() % 100000}"
     h = Hosts(prefix, Path("/var/lib/raylm-hosts"))
     h.env["RAYLM_HOSTS_ENV"] = DETECT_FAST  # a lost host is declared dead in seconds, not a minute
+    # The hosts' start is a wait for an event (the head lists the nodes); a loaded machine (the
+    # suite runs two pytest workers, and another host module may start at the same time) is slower.
+    h.env["RAYLM_HOSTS_START_TIMEOUT_S"] = "600"
     try:
         h.sh("up", "2", "--cpus", "2", timeout=900)
         h.python("client", UPLOAD)
