@@ -249,6 +249,9 @@ def test_an_elastic_run_makes_the_autoscaler_add_two_hosts_and_grow_to_three_wor
         worker_paused.close()  # killed at the resize already, as a rule
         # 3 workers, 1 `trainer` slot per host: one worker on each of the 3 hosts
         assert training_worker_ips(h) == ["198.18.0.2", "198.18.0.3", "198.18.0.4"]
+        # Each host's PID 1, read while the run keeps all three busy: once it ends, the
+        # autoscaler may remove any idle one (h1 too) before the test looks.
+        made = {x: int((h.state / x / "pid").read_text()) for x in ("h1", "h2", "h3")}
         job.finish()
     finally:
         worker_paused.close()
@@ -269,7 +272,6 @@ def test_an_elastic_run_makes_the_autoscaler_add_two_hosts_and_grow_to_three_wor
     assert launches[0] == 1 and sum(launches[1:]) == 2, launches  # the floor, then the run's 2 more
 
     # After the run: the idle hosts go, down to the group's floor of one.
-    made = {x: int((h.state / x / "pid").read_text()) for x in ("h1", "h2", "h3")}
     wait_for(lambda: len(h.provider_nodes()) == 2, 600, "the autoscaler to remove two idle hosts", poll_s=1)
     (kept,) = [x for x in h.provider_nodes() if x != "h0"]
     assert h.hosts() == ["h0", "client", kept]
