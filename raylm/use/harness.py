@@ -27,6 +27,7 @@ from raylm.errors import ConfigError
 
 def _lm_eval():
     try:
+        import lm_eval  # noqa: F401  (the package itself: a submodule another import left in sys.modules is not proof)
         from lm_eval.api.model import LM
     except ImportError:
         raise ConfigError("--harness needs lm-evaluation-harness: pip install 'raylm[eval]'") from None
