@@ -65,16 +65,22 @@ class Hosts:
         return [line.split()[0] for line in out.splitlines() if line.split()[0].startswith(self.prefix + "-")]
 
 
-UPLOAD = f"""
+def upload_script(dirs: tuple[str, ...]) -> str:
+    """Python for the client host: the buckets `corpus` and `runs` on the head's moto_server, and
+    the standard library's `dirs` (their .py files) under s3://corpus/stdlib/."""
+    return f"""
 import boto3, glob, os, sysconfig
 s3 = boto3.client("s3")
 for bucket in ("corpus", "runs"):
     s3.create_bucket(Bucket=bucket)
 lib = sysconfig.get_paths()["stdlib"]
-for d in {CORPUS_DIRS!r}:
+for d in {dirs!r}:
     for f in sorted(glob.glob(os.path.join(lib, d, "*.py"))):
         s3.upload_file(f, "corpus", "stdlib/" + os.path.relpath(f, lib))
 """
+
+
+UPLOAD = upload_script(CORPUS_DIRS)
 
 
 @pytest.fixture(scope="module")

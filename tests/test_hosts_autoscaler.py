@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import pytest
 import yaml
 
 from support import frozen, wait_for
+from test_hosts import upload_script, why_not
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow]
 
@@ -34,17 +34,6 @@ CORPUS_DIRS = ("json", "email")
 MAX_STEPS = 40
 SEQUENCES = 24  # per step, at any world size (global_batch_tokens / seq_len)
 SEQ_LEN = 64  # debug preset
-
-
-def why_not() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "host tests need Linux namespaces"
-    if os.geteuid() != 0:
-        return "host tests need root (network, mount and PID namespaces): run as root, as CI does"
-    for tool in ("ip", "unshare", "nsenter"):
-        if shutil.which(tool) is None:
-            return f"host tests need '{tool}' on PATH"
-    return None
 
 
 class Hosts:
@@ -108,16 +97,7 @@ class Hosts:
         return (ray_dir / session / "logs" / "monitor.log").read_text()
 
 
-UPLOAD = f"""
-import boto3, glob, os, sysconfig
-s3 = boto3.client("s3")
-for bucket in ("corpus", "runs"):
-    s3.create_bucket(Bucket=bucket)
-lib = sysconfig.get_paths()["stdlib"]
-for d in {CORPUS_DIRS!r}:
-    for f in sorted(glob.glob(os.path.join(lib, d, "*.py"))):
-        s3.upload_file(f, "corpus", "stdlib/" + os.path.relpath(f, lib))
-"""
+UPLOAD = upload_script(CORPUS_DIRS)
 
 
 @pytest.fixture(scope="module")
